@@ -1,0 +1,1 @@
+"""Producers: the job-file reader, submission, and batch status / results."""

@@ -1,0 +1,260 @@
+"""The ``sdfleet`` command line: one command, a subcommand per role.
+
+Exit codes: 0 success; 1 a job failed or a runtime error; 2 a usage error (bad flag, bad input file,
+unknown batch, bad setting). Settings come from the environment (REDIS_URL, SDFLEET_*), read here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sdfleet import logs
+from sdfleet.errors import ConfigError, InvalidJob, SdfleetError
+from sdfleet.settings import Settings
+
+EPILOG = """\
+examples:
+  sdfleet demo                                   run the tiny model on the CPU end to end
+  sdfleet worker --device cuda:0 --model /models/sd3.5-large --max-batch 4
+  sdfleet submit prompts.jsonl --batch catalogue --out s3://images/catalogue --wait
+  sdfleet submit prompts.txt --width 768 --height 768 --steps 28 --guidance 4.5
+  sdfleet status catalogue --json
+  sdfleet wait catalogue && sdfleet results catalogue -o manifest.jsonl
+  sdfleet cancel catalogue
+
+environment: REDIS_URL (default redis://127.0.0.1:6379/0), SDFLEET_OUT, SDFLEET_S3_ENDPOINT_URL,
+  SDFLEET_WEBHOOK_SECRET, SDFLEET_LOG_FORMAT (auto|json|console), SDFLEET_VISIBILITY_TIMEOUT, ...
+exit codes: 0 ok; 1 some jobs failed / runtime error; 2 usage error (bad flags, invalid file, unknown batch)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 already; keep the message short and clear
+        self.print_usage(sys.stderr)
+        print(f"sdfleet: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sdfleet", description="Queued SD3.5 image generation on a fleet of GPU workers.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("submit", help="submit a JSONL or plain-text file of jobs",
+                       description="Submit FILE: JSONL (one job object a line; its fields override the flags) "
+                                   "or plain text (one prompt a line). Prints the batch id.")
+    s.add_argument("file")
+    s.add_argument("--width", type=int)
+    s.add_argument("--height", type=int)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--guidance", type=float, dest="guidance_scale")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--negative-prompt", dest="negative_prompt")
+    s.add_argument("--model")
+    s.add_argument("--out", help="file://DIR or s3://bucket/prefix (default: SDFLEET_OUT or file://./outputs)")
+    s.add_argument("--batch", help="batch name; resubmitting under the same name skips jobs already done")
+    s.add_argument("--webhook", help="http(s) URL notified when each job and the batch end")
+    s.add_argument("--webhook-events", help="comma list of job.succeeded,job.failed,batch.completed")
+    s.add_argument("--webhook-secret", help="signing secret (whsec_...); default SDFLEET_WEBHOOK_SECRET")
+    s.add_argument("--skip-invalid", action="store_true", help="submit the valid lines, report the rest")
+    s.add_argument("--wait", action="store_true", help="wait for the batch with a progress bar")
+
+    for name, helptext in (("status", "show a batch's progress"), ("wait", "wait for a batch with a progress bar"),
+                           ("cancel", "cancel a batch's queued jobs")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("batch")
+        if name == "status":
+            c.add_argument("--json", action="store_true")
+        if name == "wait":
+            c.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 1)")
+    r = sub.add_parser("results", help="write the manifest of a batch (one JSON line per job)")
+    r.add_argument("batch")
+    r.add_argument("-o", "--output", help="manifest file (default: stdout)")
+
+    w = sub.add_parser("worker", help="run one worker process owning one device")
+    w.add_argument("--device", default="cpu", help="cuda:N or cpu")
+    w.add_argument("--model", default="tiny", help="tiny, or a local SD3.5 diffusers directory")
+    w.add_argument("--max-batch", type=int, default=4)
+    w.add_argument("--max-wait-ms", type=float, default=50.0)
+    w.add_argument("--precision", default="auto", choices=["auto", "fp8", "bf16", "fp32"])
+    w.add_argument("--fp8-weights", help="directory written by 'sdfleet quantize' (cold start without re-quantizing)")
+    w.add_argument("--worker-id")
+    w.add_argument("--warmup", action="append", default=[], metavar="WxH:STEPS",
+                   help="shape to run once at boot, e.g. 1024x1024:28 (repeatable)")
+    w.add_argument("--post-threads", type=int, default=4)
+    w.add_argument("--null-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+
+    d = sub.add_parser("demo", help="run the whole fleet on this machine with the tiny model on the CPU")
+    d.add_argument("--out", default="file://./outputs/demo")
+    d.add_argument("--size", type=int, default=256)
+    d.add_argument("--steps", type=int, default=8)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        logs.configure(settings.log_format, settings.log_level)
+        return COMMANDS[args.command](args, settings)
+    except SdfleetError as exc:
+        print(f"sdfleet: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- producer commands ------------------------------------------------------------------------------
+
+def _services(settings: Settings):
+    from sdfleet.queue import make_app
+    from sdfleet.redisconn import connect
+    from sdfleet.state import JobStore
+
+    return JobStore(connect(settings.redis_url)), make_app(settings)
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.reader import read_file
+    from producer.submit import submit
+    from sdfleet.errors import InvalidFile
+    from sdfleet.storage import StorageFactory
+
+    defaults: dict[str, Any] = {k: getattr(args, k) for k in
+                                ("width", "height", "steps", "guidance_scale", "seed", "negative_prompt", "model",
+                                 "webhook") if getattr(args, k) is not None}
+    if args.webhook_events:
+        defaults["webhook_events"] = tuple(e.strip() for e in args.webhook_events.split(",") if e.strip())
+    if args.webhook_secret:
+        settings = Settings.from_env(webhook_secret=args.webhook_secret)
+    # Flags are validated like a job, so a bad flag is reported once and by name.
+    from sdfleet.jobs import parse_job
+
+    try:
+        parse_job({"prompt": "flag check"}, defaults=defaults)
+    except InvalidJob as exc:
+        flag = "--" + (exc.field or "").replace("_scale", "").replace("_", "-")
+        raise InvalidJob(exc.reason, field=flag) from None
+    result = read_file(args.file, defaults)
+    if result.errors and not args.skip_invalid:
+        raise InvalidFile(args.file, result.errors)
+    for err in result.errors:
+        print(f"skipped {err}", file=sys.stderr)
+    if not result.jobs:
+        raise InvalidJob(f"{args.file} holds no jobs; nothing was enqueued")
+    store, app = _services(settings)
+    out = args.out or settings.out
+    if not (out.startswith("file://") or out.startswith("s3://")):
+        raise InvalidJob(f"{out!r} is not a storage location; use file://DIR or s3://bucket/prefix", field="--out")
+    res = submit([spec for _, spec in result.jobs], store=store, app=app,
+                 storage=StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries),
+                 default_out=out, batch_name=args.batch, webhook_secret=settings.webhook_secret)
+    print(res.batch_id)
+    print(f"{res.enqueued} enqueued, {res.skipped_done} already done, {res.skipped_pending} already pending"
+          f" ({res.total} in batch)", file=sys.stderr)
+    if args.wait:
+        return _wait(store, res.batch_id, None)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.status import batch_status
+
+    store, _ = _services(settings)
+    st = batch_status(store, args.batch)
+    if args.json:
+        print(json.dumps(st, indent=1))
+    else:
+        c = st["counts"]
+        state = "complete" if st["complete"] else "in progress"
+        print(f"batch {st['batch_id']}: {state}, {st['total']} jobs: " +
+              ", ".join(f"{c[s]} {s}" for s in ("queued", "running", "succeeded", "failed", "cancelled")))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
+    store, _ = _services(settings)
+    return _wait(store, args.batch, args.timeout)
+
+
+def _wait(store: Any, batch_id: str, timeout: float | None) -> int:
+    from producer.status import wait_for_batch
+
+    st = wait_for_batch(store, batch_id, timeout=timeout, progress=True)
+    c = st["counts"]
+    print(f"batch {batch_id}: {c['succeeded']} succeeded, {c['failed']} failed, {c['cancelled']} cancelled "
+          f"of {st['total']}", file=sys.stderr)
+    return 0 if st["complete"] and c["succeeded"] == st["total"] else 1
+
+
+def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.status import manifest_lines
+
+    store, _ = _services(settings)
+    lines = manifest_lines(store, args.batch)
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        print(f"{len(lines)} lines written to {args.output}", file=sys.stderr)
+    else:
+        for line in lines:
+            print(json.dumps(line))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    store, _ = _services(settings)
+    n = store.cancel_batch(args.batch)
+    print(f"{n} queued job(s) cancelled; running jobs finish", file=sys.stderr)
+    return 0
+
+
+# --- worker and demo --------------------------------------------------------------------------------
+
+def parse_shape(text: str, model: str) -> Any:
+    from sdfleet.jobs import parse_job
+
+    try:
+        size, steps = text.split(":") if ":" in text else (text, "28")
+        w, h = (int(x) for x in size.lower().split("x"))
+        return parse_job({"prompt": "warmup", "width": w, "height": h, "steps": int(steps), "model": "tiny"}).key
+    except (ValueError, InvalidJob) as exc:
+        raise ConfigError(f"--warmup {text!r}: expected WxH:STEPS such as 1024x1024:28 ({exc})") from None
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.app import WorkerOptions, run_worker
+
+    if args.max_batch < 1 or args.max_batch > 64:
+        raise ConfigError("--max-batch must be 1..64")
+    if args.max_wait_ms < 0:
+        raise ConfigError("--max-wait-ms must be >= 0")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise ConfigError(f"--device {args.device!r}: use cpu or cuda:N")
+    extra: dict[str, Any] = {"null_delay_s": args.null_delay_ms / 1000.0}
+    if args.fp8_weights:
+        extra["fp8_weights"] = args.fp8_weights
+    opts = WorkerOptions(model=args.model, device=args.device, precision=args.precision, max_batch=args.max_batch,
+                         max_wait_ms=args.max_wait_ms, worker_id=args.worker_id or "",
+                         post_threads=args.post_threads, engine_extra=extra,
+                         warmup=tuple(parse_shape(w, args.model) for w in args.warmup))
+    return run_worker(settings, opts)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.demo import run_demo
+
+    return run_demo(settings, out=args.out, size=args.size, steps=args.steps)
+
+
+COMMANDS = {
+    "submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "results": cmd_results, "cancel": cmd_cancel,
+    "worker": cmd_worker, "demo": cmd_demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Every Redis key and TTL sdfleet uses, in one place."""
+
+from __future__ import annotations
+
+PREFIX = "sdfleet"
+
+# Job and batch records live this long after their last write; long enough for a user to fetch results.
+RECORD_TTL_S = 30 * 24 * 3600
+# A worker's heartbeat key expires this long after its last beat (the settings' heartbeat_ttl overrides).
+WORKER_TTL_S = 10
+
+
+def job(job_id: str) -> str:
+    """Hash: status, spec (JSON), batch, timestamps, attempts, url, error, worker."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def batch(batch_id: str) -> str:
+    """Hash: name, created_at, total, cancelled, completed_at, webhook, options."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """List of job ids in submission order."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
+def batch_counts(batch_id: str) -> str:
+    """Hash: status -> number of jobs currently in that status."""
+    return f"{PREFIX}:batch:{batch_id}:counts"
+
+
+def batch_custom_ids(batch_id: str) -> str:
+    """Hash: custom_id -> job_id (makes resubmission idempotent)."""
+    return f"{PREFIX}:batch:{batch_id}:custom"
+
+
+BATCHES = f"{PREFIX}:batches"  # sorted set: batch_id scored by creation time
+
+
+def worker(worker_id: str) -> str:
+    """Hash with a TTL: the worker's heartbeat (device, model, pid, GPU memory, last beat)."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def worker_held(worker_id: str) -> str:
+    """Set of job ids a worker has started and not finished (reclaimed by the janitor if it dies)."""
+    return f"{PREFIX}:worker:{worker_id}:held"
+
+
+WORKERS = f"{PREFIX}:workers"  # set of worker ids ever seen (the janitor walks it)
+
+WEBHOOK_DEAD = f"{PREFIX}:webhooks:dead"  # list of failed deliveries (JSON)
+
+
+def webhook_endpoint_disabled(url_hash: str) -> str:
+    return f"{PREFIX}:webhooks:disabled:{url_hash}"
+
+
+def webhook_sent(event_id: str) -> str:
+    """Set once a webhook event is enqueued, so a redelivered job does not send a second one."""
+    return f"{PREFIX}:webhooks:sent:{event_id}"
+
+
+def queue_for_model(model: str) -> str:
+    """The Celery queue that workers of ``model`` consume."""
+    return f"sdfleet.gen.{model}"
+
+
+WEBHOOK_QUEUE = "sdfleet.webhooks"

@@ -1,0 +1,87 @@
+"""Connecting to Redis, and starting a private redis-server when none answers (demo and tests)."""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import redis
+
+from sdfleet.errors import BrokerUnavailable
+
+
+def connect(url: str, *, decode_responses: bool = True) -> redis.Redis:
+    """A client with retries on connection errors (Redis restarts are ridden out, not fatal)."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url,
+        decode_responses=decode_responses,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def ping(url: str, timeout: float = 1.0) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        return bool(client.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server from PATH on a free loopback port, for as long as this object lives."""
+
+    def __init__(self, *, appendonly: bool = False, port: int | None = None, data_dir: str | None = None):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise BrokerUnavailable(
+                "no Redis answers at REDIS_URL and no redis-server is on PATH; install one "
+                "(Debian: apt-get install redis-server) or set REDIS_URL to a running Redis"
+            )
+        self.port = port or free_port()
+        self.dir = data_dir or tempfile.mkdtemp(prefix="sdfleet-redis-")
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
+                "--appendonly", "yes" if appendonly else "no", "--daemonize", "no"]
+        if appendonly:
+            args += ["--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while not ping(self.url, 0.2):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise BrokerUnavailable(f"redis-server did not start on port {self.port}")
+            time.sleep(0.05)
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def ensure_redis(url: str) -> tuple[str, PrivateRedis | None]:
+    """``url`` if a Redis answers there, else a private redis-server's URL (and the handle keeping it alive)."""
+    if ping(url):
+        return url, None
+    private = PrivateRedis()
+    return private.url, private

@@ -1,0 +1,203 @@
+"""Where images and sidecars go: ``file://DIR`` or ``s3://bucket/prefix`` (any S3 endpoint, e.g. MinIO).
+
+Object keys are derived from the batch id and the job's custom id, so a retried job overwrites its own
+object instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from sdfleet.errors import StorageError
+
+
+def object_key(batch_id: str, custom_id: str, suffix: str) -> str:
+    return f"{batch_id}/{custom_id}{suffix}"
+
+
+def normalize_out(out: str) -> str:
+    """Make a ``file://`` location absolute, so workers with another working directory agree on it."""
+    if out.startswith("file://"):
+        path = out[len("file://"):]
+        return "file://" + str(Path(path).expanduser().resolve())
+    return out.rstrip("/")
+
+
+class Storage(ABC):
+    location: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        """Store ``data`` under ``key``; return its URL. Raises StorageError when it could not be stored."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise StorageError with a fix if this location cannot be written (checked at submit time)."""
+
+    @abstractmethod
+    def url(self, key: str) -> str: ...
+
+
+class FileStorage(Storage):
+    def __init__(self, location: str):
+        self.location = normalize_out(location)
+        self.root = Path(self.location[len("file://"):])
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents:
+            raise StorageError(f"object key {key!r} escapes {self.root}")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename: a reader never sees half an image, and a retry simply replaces it.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc}") from exc
+        return self.url(key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {key}: {exc}") from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".tmp-check-"):
+                pass
+        except OSError as exc:
+            raise StorageError(f"--out {self.location}: cannot write there ({exc.strerror}); choose a writable directory") from None
+
+    def url(self, key: str) -> str:
+        return f"file://{self.root / key}"
+
+
+_RETRYABLE = (ConnectionError, TimeoutError, OSError)
+
+
+class S3Storage(Storage):
+    def __init__(self, location: str, *, endpoint_url: str | None = None, region: str = "us-east-1", retries: int = 8):
+        import boto3
+        from botocore.config import Config
+
+        self.location = location.rstrip("/")
+        parsed = urlparse(self.location)
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.lstrip("/")
+        self.endpoint_url = endpoint_url
+        self.client = boto3.client(
+            "s3", endpoint_url=endpoint_url, region_name=region,
+            config=Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+        )
+        self._retry = retry(
+            reraise=True, stop=stop_after_attempt(retries + 1),
+            wait=wait_exponential_jitter(initial=0.2, max=10),
+            retry=retry_if_exception_type(Exception),
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        def _put() -> None:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+
+        try:
+            self._retry(_put)()
+        except Exception as exc:  # botocore raises many unrelated classes; all mean "not stored"
+            raise StorageError(f"cannot store s3://{self.bucket}/{self._key(key)}: {exc}") from exc
+        return self.url(key)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except self.client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot check s3://{self.bucket}/{self._key(key)}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except Exception as exc:
+            raise StorageError(f"cannot read s3://{self.bucket}/{self._key(key)}: {exc}") from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                k = obj["Key"]
+                out.append(k[len(self.prefix) + 1:] if self.prefix else k)
+        return sorted(out)
+
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+            raise StorageError(
+                f"--out {self.location}: bucket '{self.bucket}' is not reachable{where} ({exc}); "
+                "create the bucket, check credentials, or set SDFLEET_S3_ENDPOINT_URL"
+            ) from None
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+@dataclass
+class StorageFactory:
+    """Builds (and caches) one Storage per location, with the endpoint settings applied."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    retries: int = 8
+
+    def __post_init__(self) -> None:
+        self._cache: dict[str, Storage] = {}
+
+    def get(self, location: str) -> Storage:
+        if location not in self._cache:
+            if location.startswith("file://"):
+                self._cache[location] = FileStorage(location)
+            elif location.startswith("s3://"):
+                self._cache[location] = S3Storage(location, endpoint_url=self.endpoint_url, region=self.region,
+                                                  retries=self.retries)
+            else:
+                raise StorageError(f"unsupported location {location!r}; use file://DIR or s3://bucket/prefix")
+        return self._cache[location]

@@ -1,0 +1,1 @@
+"""Image engines behind one small interface (see :mod:`worker.engine.base`)."""

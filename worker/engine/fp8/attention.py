@@ -1,0 +1,464 @@
+"""FP8 flash-attention forward for Hopper (Triton), non-causal, for SD3.5's joint attention.
+
+Scheme (the same in the Triton kernel and in :func:`fp8_attention_reference`):
+
+* Q: quantized inside the attention kernel, one scale per token (row amax / 448 for E4M3,
+  row amax / 127 for the INT8 variant). The bf16 Q tile is read once per program.
+* K: quantized by a small Triton kernel that reads bf16 K and V once, one scale per tile of
+  ``KV_BLOCK`` (=128) tokens per (batch, head). Stored padded to a multiple of ``KV_BLOCK``
+  (zeros past the sequence end), row-major (token, dim): the K-major layout wgmma wants for Q @ K^T.
+* V: same tile scale, stored E4M3 *transposed* (dim, token) so the P @ V product also gets its
+  second operand K-major (Triton's FP8 wgmma needs it).
+* Softmax: online (flash) softmax in fp32 with exp2 and log2(e) folded into one per-row multiplier
+  ``q_scale[row] * k_scale[tile] * softmax_scale * log2(e)``. P is computed as exp2(s - m + 8), i.e.
+  scaled by 256 so it uses the E4M3 range (max 448) instead of sitting in [0, 1]; the factor cancels
+  in the final division by the row sum.
+* P @ V: P quantized to E4M3, product accumulated in fp32, multiplied by the V tile scale
+  (``pv="fp8"``), or P in bf16 times the original bf16 V (``pv="bf16"``, more accurate, slower).
+* The ragged tail (sequence not a multiple of the block) is masked with -inf on the last KV tile;
+  out-of-range query rows are loaded as zeros and not stored.
+
+``qk="fp8"`` uses E4M3 for Q and K; ``qk="int8"`` uses symmetric INT8 (same tensor-core rate on
+Hopper, ~4x smaller rounding error on the logits). The default is chosen by measurement
+(see docs/PERFORMANCE.md / bench/results/).
+
+Import works without CUDA and without Triton; calling :func:`fp8_attention` there raises
+RuntimeError. :func:`fp8_attention_reference` is pure torch and runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # Triton is optional at import time (CPU CI has none).
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = exc
+
+__all__ = [
+    "fp8_attention",
+    "fp8_attention_reference",
+    "quantize_kv",
+    "fp8_attention_quantized",
+    "is_supported",
+    "KV_BLOCK",
+    "SUPPORTED_HEAD_DIMS",
+]
+
+KV_BLOCK = 128  # tokens per K/V quantization tile == BLOCK_N of the attention kernel
+SUPPORTED_HEAD_DIMS = (64, 128)
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+P_SHIFT = 8.0  # P = exp2(s - m + P_SHIFT): P in [0, 256]
+LOG2E = 1.4426950408889634
+_TINY = 1e-30
+
+DEFAULT_QK = os.environ.get("SDFLEET_FP8_ATTN_QK", "fp8")
+DEFAULT_PV = os.environ.get("SDFLEET_FP8_ATTN_PV", "fp8")
+DEFAULT_EXP16 = os.environ.get("SDFLEET_FP8_ATTN_EXP16", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-torch reference of the scheme (CPU or GPU, fp32 math, same tiling as the kernel)
+# --------------------------------------------------------------------------------------------
+
+
+def _quant_fp8_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    y = (x / scale).clamp(-FP8_MAX, FP8_MAX)
+    return y.to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _quant_int8_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    y = x / scale
+    # round half away from zero, like the kernel
+    y = torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5))
+    return y.clamp(-INT8_MAX, INT8_MAX)
+
+
+def fp8_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    qk: str | None = None,
+    pv: str | None = None,
+    block_n: int = KV_BLOCK,
+) -> torch.Tensor:
+    """Emulates the kernel's quantization and online softmax in fp32 torch ops.
+
+    q, k, v: (batch, heads, seq, head_dim), any float dtype, any device. Returns q.dtype.
+    Quantized values are exact (torch's float8_e4m3fn conversion rounds to nearest even, as
+    the kernel's cvt does); the remaining differences to the kernel are fp32 summation order
+    and exp2 approximation.
+    """
+    qk = qk or DEFAULT_QK
+    pv = pv or DEFAULT_PV
+    _check_modes(qk, pv)
+    B, H, S, D = q.shape
+    Sk = k.shape[2]
+    sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    qmax = INT8_MAX if qk == "int8" else FP8_MAX
+    quant = _quant_int8_torch if qk == "int8" else _quant_fp8_torch
+
+    q_s = qf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY) / qmax  # (B,H,S,1)
+    q_q = quant(qf, q_s)
+    row_mult = q_s * (sm_scale * LOG2E)  # (B,H,S,1)
+
+    m = torch.full((B, H, S, 1), float("-inf"), device=q.device)
+    l_sum = torch.zeros((B, H, S, 1), device=q.device)
+    acc = torch.zeros((B, H, S, D), device=q.device)
+    for start in range(0, Sk, block_n):
+        kt = kf[:, :, start : start + block_n]
+        vt = vf[:, :, start : start + block_n]
+        k_s = kt.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / qmax  # (B,H,1,1)
+        k_q = quant(kt, k_s)
+        raw = q_q @ k_q.transpose(-1, -2)  # exact for int8; fp32 sum of exact fp8 products
+        t = raw * (row_mult * k_s)
+        m_new = torch.maximum(m, t.amax(dim=-1, keepdim=True))
+        p = torch.exp2(t - (m_new - P_SHIFT))
+        alpha = torch.exp2(m - m_new)
+        l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
+        if pv == "fp8":
+            v_s = vt.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / FP8_MAX
+            v_q = _quant_fp8_torch(vt, v_s)
+            p_q = p.clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
+            acc = acc * alpha + (p_q @ v_q) * v_s
+        else:
+            p_q = p.to(torch.bfloat16).float()
+            acc = acc * alpha + p_q @ vt.to(torch.bfloat16).float()
+        m = m_new
+    return (acc / l_sum).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _quant_kv_kernel(
+        K, V, Kq, Ks, Vq, Vs,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        H, S, S_PAD, N_TILES,
+        HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+        QK_INT8: tl.constexpr,
+        QUANT_V: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_s = tile * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = (offs_s < S)[:, None]
+
+        k = tl.load(
+            K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+            + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=row_ok, other=0.0,
+        ).to(tl.float32)
+        k_amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
+        kq_base = Kq + bh.to(tl.int64) * S_PAD * HEAD_DIM
+        kq_ptrs = kq_base + offs_s[:, None] * HEAD_DIM + offs_d[None, :]
+        if QK_INT8:
+            k_scale = tl.maximum(k_amax, 1e-30) / 127.0
+            y = k * (1.0 / k_scale)
+            y = tl.where(y >= 0, y + 0.5, y - 0.5)
+            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+            tl.store(kq_ptrs, y.to(tl.int8))
+        else:
+            k_scale = tl.maximum(k_amax, 1e-30) / 448.0
+            y = k * (1.0 / k_scale)
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            tl.store(kq_ptrs, y.to(tl.float8e4nv))
+        tl.store(Ks + bh * N_TILES + tile, k_scale)
+
+        if QUANT_V:
+            v = tl.load(
+                V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+                + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=row_ok, other=0.0,
+            ).to(tl.float32)
+            v_amax = tl.max(tl.max(tl.abs(v), axis=1), axis=0)
+            v_scale = tl.maximum(v_amax, 1e-30) / 448.0
+            w = v * (1.0 / v_scale)
+            w = tl.minimum(tl.maximum(w, -448.0), 448.0)
+            # transposed: (dim, token), token contiguous
+            vq_ptrs = (Vq + bh.to(tl.int64) * S_PAD * HEAD_DIM
+                       + offs_d[None, :] * S_PAD + offs_s[:, None])
+            tl.store(vq_ptrs, w.to(tl.float8e4nv))
+            tl.store(Vs + bh * N_TILES + tile, v_scale)
+
+    @triton.jit
+    def _attn_tile(
+        acc, l_i, m_i, q8, a_row,
+        kq_base, ks_base, vq_base, vs_base, vb_base,
+        offs_n, offs_d, j, S, S_PAD, stride_vs, stride_vd,
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, MASK: tl.constexpr, EXP_F16: tl.constexpr,
+    ):
+        start_n = j * BLOCK_N
+        # K^T tile (HEAD_DIM, BLOCK_N): dim contiguous -> K-major second operand
+        kT = tl.load(kq_base + (start_n + offs_n)[None, :] * HEAD_DIM + offs_d[:, None])
+        k_scale = tl.load(ks_base + j)
+        qk = tl.dot(q8, kT)
+        if QK_INT8:
+            qk = qk.to(tl.float32)
+        a = a_row * k_scale
+        if MASK:
+            t = qk * a[:, None]
+            t = tl.where((start_n + offs_n)[None, :] < S, t, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+            x = t - (m_new - 8.0)[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * a)
+            x = qk * a[:, None] - (m_new - 8.0)[:, None]
+        if EXP_F16:
+            # two exponentials per MUFU instruction (packed half2); P is rounded to FP8/BF16 anyway
+            p = tl.inline_asm_elementwise(
+                "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                dtype=tl.float16, is_pure=True, pack=2,
+            )
+            p_sum = tl.sum(p.to(tl.float32), 1)
+        else:
+            p = tl.math.exp2(x)
+            p_sum = tl.sum(p, 1)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + p_sum
+        acc = acc * alpha[:, None]
+        if PV_FP8:
+            # V^T stored (dim, token): the (BLOCK_N, HEAD_DIM) tile is token-contiguous (K-major)
+            v = tl.load(vq_base + offs_d[None, :] * S_PAD + (start_n + offs_n)[:, None])
+            v_scale = tl.load(vs_base + j)
+            pv = tl.dot(p.to(tl.float8e4nv), v)
+            acc = acc + pv * v_scale
+        else:
+            vptr = vb_base + (start_n + offs_n)[:, None] * stride_vs + offs_d[None, :] * stride_vd
+            if MASK:
+                v = tl.load(vptr, mask=((start_n + offs_n) < S)[:, None], other=0.0)
+            else:
+                v = tl.load(vptr)
+            acc = tl.dot(p.to(tl.bfloat16), v, acc)
+        return acc, l_i, m_new
+
+    def _attn_configs():
+        cfgs = []
+        for bm, warps, stages in [
+            (128, 8, 2), (128, 8, 3), (128, 4, 2), (128, 4, 3),
+            (64, 4, 2), (64, 4, 3), (256, 8, 2), (256, 16, 2),
+        ]:
+            cfgs.append(triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages))
+        # e.g. "128,8,3" (one config: no autotune) or "128,8,2;128,8,3"
+        only = os.environ.get("SDFLEET_FP8_ATTN_CONFIG")
+        if only:
+            cfgs = []
+            for item in only.split(";"):
+                bm, warps, stages = (int(x) for x in item.split(","))
+                cfgs.append(triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages))
+        return cfgs
+
+    @triton.autotune(configs=_attn_configs(), key=["S_PAD", "HEAD_DIM", "QK_INT8", "PV_FP8", "EXP_F16"])
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, Kq, Ks, Vq, Vs, Vb, O,
+        stride_qb, stride_qh, stride_qs, stride_qd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_ob, stride_oh, stride_os, stride_od,
+        H, S, S_PAD, N_TILES, qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        QK_INT8: tl.constexpr,
+        PV_FP8: tl.constexpr,
+        EXP_F16: tl.constexpr,
+    ):
+        start_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < S
+
+        q = tl.load(
+            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+            mask=row_ok[:, None], other=0.0,
+        ).to(tl.float32)
+        q_amax = tl.max(tl.abs(q), 1)
+        if QK_INT8:
+            q_scale = tl.maximum(q_amax, 1e-30) / 127.0
+            y = q * (1.0 / q_scale)[:, None]
+            y = tl.where(y >= 0, y + 0.5, y - 0.5)
+            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+            q8 = y.to(tl.int8)
+        else:
+            q_scale = tl.maximum(q_amax, 1e-30) / 448.0
+            y = q * (1.0 / q_scale)[:, None]
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            q8 = y.to(tl.float8e4nv)
+        a_row = q_scale * qk_scale
+
+        bh64 = bh.to(tl.int64)
+        kq_base = Kq + bh64 * S_PAD * HEAD_DIM
+        vq_base = Vq + bh64 * S_PAD * HEAD_DIM
+        ks_base = Ks + bh * N_TILES
+        vs_base = Vs + bh * N_TILES
+        vb_base = Vb + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        n_full = S // BLOCK_N
+        for j in range(0, n_full):
+            acc, l_i, m_i = _attn_tile(
+                acc, l_i, m_i, q8, a_row, kq_base, ks_base, vq_base, vs_base, vb_base,
+                offs_n, offs_d, j, S, S_PAD, stride_vs, stride_vd,
+                HEAD_DIM, BLOCK_N, QK_INT8, PV_FP8, False, EXP_F16,
+            )
+        for j in range(n_full, N_TILES):  # 0 or 1 ragged tile
+            acc, l_i, m_i = _attn_tile(
+                acc, l_i, m_i, q8, a_row, kq_base, ks_base, vq_base, vs_base, vb_base,
+                offs_n, offs_d, j, S, S_PAD, stride_vs, stride_vd,
+                HEAD_DIM, BLOCK_N, QK_INT8, PV_FP8, True, EXP_F16,
+            )
+
+        out = acc / l_i[:, None]
+        tl.store(
+            O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+            + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+            out.to(O.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Python API
+# --------------------------------------------------------------------------------------------
+
+
+def _check_modes(qk: str, pv: str) -> None:
+    if qk not in ("fp8", "int8"):
+        raise ValueError(f"qk must be 'fp8' or 'int8', got {qk!r}")
+    if pv not in ("fp8", "bf16"):
+        raise ValueError(f"pv must be 'fp8' or 'bf16', got {pv!r}")
+
+
+def is_supported(device: torch.device | int | None = None) -> tuple[bool, str]:
+    """(ok, reason). Needs Triton, CUDA and compute capability >= 8.9."""
+    if triton is None:
+        return False, f"Triton is not importable ({_TRITON_IMPORT_ERROR!r})"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    cc = torch.cuda.get_device_capability(device)
+    if cc < (8, 9):
+        return False, f"FP8 attention needs compute capability >= 8.9, device has {cc[0]}.{cc[1]}"
+    return True, "ok"
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    ok, why = is_supported(q.device if q.is_cuda else None)
+    if not ok:
+        raise RuntimeError(f"fp8_attention unsupported: {why}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_cuda:
+            raise RuntimeError(f"fp8_attention: {name} must be a CUDA tensor")
+        if t.dtype != torch.bfloat16:
+            raise RuntimeError(f"fp8_attention: {name} must be bfloat16, got {t.dtype}")
+        if t.dim() != 4:
+            raise RuntimeError(f"fp8_attention: {name} must be (batch, heads, seq, head_dim)")
+    if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[3] != k.shape[3]:
+        raise RuntimeError(f"fp8_attention: shape mismatch q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise RuntimeError(f"fp8_attention: head_dim {q.shape[3]} not supported (supported: {SUPPORTED_HEAD_DIMS})")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise RuntimeError("fp8_attention: empty sequence")
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, qk: str | None = None, pv: str | None = None) -> dict:
+    """Quantize K (and V when pv='fp8') once; the result can be reused by fp8_attention_quantized."""
+    qk = qk or DEFAULT_QK
+    pv = pv or DEFAULT_PV
+    _check_modes(qk, pv)
+    B, H, S, D = k.shape
+    n_tiles = triton.cdiv(S, KV_BLOCK)
+    s_pad = n_tiles * KV_BLOCK
+    dev = k.device
+    kq = torch.empty((B * H, s_pad, D), device=dev, dtype=torch.int8 if qk == "int8" else torch.float8_e4m3fn)
+    ks = torch.empty((B * H, n_tiles), device=dev, dtype=torch.float32)
+    quant_v = pv == "fp8"
+    if quant_v:
+        vq = torch.empty((B * H, D, s_pad), device=dev, dtype=torch.float8_e4m3fn)
+        vs = torch.empty((B * H, n_tiles), device=dev, dtype=torch.float32)
+    else:
+        vq, vs = kq, ks  # unused by the kernel
+    _quant_kv_kernel[(n_tiles, B * H)](
+        k, v, kq, ks, vq, vs,
+        *k.stride(), *v.stride(),
+        H, S, s_pad, n_tiles,
+        HEAD_DIM=D, BLOCK=KV_BLOCK, QK_INT8=qk == "int8", QUANT_V=quant_v,
+        num_warps=4,
+    )
+    return {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": v, "S": S, "s_pad": s_pad,
+            "n_tiles": n_tiles, "qk": qk, "pv": pv, "shape": (B, H, S, D)}
+
+
+def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = None,
+                            out: torch.Tensor | None = None, exp16: bool | None = None) -> torch.Tensor:
+    """Attention of bf16 q against K/V already quantized by :func:`quantize_kv`."""
+    B, H, Sq, D = q.shape
+    S = kv["S"]
+    if Sq != S:
+        # The kernel uses one length for queries and keys (self/joint attention).
+        raise RuntimeError(f"fp8_attention: q has {Sq} tokens, k/v have {S}; only equal lengths are supported")
+    sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
+    if out is None:
+        out = torch.empty_like(q)  # keeps q's strides: a (B,S,H,D)-view in gives one out
+    v = kv["v"]
+
+    def grid(meta):
+        return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
+
+    _attn_fwd_kernel[grid](
+        q, kv["kq"], kv["ks"], kv["vq"], kv["vs"], v, out,
+        *q.stride(), *v.stride(), *out.stride(),
+        H, S, kv["s_pad"], kv["n_tiles"], sm_scale * LOG2E,
+        HEAD_DIM=D, BLOCK_N=KV_BLOCK, QK_INT8=kv["qk"] == "int8", PV_FP8=kv["pv"] == "fp8",
+        EXP_F16=DEFAULT_EXP16 if exp16 is None else bool(exp16),
+    )
+    return out
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                  qk: str | None = None, pv: str | None = None, exp16: bool | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v with Q/K (and by default P/V) in FP8 on tensor cores.
+
+    q, k, v: (batch, heads, seq, head_dim) bf16 CUDA tensors, equal sequence lengths, head_dim
+    64 or 128; strided views (e.g. of a (batch, seq, heads, head_dim) tensor) are read in place.
+    scale defaults to 1/sqrt(head_dim). Returns bf16 with q's shape (and q's memory layout).
+    Raises RuntimeError where unsupported (no Triton, no CUDA, compute capability < 8.9,
+    other head_dim, wrong dtype/shape). The first call per (padded length, head_dim, variant)
+    runs Triton's autotune over a small config list; later calls reuse the choice.
+    """
+    _validate(q, k, v)
+    qk = qk or DEFAULT_QK
+    pv = pv or DEFAULT_PV
+    _check_modes(qk, pv)
+    with torch.cuda.device(q.device):
+        kv = quantize_kv(k, v, qk=qk, pv=pv)
+        return fp8_attention_quantized(q, kv, scale=scale, exp16=exp16)

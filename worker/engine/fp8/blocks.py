@@ -1,0 +1,210 @@
+"""An MMDiT block (diffusers' ``JointTransformerBlock``) rewritten around FP8 linears and fused quantization.
+
+Same maths as diffusers, different order of work: every activation that feeds an FP8 linear is produced
+already quantized by the op that computes it (LayerNorm + AdaLN modulate [+ gated residual] -> FP8,
+GELU -> FP8, attention output -> FP8), q/k/v of the image and text streams go through one fused GEMM each
+and one kernel that applies the q/k RMSNorm and writes the (B, H, S, D) layout attention wants.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sdfleet.errors import EngineError
+
+from .linear import Fp8Linear
+from .options import Fp8Options
+from .processor import attend
+from .quant import (
+    QTensor,
+    gelu_tanh_torch,
+    ln_modulate,
+    ln_modulate_quantize,
+    quantize_rows,
+    rms_norm_heads_torch,
+    triton_available,
+)
+
+
+def make_linear(lins: torch.nn.Linear | list[torch.nn.Linear], fp8: bool, options: Fp8Options, *,
+                quantize: bool = True) -> torch.nn.Module:
+    """One layer from one linear or from several sharing their input (concatenated along outputs).
+
+    ``quantize=False`` builds the FP8 layer's empty buffers only (to be filled by ``load_state_dict``).
+    """
+    lins = lins if isinstance(lins, list) else [lins]
+    w0 = lins[0].weight
+    n = sum(m.out_features for m in lins)
+    has_bias = lins[0].bias is not None
+    if fp8:
+        kw = dict(out_dtype=w0.dtype, use_triton=options.fused_quant, fast_accum=options.fast_accum)
+        if quantize:
+            return Fp8Linear.from_linear(lins, **kw)
+        return Fp8Linear(lins[0].in_features, n, bias=has_bias, device=w0.device, **kw)
+    if len(lins) == 1:
+        return lins[0]
+    out = torch.nn.Linear(lins[0].in_features, n, bias=has_bias, device=w0.device, dtype=w0.dtype)
+    with torch.no_grad():
+        out.weight = torch.nn.Parameter(torch.cat([m.weight.detach() for m in lins], 0), requires_grad=False)
+        if has_bias:
+            out.bias = torch.nn.Parameter(torch.cat([m.bias.detach() for m in lins], 0), requires_grad=False)
+    return out
+
+
+def _norm_weights(a, b) -> torch.Tensor | None:
+    if a is None and b is None:
+        return None
+    for m in (a, b):
+        if m is None or type(m).__name__ != "RMSNorm" or getattr(m, "weight", None) is None:
+            raise EngineError(f"FP8 blocks support qk_norm='rms_norm' with weights or no qk_norm, not {m!r}; "
+                              "run this model with fp8_linears off")
+    return torch.stack([a.weight.detach(), b.weight.detach()])
+
+
+class JointAttention(torch.nn.Module):
+    """q/k/v, RMSNorm, attention and output projections of one (joint or image-only) attention."""
+
+    def __init__(self, attn, options: Fp8Options, *, joint: bool, prefix: str, quantize: bool = True):
+        super().__init__()
+        self.heads = attn.heads
+        self.head_dim = attn.to_q.out_features // attn.heads
+        self.options = options
+        self.eps = attn.norm_q.eps if attn.norm_q is not None else 1e-6
+        qkv_t, out_t = f"{prefix}_qkv", f"{prefix}_out"
+        self.qkv = make_linear([attn.to_q, attn.to_k, attn.to_v], options.fp8(qkv_t), options, quantize=quantize)
+        self.out = make_linear(attn.to_out[0], options.fp8(out_t), options, quantize=quantize)
+        self.register_buffer("norm_w", _norm_weights(attn.norm_q, attn.norm_k))
+        self.ctx_qkv = self.ctx_out = None
+        self.register_buffer("ctx_norm_w", None)
+        if joint:
+            self.ctx_qkv = make_linear([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj],
+                                       options.fp8("context_qkv"), options, quantize=quantize)
+            self.ctx_norm_w = _norm_weights(attn.norm_added_q, attn.norm_added_k)
+            if not attn.context_pre_only:
+                self.ctx_out = make_linear(attn.to_add_out, options.fp8("context_out"), options, quantize=quantize)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return self.options.fused_quant and x.is_cuda and triton_available()
+
+    def _heads_torch(self, qkv: torch.Tensor, norm_w: torch.Tensor | None, b: int):
+        q, k, v = (t.reshape(b, -1, self.heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        if norm_w is not None:
+            q = rms_norm_heads_torch(q, norm_w[0], self.eps)
+            k = rms_norm_heads_torch(k, norm_w[1], self.eps)
+        return q, k, v
+
+    def forward(self, x, c, b: int, length: int, ctx_length: int):
+        """x, c: activations (QTensor or bf16) of the image / text stream. Returns (image out, text out)."""
+        qkv = self.qkv(x)
+        cqkv = self.ctx_qkv(c) if c is not None else None
+        lc = ctx_length if c is not None else 0
+        if self._fused(qkv):
+            from . import kernels
+
+            buf = torch.empty((3, b, self.heads, length + lc, self.head_dim), device=qkv.device, dtype=qkv.dtype)
+            kernels.qkv_prep(qkv.reshape(b * length, -1), buf, self.norm_w, batch=b, tok_off=0,
+                             heads=self.heads, head_dim=self.head_dim, eps=self.eps)
+            if cqkv is not None:
+                kernels.qkv_prep(cqkv.reshape(b * lc, -1), buf, self.ctx_norm_w, batch=b, tok_off=length,
+                                 heads=self.heads, head_dim=self.head_dim, eps=self.eps)
+            q, k, v = buf.unbind(0)
+        else:
+            q, k, v = self._heads_torch(qkv, self.norm_w, b)
+            if cqkv is not None:
+                cq, ck, cv = self._heads_torch(cqkv, self.ctx_norm_w, b)
+                q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        o = attend(q, k, v, fp8=self.options.fp8_attention)
+        out_lc = lc if self.ctx_out is not None else 0
+        fp8_out = isinstance(self.out, Fp8Linear) and (out_lc == 0 or isinstance(self.ctx_out, Fp8Linear))
+        if fp8_out and self._fused(o):
+            from . import kernels
+
+            oi, oc = kernels.out_quant(o, length, out_lc)
+        else:
+            o2 = o.transpose(1, 2).reshape(b, length + lc, self.heads * self.head_dim)
+            oi, oc = o2[:, :length], o2[:, length:]
+        img = self.out(oi)
+        ctx = self.ctx_out(oc) if self.ctx_out is not None else None
+        return img, ctx
+
+
+class FeedForward(torch.nn.Module):
+    """diffusers' FeedForward(gelu-approximate): up, GELU(tanh), down; GELU fused with the FP8 quantization."""
+
+    def __init__(self, ff, options: Fp8Options, *, prefix: str, quantize: bool = True):
+        super().__init__()
+        self.options = options
+        self.up = make_linear(ff.net[0].proj, options.fp8(f"{prefix}_up"), options, quantize=quantize)
+        self.down = make_linear(ff.net[2], options.fp8(f"{prefix}_down"), options, quantize=quantize)
+
+    def forward(self, x):
+        h = self.up(x)
+        if isinstance(self.down, Fp8Linear) and self.options.fused_quant:
+            return self.down(quantize_rows(h, gelu=True, use_triton=True))
+        return self.down(gelu_tanh_torch(h))
+
+
+class Fp8JointBlock(torch.nn.Module):
+    """Replaces one ``JointTransformerBlock``; same call signature and outputs."""
+
+    def __init__(self, block, options: Fp8Options, *, quantize: bool = True):
+        super().__init__()
+        if getattr(block, "_chunk_size", None) is not None:
+            raise EngineError("feed-forward chunking is not supported by FP8 blocks; disable it first")
+        self.options = options
+        self.context_pre_only = block.context_pre_only
+        self.use_dual_attention = block.use_dual_attention
+        self.n_mod = 9 if block.use_dual_attention else 6
+        self.eps = block.norm2.eps
+        self.adaln = make_linear(block.norm1.linear, options.fp8("adaln"), options, quantize=quantize)
+        self.adaln_ctx = make_linear(block.norm1_context.linear, options.fp8("adaln"), options, quantize=quantize)
+        self.attn = JointAttention(block.attn, options, joint=True, prefix="attn", quantize=quantize)
+        self.attn2 = (JointAttention(block.attn2, options, joint=False, prefix="attn2", quantize=quantize)
+                      if block.use_dual_attention else None)
+        self.ff = FeedForward(block.ff, options, prefix="ff", quantize=quantize)
+        self.ff_context = (None if block.context_pre_only
+                           else FeedForward(block.ff_context, options, prefix="context_ff", quantize=quantize))
+
+    def _norm_mod(self, x, shift, scale, consumer, residual=None):
+        """The activation ``consumer`` wants (QTensor for a fused FP8 linear), and the residual stream."""
+        if isinstance(consumer, Fp8Linear) and self.options.fused_quant:
+            return ln_modulate_quantize(x, shift, scale, residual=residual, eps=self.eps)
+        return ln_modulate(x, shift, scale, residual=residual, eps=self.eps)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+        if joint_attention_kwargs:
+            raise EngineError(f"FP8 blocks take no joint_attention_kwargs (got {sorted(joint_attention_kwargs)})")
+        x, c = hidden_states, encoder_hidden_states
+        b, length, _ = x.shape
+        lc = c.shape[1]
+        t = F.silu(temb)
+        mod = self.adaln(t).chunk(self.n_mod, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
+        cmod = self.adaln_ctx(t.to(c.dtype))
+        if self.context_pre_only:
+            c_scale, c_shift = cmod.chunk(2, dim=1)  # AdaLayerNormContinuous order
+        else:
+            c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod.chunk(6, dim=1)
+
+        ax, _ = self._norm_mod(x, shift_msa, scale_msa, self.attn.qkv)
+        ac, _ = self._norm_mod(c, c_shift, c_scale, self.attn.ctx_qkv)
+        if self.attn2 is not None:  # second modulation of the same norm (SD35AdaLayerNormZeroX)
+            ax2, _ = self._norm_mod(x, mod[6], mod[7], self.attn2.qkv)
+        attn_out, ctx_out = self.attn(ax, ac, b, length, lc)
+        if self.attn2 is not None:
+            x = torch.addcmul(x, gate_msa.unsqueeze(1), attn_out)
+            attn2_out, _ = self.attn2(ax2, None, b, length, 0)
+            res = (attn2_out, mod[8])
+        else:
+            res = (attn_out, gate_msa)
+        aff, x = self._norm_mod(x, shift_mlp, scale_mlp, self.ff.up, residual=res)
+        x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.ff(aff))
+        if self.context_pre_only:
+            return None, x
+        acff, c = self._norm_mod(c, c_shift_mlp, c_scale_mlp, self.ff_context.up, residual=(ctx_out, c_gate_msa))
+        c = torch.addcmul(c, c_gate_mlp.unsqueeze(1), self.ff_context(acff))
+        return c, x
+
+
+__all__ = ["Fp8JointBlock", "JointAttention", "FeedForward", "make_linear", "QTensor"]

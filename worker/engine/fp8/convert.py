@@ -1,0 +1,104 @@
+"""Turn a diffusers ``SD3Transformer2DModel`` into the FP8 engine's transformer, in place."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sdfleet.errors import EngineError
+
+from .blocks import Fp8JointBlock, make_linear
+from .linear import Fp8Linear
+from .options import Fp8Options
+from .processor import Fp8JointAttnProcessor
+
+log = logging.getLogger(__name__)
+
+#: attribute set on a converted transformer: the options it was converted with
+MARKER = "_sdfleet_fp8_options"
+
+
+def _model_linears(transformer) -> dict[str, list[tuple[torch.nn.Module, str]]]:
+    """(parent, attribute) of every linear outside the blocks, by layer type."""
+    tte = transformer.time_text_embed
+    return {
+        "context_embedder": [(transformer, "context_embedder")],
+        "time_text_embed": [(tte.timestep_embedder, "linear_1"), (tte.timestep_embedder, "linear_2"),
+                            (tte.text_embedder, "linear_1"), (tte.text_embedder, "linear_2")],
+        "norm_out": [(transformer.norm_out, "linear")],
+        "proj_out": [(transformer, "proj_out")],
+    }
+
+
+def _check_shapes(transformer) -> None:
+    # cuBLASLt FP8 needs K and N multiples of 16
+    for name, m in transformer.transformer_blocks.named_modules():
+        if isinstance(m, torch.nn.Linear) and (m.in_features % 16 or m.out_features % 16):
+            raise EngineError(f"transformer_blocks.{name}: {m.in_features}x{m.out_features} is not a multiple "
+                              "of 16, which FP8 GEMMs need; run this model with --precision bf16")
+
+
+def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool = True):
+    """Convert ``transformer`` in place as ``options`` say and return it.
+
+    ``quantize=False`` builds the FP8 structure with empty buffers, for loading a quantized checkpoint.
+    """
+    options = options or Fp8Options()
+    if getattr(transformer, MARKER, None) is not None:
+        raise EngineError("this transformer is already converted to FP8; build a fresh one to convert again")
+    if options.fp8_linears:
+        _check_shapes(transformer)
+        blocks = transformer.transformer_blocks
+        for i in range(len(blocks)):
+            blocks[i] = Fp8JointBlock(blocks[i], options, quantize=quantize)
+        for layer_type, places in _model_linears(transformer).items():
+            if options.fp8(layer_type):
+                for parent, attr in places:
+                    lin = getattr(parent, attr)
+                    if lin.in_features % 16 or lin.out_features % 16:
+                        continue  # e.g. proj_out of a small patch: stays BF16
+                    setattr(parent, attr, make_linear(lin, True, options, quantize=quantize))
+    elif options.fp8_attention:
+        transformer.set_attn_processor(Fp8JointAttnProcessor(fp8=True))
+    setattr(transformer, MARKER, options)
+    if quantize and any(p.is_cuda for p in transformer.parameters()):
+        torch.cuda.empty_cache()
+    return transformer
+
+
+def set_runtime_options(transformer, options: Fp8Options) -> None:
+    """Change the switches that need no re-quantization (fused_quant, fp8_attention, fast_accum)."""
+    old = getattr(transformer, MARKER, None)
+    if old is None:
+        raise EngineError("transformer is not converted; call apply_fp8 first")
+    if (old.fp8_linears, old.bf16_layers) != (options.fp8_linears, options.bf16_layers):
+        raise EngineError("fp8_linears and bf16_layers change the weights: convert or quantize again")
+    for m in transformer.modules():
+        if isinstance(m, Fp8Linear):
+            m.use_triton, m.fast_accum = options.fused_quant, options.fast_accum
+        if hasattr(m, "options") and isinstance(m.options, Fp8Options):
+            m.options = options
+    setattr(transformer, MARKER, options)
+
+
+def layer_types(transformer) -> dict[str, str]:
+    """Qualified name -> 'fp8' or dtype name, for every linear of a converted transformer (for the JSON)."""
+    out = {}
+    for name, m in transformer.named_modules():
+        if isinstance(m, Fp8Linear):
+            out[name] = "float8_e4m3fn"
+        elif isinstance(m, torch.nn.Linear):
+            out[name] = str(m.weight.dtype).removeprefix("torch.")
+    return out
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers: what the transformer's weights occupy on the device."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,54 @@
+"""FP8 linear layer on ``torch._scaled_mm`` (cuBLASLt on Hopper; also runs on the CPU for tests)."""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import E4M3, QTensor, quantize_rows, quantize_weight
+
+
+class Fp8Linear(torch.nn.Module):
+    """``y = x @ W.T + b`` with E4M3 weights (one scale per output channel, quantized once) and E4M3
+    activations (one scale per row, quantized on the fly unless the producer already did: pass a
+    :class:`QTensor`). Output BF16, bias fused into the GEMM.
+
+    Buffers: ``weight`` (N, K) float8_e4m3fn, ``weight_scale`` (N,) float32, ``bias`` (N,) bf16 or absent.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, device=None,
+                 out_dtype: torch.dtype = torch.bfloat16, use_triton: bool = True, fast_accum: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.out_dtype = out_dtype
+        self.use_triton = use_triton
+        self.fast_accum = fast_accum
+        self.register_buffer("weight", torch.empty((out_features, in_features), dtype=E4M3, device=device))
+        self.register_buffer("weight_scale", torch.ones((out_features,), dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros((out_features,), dtype=out_dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, lin: torch.nn.Linear | list[torch.nn.Linear], **kw) -> Fp8Linear:
+        """Quantize one linear, or several with the same input concatenated along N (fused q/k/v)."""
+        lins = lin if isinstance(lin, list) else [lin]
+        w = torch.cat([m.weight.detach() for m in lins], 0)
+        has_bias = lins[0].bias is not None
+        m = cls(w.shape[1], w.shape[0], bias=has_bias, device=w.device, **kw)
+        m.weight, m.weight_scale = quantize_weight(w)
+        if has_bias:
+            m.bias = torch.cat([x.bias.detach() for x in lins], 0).to(m.out_dtype)
+        return m
+
+    def forward(self, x: torch.Tensor | QTensor) -> torch.Tensor:
+        if not isinstance(x, QTensor):
+            x = quantize_rows(x, use_triton=self.use_triton)
+        w_scale = self.weight_scale.reshape(1, -1)
+        y = torch._scaled_mm(x.data, self.weight.t(), scale_a=x.scale, scale_b=w_scale, bias=self.bias,
+                             out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -1,0 +1,72 @@
+"""The switches of the FP8 engine: one per speed-up, so each can be measured alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from sdfleet.errors import ConfigError
+
+#: Linear layer types of an MMDiT block (what ``bf16_layers`` may name), image stream then text stream.
+BLOCK_LAYER_TYPES = (
+    "attn_qkv", "attn_out", "attn2_qkv", "attn2_out", "ff_up", "ff_down",
+    "context_qkv", "context_out", "context_ff_up", "context_ff_down",
+    "adaln",  # norm1 / norm1_context modulation linears (M = batch rows: a GEMV)
+)
+#: Layers outside the blocks. The patch embedder (a conv) and the norms never become FP8.
+MODEL_LAYER_TYPES = ("context_embedder", "time_text_embed", "norm_out", "proj_out")
+LAYER_TYPES = BLOCK_LAYER_TYPES + MODEL_LAYER_TYPES
+
+#: Measured default (docs/PERFORMANCE.md, "FP8 engine"): embedders and the final projection stay BF16.
+#: AdaLN modulation is FP8 by default: kept in BF16 it is a third of the weights, and the memory target
+#: (<= 55% of BF16) cannot be met; its one-step error is reported separately by the bench.
+DEFAULT_BF16_LAYERS = frozenset({"context_embedder", "time_text_embed", "norm_out", "proj_out"})
+
+
+@dataclass(frozen=True)
+class Fp8Options:
+    """What :func:`worker.engine.fp8.apply_fp8` does to a transformer.
+
+    fp8_linears: swap the blocks' linears for :class:`Fp8Linear` (off: the blocks stay BF16, and only the
+        attention switch below applies).
+    fused_quant: Triton kernels quantize inside the op that produces the activation (LayerNorm + AdaLN
+        modulate -> FP8, gated residual + LayerNorm + modulate -> FP8, GELU -> FP8, attention output
+        -> FP8) and do the q/k RMSNorm + head layout in one pass. Off: the same maths in torch ops.
+    fp8_attention: FP8 flash attention (``worker.engine.fp8.attention``); off, or if it is missing or
+        fails: ``torch.nn.functional.scaled_dot_product_attention``.
+    cuda_graphs: the engine captures the denoising step per shape bucket (``worker.engine.graphs``);
+        read by the engine, not by ``apply_fp8``.
+    fast_accum: cuBLASLt fast FP8 accumulation (``use_fast_accum``).
+    bf16_layers: layer types (``LAYER_TYPES``) that stay BF16.
+    """
+
+    fp8_linears: bool = True
+    fused_quant: bool = True
+    fp8_attention: bool = False
+    cuda_graphs: bool = True
+    fast_accum: bool = True
+    bf16_layers: frozenset[str] = field(default=DEFAULT_BF16_LAYERS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bf16_layers", frozenset(self.bf16_layers))
+        unknown = sorted(self.bf16_layers - set(LAYER_TYPES))
+        if unknown:
+            raise ConfigError(f"Fp8Options.bf16_layers: unknown layer type(s) {unknown}; "
+                              f"choose from {', '.join(LAYER_TYPES)}")
+
+    def fp8(self, layer_type: str) -> bool:
+        """Whether a layer of this type becomes FP8."""
+        return self.fp8_linears and layer_type not in self.bf16_layers
+
+    def to_dict(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["bf16_layers"] = sorted(self.bf16_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> Fp8Options:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"Fp8Options: unknown option(s) {unknown}; known: {', '.join(sorted(names))}")
+        return cls(**d)  # type: ignore[arg-type]

@@ -1,0 +1,101 @@
+"""Attention for SD3 joint attention, with a switch between BF16 SDPA and the FP8 flash-attention kernel.
+
+The FP8 kernel lives in ``worker.engine.fp8.attention`` (``fp8_attention(q, k, v)``, (B, H, S, D) bf16
+CUDA tensors). It is imported lazily; when it is absent, or raises for a shape or device, this module
+logs once and uses ``torch.nn.functional.scaled_dot_product_attention`` from then on for that reason, so
+a CUDA graph is never captured around a failing call (the first eager call decides).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_fp8_fn = None
+_fp8_error: str | None = None
+
+
+def _load_fp8():
+    global _fp8_fn, _fp8_error
+    if _fp8_fn is None and _fp8_error is None:
+        try:
+            from .attention import fp8_attention
+        except Exception as exc:  # ImportError, or a kernel module that fails to build
+            _fp8_error = f"FP8 attention unavailable ({exc!r}); using SDPA"
+            log.warning(_fp8_error)
+        else:
+            _fp8_fn = fp8_attention
+    return _fp8_fn
+
+
+def fp8_attention_status() -> str:
+    """'available', 'not loaded yet' or the reason SDPA is used instead (for logs and the bench)."""
+    if _fp8_error:
+        return _fp8_error
+    return "available" if _fp8_fn is not None else "not loaded yet"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8: bool) -> torch.Tensor:
+    """Non-causal attention over (B, H, S, D) tensors: FP8 kernel when ``fp8`` and usable, else SDPA."""
+    global _fp8_error
+    if fp8 and q.is_cuda and q.dtype == torch.bfloat16:
+        fn = _load_fp8()
+        if fn is not None:
+            try:
+                return fn(q, k, v)
+            except (NotImplementedError, RuntimeError, ValueError, AssertionError) as exc:
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                _fp8_error = f"FP8 attention failed for q{tuple(q.shape)} ({exc!r}); using SDPA"
+                log.warning(_fp8_error)
+                globals()["_fp8_fn"] = None
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+
+
+class Fp8JointAttnProcessor:
+    """Drop-in for diffusers' ``JointAttnProcessor2_0`` whose attention core is :func:`attend`.
+
+    Used on blocks that keep the diffusers forward (``fp8_linears`` off); converted blocks call
+    :func:`attend` directly from :class:`worker.engine.fp8.blocks.Fp8JointBlock`.
+    """
+
+    def __init__(self, fp8: bool = True):
+        self.fp8 = fp8
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual = hidden_states
+        b = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            cq = heads(attn.add_q_proj(encoder_hidden_states))
+            ck = heads(attn.add_k_proj(encoder_hidden_states))
+            cv = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            query = torch.cat([query, cq], dim=2)
+            key = torch.cat([key, ck], dim=2)
+            value = torch.cat([value, cv], dim=2)
+        out = attend(query, key, value, fp8=self.fp8)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, ctx = out[:, : residual.shape[1]], out[:, residual.shape[1]:]
+            if not attn.context_pre_only:
+                ctx = attn.to_add_out(ctx)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return (out, ctx) if encoder_hidden_states is not None else out

@@ -1,0 +1,31 @@
+"""The null engine: no model, a tiny constant image per job. Measures the queue, not the GPU."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from sdfleet.jobs import BatchKey
+from worker.engine.base import Engine, GenerationRequest, GenerationResult
+
+
+class NullEngine(Engine):
+    model_name = "null"
+    precision = "none"
+
+    def __init__(self, delay_s: float = 0.0, side: int = 8):
+        self.delay_s = delay_s
+        self.side = side
+
+    def load(self) -> None:
+        pass
+
+    def generate(self, key: BatchKey, requests: Sequence[GenerationRequest]) -> GenerationResult:
+        t0 = time.perf_counter()
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        # The seed decides the pixel value, so tests can still tell jobs apart.
+        images = [np.full((self.side, self.side, 3), r.seed % 251, dtype=np.uint8) for r in requests]
+        return GenerationResult(images, {"engine_s": time.perf_counter() - t0})

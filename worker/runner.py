@@ -1,0 +1,117 @@
+"""Running one group of deliveries: claim each job, run the engine, hand images to post-processing.
+
+Claiming is a compare-and-set (queued|running -> running) that counts an attempt: a job already
+finished elsewhere is acknowledged and skipped, a cancelled one never runs, and one that has been
+started too many times without finishing (it keeps killing workers) is failed instead of looping.
+An out-of-memory error splits the batch in halves and retries them; any other engine error is
+isolated by running the jobs one by one, so one bad job cannot fail its batch mates.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sdfleet import keys
+from sdfleet.jobs import BatchKey
+from sdfleet.state import JobStore
+from worker.engine.base import Engine, GenerationRequest
+from worker.intake import AckQueue, Delivery
+from worker.postprocess import PostProcessor
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+class BatchRunner:
+    def __init__(self, *, engine: Engine, store: JobStore, post: PostProcessor, acks: AckQueue, worker_id: str,
+                 max_attempts: int, log: Any, on_oom: Callable[[], None] | None = None):
+        self.engine = engine
+        self.store = store
+        self.post = post
+        self.acks = acks
+        self.worker_id = worker_id
+        self.max_attempts = max_attempts
+        self.log = log
+        self.on_oom = on_oom or (lambda: None)
+        self.batches_run = 0
+
+    def run(self, key: BatchKey, deliveries: Sequence[Delivery]) -> None:
+        claimed = self._claim(deliveries)
+        if not claimed:
+            return
+        log = self.log.bind(key=str(key), size=len(claimed))
+        t0 = time.perf_counter()
+        self._generate(key, claimed, log)
+        self.batches_run += 1
+        log.info("batch ran", batch_s=round(time.perf_counter() - t0, 4),
+                 jobs=[d.job_id for d in claimed][:16])
+
+    def _claim(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        records = self.store.jobs([d.job_id for d in deliveries])
+        claimed = []
+        for d, rec in zip(deliveries, records):
+            log = self.log.bind(job_id=d.job_id, batch_id=d.batch_id)
+            if rec is None or rec.batch_id != d.batch_id:
+                log.error("message names no known job; dropped (forged or expired)")
+                self.acks.put(d.ack)
+                continue
+            stored = dict(rec.spec)
+            if stored != d.spec.model_dump(mode="json"):
+                log.error("message disagrees with the job record; dropped (forged or tampered)")
+                self.acks.put(d.ack)
+                continue
+            tr = self.store.start(d.job_id, self.worker_id, self.max_attempts)
+            if tr.poisoned:
+                log.error("job failed as poison", attempts=tr.attempts)
+                self.post.on_finished(d, "failed", tr)
+                self.acks.put(d.ack)
+                continue
+            if not tr.applied:
+                log.info("job not runnable; skipped", status=tr.previous)
+                self.acks.put(d.ack)
+                continue
+            d.attempts = tr.attempts
+            d.extra["queued_at"] = float(rec.fields.get("queued_at", 0) or 0)
+            d.extra["started_at"] = time.time()
+            claimed.append(d)
+        if claimed:
+            self.store.r.sadd(keys.worker_held(self.worker_id), *[d.job_id for d in claimed])
+        return claimed
+
+    def _generate(self, key: BatchKey, group: list[Delivery], log: Any) -> None:
+        requests = [GenerationRequest(d.job_id, d.spec.prompt, d.spec.negative_prompt, d.spec.seed) for d in group]
+        try:
+            result = self.engine.generate(key, requests)
+        except Exception as exc:
+            if _is_oom(exc) and len(group) > 1:
+                log.warning("out of memory; splitting the batch in halves", size=len(group))
+                self.on_oom()
+                half = len(group) // 2
+                self._generate(key, group[:half], log)
+                self._generate(key, group[half:], log)
+                return
+            if len(group) > 1:
+                log.warning("engine error; retrying the jobs one by one", error=repr(exc))
+                for d in group:
+                    self._generate(key, [d], log)
+                return
+            reason = "out of memory even alone" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"
+            log.error("engine failed for job", job_id=group[0].job_id, error=reason,
+                      trace=traceback.format_exc(limit=5))
+            self.post.finish_failed(group[0], f"engine error: {reason}")
+            return
+        share = {k: v / len(group) for k, v in result.timings.items()}
+        share["batch_size"] = len(group)
+        for d, image in zip(group, result.images):
+            self.post.submit(d, image, share)
