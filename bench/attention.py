@@ -15,9 +15,9 @@ Writes JSON to --out (rewritten after each shape, so a timeout keeps what was me
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -44,14 +44,15 @@ def _load_attention_module():
 att = _load_attention_module()
 
 VARIANTS = {
-    # name: (qk, pv, exp16)
-    "fp8_qk8_pv8": ("fp8", "fp8", False),
-    "fp8_qkI8_pv8": ("int8", "fp8", False),
-    "fp8_qkI8_pvbf16": ("int8", "bf16", False),
-    "fp8_qk8_pvbf16": ("fp8", "bf16", False),
-    "fp8_qk8_pv8_e16": ("fp8", "fp8", True),
-    "fp8_qkI8_pv8_e16": ("int8", "fp8", True),
-    "fp8_qkI8_pvbf16_e16": ("int8", "bf16", True),
+    # name: fp8_attention options (see attention.DEFAULT_OPTIONS)
+    "v1_I8_pv8_tile": dict(qk="int8", pv="fp8", scales="tile", ftz=False, tma=False, i2f_magic=False),
+    "fp8_pv8_head": dict(qk="fp8", pv="fp8", scales="head", ftz=True, tma=True),
+    "fp8_pv8_head_notma": dict(qk="fp8", pv="fp8", scales="head", ftz=True, tma=False),
+    "fp8_pv8_head_noftz": dict(qk="fp8", pv="fp8", scales="head", ftz=False, tma=True),
+    "I8_pv8_head": dict(qk="int8", pv="fp8", scales="head", ftz=True, tma=True, i2f_magic=True),
+    "I8_pv8_tile": dict(qk="int8", pv="fp8", scales="tile", ftz=True, tma=True, i2f_magic=True),
+    "I8_pvbf16_head": dict(qk="int8", pv="bf16", scales="head", ftz=True, tma=True, i2f_magic=True),
+    "I8_pvbf16_tile": dict(qk="int8", pv="bf16", scales="tile", ftz=True, tma=True, i2f_magic=True),
 }
 
 
@@ -72,7 +73,27 @@ def time_cuda(fn, warmup: int, iters: int) -> float:
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+
+
+def time_graph(fn, warmup: int, iters: int) -> float | None:
+    """Median ms of CUDA-graph replays of fn (no host launch overhead), None if capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = time_cuda(graph.replay, warmup, iters)
+        del graph
+        return ms
+    except Exception as exc:  # pragma: no cover
+        print("graph capture failed:", type(exc).__name__, str(exc)[:200], flush=True)
+        return None
 
 
 def make_inputs(kind: str, B: int, H: int, S: int, D: int, seed: int, layout: str = "bhsd"):
@@ -151,13 +172,13 @@ def main() -> int:
     # 1) kernel vs pure-torch reference of the same scheme (small shape, ragged), poisoned output
     q, k, v = make_inputs("randn", 1, 3, 1357, D, seed=1)
     for name in list(variants):
-        qk, pv, e16 = VARIANTS[name]
+        opts = VARIANTS[name]
         try:
-            kv = att.quantize_kv(k, v, qk=qk, pv=pv)
+            kv = att.quantize_kv(k, v, **opts)
             o = torch.full_like(q, float("nan"))
-            att.fp8_attention_quantized(q, kv, out=o, exp16=e16)
+            att.fp8_attention_quantized(q, kv, out=o)
             torch.cuda.synchronize()
-            r = att.fp8_attention_reference(q, k, v, qk=qk, pv=pv)
+            r = att.fp8_attention_reference(q, k, v, qk=opts["qk"], pv=opts["pv"], scales=opts["scales"])
             res["scheme_check"][name] = {
                 "rel_vs_reference_scheme": rel(o, r),
                 "all_written_finite": bool(torch.isfinite(o).all().item()),
@@ -185,38 +206,48 @@ def main() -> int:
                 ref_bf16 = cudnn(q, k, v)
                 row = {"B": B, "H": H, "S": S, "D": D, "ms": {}, "tflops": {}, "rel_vs_cudnn": {}}
                 for name, fn in (("sdpa_cudnn_bf16", cudnn), ("sdpa_flash_bf16", flash)):
-                    ms = time_cuda(lambda fn=fn: fn(q, k, v), args.warmup, args.iters)
+                    ms = time_cuda(functools.partial(fn, q, k, v), args.warmup, args.iters)
                     row["ms"][name] = ms
                     row["tflops"][name] = flops / ms / 1e9
+                    msg = time_graph(functools.partial(fn, q, k, v), args.warmup, args.iters)
+                    if msg is not None:
+                        row["ms"][name + ":graph"] = msg
                 row["rel_vs_cudnn"]["sdpa_flash_bf16"] = rel(flash(q, k, v), ref_bf16)
                 for name in variants:
-                    qk, pv, e16 = VARIANTS[name]
+                    opts = VARIANTS[name]
                     try:
-                        fn = lambda: att.fp8_attention(q, k, v, qk=qk, pv=pv, exp16=e16)  # noqa: E731
+                        fn = functools.partial(att.fp8_attention, q, k, v, **opts)
                         o = fn()  # first call: autotune for this key
                         row["rel_vs_cudnn"][name] = rel(o, ref_bf16)
                         ms = time_cuda(fn, args.warmup, args.iters)
                         row["ms"][name] = ms
                         row["tflops"][name] = flops / ms / 1e9
+                        msg = time_graph(fn, args.warmup, args.iters)
+                        if msg is not None:
+                            row["ms"][name + ":graph"] = msg
+                            row["tflops"][name + ":graph"] = flops / msg / 1e9
                         if B in ko_batches:
-                            kv = att.quantize_kv(k, v, qk=qk, pv=pv)
+                            kv = att.quantize_kv(k, v, **opts)
                             outb = torch.empty_like(q)
-                            ms_k = time_cuda(lambda: att.fp8_attention_quantized(q, kv, out=outb, exp16=e16),
-                                             args.warmup, args.iters)
-                            row["ms"][name + ":kernel_only"] = ms_k
-                            row["tflops"][name + ":kernel_only"] = flops / ms_k / 1e9
-                            ms_q = time_cuda(lambda: att.quantize_kv(k, v, qk=qk, pv=pv), args.warmup, args.iters)
-                            row["ms"][name + ":quant_kv_only"] = ms_q
+                            ms_k = time_graph(functools.partial(att.fp8_attention_quantized, q, kv, out=outb),
+                                              args.warmup, args.iters)
+                            if ms_k is not None:
+                                row["ms"][name + ":kernel_only_graph"] = ms_k
+                                row["tflops"][name + ":kernel_only_graph"] = flops / ms_k / 1e9
+                            ms_q = time_graph(functools.partial(att.quantize_kv, k, v, **opts), args.warmup, args.iters)
+                            if ms_q is not None:
+                                row["ms"][name + ":quant_kv_only_graph"] = ms_q
                     except Exception as exc:
                         res["failures"][f"{name}@{B},{H},{S}"] = f"{type(exc).__name__}: {exc}"[:2000]
                 # layout check: (B,S,H,D) views straight from a projection, no copies
-                if B == 2 and "fp8_qkI8_pv8" in variants:
+                if B == 2 and variants:
                     qv, kvv, vv = make_inputs("randn", B, H, S, D, seed=7, layout="bshd")
-                    fn = lambda: att.fp8_attention(qv, kvv, vv, qk="int8", pv="fp8")  # noqa: E731
+                    opts = VARIANTS[variants[0]]
+                    fn = functools.partial(att.fp8_attention, qv, kvv, vv, **opts)
                     fn()
-                    row["ms"]["fp8_qkI8_pv8:bshd_views"] = time_cuda(fn, args.warmup, args.iters)
+                    row["ms"][variants[0] + ":bshd_views"] = time_cuda(fn, args.warmup, args.iters)
                     row["ms"]["sdpa_cudnn_bf16:bshd_views"] = time_cuda(
-                        lambda: cudnn(qv, kvv, vv), args.warmup, args.iters)
+                        functools.partial(cudnn, qv, kvv, vv), args.warmup, args.iters)
                 base = row["ms"]["sdpa_cudnn_bf16"]
                 row["speedup_vs_cudnn"] = {n: base / m for n, m in row["ms"].items() if ":" not in n}
                 res["rows"].append(row)
@@ -237,9 +268,8 @@ def main() -> int:
                 e = {"sdpa_cudnn_bf16": rel(cudnn(q, k, v)[:1], ref32),
                      "sdpa_flash_bf16": rel(flash(q, k, v)[:1], ref32)}
                 for name in variants:
-                    qk, pv, e16 = VARIANTS[name]
                     try:
-                        e[name] = rel(att.fp8_attention(q, k, v, qk=qk, pv=pv, exp16=e16)[:1], ref32)
+                        e[name] = rel(att.fp8_attention(q, k, v, **VARIANTS[name])[:1], ref32)
                     except Exception as exc:
                         e[name] = f"{type(exc).__name__}: {exc}"[:300]
                 res["errors"][f"{kind}@H={H},S={S}"] = e
@@ -257,10 +287,14 @@ def main() -> int:
     # short table last
     print(f"\n{res['device']} torch {res['torch']} triton {res['triton']}")
     for row in res["rows"]:
-        best = min((m, n) for n, m in row["ms"].items() if n.startswith("fp8") and ":" not in n)
-        print(f"B={row['B']} H={row['H']} S={row['S']}: cudnn {row['ms']['sdpa_cudnn_bf16']:.3f} ms "
-              f"({row['tflops']['sdpa_cudnn_bf16']:.0f} TF/s), best fp8 {best[1]} {best[0]:.3f} ms "
-              f"({row['ms']['sdpa_cudnn_bf16'] / best[0]:.2f}x)")
+        base = row["ms"]["sdpa_cudnn_bf16"]
+        line = f"B={row['B']} H={row['H']} S={row['S']}: cudnn {base:.3f} ms"
+        for n in variants:
+            for suffix in (":graph", ":kernel_only_graph"):
+                m = row["ms"].get(n + suffix)
+                if m:
+                    line += f" | {n}{suffix} {m:.3f} ({base / m:.2f}x)"
+        print(line)
     return 0
 
 

@@ -29,10 +29,13 @@ def wait_for_batch(store: JobStore, batch_id: str, *, timeout: float | None = No
     deadline = None if timeout is None else time.monotonic() + timeout
     bar = None
     if progress:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        # On stderr: stdout stays machine-readable (the batch id, JSON).
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), transient=False)
+                       TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), transient=False,
+                       console=Console(stderr=True))
         task = bar.add_task(batch_id, total=st["total"], detail="")
         bar.start()
     try:

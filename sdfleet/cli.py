@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="file://./outputs/demo")
     d.add_argument("--size", type=int, default=256)
     d.add_argument("--steps", type=int, default=8)
+    _add_webhook_parsers(sub)
     return p
 
 
@@ -141,6 +142,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         flag = "--" + (exc.field or "").replace("_scale", "").replace("_", "-")
         raise InvalidJob(exc.reason, field=flag) from None
     result = read_file(args.file, defaults)
+    _check_webhook_urls(result, defaults, settings)  # URL policy: http(s), no private addresses
     if result.errors and not args.skip_invalid:
         raise InvalidFile(args.file, result.errors)
     for err in result.errors:
@@ -255,6 +257,109 @@ COMMANDS = {
     "submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "results": cmd_results, "cancel": cmd_cancel,
     "worker": cmd_worker, "demo": cmd_demo,
 }
+
+# --- webhooks ---------------------------------------------------------------------------------------
+
+WEBHOOKS_EPILOG = """\
+examples:
+  sdfleet webhooks new-secret                   print a fresh whsec_ secret for SDFLEET_WEBHOOK_SECRET
+  sdfleet webhooks list-failed --json           dead deliveries, one JSON object a line
+  sdfleet webhooks replay msg_3f2a... msg_9c1d...  resend those, with the same webhook-id
+  sdfleet webhooks replay --all
+  SDFLEET_WEBHOOK_SECRET="whsec_new whsec_old" sdfleet webhook-worker --threads 8
+"""
+
+
+def _add_webhook_parsers(sub: Any) -> None:
+    wh = sub.add_parser("webhooks", help="inspect and replay failed webhook deliveries; make secrets",
+                        epilog=WEBHOOKS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    whs = wh.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION", parser_class=_Parser)
+    lf = whs.add_parser("list-failed", help="list deliveries in the dead-letter list")
+    lf.add_argument("--json", action="store_true", help="one JSON object a line (with the payload)")
+    rp = whs.add_parser("replay", help="re-enqueue dead deliveries with the same webhook-id")
+    rp.add_argument("ids", nargs="*", metavar="ID", help="webhook-id(s) as shown by list-failed")
+    rp.add_argument("--all", action="store_true", help="replay every dead delivery")
+    whs.add_parser("new-secret", help="print a new signing secret (whsec_ + base64 of 32 random bytes)")
+    ww = sub.add_parser("webhook-worker", help="run the webhook sender (its own queue; no GPU)")
+    ww.add_argument("--threads", type=int, default=8, help="concurrent deliveries (default 8)")
+    ww.add_argument("--worker-id")
+
+
+def _check_webhook_urls(result: Any, defaults: dict[str, Any], settings: Settings) -> None:
+    """Webhook URL policy at submit time: the flag names --webhook, a line names its line and field."""
+    from sdfleet.errors import WebhookError
+    from sdfleet.webhooks.policy import check_url
+
+    allow = settings.webhook_allow_private
+    if defaults.get("webhook"):
+        try:
+            check_url(defaults["webhook"], allow_private=allow)
+        except WebhookError as exc:
+            raise InvalidJob(str(exc), field="--webhook") from None
+    verdict: dict[str, str | None] = {defaults.get("webhook") or "": None}
+    kept = []
+    for line, spec in result.jobs:
+        if spec.webhook and spec.webhook not in verdict:
+            try:
+                check_url(spec.webhook, allow_private=allow)
+                verdict[spec.webhook] = None
+            except WebhookError as exc:
+                verdict[spec.webhook] = str(exc)
+        bad = verdict.get(spec.webhook or "")
+        if bad:
+            result.errors.append(InvalidJob(bad, field="webhook", line=line))
+        else:
+            kept.append((line, spec))
+    result.jobs[:] = kept
+    result.errors.sort(key=lambda e: e.line or 0)
+
+
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from sdfleet.webhooks import new_secret, outbox
+
+    if args.webhooks_command == "new-secret":
+        print(new_secret())
+        return 0
+    from sdfleet.redisconn import connect
+
+    r = connect(settings.redis_url)
+    if args.webhooks_command == "list-failed":
+        entries = outbox.dead(r)
+        for e in entries:
+            if args.json:
+                print(json.dumps(e))
+            else:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.get("failed_at") or 0))
+                print(f"{e['id']}  {e['type']:<15}  {when}  job={e.get('job_id') or '-'}  batch={e.get('batch_id')}"
+                      f"  {e['url']}\n    {e.get('reason')}")
+        if not args.json:
+            print(f"{len(entries)} failed deliver{'y' if len(entries) == 1 else 'ies'}", file=sys.stderr)
+        return 0
+    if not args.all and not args.ids:
+        raise ConfigError("sdfleet webhooks replay: give webhook-id(s) (see 'sdfleet webhooks list-failed') or --all")
+    if args.all and args.ids:
+        raise ConfigError("sdfleet webhooks replay: give webhook-id(s) or --all, not both")
+    from sdfleet.queue import make_app
+
+    replayed, missing = outbox.replay(r, make_app(settings), None if args.all else args.ids)
+    for i in replayed:
+        print(i)
+    print(f"{len(replayed)} deliver{'y' if len(replayed) == 1 else 'ies'} re-enqueued", file=sys.stderr)
+    for i in missing:
+        print(f"sdfleet: no dead delivery with id {i}", file=sys.stderr)
+    return 2 if missing else 0
+
+
+def cmd_webhook_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from sdfleet.webhooks import parse_secrets, run_webhook_worker
+
+    if not 1 <= args.threads <= 256:
+        raise ConfigError("--threads must be 1..256")
+    parse_secrets(settings.webhook_secret)  # a malformed list is an error now, not at the first delivery
+    return run_webhook_worker(settings, threads=args.threads, worker_id=args.worker_id)
+
+
+COMMANDS.update({"webhooks": cmd_webhooks, "webhook-worker": cmd_webhook_worker})
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,3 +68,9 @@ def queue_for_model(model: str) -> str:
 
 
 WEBHOOK_QUEUE = "sdfleet.webhooks"
+
+# Sorted set of webhook deliveries waiting for their next attempt (member: the delivery as JSON, score: when
+# it is due). The webhook worker moves due ones to WEBHOOK_QUEUE; no broker ETA is involved.
+WEBHOOK_DUE = f"{PREFIX}:webhooks:due"
+# How long a mover may hold a claimed due delivery before another mover may take it over.
+WEBHOOK_CLAIM_S = 60

@@ -62,8 +62,10 @@ class Settings(BaseModel):
     @field_validator("webhook_secret")
     @classmethod
     def _secret(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("whsec_"):
-            raise ValueError("must look like whsec_<base64>; generate one with 'sdfleet webhooks new-secret'")
+        # Several secrets (space- or comma-separated) are active during a rotation; each must look right.
+        if v is not None and not all(s.startswith("whsec_") for s in v.replace(",", " ").split() or [""]):
+            raise ValueError("must look like whsec_<base64> (several: space- or comma-separated); "
+                             "generate one with 'sdfleet webhooks new-secret'")
         return v
 
     @classmethod

@@ -266,6 +266,9 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
     log.info("engine ready", boot_s=round(time.perf_counter() - t0, 3), queue=keys.queue_for_model(queue_model),
              **engine.describe())
 
+    from sdfleet import transport
+
+    transport.install()
     # Prefetch: a full batch being filled, one running, one being uploaded.
     app = make_app(settings, prefetch=max(2, options.max_batch * 3))
     _CTX = WorkerContext(settings, options, engine, log)

@@ -80,7 +80,7 @@ class PostProcessor:
                 "job_id": d.job_id, "batch_id": d.batch_id, "custom_id": spec.custom_id,
                 "parameters": spec.model_dump(mode="json", exclude={"out", "webhook", "webhook_events"}),
                 "seed": spec.seed, "model": spec.model, "engine": self.engine_info, "worker": self.worker_id,
-                "attempt": d.attempts, "timings": {k: round(v, 6) for k, v in timings.items()},
+                "attempt": d.attempts, "engine_run": d.extra.get("run"), "timings": {k: round(v, 6) for k, v in timings.items()},
                 "image": url, "width": int(image.shape[1]), "height": int(image.shape[0]),
                 "finished_at": time.time(),
             }
@@ -99,7 +99,7 @@ class PostProcessor:
             return
         tr = self.store.succeed(d.job_id, url=url, sidecar_url=sidecar_url,
                                 timings=json.dumps(sidecar["timings"]), width=sidecar["width"],
-                                height=sidecar["height"])
+                                height=sidecar["height"], run=d.extra.get("run", ""))
         self.store.r.srem(keys.worker_held(self.worker_id), d.job_id)
         if tr.applied:
             log.info("job succeeded", url=url, **{k: round(v, 4) for k, v in timings.items()})

@@ -50,10 +50,13 @@ class BatchRunner:
         claimed = self._claim(deliveries)
         if not claimed:
             return
-        log = self.log.bind(key=str(key), size=len(claimed))
+        self.batches_run += 1
+        run_id = f"{self.worker_id}:{self.batches_run}"
+        for d in claimed:
+            d.extra["run"] = run_id
+        log = self.log.bind(key=str(key), size=len(claimed), run=run_id)
         t0 = time.perf_counter()
         self._generate(key, claimed, log)
-        self.batches_run += 1
         log.info("batch ran", batch_s=round(time.perf_counter() - t0, 4),
                  jobs=[d.job_id for d in claimed][:16])
 

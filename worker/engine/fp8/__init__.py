@@ -30,6 +30,7 @@ Public API (what the engine and the CLI call)::
 
 from __future__ import annotations
 
+from . import serialize
 from .convert import apply_fp8, layer_types, set_runtime_options, weight_bytes
 from .linear import Fp8Linear
 from .options import DEFAULT_BF16_LAYERS, LAYER_TYPES, Fp8Options
@@ -40,6 +41,7 @@ __all__ = [
     "Fp8Linear",
     "Fp8Options",
     "apply_fp8",
+    "serialize",
     "layer_types",
     "set_runtime_options",
     "weight_bytes",

@@ -91,18 +91,23 @@ def fp8_attention_reference(
     scale: float | None = None,
     qk: str | None = None,
     pv: str | None = None,
+    scales: str | None = None,
     block_n: int = KV_BLOCK,
 ) -> torch.Tensor:
-    """Emulates the kernel's quantization and online softmax in fp32 torch ops.
+    """Emulates the kernel's quantization and online softmax with fp32 torch ops.
 
     q, k, v: (batch, heads, seq, head_dim), any float dtype, any device. Returns q.dtype.
-    Quantized values are exact (torch's float8_e4m3fn conversion rounds to nearest even, as
-    the kernel's cvt does); the remaining differences to the kernel are fp32 summation order
-    and exp2 approximation.
+    Quantized values are exact (torch's float8_e4m3fn conversion rounds to nearest even, as the
+    kernel's cvt does; values are clamped to +-448 first, like the kernel's saturation); what
+    remains different from the kernel is fp32 summation order, the exp2 approximation and, when the
+    kernel's BLOCK_N differs from block_n, the running max at which P is rounded.
     """
-    qk = qk or DEFAULT_QK
-    pv = pv or DEFAULT_PV
-    _check_modes(qk, pv)
+    qk = qk or DEFAULT_OPTIONS["qk"]
+    pv = pv or DEFAULT_OPTIONS["pv"]
+    scales = scales or DEFAULT_OPTIONS["scales"]
+    _check_modes(qk, pv, scales)
+    if KV_BLOCK % block_n:
+        raise ValueError(f"block_n must divide {KV_BLOCK}")
     B, H, S, D = q.shape
     Sk = k.shape[2]
     sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
@@ -114,13 +119,21 @@ def fp8_attention_reference(
     q_q = quant(qf, q_s)
     row_mult = q_s * (sm_scale * LOG2E)  # (B,H,S,1)
 
+    def scale_of(x: torch.Tensor, start: int, top: float) -> torch.Tensor:  # (B,H,1,1)
+        if scales == "head":
+            src = x
+        else:
+            t0 = (start // KV_BLOCK) * KV_BLOCK
+            src = x[:, :, t0 : t0 + KV_BLOCK]
+        return src.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / top
+
     m = torch.full((B, H, S, 1), float("-inf"), device=q.device)
     l_sum = torch.zeros((B, H, S, 1), device=q.device)
     acc = torch.zeros((B, H, S, D), device=q.device)
     for start in range(0, Sk, block_n):
         kt = kf[:, :, start : start + block_n]
         vt = vf[:, :, start : start + block_n]
-        k_s = kt.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / qmax  # (B,H,1,1)
+        k_s = scale_of(kf, start, qmax)
         k_q = quant(kt, k_s)
         raw = q_q @ k_q.transpose(-1, -2)  # exact for int8; fp32 sum of exact fp8 products
         t = raw * (row_mult * k_s)
@@ -129,7 +142,7 @@ def fp8_attention_reference(
         alpha = torch.exp2(m - m_new)
         l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
         if pv == "fp8":
-            v_s = vt.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / FP8_MAX
+            v_s = scale_of(vf, start, FP8_MAX)
             v_q = _quant_fp8_torch(vt, v_s)
             p_q = p.clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
             acc = acc * alpha + (p_q @ v_q) * v_s
@@ -145,10 +158,38 @@ def fp8_attention_reference(
 # --------------------------------------------------------------------------------------------
 
 if triton is not None:
+    try:  # host-side TMA descriptors (Triton >= 3.3 on Hopper)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except Exception:  # pragma: no cover
+        TensorDescriptor = None
+
+    @triton.jit
+    def _kv_amax_kernel(
+        K, V, Kamax, Vamax,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        H, S,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DO_V: tl.constexpr,
+    ):
+        # per-(batch, head) amax of K (and V) by atomic max over tiles (Kamax/Vamax zeroed before)
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_s = tile * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = (offs_s < S)[:, None]
+        k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                    + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=row_ok, other=0.0)
+        tl.atomic_max(Kamax + bh, tl.max(tl.max(tl.abs(k.to(tl.float32)), axis=1), axis=0))
+        if DO_V:
+            v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+                        + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=row_ok, other=0.0)
+            tl.atomic_max(Vamax + bh, tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=1), axis=0))
 
     @triton.jit
     def _quant_kv_kernel(
-        K, V, Kq, Ks, Vq, Vs,
+        K, V, Kq, Ks, Vq, Vs, Kamax, Vamax,
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         H, S, S_PAD, N_TILES,
@@ -156,6 +197,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
         QK_INT8: tl.constexpr,
         QUANT_V: tl.constexpr,
+        BH_SCALE: tl.constexpr,
     ):
         tile = tl.program_id(0)
         bh = tl.program_id(1)
@@ -164,20 +206,21 @@ if triton is not None:
         offs_s = tile * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = (offs_s < S)[:, None]
-
         k = tl.load(
             K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
             + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
             mask=row_ok, other=0.0,
         ).to(tl.float32)
-        k_amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
-        kq_base = Kq + bh.to(tl.int64) * S_PAD * HEAD_DIM
-        kq_ptrs = kq_base + offs_s[:, None] * HEAD_DIM + offs_d[None, :]
+        if BH_SCALE:
+            k_amax = tl.load(Kamax + bh)
+        else:
+            k_amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
+        kq_ptrs = Kq + bh.to(tl.int64) * S_PAD * HEAD_DIM + offs_s[:, None] * HEAD_DIM + offs_d[None, :]
         if QK_INT8:
             k_scale = tl.maximum(k_amax, 1e-30) / 127.0
             y = k * (1.0 / k_scale)
-            y = tl.where(y >= 0, y + 0.5, y - 0.5)
             y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+            y = tl.where(y >= 0, y + 0.5, y - 0.5)
             tl.store(kq_ptrs, y.to(tl.int8))
         else:
             k_scale = tl.maximum(k_amax, 1e-30) / 448.0
@@ -192,7 +235,10 @@ if triton is not None:
                 + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                 mask=row_ok, other=0.0,
             ).to(tl.float32)
-            v_amax = tl.max(tl.max(tl.abs(v), axis=1), axis=0)
+            if BH_SCALE:
+                v_amax = tl.load(Vamax + bh)
+            else:
+                v_amax = tl.max(tl.max(tl.abs(v), axis=1), axis=0)
             v_scale = tl.maximum(v_amax, 1e-30) / 448.0
             w = v * (1.0 / v_scale)
             w = tl.minimum(tl.maximum(w, -448.0), 448.0)
@@ -203,48 +249,79 @@ if triton is not None:
             tl.store(Vs + bh * N_TILES + tile, v_scale)
 
     @triton.jit
+    def _exp2(x, FTZ: tl.constexpr):
+        if FTZ:
+            # one MUFU.EX2, no denormal fix-up (arguments are <= 8, results >= 2^-126 or flushed)
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.math.exp2(x)
+
+    @triton.jit
     def _attn_tile(
         acc, l_i, m_i, q8, a_row,
-        kq_base, ks_base, vq_base, vs_base, vb_base,
-        offs_n, offs_d, j, S, S_PAD, stride_vs, stride_vd,
-        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-        QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, MASK: tl.constexpr, EXP_F16: tl.constexpr,
+        kq_base, ks_base, vq_base, vs_base, vb_base, desc_k, desc_v,
+        offs_n, offs_d, start_n, bh, S, S_PAD, stride_vs, stride_vd,
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_TILE: tl.constexpr,
+        QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, MASK: tl.constexpr,
+        EXP_FTZ: tl.constexpr, USE_TMA: tl.constexpr, BH_SCALE: tl.constexpr, I2F_MAGIC: tl.constexpr,
     ):
-        start_n = j * BLOCK_N
-        # K^T tile (HEAD_DIM, BLOCK_N): dim contiguous -> K-major second operand
-        kT = tl.load(kq_base + (start_n + offs_n)[None, :] * HEAD_DIM + offs_d[:, None])
-        k_scale = tl.load(ks_base + j)
+        # K^T tile (HEAD_DIM, BLOCK_N) with dim contiguous: K-major second operand
+        if USE_TMA:
+            kT = desc_k.load([bh * S_PAD + start_n, 0]).T
+        else:
+            kT = tl.load(kq_base + (start_n + offs_n)[None, :] * HEAD_DIM + offs_d[:, None])
         qk = tl.dot(q8, kT)
+        if BH_SCALE:
+            a = a_row
+        else:
+            a = a_row * tl.load(ks_base + start_n // KV_TILE)
         if QK_INT8:
-            qk = qk.to(tl.float32)
-        a = a_row * k_scale
-        if MASK:
-            t = qk * a[:, None]
-            t = tl.where((start_n + offs_n)[None, :] < S, t, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(t, 1))
-            x = t - (m_new - 8.0)[:, None]
+            if I2F_MAGIC:
+                # int32 -> fp32 without I2F: bits(2^23 + 2^22 + x) for |x| < 2^22 (64*127*127 < 2^20)
+                qkm = (qk + 0x4B400000).to(tl.float32, bitcast=True)
+                if MASK:
+                    t = (qkm - 12582912.0) * a[:, None]
+                    t = tl.where((start_n + offs_n)[None, :] < S, t, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(t, 1))
+                    x = t - (m_new - 8.0)[:, None]
+                else:
+                    m_new = tl.maximum(m_i, (tl.max(qkm, 1) - 12582912.0) * a)
+                    x = qkm * a[:, None] - (m_new - 8.0 + 12582912.0 * a)[:, None]
+            else:
+                qkf = qk.to(tl.float32)
+                if MASK:
+                    t = qkf * a[:, None]
+                    t = tl.where((start_n + offs_n)[None, :] < S, t, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(t, 1))
+                    x = t - (m_new - 8.0)[:, None]
+                else:
+                    m_new = tl.maximum(m_i, tl.max(qkf, 1) * a)
+                    x = qkf * a[:, None] - (m_new - 8.0)[:, None]
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * a)
-            x = qk * a[:, None] - (m_new - 8.0)[:, None]
-        if EXP_F16:
-            # two exponentials per MUFU instruction (packed half2); P is rounded to FP8/BF16 anyway
-            p = tl.inline_asm_elementwise(
-                "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                dtype=tl.float16, is_pure=True, pack=2,
-            )
-            p_sum = tl.sum(p.to(tl.float32), 1)
-        else:
-            p = tl.math.exp2(x)
-            p_sum = tl.sum(p, 1)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + p_sum
+            if MASK:
+                t = qk * a[:, None]
+                t = tl.where((start_n + offs_n)[None, :] < S, t, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(t, 1))
+                x = t - (m_new - 8.0)[:, None]
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * a)
+                x = qk * a[:, None] - (m_new - 8.0)[:, None]
+        p = _exp2(x, EXP_FTZ)
+        alpha = _exp2(m_i - m_new, EXP_FTZ)
+        l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if PV_FP8:
-            # V^T stored (dim, token): the (BLOCK_N, HEAD_DIM) tile is token-contiguous (K-major)
-            v = tl.load(vq_base + offs_d[None, :] * S_PAD + (start_n + offs_n)[:, None])
-            v_scale = tl.load(vs_base + j)
-            pv = tl.dot(p.to(tl.float8e4nv), v)
-            acc = acc + pv * v_scale
+            if USE_TMA:
+                v = desc_v.load([bh * HEAD_DIM, start_n]).T
+            else:
+                # V^T stored (dim, token): the (BLOCK_N, HEAD_DIM) tile is token-contiguous (K-major)
+                v = tl.load(vq_base + offs_d[None, :] * S_PAD + (start_n + offs_n)[:, None])
+            if BH_SCALE:
+                acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+            else:
+                pv = tl.dot(p.to(tl.float8e4nv), v)
+                acc = acc + pv * tl.load(vs_base + start_n // KV_TILE)
         else:
             vptr = vb_base + (start_n + offs_n)[:, None] * stride_vs + offs_d[None, :] * stride_vd
             if MASK:
@@ -254,26 +331,31 @@ if triton is not None:
             acc = tl.dot(p.to(tl.bfloat16), v, acc)
         return acc, l_i, m_new
 
+    def _set_desc_blocks(nargs):
+        if nargs.get("desc_k") is not None:
+            nargs["desc_k"].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+        if nargs.get("desc_v") is not None:
+            nargs["desc_v"].block_shape = [nargs["HEAD_DIM"], nargs["BLOCK_N"]]
+
+    DEFAULT_CONFIGS = "64,64,4,3;64,128,4,3;64,128,4,4;128,64,8,3;128,128,8,3;64,64,4,4"
+
     def _attn_configs():
+        # "BLOCK_M,BLOCK_N,num_warps,num_stages;..." (one entry: no autotune)
+        spec = os.environ.get("SDFLEET_FP8_ATTN_CONFIG") or DEFAULT_CONFIGS
         cfgs = []
-        for bm, warps, stages in [
-            (128, 8, 2), (128, 8, 3), (128, 4, 2), (128, 4, 3),
-            (64, 4, 2), (64, 4, 3), (256, 8, 2), (256, 16, 2),
-        ]:
-            cfgs.append(triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages))
-        # e.g. "128,8,3" (one config: no autotune) or "128,8,2;128,8,3"
-        only = os.environ.get("SDFLEET_FP8_ATTN_CONFIG")
-        if only:
-            cfgs = []
-            for item in only.split(";"):
-                bm, warps, stages = (int(x) for x in item.split(","))
-                cfgs.append(triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages))
+        for item in spec.split(";"):
+            bm, bn, warps, stages = (int(x) for x in item.split(","))
+            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
+                                      pre_hook=_set_desc_blocks))
         return cfgs
 
-    @triton.autotune(configs=_attn_configs(), key=["S_PAD", "HEAD_DIM", "QK_INT8", "PV_FP8", "EXP_F16"])
+    @triton.autotune(
+        configs=_attn_configs(),
+        key=["S_PAD", "HEAD_DIM", "QK_INT8", "PV_FP8", "EXP_FTZ", "USE_TMA", "BH_SCALE", "I2F_MAGIC"],
+    )
     @triton.jit
     def _attn_fwd_kernel(
-        Q, Kq, Ks, Vq, Vs, Vb, O,
+        Q, Kq, Ks, Vq, Vs, Vb, O, desc_k, desc_v,
         stride_qb, stride_qh, stride_qs, stride_qd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_oh, stride_os, stride_od,
@@ -281,9 +363,13 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        KV_TILE: tl.constexpr,
         QK_INT8: tl.constexpr,
         PV_FP8: tl.constexpr,
-        EXP_F16: tl.constexpr,
+        EXP_FTZ: tl.constexpr,
+        USE_TMA: tl.constexpr,
+        BH_SCALE: tl.constexpr,
+        I2F_MAGIC: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -311,7 +397,6 @@ if triton is not None:
             y = q * (1.0 / q_scale)[:, None]
             y = tl.minimum(tl.maximum(y, -448.0), 448.0)
             q8 = y.to(tl.float8e4nv)
-        a_row = q_scale * qk_scale
 
         bh64 = bh.to(tl.int64)
         kq_base = Kq + bh64 * S_PAD * HEAD_DIM
@@ -319,26 +404,34 @@ if triton is not None:
         ks_base = Ks + bh * N_TILES
         vs_base = Vs + bh * N_TILES
         vb_base = Vb + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        a_row = q_scale * qk_scale
+        if BH_SCALE:
+            a_row = a_row * tl.load(ks_base)  # one scale per (batch, head)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        n_full = S // BLOCK_N
-        for j in range(0, n_full):
+        n_full = (S // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
             acc, l_i, m_i = _attn_tile(
-                acc, l_i, m_i, q8, a_row, kq_base, ks_base, vq_base, vs_base, vb_base,
-                offs_n, offs_d, j, S, S_PAD, stride_vs, stride_vd,
-                HEAD_DIM, BLOCK_N, QK_INT8, PV_FP8, False, EXP_F16,
+                acc, l_i, m_i, q8, a_row, kq_base, ks_base, vq_base, vs_base, vb_base, desc_k, desc_v,
+                offs_n, offs_d, start_n, bh, S, S_PAD, stride_vs, stride_vd,
+                HEAD_DIM, BLOCK_N, KV_TILE, QK_INT8, PV_FP8, False,
+                EXP_FTZ, USE_TMA, BH_SCALE, I2F_MAGIC,
             )
-        for j in range(n_full, N_TILES):  # 0 or 1 ragged tile
+        for start_n in range(n_full, S, BLOCK_N):  # 0 or 1 ragged tile
             acc, l_i, m_i = _attn_tile(
-                acc, l_i, m_i, q8, a_row, kq_base, ks_base, vq_base, vs_base, vb_base,
-                offs_n, offs_d, j, S, S_PAD, stride_vs, stride_vd,
-                HEAD_DIM, BLOCK_N, QK_INT8, PV_FP8, True, EXP_F16,
+                acc, l_i, m_i, q8, a_row, kq_base, ks_base, vq_base, vs_base, vb_base, desc_k, desc_v,
+                offs_n, offs_d, start_n, bh, S, S_PAD, stride_vs, stride_vd,
+                HEAD_DIM, BLOCK_N, KV_TILE, QK_INT8, PV_FP8, True,
+                EXP_FTZ, USE_TMA, BH_SCALE, I2F_MAGIC,
             )
 
         out = acc / l_i[:, None]
+        if BH_SCALE:
+            if PV_FP8:
+                out = out * tl.load(vs_base)
         tl.store(
             O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
             + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
@@ -352,11 +445,40 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_modes(qk: str, pv: str) -> None:
+def _env_flag(name: str, default: bool) -> bool:
+    val = os.environ.get(name)
+    return default if val is None else val.strip().lower() in ("1", "true", "yes", "on")
+
+
+# Defaults (measured on H100, see docs/PERFORMANCE.md); each can be overridden per call.
+DEFAULT_OPTIONS = {
+    "qk": DEFAULT_QK,  # "fp8" | "int8"
+    "pv": DEFAULT_PV,  # "fp8" | "bf16"
+    "scales": os.environ.get("SDFLEET_FP8_ATTN_SCALES", "head"),  # K/V scale per "head" or per 128-token "tile"
+    "ftz": _env_flag("SDFLEET_FP8_ATTN_FTZ", True),  # ex2.approx.ftz (one MUFU op)
+    "tma": _env_flag("SDFLEET_FP8_ATTN_TMA", True),  # K/V tiles through TMA descriptors
+    "i2f_magic": _env_flag("SDFLEET_FP8_ATTN_I2F_MAGIC", True),  # int8 QK: int->float by bit trick
+}
+
+
+def _check_modes(qk: str, pv: str, scales: str = "head") -> None:
     if qk not in ("fp8", "int8"):
         raise ValueError(f"qk must be 'fp8' or 'int8', got {qk!r}")
     if pv not in ("fp8", "bf16"):
         raise ValueError(f"pv must be 'fp8' or 'bf16', got {pv!r}")
+    if scales not in ("head", "tile"):
+        raise ValueError(f"scales must be 'head' or 'tile', got {scales!r}")
+
+
+def _options(**overrides) -> dict:
+    opts = dict(DEFAULT_OPTIONS)
+    for key, val in overrides.items():
+        if key not in opts:
+            raise TypeError(f"unknown fp8_attention option {key!r}")
+        if val is not None:
+            opts[key] = val
+    _check_modes(opts["qk"], opts["pv"], opts["scales"])
+    return opts
 
 
 def is_supported(device: torch.device | int | None = None) -> tuple[bool, str]:
@@ -382,83 +504,105 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise RuntimeError(f"fp8_attention: {name} must be bfloat16, got {t.dtype}")
         if t.dim() != 4:
             raise RuntimeError(f"fp8_attention: {name} must be (batch, heads, seq, head_dim)")
-    if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[3] != k.shape[3]:
-        raise RuntimeError(f"fp8_attention: shape mismatch q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if q.shape != k.shape or k.shape != v.shape:
+        raise RuntimeError(
+            f"fp8_attention: q, k, v must have one shape (equal q/kv lengths), got "
+            f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise RuntimeError(f"fp8_attention: head_dim {q.shape[3]} not supported (supported: {SUPPORTED_HEAD_DIMS})")
-    if q.shape[2] == 0 or k.shape[2] == 0:
+    if q.shape[2] == 0:
         raise RuntimeError("fp8_attention: empty sequence")
+    if q.shape[0] * q.shape[1] > 65535:
+        raise RuntimeError("fp8_attention: batch * heads must be <= 65535")
 
 
-def quantize_kv(k: torch.Tensor, v: torch.Tensor, *, qk: str | None = None, pv: str | None = None) -> dict:
-    """Quantize K (and V when pv='fp8') once; the result can be reused by fp8_attention_quantized."""
-    qk = qk or DEFAULT_QK
-    pv = pv or DEFAULT_PV
-    _check_modes(qk, pv)
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
+    """Quantize K (and V when pv='fp8') once; reusable by :func:`fp8_attention_quantized`."""
+    opts = _options(**options)
     B, H, S, D = k.shape
     n_tiles = triton.cdiv(S, KV_BLOCK)
     s_pad = n_tiles * KV_BLOCK
     dev = k.device
-    kq = torch.empty((B * H, s_pad, D), device=dev, dtype=torch.int8 if qk == "int8" else torch.float8_e4m3fn)
+    int8 = opts["qk"] == "int8"
+    quant_v = opts["pv"] == "fp8"
+    bh_scale = opts["scales"] == "head"
+    kq = torch.empty((B * H, s_pad, D), device=dev, dtype=torch.int8 if int8 else torch.float8_e4m3fn)
     ks = torch.empty((B * H, n_tiles), device=dev, dtype=torch.float32)
-    quant_v = pv == "fp8"
     if quant_v:
         vq = torch.empty((B * H, D, s_pad), device=dev, dtype=torch.float8_e4m3fn)
         vs = torch.empty((B * H, n_tiles), device=dev, dtype=torch.float32)
     else:
         vq, vs = kq, ks  # unused by the kernel
+    if bh_scale:
+        amax = torch.zeros((2, B * H), device=dev, dtype=torch.float32)
+        _kv_amax_kernel[(n_tiles, B * H)](
+            k, v, amax[0], amax[1], *k.stride(), *v.stride(), H, S,
+            HEAD_DIM=D, BLOCK=KV_BLOCK, DO_V=quant_v, num_warps=4,
+        )
+    else:
+        amax = torch.empty((2, 1), device=dev, dtype=torch.float32)
     _quant_kv_kernel[(n_tiles, B * H)](
-        k, v, kq, ks, vq, vs,
+        k, v, kq, ks, vq, vs, amax[0], amax[1],
         *k.stride(), *v.stride(),
         H, S, s_pad, n_tiles,
-        HEAD_DIM=D, BLOCK=KV_BLOCK, QK_INT8=qk == "int8", QUANT_V=quant_v,
+        HEAD_DIM=D, BLOCK=KV_BLOCK, QK_INT8=int8, QUANT_V=quant_v, BH_SCALE=bh_scale,
         num_warps=4,
     )
     return {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": v, "S": S, "s_pad": s_pad,
-            "n_tiles": n_tiles, "qk": qk, "pv": pv, "shape": (B, H, S, D)}
+            "n_tiles": n_tiles, "opts": opts, "shape": (B, H, S, D)}
 
 
 def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = None,
-                            out: torch.Tensor | None = None, exp16: bool | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of bf16 q against K/V already quantized by :func:`quantize_kv`."""
     B, H, Sq, D = q.shape
     S = kv["S"]
+    opts = kv["opts"]
     if Sq != S:
-        # The kernel uses one length for queries and keys (self/joint attention).
         raise RuntimeError(f"fp8_attention: q has {Sq} tokens, k/v have {S}; only equal lengths are supported")
     sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
     if out is None:
         out = torch.empty_like(q)  # keeps q's strides: a (B,S,H,D)-view in gives one out
     v = kv["v"]
+    s_pad = kv["s_pad"]
+    use_tma = bool(opts["tma"]) and TensorDescriptor is not None
+    desc_k = desc_v = None
+    if use_tma:
+        # block shapes are set per autotune config by the pre-hook
+        desc_k = TensorDescriptor.from_tensor(kv["kq"].view(B * H * s_pad, D), [KV_BLOCK, D])
+        if opts["pv"] == "fp8":
+            desc_v = TensorDescriptor.from_tensor(kv["vq"].view(B * H * D, s_pad), [D, KV_BLOCK])
 
     def grid(meta):
         return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
 
     _attn_fwd_kernel[grid](
-        q, kv["kq"], kv["ks"], kv["vq"], kv["vs"], v, out,
+        q, kv["kq"], kv["ks"], kv["vq"], kv["vs"], v, out, desc_k, desc_v,
         *q.stride(), *v.stride(), *out.stride(),
-        H, S, kv["s_pad"], kv["n_tiles"], sm_scale * LOG2E,
-        HEAD_DIM=D, BLOCK_N=KV_BLOCK, QK_INT8=kv["qk"] == "int8", PV_FP8=kv["pv"] == "fp8",
-        EXP_F16=DEFAULT_EXP16 if exp16 is None else bool(exp16),
+        H, S, s_pad, kv["n_tiles"], sm_scale * LOG2E,
+        HEAD_DIM=D, KV_TILE=KV_BLOCK,
+        QK_INT8=opts["qk"] == "int8", PV_FP8=opts["pv"] == "fp8",
+        EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=opts["scales"] == "head",
+        I2F_MAGIC=bool(opts["i2f_magic"]) and opts["qk"] == "int8",
     )
     return out
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-                  qk: str | None = None, pv: str | None = None, exp16: bool | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v with Q/K (and by default P/V) in FP8 on tensor cores.
+                  **options) -> torch.Tensor:
+    """softmax(q k^T * scale) v with Q/K and P/V on FP8 (or INT8 for QK) tensor cores.
 
-    q, k, v: (batch, heads, seq, head_dim) bf16 CUDA tensors, equal sequence lengths, head_dim
-    64 or 128; strided views (e.g. of a (batch, seq, heads, head_dim) tensor) are read in place.
-    scale defaults to 1/sqrt(head_dim). Returns bf16 with q's shape (and q's memory layout).
-    Raises RuntimeError where unsupported (no Triton, no CUDA, compute capability < 8.9,
-    other head_dim, wrong dtype/shape). The first call per (padded length, head_dim, variant)
-    runs Triton's autotune over a small config list; later calls reuse the choice.
+    q, k, v: (batch, heads, seq, head_dim) bf16 CUDA tensors of one shape (self/joint attention),
+    head_dim 64 or 128; strided views (e.g. of a (batch, seq, heads, head_dim) tensor) are read in
+    place. scale defaults to 1/sqrt(head_dim). Returns bf16 with q's shape and memory layout.
+    Options (defaults in DEFAULT_OPTIONS, env SDFLEET_FP8_ATTN_*): qk="fp8"|"int8",
+    pv="fp8"|"bf16", scales="head"|"tile", ftz, tma, i2f_magic.
+    Raises RuntimeError where unsupported (no Triton, no CUDA, compute capability < 8.9, other
+    head_dim, wrong dtype/shape). The first call per (padded length, head_dim, variant) runs
+    Triton's autotune over a small config list; later calls reuse the choice (call once per
+    shape at boot, before CUDA-graph capture).
     """
     _validate(q, k, v)
-    qk = qk or DEFAULT_QK
-    pv = pv or DEFAULT_PV
-    _check_modes(qk, pv)
     with torch.cuda.device(q.device):
-        kv = quantize_kv(k, v, qk=qk, pv=pv)
-        return fp8_attention_quantized(q, kv, scale=scale, exp16=exp16)
+        kv = quantize_kv(k, v, **options)
+        return fp8_attention_quantized(q, kv, scale=scale)

@@ -111,11 +111,16 @@ def load_quantized(dst: str | os.PathLike, *, device: str | torch.device = "cpu"
 
 
 def _load_source(src: str, device: str | torch.device, dtype: torch.dtype):
-    if src in ("tiny", "medium", "large"):
+    if src in ("medium", "large"):
         from worker.engine.sd35_configs import build_transformer
 
         return build_transformer(src, device=device, dtype=dtype)
-    path = Path(src)
+    if src == "tiny":
+        from worker.engine.models import tiny_model_dir
+
+        path = tiny_model_dir()
+    else:
+        path = Path(src)
     sub = path / "transformer"
     if not sub.is_dir():
         raise EngineError(f"SRC {src!r}: expected a diffusers SD3 model directory with a transformer/ "
@@ -129,8 +134,8 @@ def quantize(src: str, dst: str, *, options: Fp8Options | None = None, device: s
              dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """``sdfleet quantize SRC DST``: load SRC's transformer, convert it to FP8 and write DST.
 
-    SRC is a diffusers SD3 directory (with ``transformer/``) or a built-in name (``tiny``, ``medium``,
-    ``large``: random weights). Quantizes on CUDA when present. Returns a summary for the CLI to print.
+    SRC is a diffusers SD3 directory (with ``transformer/``), ``tiny`` (the built-in tiny pipeline of
+    :mod:`worker.engine.models`) or ``medium`` / ``large`` (released configs, random weights). Quantizes on CUDA when present. Returns a summary for the CLI to print.
     """
     options = options or Fp8Options()
     if not options.fp8_linears:

@@ -1,0 +1,479 @@
+"""Benchmark of the FP8 engine against diffusers BF16 (eager and torch.compile), in one invocation.
+
+SD3.5 Medium / Large transformers built from the released configs with random weights (same FLOPs and
+bytes as the checkpoints), 1024x1024, 333 text tokens. For each model: BF16 eager, BF16 torch.compile
+and the FP8 variants, each speed-up switched on one at a time; ms/step (median of CUDA-event timings),
+peak and weight memory, one-step error vs BF16 (cosine, relative), per-layer-type error, a profile of
+one FP8 step split into GEMM / attention / quantization / elementwise.
+
+    python bench/engine.py --quick                          # transformer step timings, Medium and Large
+    python bench/engine.py --models medium --variants bf16,fp8-fused,fp8-fused-graph --out x.json
+    python bench/engine.py --e2e                            # + text encoders, VAE decode, s/image
+
+Writes JSON (``--out``, default ``$OUT/engine.json`` or ``bench/results/engine.json``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.engine.fp8 import Fp8Options, apply_fp8, set_runtime_options, weight_bytes  # noqa: E402
+from worker.engine.fp8.options import BLOCK_LAYER_TYPES, DEFAULT_BF16_LAYERS  # noqa: E402
+from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER, build_transformer  # noqa: E402
+
+ALL_VARIANTS = ("bf16", "bf16-graph", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph",
+                "fp8-attn", "fp8-attn-graph", "fp8-adaln-bf16-graph")
+QUICK_VARIANTS = ("bf16", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph", "fp8-attn-graph")
+GIB = 2**30
+RESULTS: dict = {}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def inputs(cfg: dict, batch: int, res: int, seed: int = 1) -> dict:
+    g = torch.Generator("cuda").manual_seed(seed)
+    lat = res // 8
+    bf = torch.bfloat16
+    return dict(
+        hidden_states=torch.randn(batch, cfg["in_channels"], lat, lat, device="cuda", dtype=bf, generator=g),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, cfg["joint_attention_dim"], device="cuda", dtype=bf,
+                                          generator=g),
+        pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], device="cuda", dtype=bf, generator=g),
+        timestep=torch.full((batch,), 500.0, device="cuda"),
+        return_dict=False,
+    )
+
+
+def time_ms(fn, iters: int = 10, warm: int = 3) -> dict:
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    ts.sort()
+    return {"ms": round(ts[len(ts) // 2], 2), "min_ms": round(ts[0], 2), "max_ms": round(ts[-1], 2)}
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    out, ref = out.double().flatten(), ref.double().flatten()
+    return {"rel_err": float((out - ref).norm() / ref.norm()),
+            "cos": float(torch.nn.functional.cosine_similarity(out, ref, dim=0)),
+            "finite": bool(torch.isfinite(out).all())}
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU kernel checks: Triton vs torch reference, FP8 linear vs float64
+# --------------------------------------------------------------------------------------------------
+
+
+def kernel_checks() -> dict:
+    from worker.engine.fp8 import kernels, quant
+    from worker.engine.fp8.linear import Fp8Linear
+
+    res = {}
+    torch.manual_seed(0)
+    x = torch.randn(8858, 6144, device="cuda", dtype=torch.bfloat16)
+    x[3] = 0
+    x[5, 7] = 3e4
+    q, s = kernels.quant_rows(x)
+    rq, rs = quant._quant_rows_torch(x)
+    res["quant_rows"] = {"scale_rel": float((s - rs).norm() / rs.norm()),
+                         "deq_rel": float(((q.float() * s) - (rq.float() * rs)).norm() / (rq.float() * rs).norm()),
+                         "code_mismatch": float((q.float() != rq.float()).float().mean()),
+                         "finite": bool(torch.isfinite(q.float()).all())}
+    q, s = kernels.quant_rows(x, gelu=True)
+    rq, rs = quant._quant_rows_torch(torch.nn.functional.gelu(x.float(), approximate="tanh"))
+    res["gelu_quant"] = {"deq_rel": float(((q.float() * s) - (rq.float() * rs)).norm() / (rq.float() * rs).norm())}
+    b, length, d = 2, 4096, 1536
+    xs = torch.randn(b, length, d, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn_like(xs)
+    emb = torch.randn(b, 6 * d, device="cuda", dtype=torch.bfloat16)
+    ch = emb.chunk(6, 1)
+    for name, r in (("ln_mod_quant", None), ("res_ln_mod_quant", (y, ch[2]))):
+        qt, h = kernels.ln_modulate_quant(xs, ch[0], ch[1], residual=r)
+        rqt, rh = quant.ln_modulate_quantize(xs, ch[0], ch[1], residual=r, use_triton=False)
+        res[name] = {"deq_rel": float((qt.dequantize() - rqt.dequantize()).norm() / rqt.dequantize().norm()),
+                     "h_rel": float((h.float() - rh.float()).norm() / rh.float().norm())}
+    heads, hd, lc = 24, 64, 333
+    qkv = torch.randn(b * length, 3 * heads * hd, device="cuda", dtype=torch.bfloat16)
+    cqkv = torch.randn(b * lc, 3 * heads * hd, device="cuda", dtype=torch.bfloat16)
+    w, cw = torch.randn(2, hd, device="cuda", dtype=torch.bfloat16), torch.randn(2, hd, device="cuda",
+                                                                               dtype=torch.bfloat16)
+    buf = torch.full((3, b, heads, length + lc, hd), float("nan"), device="cuda", dtype=torch.bfloat16)
+    kernels.qkv_prep(qkv, buf, w, batch=b, tok_off=0, heads=heads, head_dim=hd, eps=1e-6)
+    kernels.qkv_prep(cqkv, buf, cw, batch=b, tok_off=length, heads=heads, head_dim=hd, eps=1e-6)
+
+    def ref(t, wt, n):
+        a, k, v = (z.reshape(b, n, heads, hd).transpose(1, 2) for z in t.chunk(3, -1))
+        return quant.rms_norm_heads_torch(a, wt[0], 1e-6), quant.rms_norm_heads_torch(k, wt[1], 1e-6), v
+
+    ri, rc = ref(qkv, w, length), ref(cqkv, cw, lc)
+    res["qkv_prep"] = {"rel": [float((buf[i].float() - torch.cat([ri[i], rc[i]], 2).float()).norm()
+                                     / torch.cat([ri[i], rc[i]], 2).float().norm()) for i in range(3)],
+                       "all_written": bool(torch.isfinite(buf.float()).all())}
+    o = torch.randn(b, length + lc, heads, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    qi, qc = kernels.out_quant(o, length, lc)
+    o2 = o.transpose(1, 2).reshape(b, length + lc, heads * hd)
+    ri2 = quant.quantize_rows(o2[:, :length], use_triton=False)
+    rc2 = quant.quantize_rows(o2[:, length:], use_triton=False)
+    res["out_quant"] = {"img_rel": float((qi.dequantize() - ri2.dequantize()).norm() / ri2.dequantize().norm()),
+                        "ctx_rel": float((qc.dequantize() - rc2.dequantize()).norm() / rc2.dequantize().norm())}
+    # FP8 linear vs float64 on real shapes
+    for k, n in ((1536, 4608), (6144, 1536), (2432, 9728)):
+        lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        xx = torch.randn(8192, k, device="cuda", dtype=torch.bfloat16)
+        f = Fp8Linear.from_linear(lin)
+        out = f(xx).double()
+        exact = xx.double() @ lin.weight.double().t() + lin.bias.double()
+        res[f"fp8_linear_{k}x{n}"] = {"rel_vs_fp64": float((out - exact).norm() / exact.norm())}
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# per-layer-type error: every linear of the BF16 model, its FP8 twin on the same real input
+# --------------------------------------------------------------------------------------------------
+
+
+def _layer_type(name: str) -> str | None:
+    rules = [(".attn.to_q", "attn_qkv"), (".attn.to_k", "attn_qkv"), (".attn.to_v", "attn_qkv"),
+             (".attn.to_out.0", "attn_out"), (".attn.add_", "context_qkv"), (".attn.to_add_out", "context_out"),
+             (".attn2.to_q", "attn2_qkv"), (".attn2.to_k", "attn2_qkv"), (".attn2.to_v", "attn2_qkv"),
+             (".attn2.to_out.0", "attn2_out"), (".ff.net.0.proj", "ff_up"), (".ff.net.2", "ff_down"),
+             (".ff_context.net.0.proj", "context_ff_up"), (".ff_context.net.2", "context_ff_down"),
+             (".norm1.linear", "adaln"), (".norm1_context.linear", "adaln")]
+    if name.startswith("transformer_blocks."):
+        for pat, t in rules:
+            if pat in name:
+                return t
+        return None
+    for t in ("context_embedder", "time_text_embed", "norm_out", "proj_out"):
+        if name.startswith(t):
+            return t
+    return None
+
+
+def layer_errors(model, x) -> dict:
+    from worker.engine.fp8.linear import Fp8Linear
+
+    acc: dict[str, list[float]] = {}
+    hooks = []
+
+    def hook(name, t):
+        def fn(mod, args, out):
+            if mod.in_features % 16 or mod.out_features % 16:
+                return
+            f = Fp8Linear.from_linear(mod)
+            y = f(args[0]).double()
+            ref = out.double()
+            acc.setdefault(t, []).append(float((y - ref).norm() / ref.norm().clamp(min=1e-30)))
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and (t := _layer_type(name)):
+            hooks.append(m.register_forward_hook(hook(name, t)))
+    with torch.no_grad():
+        model(**x)
+    for h in hooks:
+        h.remove()
+    return {t: {"mean_rel_err": round(sum(v) / len(v), 5), "max_rel_err": round(max(v), 5), "layers": len(v)}
+            for t, v in sorted(acc.items())}
+
+
+def profile_step(fn) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    cats = {"gemm": 0.0, "attention": 0.0, "quantization": 0.0, "qk_norm_layout": 0.0, "elementwise": 0.0}
+    top: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0.0)
+        if not us or ev.key.startswith(("ProfilerStep", "aten::", "cuda")):
+            continue
+        k = ev.key.lower()
+        if any(s in k for s in ("gemm", "cutlass", "xmma", "cublas", "f8f8bf16", "sm90_", "matmul", "gemv",
+                                   "nvjet")):
+            c = "gemm"
+        elif any(s in k for s in ("flash", "fmha", "cudnn", "attention", "attn", "softmax")):
+            c = "attention"
+        elif "quant" in k:
+            c = "quantization"
+        elif "qkv_prep" in k:
+            c = "qk_norm_layout"
+        else:
+            c = "elementwise"
+        cats[c] += us / 1000
+        top[ev.key[:90]] = round(us / 1000, 3)
+    out = {k: round(v, 2) for k, v in cats.items()}
+    out["total_ms"] = round(sum(cats.values()), 2)
+    out["top_kernels_ms"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, do_layer_errors: bool,
+              do_profile: bool) -> dict:
+    cfg = TRANSFORMER[name]
+    out: dict = {"model": name, "batch": batch, "res": res, "text_tokens": TEXT_TOKENS, "variants": {}}
+    torch.cuda.empty_cache()
+    t0 = time.time()
+    bf = build_transformer(name, device="cuda")
+    out["build_s"] = round(time.time() - t0, 1)
+    x = inputs(cfg, batch, res)
+    bf16_bytes = weight_bytes(bf)
+    out["bf16_weight_gib"] = round(bf16_bytes / GIB, 3)
+    with torch.no_grad():
+        ref = bf(**x)[0].float()
+    if do_layer_errors:
+        try:
+            out["layer_type_error"] = layer_errors(bf, x)
+            log(f"{name} layer errors: {json.dumps(out['layer_type_error'])}")
+        except Exception as exc:
+            out["layer_type_error"] = {"error": repr(exc)[:300]}
+    fp8_model = None
+    fp8_adaln = None
+
+    def fp8_default():
+        nonlocal fp8_model
+        if fp8_model is None:
+            t = time.time()
+            fp8_model = apply_fp8(copy.deepcopy(bf), Fp8Options())
+            torch.cuda.synchronize()
+            out["quantize_s"] = round(time.time() - t, 2)
+        return fp8_model
+
+    for v in variants:
+        rec: dict = {}
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            runner = None
+            if v in ("bf16", "bf16-graph", "bf16-compile"):
+                model = bf
+            elif v == "fp8-adaln-bf16-graph":
+                fp8_adaln = apply_fp8(copy.deepcopy(bf), Fp8Options(bf16_layers=DEFAULT_BF16_LAYERS | {"adaln"}))
+                model = fp8_adaln
+            else:
+                model = fp8_default()
+                set_runtime_options(model, Fp8Options(fused_quant=v != "fp8-unfused",
+                                                      fp8_attention=v.startswith("fp8-attn")))
+            rec["weight_gib"] = round(weight_bytes(model) / GIB, 3)
+            rec["weight_ratio_vs_bf16"] = round(weight_bytes(model) / bf16_bytes, 4)
+            fn = model
+            t = time.time()
+            if v == "bf16-compile":
+                fn = torch.compile(model)
+            if v.endswith("-graph"):
+                from worker.engine.graphs import CudaGraphRunner
+
+                runner = CudaGraphRunner(model, batch_buckets=(batch,))
+                runner.capture(latent_hw=(res // 8, res // 8), text_len=TEXT_TOKENS)
+                fn = runner
+            with torch.no_grad():
+                y = fn(**x)[0].float()
+                torch.cuda.synchronize()
+                rec["first_call_s"] = round(time.time() - t, 1)
+                rec.update(time_ms(lambda: fn(**x), iters=iters))
+                y = fn(**x)[0].float()
+            rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)  # includes the BF16 reference
+            rec["peak_over_start_gib"] = round((torch.cuda.max_memory_allocated() - before) / GIB, 2)
+            if v != "bf16":
+                rec.update(compare(y, ref))
+            if v.startswith("fp8-attn"):
+                from worker.engine.fp8.processor import fp8_attention_status
+
+                rec["fp8_attention"] = fp8_attention_status()
+            if runner is not None:
+                rec["graph_replays"] = runner.replays
+                runner.release()
+            if v == "bf16-compile":
+                del fn
+                torch._dynamo.reset()
+            if v == "fp8-adaln-bf16-graph":
+                del model
+                fp8_adaln = None
+        except Exception as exc:
+            rec["error"] = repr(exc)[:500]
+            traceback.print_exc()
+        out["variants"][v] = rec
+        log(f"{name} {v}: {json.dumps(rec)}")
+        gc.collect()
+        torch.cuda.empty_cache()
+        flush()
+    if do_profile and fp8_model is not None:
+        try:
+            set_runtime_options(fp8_model, Fp8Options())
+            with torch.no_grad():
+                out["profile_fp8_fused"] = profile_step(lambda: fp8_model(**x))
+            with torch.no_grad():
+                out["profile_bf16"] = profile_step(lambda: bf(**x))
+            log(f"{name} profile: {json.dumps(out['profile_fp8_fused'])}")
+        except Exception as exc:
+            out["profile_error"] = repr(exc)[:300]
+    base = out["variants"].get("bf16", {}).get("ms")
+    comp = out["variants"].get("bf16-compile", {}).get("ms")
+    for v, rec in out["variants"].items():
+        if "ms" in rec and base:
+            rec["speedup_vs_bf16_eager"] = round(base / rec["ms"], 3)
+        if "ms" in rec and comp:
+            rec["speedup_vs_bf16_compile"] = round(comp / rec["ms"], 3)
+    del bf, fp8_model, x, ref
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def e2e_components(batch: int, res: int) -> dict:
+    """Text encoders (CLIP-L, CLIP-G, T5-XXL, random weights, bf16) and VAE decode at ``res``."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from worker.engine.sd35_configs import CLIP_G, CLIP_L, T5_XXL, VAE
+
+    out = {}
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            enc = [CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)).eval(),
+                   CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)).eval(),
+                   T5EncoderModel(T5Config(**T5_XXL)).eval()]
+            vae = AutoencoderKL(**VAE).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    ids77 = torch.randint(0, 49000, (batch, 77), device="cuda")
+    ids256 = torch.randint(0, 32000, (batch, 256), device="cuda")
+
+    def encode():
+        enc[0](ids77, output_hidden_states=True)
+        enc[1](ids77, output_hidden_states=True)
+        enc[2](ids256)
+
+    lat = torch.randn(batch // 2 or 1, 16, res // 8, res // 8, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out["text_encode"] = time_ms(encode, iters=5, warm=2)
+        out["vae_decode"] = time_ms(lambda: vae.decode(lat), iters=5, warm=2)
+    out["text_encoder_gib"] = round(sum(weight_bytes(e) for e in enc) / GIB, 2)
+    del enc, vae
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def flush() -> None:
+    path = RESULTS.get("_path")
+    if path:
+        data = {k: v for k, v in RESULTS.items() if not k.startswith("_")}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="medium,large")
+    ap.add_argument("--variants", default=None, help=f"comma list from {','.join(ALL_VARIANTS)}")
+    ap.add_argument("--batch", default="2", help="transformer batch(es), comma list (2 = one image with CFG)")
+    ap.add_argument("--res", type=int, default=1024)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="step timings only (no layer errors, profile, e2e)")
+    ap.add_argument("--check", action="store_true", help="GPU kernel checks against torch references first")
+    ap.add_argument("--e2e", action="store_true", help="also text encoders + VAE decode -> s/image estimate")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/engine.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    variants = (a.variants.split(",") if a.variants else list(QUICK_VARIANTS if a.quick else ALL_VARIANTS))
+    unknown = sorted(set(variants) - set(ALL_VARIANTS))
+    if unknown:
+        print(f"unknown variant(s) {unknown}; choose from {','.join(ALL_VARIANTS)}", file=sys.stderr)
+        return 2
+    default_out = Path(os.environ["OUT"]) / "engine.json" if os.environ.get("OUT") else Path("bench/results/engine.json")
+    RESULTS["_path"] = a.out or str(default_out)
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = None
+    RESULTS["env"] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      "gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+                      "torch": torch.__version__, "triton": tv, "python": platform.python_version(),
+                      "command": "python bench/engine.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    try:
+        import diffusers
+        RESULTS["env"]["diffusers"] = diffusers.__version__
+    except Exception:
+        pass
+    log(json.dumps(RESULTS["env"]))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if a.check:
+        try:
+            RESULTS["kernel_checks"] = kernel_checks()
+        except Exception as exc:
+            traceback.print_exc()
+            RESULTS["kernel_checks"] = {"error": repr(exc)[:500]}
+        log(f"kernel checks: {json.dumps(RESULTS['kernel_checks'])}")
+        flush()
+    RESULTS["models"] = []
+    for name in a.models.split(","):
+        for b in (int(x) for x in a.batch.split(",")):
+            r = run_model(name, variants, b, a.res, a.iters, do_layer_errors=not a.quick and b == 2,
+                          do_profile=not a.quick and b == 2)
+            RESULTS["models"].append(r)
+            flush()
+    if a.e2e:
+        try:
+            RESULTS["e2e_components"] = e2e_components(2, a.res)
+            comp = RESULTS["e2e_components"]
+            for r in RESULTS["models"]:
+                for v, rec in r["variants"].items():
+                    if "ms" in rec:
+                        rec["s_per_image_est"] = round((comp["text_encode"]["ms"] + a.steps * rec["ms"]
+                                                        + comp["vae_decode"]["ms"]) / 1000 / (r["batch"] // 2 or 1), 3)
+        except Exception as exc:
+            traceback.print_exc()
+            RESULTS["e2e_components"] = {"error": repr(exc)[:500]}
+        flush()
+    print("\nmodel   batch variant               ms/step  x eager  x compile  weightGiB  peakGiB  cos       rel_err")
+    for r in RESULTS["models"]:
+        for v, rec in r["variants"].items():
+            print(f"{r['model']:7} {r['batch']:5} {v:21} {rec.get('ms', 'ERR')!s:>8} {rec.get('speedup_vs_bf16_eager', '')!s:>8} "
+                  f"{rec.get('speedup_vs_bf16_compile', '')!s:>9} {rec.get('weight_gib', '')!s:>10} {rec.get('peak_gib', '')!s:>8} "
+                  f"{rec.get('cos', '')!s:9.9} {rec.get('rel_err', '')!s:.7}")
+    flush()
+    log(f"wrote {RESULTS['_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

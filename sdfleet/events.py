@@ -1,0 +1,184 @@
+"""Webhook events: what happened to a job or a batch, as payloads put on the webhook queue.
+
+:class:`Notifier` is called by the GPU worker after a job's outcome is recorded. It reads the job's record,
+builds the event and publishes it to the webhook queue (a Redis write, about a millisecond); it never does
+HTTP and never raises into the worker. When a job ends its batch, the manifest and the batch.completed
+events are built by the webhook worker (task ``BATCH_TASK``), so a 50,000-job manifest never holds up the
+GPU worker.
+
+Event ids are derived from what the event is about (``msg_`` + hash of job or batch id, event type, the
+time the outcome was recorded and the endpoint), so a retried or re-announced event keeps its webhook-id,
+and a SET NX on ``keys.webhook_sent`` makes sure each is enqueued once. A job resubmitted after failing
+gets a new outcome time, hence a new event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+from celery import Celery
+
+from sdfleet import keys
+from sdfleet import logs as logs_mod
+from sdfleet.queue import make_app
+from sdfleet.settings import Settings
+from sdfleet.state import JobStore
+from sdfleet.storage import StorageFactory
+from sdfleet.webhooks import outbox
+
+JOB_SUCCEEDED, JOB_FAILED, BATCH_COMPLETED = "job.succeeded", "job.failed", "batch.completed"
+JOB_EVENTS = {"succeeded": JOB_SUCCEEDED, "failed": JOB_FAILED}
+BATCH_TASK = "sdfleet.webhook.batch_completed"
+MANIFEST_KEY = "{batch_id}/manifest.jsonl"
+
+
+def event_id(*parts: str) -> str:
+    """A webhook-id that depends only on ``parts``: the same event always gets the same id."""
+    return "msg_" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def wants(events: Any, event_type: str) -> bool:
+    """Whether a submission's event filter (None: every event) selects ``event_type``."""
+    return events is None or event_type in tuple(events)
+
+
+def iso_time(epoch: str | float | None) -> str:
+    try:
+        t = float(epoch) if epoch not in (None, "") else datetime.now(timezone.utc).timestamp()
+    except ValueError:
+        t = datetime.now(timezone.utc).timestamp()
+    return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json_field(raw: str | None) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def job_event(event_type: str, job_id: str, batch_id: str, custom_id: str | None, status: str,
+              fields: dict[str, str], seed: int | None) -> dict[str, Any]:
+    """The payload of job.succeeded / job.failed, from the job's Redis record (``fields``)."""
+    return {
+        "type": event_type,
+        "timestamp": iso_time(fields.get(f"{status}_at")),
+        "data": {
+            "job_id": job_id, "batch_id": batch_id, "custom_id": custom_id or fields.get("custom_id"),
+            "status": status, "url": fields.get("url") or None, "sidecar_url": fields.get("sidecar_url") or None,
+            "error": fields.get("error") or None, "timings": _json_field(fields.get("timings")), "seed": seed,
+        },
+    }
+
+
+def batch_event(batch_id: str, counts: dict[str, int], total: int, manifest_url: str | None,
+                completed_at: str | None) -> dict[str, Any]:
+    return {"type": BATCH_COMPLETED, "timestamp": iso_time(completed_at),
+            "data": {"batch_id": batch_id, "counts": counts, "total": total, "manifest_url": manifest_url}}
+
+
+def emit(r: redis.Redis, app: Celery, *, url: str, event_type: str, payload: dict[str, Any], eid: str,
+         batch_id: str, job_id: str | None = None) -> bool:
+    """Enqueue one event for one endpoint unless it was already enqueued; True if enqueued now."""
+    if not r.set(keys.webhook_sent(eid), "1", nx=True, ex=keys.RECORD_TTL_S):
+        return False
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    try:
+        outbox.publish(app, outbox.new_delivery(event_id=eid, event_type=event_type, url=url, body=body,
+                                                batch_id=batch_id, job_id=job_id))
+    except BaseException:
+        r.delete(keys.webhook_sent(eid))  # not enqueued: let a re-announcement try again
+        raise
+    return True
+
+
+class Notifier:
+    """``notifier(delivery, status, transition)``: announce a job's recorded outcome on the webhook queue.
+
+    ``delivery`` has ``job_id``, ``batch_id`` and ``spec`` (``webhook``, ``webhook_events``, ``custom_id``,
+    ``seed``, ``out``); ``status`` is "succeeded" or "failed"; ``transition.batch_completed`` is True for
+    the job that ended its batch. Safe to call from several threads, and more than once per outcome.
+    """
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis, log: Any = None, *, app: Celery | None = None):
+        self.settings = settings
+        self.r = redis_client
+        self.log = log or logs_mod.get("events")
+        self.app = app or make_app(settings)
+
+    def __call__(self, delivery: Any, status: str, transition: Any) -> None:
+        try:
+            self.notify(delivery, status, transition)
+        except Exception as exc:  # the outcome is recorded; a lost notification must not fail the job
+            self.log.error("webhook event not enqueued", job_id=getattr(delivery, "job_id", None),
+                           batch_id=getattr(delivery, "batch_id", None), error=repr(exc))
+
+    def notify(self, delivery: Any, status: str, transition: Any) -> None:
+        spec = delivery.spec
+        url = getattr(spec, "webhook", None)
+        if not url:
+            return
+        events = getattr(spec, "webhook_events", None)
+        event_type = JOB_EVENTS.get(status)
+        if event_type and wants(events, event_type):
+            fields = self.r.hgetall(keys.job(delivery.job_id))
+            payload = job_event(event_type, delivery.job_id, delivery.batch_id, getattr(spec, "custom_id", None),
+                                status, fields, getattr(spec, "seed", None))
+            eid = event_id(delivery.job_id, event_type, fields.get(f"{status}_at", ""), url)
+            if emit(self.r, self.app, url=url, event_type=event_type, payload=payload, eid=eid,
+                    batch_id=delivery.batch_id, job_id=delivery.job_id):
+                self.log.info("webhook event enqueued", job_id=delivery.job_id, batch_id=delivery.batch_id,
+                              event_type=event_type, webhook_id=eid)
+        if getattr(transition, "batch_completed", False):
+            outbox.send(self.app, BATCH_TASK, {"batch_id": delivery.batch_id})
+
+
+def _manifest_line(rec: Any) -> dict[str, Any]:
+    # The fields of 'sdfleet results' (producer.status.manifest_lines), plus the sidecar.
+    return {"custom_id": rec.custom_id, "job_id": rec.job_id, "status": rec.status, "url": rec.url,
+            "sidecar_url": rec.fields.get("sidecar_url") or None, "seed": rec.spec.get("seed"),
+            "width": rec.spec.get("width"), "height": rec.spec.get("height"), "error": rec.error}
+
+
+def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: StorageFactory, batch_id: str,
+                   log: Any = None) -> list[str]:
+    """Write ``{batch_id}/manifest.jsonl`` next to the images, then enqueue batch.completed for every endpoint
+    of the batch that wants it. Returns the event ids enqueued now. Runs on the webhook worker."""
+    log = (log or logs_mod.get("events")).bind(batch_id=batch_id)
+    store = JobStore(r)
+    meta = store.batch(batch_id)
+    completed_at = meta.get("completed_at")
+    if not completed_at:
+        log.info("batch reopened before its completion was announced; skipped")
+        return []
+    lines: list[dict[str, Any]] = []
+    outs: list[str] = []
+    endpoints: list[str] = []
+    for rec in store.iter_batch_jobs(batch_id):
+        lines.append(_manifest_line(rec))
+        out = rec.spec.get("out")
+        if out and out not in outs:
+            outs.append(out)
+        url = rec.spec.get("webhook")
+        if url and url not in endpoints and wants(rec.spec.get("webhook_events"), BATCH_COMPLETED):
+            endpoints.append(url)
+    data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+    manifest_url = None
+    for out in outs:  # usually one location; a batch spread over several gets a manifest in each
+        url = storage.get(out).put(MANIFEST_KEY.format(batch_id=batch_id), data, "application/x-ndjson")
+        manifest_url = manifest_url or url
+    counts = store.counts(batch_id)
+    payload = batch_event(batch_id, counts, int(meta.get("total", 0) or 0), manifest_url, completed_at)
+    sent = []
+    for url in endpoints:
+        eid = event_id(batch_id, BATCH_COMPLETED, completed_at, url)
+        if emit(r, app, url=url, event_type=BATCH_COMPLETED, payload=payload, eid=eid, batch_id=batch_id):
+            sent.append(eid)
+    log.info("batch completed", manifest_url=manifest_url, endpoints=len(endpoints), enqueued=len(sent))
+    return sent

@@ -1,0 +1,174 @@
+"""FP8 attention: numerics of the quantization scheme on the CPU, the kernel on a GPU when present.
+
+The scheme (per-token Q scales, per-head or per-128-token K/V scales, E4M3 or INT8 for QK, E4M3 or
+BF16 for PV, online softmax with P scaled by 256 before rounding) is emulated by
+``fp8_attention_reference``; these tests bound its error against float64 attention. Bounds are the
+measured errors (seeded inputs, see docs/PERFORMANCE.md) with ~1.5x headroom.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "worker" / "engine" / "fp8" / "attention.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("sdfleet_fp8_attention_under_test", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+att = _load()
+
+
+def _ref64(q, k, v, scale=None):
+    q, k, v = q.double(), k.double(), v.double()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _inputs(kind, B=1, H=2, S=333, D=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if kind == "randn":
+        q, k, v = rn(B, H, S, D), rn(B, H, S, D), rn(B, H, S, D)
+    else:  # RMS-normed q/k with per-channel gains and a shared K offset: logit std ~3.7
+        gain = torch.exp(0.5 * rn(D)) * 1.5
+        x = rn(B, H, S, D)
+        q = x / x.pow(2).mean(-1, keepdim=True).sqrt() * gain
+        x = rn(B, H, S, D) + 0.5 * rn(1, H, 1, D)
+        k = x / x.pow(2).mean(-1, keepdim=True).sqrt() * gain
+        v = rn(B, H, S, D)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+# measured on these seeded inputs (S=333 and 1357): randn / peaky, with ~1.5x headroom
+BOUNDS = {
+    ("fp8", "fp8"): (0.08, 0.20),
+    ("fp8", "bf16"): (0.06, 0.18),
+    ("int8", "fp8"): (0.055, 0.07),
+    ("int8", "bf16"): (0.02, 0.05),
+}
+
+
+def test_import_without_triton_or_cuda_is_fine():
+    assert callable(att.fp8_attention)
+    assert callable(att.fp8_attention_reference)
+    if att.triton is None or not torch.cuda.is_available():
+        ok, why = att.is_supported()
+        assert not ok and why
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
+def test_fp8_attention_raises_clear_error_without_cuda():
+    q = torch.randn(1, 2, 16, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="unsupported|CUDA"):
+        att.fp8_attention(q, q, q)
+
+
+@pytest.mark.parametrize("qk,pv", sorted(BOUNDS))
+@pytest.mark.parametrize("scales", ["head", "tile"])
+@pytest.mark.parametrize("kind", ["randn", "peaky"])
+def test_reference_scheme_vs_float64(qk, pv, scales, kind):
+    q, k, v = _inputs(kind, S=333, seed=1)
+    out = att.fp8_attention_reference(q, k, v, qk=qk, pv=pv, scales=scales)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    err = _rel(out, _ref64(q, k, v))
+    bound = BOUNDS[(qk, pv)][0 if kind == "randn" else 1]
+    assert err < bound, f"{qk}/{pv}/{scales}/{kind}: rel err {err:.4f} >= {bound}"
+    # and the scheme is really quantizing: clearly worse than bf16 rounding alone
+    assert err > 3e-3
+
+
+@pytest.mark.parametrize("S", [1, 2, 127, 128, 129, 255, 257, 1357])
+def test_reference_ragged_lengths(S):
+    q, k, v = _inputs("randn", B=1, H=1, S=S, seed=S)
+    out = att.fp8_attention_reference(q, k, v, qk="int8", pv="fp8")
+    assert torch.isfinite(out).all()
+    assert _rel(out, _ref64(q, k, v)) < 0.06
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_reference_online_softmax_matches_full_softmax_for_exact_pv(block_n):
+    # with int8 QK and bf16 PV, the tiling (online softmax) must not change the result
+    q, k, v = _inputs("randn", S=300, seed=3)
+    a = att.fp8_attention_reference(q, k, v, qk="int8", pv="bf16", block_n=block_n)
+    b = att.fp8_attention_reference(q, k, v, qk="int8", pv="bf16", block_n=32)
+    assert _rel(a, b) < 5e-3
+
+
+@pytest.mark.parametrize("qk", ["fp8", "int8"])
+@pytest.mark.parametrize("scales", ["head", "tile"])
+def test_reference_zeros_and_outliers_no_nan(qk, scales):
+    q, k, v = _inputs("randn", S=200, seed=5)
+    q = q.clone()
+    k = k.clone()
+    v = v.clone()
+    q[:, :, :7] = 0  # all-zero query rows -> uniform attention
+    k[:, :, 128:] = 0  # an all-zero K tile
+    v[:, :, 50:60] = 0
+    q[0, 0, 10, 3] = 3.0e4  # outliers beyond the FP8 range before scaling
+    k[0, 1, 20, 5] = -2.0e4
+    v[0, 0, 30, 7] = 1.0e4
+    out = att.fp8_attention_reference(q, k, v, qk=qk, pv="fp8", scales=scales)
+    assert torch.isfinite(out).all()
+    ref = _ref64(q, k, v)
+    # zero query rows: the mean of V, exactly what softmax of equal logits gives
+    assert _rel(out[:, :, :7], ref[:, :, :7]) < 0.05
+    # an all-zero input is fine too
+    z = torch.zeros(1, 1, 130, 64, dtype=torch.bfloat16)
+    assert torch.equal(att.fp8_attention_reference(z, z, z, qk=qk, scales=scales), z)
+
+
+def test_reference_custom_scale():
+    q, k, v = _inputs("randn", S=150, seed=9)
+    out = att.fp8_attention_reference(q, k, v, qk="int8", pv="bf16", scale=0.05)
+    assert _rel(out, _ref64(q, k, v, scale=0.05)) < 0.02
+
+
+# ------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA / Triton / FP8-capable device)
+# ------------------------------------------------------------------------------------------
+
+_gpu_ok = att.is_supported()[0] if torch.cuda.is_available() else False
+gpu = pytest.mark.skipif(not _gpu_ok, reason="needs CUDA with compute capability >= 8.9 and Triton")
+
+
+@gpu
+@pytest.mark.parametrize("S", [1, 129, 1357])
+@pytest.mark.parametrize("opts", [
+    dict(qk="fp8", pv="fp8"),
+    dict(qk="int8", pv="fp8"),
+    dict(qk="int8", pv="bf16"),
+    dict(qk="int8", pv="fp8", scales="tile"),
+])
+def test_kernel_matches_reference_scheme(S, opts):
+    g = torch.Generator(device="cuda").manual_seed(S)
+    x = torch.randn(2, S, 3, 64, device="cuda", generator=g).bfloat16()
+    q = x.transpose(1, 2)  # (B,S,H,D) storage viewed as (B,H,S,D)
+    k = torch.randn(2, 3, S, 64, device="cuda", generator=g).bfloat16()
+    v = torch.randn(2, 3, S, 64, device="cuda", generator=g).bfloat16()
+    out = att.fp8_attention(q, k, v, **opts)
+    assert out.shape == q.shape and out.stride() == q.stride()
+    assert torch.isfinite(out).all()
+    ref = att.fp8_attention_reference(q, k, v, qk=opts["qk"], pv=opts["pv"], scales=opts.get("scales", "head"))
+    assert _rel(out, ref) < 0.02
+    assert _rel(out, _ref64(q, k, v)) < BOUNDS[(opts["qk"], opts["pv"])][0]
+
+
+@gpu
+def test_kernel_rejects_unsupported_head_dim():
+    q = torch.randn(1, 1, 16, 80, device="cuda").bfloat16()
+    with pytest.raises(RuntimeError, match="head_dim"):
+        att.fp8_attention(q, q, q)

@@ -1,0 +1,219 @@
+"""Converting a tiny random SD3 transformer to FP8 on the CPU: accuracy, layer config, serialization."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from sdfleet.errors import ConfigError, EngineError
+from worker.engine.fp8 import LAYER_TYPES, Fp8Linear, Fp8Options, apply_fp8, set_runtime_options, weight_bytes
+from worker.engine.fp8 import linear as linear_mod
+from worker.engine.fp8 import quant as quant_mod
+from worker.engine.fp8 import serialize
+from worker.engine.fp8.blocks import Fp8JointBlock
+from worker.engine.sd35_configs import build_transformer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def rel(a, b) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a - b).norm() / b.norm())
+
+
+def cos(a, b) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_transformer("tiny", dtype=torch.bfloat16, seed=0, tame=False)
+
+
+@pytest.fixture(scope="module")
+def x():
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 4, 32, 32, generator=g).bfloat16(),
+                encoder_hidden_states=torch.randn(2, 7, 32, generator=g).bfloat16(),
+                pooled_projections=torch.randn(2, 64, generator=g).bfloat16(),
+                timestep=torch.tensor([500.0, 300.0]), return_dict=False)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny, x):
+    with torch.no_grad():
+        return tiny(**x)[0]
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(**x)[0]
+
+
+def block_inputs():
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(2, 1024, 32, generator=g).bfloat16(), torch.randn(2, 7, 32, generator=g).bfloat16(),
+            torch.randn(2, 32, generator=g).bfloat16())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_all_bf16_blocks_reproduce_diffusers(tiny, fused):
+    """With every layer type kept BF16 the rewritten block is diffusers' block (bf16 rounding only)."""
+    xs, c, temb = block_inputs()
+    opts = Fp8Options(bf16_layers=frozenset(LAYER_TYPES), fused_quant=fused)
+    for blk in tiny.transformer_blocks:  # block 0: dual attention; block 1: context_pre_only
+        with torch.no_grad():
+            rc, rx = blk(xs, c, temb)
+            oc, ox = Fp8JointBlock(copy.deepcopy(blk), opts)(xs, c, temb)
+        assert rel(ox - xs, rx - xs) < 0.02  # compare the block's update, not the residual it carries
+        if rc is None:
+            assert oc is None
+        else:
+            assert rel(oc - c, rc - c) < 0.02
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp8_blocks_close_to_bf16(tiny, fused):
+    xs, c, temb = block_inputs()
+    for blk in tiny.transformer_blocks:
+        with torch.no_grad():
+            rc, rx = blk(xs, c, temb)
+            oc, ox = Fp8JointBlock(copy.deepcopy(blk), Fp8Options(fused_quant=fused))(xs, c, temb)
+        assert rel(ox - xs, rx - xs) < 0.1 and cos(ox - xs, rx - xs) > 0.99
+        assert torch.isfinite(ox).all()
+
+
+@pytest.mark.parametrize("opts", [Fp8Options(), Fp8Options(fused_quant=False), Fp8Options(bf16_layers=frozenset())])
+def test_converted_model_matches_unquantized(tiny, x, ref, opts):
+    m = apply_fp8(copy.deepcopy(tiny), opts)
+    out = run(m, x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert rel(out, ref) < 0.05
+    assert cos(out, ref) > 0.999
+    assert weight_bytes(m) < weight_bytes(tiny)
+
+
+def test_fused_and_unfused_agree(tiny, x):
+    m = apply_fp8(copy.deepcopy(tiny), Fp8Options())
+    a = run(m, x)
+    set_runtime_options(m, Fp8Options(fused_quant=False))
+    b = run(m, x)
+    assert rel(a, b) < 0.02
+
+
+def test_layer_types_follow_config(tiny):
+    keep = frozenset({"adaln", "ff_down", "context_qkv", "proj_out"})
+    m = apply_fp8(copy.deepcopy(tiny), Fp8Options(bf16_layers=keep))
+    b0 = m.transformer_blocks[0]
+    assert isinstance(b0.adaln, torch.nn.Linear) and isinstance(b0.adaln_ctx, torch.nn.Linear)
+    assert isinstance(b0.ff.down, torch.nn.Linear) and isinstance(b0.ff.up, Fp8Linear)
+    assert isinstance(b0.attn.ctx_qkv, torch.nn.Linear) and isinstance(b0.attn.qkv, Fp8Linear)
+    assert isinstance(b0.attn2.qkv, Fp8Linear) and isinstance(b0.context_ff_down if False else b0.ff_context.down,
+                                                                Fp8Linear)
+    assert b0.attn.ctx_qkv.out_features == 3 * 32  # BF16 q/k/v still fused into one GEMM
+    assert isinstance(m.proj_out, torch.nn.Linear) and not isinstance(m.proj_out, Fp8Linear)
+    assert isinstance(m.context_embedder, Fp8Linear)  # not in bf16_layers this time
+    # default: embedders and final projection stay BF16, everything in the blocks is FP8
+    d = apply_fp8(copy.deepcopy(tiny), Fp8Options())
+    assert not isinstance(d.context_embedder, Fp8Linear) and not isinstance(d.proj_out, Fp8Linear)
+    assert not isinstance(d.norm_out.linear, Fp8Linear)
+    assert all(isinstance(mod, Fp8Linear) for blk in d.transformer_blocks
+               for name, mod in blk.named_modules() if isinstance(mod, (torch.nn.Linear, Fp8Linear)))
+    # last block: no text-stream output projection or feed-forward
+    last = d.transformer_blocks[-1]
+    assert last.attn.ctx_out is None and last.ff_context is None
+
+
+def test_fp8_linears_off_keeps_blocks(tiny, x, ref):
+    m = apply_fp8(copy.deepcopy(tiny), Fp8Options(fp8_linears=False, fp8_attention=True))
+    assert not any(isinstance(mod, Fp8Linear) for mod in m.modules())
+    # on the CPU the FP8 attention switch falls back to SDPA: same output as diffusers
+    assert rel(run(m, x), ref) < 1e-3
+
+
+def test_options_validation():
+    with pytest.raises(ConfigError, match="unknown layer type"):
+        Fp8Options(bf16_layers={"attn_qkvv"})
+    with pytest.raises(ConfigError, match="unknown option"):
+        Fp8Options.from_dict({"fp8_linear": True})
+    o = Fp8Options(bf16_layers=["adaln"])
+    assert Fp8Options.from_dict(o.to_dict()) == o
+
+
+def test_convert_twice_is_refused(tiny):
+    m = apply_fp8(copy.deepcopy(tiny), Fp8Options())
+    with pytest.raises(EngineError, match="already converted"):
+        apply_fp8(m, Fp8Options())
+
+
+def test_serialize_round_trip_without_requantizing(tiny, x, tmp_path, monkeypatch):
+    m = apply_fp8(copy.deepcopy(tiny), Fp8Options(bf16_layers=frozenset({"adaln", "proj_out"})))
+    want = run(m, x)
+    manifest = serialize.save_quantized(m, tmp_path)
+    assert (tmp_path / serialize.WEIGHTS).is_file()
+    on_disk = json.loads((tmp_path / serialize.MANIFEST).read_text())
+    assert on_disk["options"]["bf16_layers"] == ["adaln", "proj_out"]
+    assert on_disk["layers"]["transformer_blocks.0.attn.qkv"] == "float8_e4m3fn"
+    assert on_disk["layers"]["transformer_blocks.0.adaln"] == "bfloat16"
+    assert manifest["weight_bytes"] == weight_bytes(m)
+
+    def boom(*a, **k):
+        raise AssertionError("loading must not quantize")
+
+    monkeypatch.setattr(linear_mod, "quantize_weight", boom)
+    monkeypatch.setattr(quant_mod, "quantize_weight", boom)
+    loaded = serialize.load_quantized(tmp_path, options=Fp8Options(fused_quant=False))
+    assert isinstance(loaded.transformer_blocks[0].attn.qkv, Fp8Linear)
+    assert isinstance(loaded.transformer_blocks[0].adaln, torch.nn.Linear)
+    assert loaded.transformer_blocks[0].attn.qkv.weight.dtype == torch.float8_e4m3fn
+    set_runtime_options(loaded, Fp8Options(bf16_layers=frozenset({"adaln", "proj_out"})))
+    assert torch.equal(run(loaded, x), want)
+
+
+def test_load_rejects_missing_or_foreign(tmp_path):
+    with pytest.raises(EngineError, match="sdfleet quantize"):
+        serialize.load_quantized(tmp_path)
+    (tmp_path / serialize.WEIGHTS).write_bytes(b"")
+    (tmp_path / serialize.MANIFEST).write_text(json.dumps({"format": "other", "version": 1}))
+    with pytest.raises(EngineError, match="quantize again"):
+        serialize.load_quantized(tmp_path)
+
+
+def test_quantize_cli_entry_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDFLEET_CACHE_DIR", str(tmp_path / "cache"))
+    summary = serialize.quantize("tiny", str(tmp_path / "q"), options=Fp8Options())
+    assert summary["fp8_layers"] > 0 and summary["weight_bytes"] < summary["weight_bytes_source"]
+    loaded = serialize.load_quantized(tmp_path / "q")
+    assert isinstance(loaded.transformer_blocks[0].ff.up, Fp8Linear)
+    with pytest.raises(EngineError, match="transformer/"):
+        serialize.quantize(str(tmp_path / "nowhere"), str(tmp_path / "q2"))
+
+
+def test_cuda_graphs_need_cuda(tiny):
+    from worker.engine.graphs import CudaGraphRunner
+
+    runner = CudaGraphRunner(tiny, batch_buckets=(1, 2, 4))
+    assert runner.bucket(3) == 4 and runner.bucket(5) is None
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="CUDA"):
+            runner.capture((32, 32), 7)
+    with pytest.raises(EngineError):
+        CudaGraphRunner(tiny, batch_buckets=())
+
+
+def test_graph_runner_eager_fallback_is_transparent(tiny, x, ref):
+    """Installed on a CPU model with nothing captured, the runner is the plain forward."""
+    from worker.engine.graphs import CudaGraphRunner
+
+    m = copy.deepcopy(tiny)
+    runner = CudaGraphRunner(m, batch_buckets=(2,))
+    runner.install()
+    try:
+        assert torch.equal(run(m, x), ref)
+        assert runner.eager_calls == 1 and runner.replays == 0
+    finally:
+        runner.uninstall()
+    assert "forward" not in m.__dict__

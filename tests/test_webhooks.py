@@ -1,0 +1,385 @@
+"""Webhooks: URL policy, Standard Webhooks signatures and rotation, retries, Retry-After, 410, dead letters,
+replay, Notifier dedupe and batch.completed; against a real HTTP receiver and real worker processes.
+
+Runs on its own Redis database (WEBHOOK_TEST_REDIS_URL, default redis://127.0.0.1:6379/13), flushed per test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import redis
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from sdfleet import keys
+from sdfleet.errors import ConfigError, WebhookError
+from sdfleet.events import JOB_SUCCEEDED, Notifier, event_id
+from sdfleet.jobs import parse_job
+from sdfleet.redisconn import PrivateRedis, ping
+from sdfleet.settings import Settings
+from sdfleet.state import JobStore
+from sdfleet.webhooks import outbox, policy
+from sdfleet.webhooks.sender import backoff, parse_retry_after
+from sdfleet.webhooks.signing import new_secret, parse_secrets, signed_headers
+from tests.webhook_receiver import Receiver, start_receiver
+
+ROOT = Path(__file__).resolve().parent.parent
+NEW, OLD = new_secret(), new_secret()
+SCHEDULE = "0.1,0.2"  # three attempts in all
+
+
+# --- fixtures ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wh_redis_url() -> str:
+    url = os.environ.get("WEBHOOK_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+    if ping(url):
+        return url
+    private = PrivateRedis()  # fails with a fix when there is no redis-server at all
+    return private.url.rsplit("/", 1)[0] + "/13"
+
+
+@pytest.fixture
+def wr(wh_redis_url: str) -> redis.Redis:
+    client = redis.Redis.from_url(wh_redis_url, decode_responses=True)
+    client.flushdb()
+    return client
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Receiver:
+    rec = start_receiver()
+    yield rec
+    rec.stop()
+
+
+def _env(redis_url: str, **extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}
+    e.update({"REDIS_URL": redis_url, "SDFLEET_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
+              "SDFLEET_WEBHOOK_SECRET": f"{NEW} {OLD}", "SDFLEET_WEBHOOK_ALLOW_PRIVATE": "1",
+              "SDFLEET_WEBHOOK_SCHEDULE": SCHEDULE, "SDFLEET_WEBHOOK_TIMEOUT": "3"})
+    e.update(extra)
+    return e
+
+
+@pytest.fixture(scope="module")
+def webhook_worker(wh_redis_url: str, tmp_path_factory):
+    """One real ``sdfleet webhook-worker`` process for the module (the DB is flushed under it per test)."""
+    log_path = tmp_path_factory.mktemp("whw") / "webhook-worker.log"
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "webhook-worker", "--threads", "4"],
+                            env=_env(wh_redis_url), stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while "webhook worker ready" not in log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)  # the consumer starts right after the ready line
+    yield SimpleNamespace(proc=proc, log_path=log_path)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _settings(url: str, **kw) -> Settings:
+    return Settings(redis_url=url, webhook_secret=f"{NEW} {OLD}", webhook_allow_private=True,
+                    webhook_schedule=(0.1, 0.2), **kw)
+
+
+def _job(wr: redis.Redis, url: str, *, hook: str, events=None, batch_id: str | None = None, status="succeeded"):
+    """A recorded job outcome (through the real state machine) and the delivery the worker would pass."""
+    batch_id = batch_id or "b" + uuid.uuid4().hex[:8]
+    job_id = uuid.uuid4().hex
+    spec = parse_job({"prompt": "p", "custom_id": "c" + job_id[:6], "seed": 7, "webhook": hook,
+                      **({"webhook_events": list(events)} if events is not None else {})})
+    wr.hincrby(keys.batch(batch_id), "total", 1)
+    wr.hset(keys.job(job_id), mapping={"status": "queued", "batch": batch_id, "custom_id": spec.custom_id,
+                                       "spec": spec.model_dump_json()})
+    wr.hincrby(keys.batch_counts(batch_id), "queued", 1)
+    store = JobStore(wr)
+    store.start(job_id, "w1", 3)
+    if status == "succeeded":
+        tr = store.succeed(job_id, url=f"file:///x/{job_id}.png", sidecar_url=f"file:///x/{job_id}.json",
+                           timings=json.dumps({"engine_s": 0.5}))
+    else:
+        tr = store.fail(job_id, "boom")
+    return SimpleNamespace(job_id=job_id, batch_id=batch_id, spec=spec), tr
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdfleet.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def _wait(cond, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- pure functions -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/hook", "http://10.0.0.1/x", "http://[::1]:8080/", "http://169.254.169.254/latest/meta-data",
+    "http://192.168.1.5", "http://172.16.0.1", "http://0.0.0.0", "http://224.0.0.1", "http://100.64.0.1",
+    "http://[::ffff:127.0.0.1]/", "http://[fe80::1]/", "http://[fc00::1]/", "http://2130706433/",
+    "http://localhost:9000/", "https://240.0.0.1/",
+])
+def test_private_and_special_addresses_refused(url: str) -> None:
+    with pytest.raises(WebhookError, match="address|localhost"):
+        policy.check_url(url)
+    with pytest.raises(WebhookError):
+        policy.target_for(url)
+    policy.check_url(url, allow_private=True)  # allowed by configuration
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "file:///etc/passwd", "gopher://x", "javascript:alert(1)",
+                                 "example.com/hook", "http://", "http://exa mple.com/", "http://host:99999/"])
+def test_non_http_and_malformed_urls_refused(url: str) -> None:
+    with pytest.raises(WebhookError):
+        policy.check_url(url, allow_private=True)
+
+
+def test_public_urls_pass_and_rebinding_is_caught_at_send_time(monkeypatch) -> None:
+    policy.check_url("https://8.8.8.8/hook")
+    answers = {"hooks.example.test": ["93.184.216.34"]}
+    monkeypatch.setattr(policy, "resolve", lambda host, port: answers[host])
+    policy.check_url("https://hooks.example.test/h")  # submit time: public
+    t = policy.target_for("https://hooks.example.test:8443/h?a=1")
+    assert (t.pinned_url, t.host_header) == ("https://93.184.216.34:8443/h?a=1", "hooks.example.test:8443")
+    answers["hooks.example.test"] = ["93.184.216.34", "10.1.2.3"]  # the DNS answer changed: one internal address
+    with pytest.raises(WebhookError, match="private"):
+        policy.target_for("https://hooks.example.test/h")
+    with pytest.raises(WebhookError, match="private"):
+        policy.check_url("https://hooks.example.test/h")
+
+
+def test_signature_matches_standardwebhooks_and_rotation() -> None:
+    body = json.dumps({"type": "job.succeeded", "data": {"job_id": "j"}})
+    headers = signed_headers([NEW, OLD], "msg_abc", int(time.time()), body)
+    assert headers["webhook-id"] == "msg_abc"
+    sigs = headers["webhook-signature"].split(" ")
+    assert len(sigs) == 2 and all(s.startswith("v1,") for s in sigs)
+    assert Webhook(NEW).verify(body, headers) == json.loads(body)  # a receiver that knows only the new secret
+    assert Webhook(OLD).verify(body, headers)  # ... or only the old one
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_secret()).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(NEW).verify(body + " ", headers)
+
+
+def test_secret_lists() -> None:
+    assert parse_secrets(f" {NEW}, {OLD} {NEW}") == [NEW, OLD]
+    assert parse_secrets(None) == []
+    with pytest.raises(ConfigError, match="item 2") as exc:
+        parse_secrets(f"{NEW} whsec_!!notbase64")
+    assert NEW not in str(exc.value)
+    s = Settings.from_env({"SDFLEET_WEBHOOK_SECRET": f"{NEW},{OLD}"})
+    assert s.webhook_secret == f"{NEW},{OLD}" and NEW not in repr(s)
+    with pytest.raises(ConfigError, match="SDFLEET_WEBHOOK_SECRET"):
+        Settings.from_env({"SDFLEET_WEBHOOK_SECRET": f"{NEW} plaintext"})
+
+
+def test_retry_after_and_backoff() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after("7", now=now) == 7.0
+    assert parse_retry_after("Tue, 14 Nov 2023 22:13:40 GMT", now=now) == pytest.approx(20.0)
+    assert parse_retry_after("Tue, 14 Nov 2000 22:13:40 GMT", now=now) == 0.0
+    assert parse_retry_after("soon", now=now) is None and parse_retry_after(None) is None
+    assert parse_retry_after("99999999", now=now) == 24 * 3600
+    schedule = (5.0, 30.0, 120.0)
+    for made, base in ((1, 5.0), (2, 30.0), (3, 120.0)):
+        d = backoff(schedule, made, None)
+        assert 0.75 * base <= d <= 1.25 * base
+    assert backoff(schedule, 4, None) is None
+    assert backoff(schedule, 1, 60.0) == 60.0  # Retry-After later than the schedule wins
+    assert event_id("j", JOB_SUCCEEDED, "1.0", "u") == event_id("j", JOB_SUCCEEDED, "1.0", "u") != event_id(
+        "j", "job.failed", "1.0", "u")
+
+
+# --- with a real webhook worker process --------------------------------------------------------------------
+
+def test_job_webhook_delivered_signed_with_rotation(wr, receiver, webhook_worker, wh_redis_url) -> None:
+    path = f"/ok/{uuid.uuid4().hex}"
+    notifier = Notifier(_settings(wh_redis_url), wr)
+    delivery, tr = _job(wr, wh_redis_url, hook=receiver.url(path))
+    notifier(delivery, "succeeded", tr)
+    (req,) = receiver.wait_for(path, 1)
+    assert len(req.headers["webhook-signature"].split(" ")) == 2
+    payload = Webhook(NEW).verify(req.body, req.headers)  # the receiver knows only the new secret
+    assert payload["type"] == "job.succeeded" and payload["timestamp"].endswith("Z")
+    data = payload["data"]
+    assert data["job_id"] == delivery.job_id and data["batch_id"] == delivery.batch_id
+    assert data["custom_id"] == delivery.spec.custom_id and data["status"] == "succeeded" and data["seed"] == 7
+    assert data["url"].endswith(".png") and data["sidecar_url"].endswith(".json") and data["error"] is None
+    assert data["timings"] == {"engine_s": 0.5}
+    assert req.headers["webhook-id"] == event_id(delivery.job_id, "job.succeeded",
+                                                 wr.hget(keys.job(delivery.job_id), "succeeded_at"), receiver.url(path))
+
+
+def test_notifier_dedupes_and_filters(wr, receiver, webhook_worker, wh_redis_url) -> None:
+    path = f"/dedupe/{uuid.uuid4().hex}"
+    notifier = Notifier(_settings(wh_redis_url), wr)
+    delivery, tr = _job(wr, wh_redis_url, hook=receiver.url(path), status="failed")
+    notifier(delivery, "failed", tr)
+    notifier(delivery, "failed", tr)  # a redelivered job announcing the same outcome again
+    Notifier(_settings(wh_redis_url), wr)(delivery, "failed", tr)  # ... from another worker process
+    (req,) = receiver.wait_for(path, 1)
+    payload = Webhook(NEW).verify(req.body, req.headers)
+    assert payload["type"] == "job.failed" and payload["data"]["error"] == "boom"
+    # Filtered out: this submission asked only for batch.completed.
+    other, tr2 = _job(wr, wh_redis_url, hook=receiver.url(path), events=["batch.completed"])
+    notifier(other, "succeeded", tr2)
+    time.sleep(0.8)
+    assert len(receiver.got(path)) == 1
+
+
+def test_retry_keeps_the_webhook_id(wr, receiver, webhook_worker, wh_redis_url) -> None:
+    path = f"/flaky/{uuid.uuid4().hex}"
+    receiver.answer(path, 500, 200)
+    delivery, tr = _job(wr, wh_redis_url, hook=receiver.url(path))
+    Notifier(_settings(wh_redis_url), wr)(delivery, "succeeded", tr)
+    first, second = receiver.wait_for(path, 2)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert first.body == second.body
+    for req in (first, second):
+        Webhook(NEW).verify(req.body, req.headers)
+    time.sleep(0.5)
+    assert len(receiver.got(path)) == 2 and wr.llen(keys.WEBHOOK_DEAD) == 0
+
+
+def test_retry_after_is_honoured(wr, receiver, webhook_worker, wh_redis_url) -> None:
+    path = f"/busy/{uuid.uuid4().hex}"
+    receiver.answer(path, (503, {"Retry-After": "1"}), 200)
+    delivery, tr = _job(wr, wh_redis_url, hook=receiver.url(path))
+    Notifier(_settings(wh_redis_url), wr)(delivery, "succeeded", tr)
+    first, second = receiver.wait_for(path, 2)
+    assert second.at - first.at >= 0.95  # the schedule alone would have retried after about 0.1 s
+
+
+def test_410_disables_the_endpoint(wr, receiver, webhook_worker, wh_redis_url) -> None:
+    path = f"/gone/{uuid.uuid4().hex}"
+    receiver.answer(path, 410)
+    notifier = Notifier(_settings(wh_redis_url), wr)
+    delivery, tr = _job(wr, wh_redis_url, hook=receiver.url(path))
+    notifier(delivery, "succeeded", tr)
+    receiver.wait_for(path, 1)
+    dead = _wait(lambda: outbox.dead(wr), what="dead letter")
+    assert "410" in dead[0]["reason"] and "disabled" in dead[0]["reason"]
+    assert wr.exists(keys.webhook_endpoint_disabled(outbox.url_hash(receiver.url(path))))
+    later, tr2 = _job(wr, wh_redis_url, hook=receiver.url(path))
+    notifier(later, "succeeded", tr2)
+    dead = _wait(lambda: len(outbox.dead(wr)) == 2 and outbox.dead(wr), what="second dead letter")
+    assert dead[1]["job_id"] == later.job_id and "endpoint disabled" in dead[1]["reason"]
+    time.sleep(0.3)
+    assert len(receiver.got(path)) == 1  # nothing more was sent to it
+
+
+def test_exhausted_schedule_dead_list_and_replay(wr, receiver, webhook_worker, wh_redis_url) -> None:
+    path = f"/down/{uuid.uuid4().hex}"
+    receiver.answer(path, 500)
+    delivery, tr = _job(wr, wh_redis_url, hook=receiver.url(path))
+    Notifier(_settings(wh_redis_url), wr)(delivery, "succeeded", tr)
+    attempts = receiver.wait_for(path, 3)
+    dead = _wait(lambda: outbox.dead(wr), what="dead letter")
+    assert len({a.headers["webhook-id"] for a in attempts}) == 1
+    assert "gave up after 3 attempt(s)" in dead[0]["reason"] and dead[0]["last_status"] == 500
+    env = _env(wh_redis_url)
+    listed = _cli(["webhooks", "list-failed", "--json"], env)
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert entry["id"] == attempts[0].headers["webhook-id"] and entry["job_id"] == delivery.job_id
+    human = _cli(["webhooks", "list-failed"], env)
+    assert entry["id"] in human.stdout and "1 failed delivery" in human.stderr
+    assert NEW not in listed.stdout + human.stdout + human.stderr
+
+    receiver.answer(path, 200)
+    missing = _cli(["webhooks", "replay", "msg_nope"], env)
+    assert missing.returncode == 2 and "msg_nope" in missing.stderr
+    replayed = _cli(["webhooks", "replay", entry["id"]], env)
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.split() == [entry["id"]]
+    got = receiver.wait_for(path, 4)
+    assert got[3].headers["webhook-id"] == entry["id"]
+    Webhook(NEW).verify(got[3].body, got[3].headers)
+    assert wr.llen(keys.WEBHOOK_DEAD) == 0
+    assert _cli(["webhooks", "replay"], env).returncode == 2  # neither ids nor --all
+
+
+def test_submit_refuses_private_webhook_urls(wr, wh_redis_url, tmp_path) -> None:
+    env = {**_env(wh_redis_url, SDFLEET_OUT=f"file://{tmp_path / 'out'}"), "SDFLEET_WEBHOOK_ALLOW_PRIVATE": "0"}
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a red fox\n")
+    for url in ("http://127.0.0.1:9/x", "http://169.254.169.254/latest", "ftp://example.com/x"):
+        res = _cli(["submit", str(jobs), "--webhook", url], env)
+        assert res.returncode == 2, res.stderr
+        assert "--webhook" in res.stderr
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "webhook": "http://10.0.0.1/h"}) + "\n")
+    res = _cli(["submit", str(lines)], env)
+    assert res.returncode == 2 and "line 2" in res.stderr and "webhook" in res.stderr and "private" in res.stderr
+    assert wr.zcard(keys.BATCHES) == 0 and wr.llen(keys.queue_for_model("tiny")) == 0  # nothing enqueued
+
+
+def test_batch_completed_end_to_end(wr, receiver, webhook_worker, wh_redis_url, tmp_path) -> None:  # noqa: PLR0915
+    """Real processes: submit (CLI, per-batch secret) -> null GPU worker -> Notifier -> webhook worker -> HTTP."""
+    path = f"/batch/{uuid.uuid4().hex}"
+    batch_secret = new_secret()
+    out = tmp_path / "out"
+    env = _env(wh_redis_url, SDFLEET_OUT=f"file://{out}")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"prompt": f"p{i}", "custom_id": f"c{i}", "model": "null", "width": 256,
+                                        "height": 256}) + "\n" for i in range(3)))
+    res = _cli(["submit", str(jobs), "--batch", "whbatch", "--webhook", receiver.url(path),
+                "--webhook-secret", batch_secret], env)
+    assert res.returncode == 0, res.stderr
+    log_path = tmp_path / "gpu-worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "worker", "--model", "null", "--device", "cpu",
+                               "--worker-id", "whtest", "--max-wait-ms", "20"],
+                              env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        got = receiver.wait_for(path, 4, timeout=30)
+    except AssertionError:
+        raise AssertionError(log_path.read_text()[-3000:] + webhook_worker.log_path.read_text()[-3000:]) from None
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    time.sleep(0.5)
+    got = receiver.got(path)
+    payloads = [Webhook(batch_secret).verify(g.body, g.headers) for g in got]  # signed with the batch's secret
+    with pytest.raises(WebhookVerificationError):
+        Webhook(NEW).verify(got[0].body, got[0].headers)
+    types = sorted(p["type"] for p in payloads)
+    assert types == ["batch.completed", "job.succeeded", "job.succeeded", "job.succeeded"], log_path.read_text()[-2000:]
+    assert len({g.headers["webhook-id"] for g in got}) == 4
+    (batch,) = [p for p in payloads if p["type"] == "batch.completed"]
+    data = batch["data"]
+    assert data["batch_id"] == "whbatch" and data["total"] == 3 and data["counts"]["succeeded"] == 3
+    assert data["manifest_url"] == f"file://{out}/whbatch/manifest.jsonl"
+    manifest = [json.loads(x) for x in (out / "whbatch" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(m["custom_id"] for m in manifest) == ["c0", "c1", "c2"]
+    assert all(m["status"] == "succeeded" and m["url"] for m in manifest)
+    assert {p["data"]["custom_id"] for p in payloads if p["type"] == "job.succeeded"} == {"c0", "c1", "c2"}
+
+
+def test_secrets_never_logged(webhook_worker) -> None:
+    text = webhook_worker.log_path.read_text()
+    assert "webhook worker ready" in text and "webhook delivered" in text
+    for secret in (NEW, OLD):
+        assert secret not in text and secret[len("whsec_"):] not in text
