@@ -44,15 +44,12 @@ def _load_attention_module():
 att = _load_attention_module()
 
 VARIANTS = {
-    # name: fp8_attention options (see attention.DEFAULT_OPTIONS)
-    "v1_I8_pv8_tile": dict(qk="int8", pv="fp8", scales="tile", ftz=False, tma=False, i2f_magic=False),
+    # name: fp8_attention options (see attention.DEFAULT_OPTIONS); scales: K/V scale granularity
     "fp8_pv8_head": dict(qk="fp8", pv="fp8", scales="head", ftz=True, tma=True),
-    "fp8_pv8_head_notma": dict(qk="fp8", pv="fp8", scales="head", ftz=True, tma=False),
-    "fp8_pv8_head_noftz": dict(qk="fp8", pv="fp8", scales="head", ftz=False, tma=True),
     "I8_pv8_head": dict(qk="int8", pv="fp8", scales="head", ftz=True, tma=True, i2f_magic=True),
+    "I8_pv8_ktile": dict(qk="int8", pv="fp8", scales="ktile", ftz=True, tma=True, i2f_magic=True),
     "I8_pv8_tile": dict(qk="int8", pv="fp8", scales="tile", ftz=True, tma=True, i2f_magic=True),
-    "I8_pvbf16_head": dict(qk="int8", pv="bf16", scales="head", ftz=True, tma=True, i2f_magic=True),
-    "I8_pvbf16_tile": dict(qk="int8", pv="bf16", scales="tile", ftz=True, tma=True, i2f_magic=True),
+    "I8_pvbf16_ktile": dict(qk="int8", pv="bf16", scales="ktile", ftz=True, tma=True, i2f_magic=True),
 }
 
 

@@ -8,31 +8,36 @@ one FP8 step split into GEMM / attention / quantization / elementwise.
 
     python bench/engine.py --quick                          # transformer step timings, Medium and Large
     python bench/engine.py --models medium --variants bf16,fp8-fused,fp8-fused-graph --out x.json
-    python bench/engine.py --e2e                            # + text encoders, VAE decode, s/image
+    python bench/engine.py --e2e --cold-start               # + whole pipeline s/image, load+capture s
 
 Writes JSON (``--out``, default ``$OUT/engine.json`` or ``bench/results/engine.json``) and prints a table.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, and its modules (bench/queue.py) would shadow the
+# standard library's: put the repository root there instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import copy
 import datetime as dt
 import gc
 import json
+import math
 import os
 import platform
-import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from worker.engine.fp8 import Fp8Options, apply_fp8, set_runtime_options, weight_bytes  # noqa: E402
-from worker.engine.fp8.options import BLOCK_LAYER_TYPES, DEFAULT_BF16_LAYERS  # noqa: E402
+from worker.engine.fp8.options import DEFAULT_BF16_LAYERS  # noqa: E402
 from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER, build_transformer  # noqa: E402
 
 ALL_VARIANTS = ("bf16", "bf16-graph", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph",
@@ -218,11 +223,12 @@ def profile_step(fn) -> dict:
         if not us or ev.key.startswith(("ProfilerStep", "aten::", "cuda")):
             continue
         k = ev.key.lower()
-        if any(s in k for s in ("gemm", "cutlass", "xmma", "cublas", "f8f8bf16", "sm90_", "matmul", "gemv",
-                                   "nvjet")):
+        if any(s in k for s in ("flash", "fmha", "cudnn", "sdpa", "attention", "attn", "softmax", "quant_kv",
+                                "kv_amax")):
+            c = "attention"  # before GEMM: cuDNN's attention kernels are named ..._sm90_..._wgmma_...
+        elif any(s in k for s in ("gemm", "cutlass", "xmma", "cublas", "f8f8bf16", "sm90_", "matmul", "gemv",
+                                  "nvjet")):
             c = "gemm"
-        elif any(s in k for s in ("flash", "fmha", "cudnn", "attention", "attn", "softmax")):
-            c = "attention"
         elif "quant" in k:
             c = "quantization"
         elif "qkv_prep" in k:
@@ -241,7 +247,7 @@ def profile_step(fn) -> dict:
 
 
 def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, do_layer_errors: bool,
-              do_profile: bool) -> dict:
+              do_profile: bool, e2e: bool = False, steps: int = 28, do_cold: bool = False) -> dict:
     cfg = TRANSFORMER[name]
     out: dict = {"model": name, "batch": batch, "res": res, "text_tokens": TEXT_TOKENS, "variants": {}}
     torch.cuda.empty_cache()
@@ -332,14 +338,39 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
         flush()
     if do_profile and fp8_model is not None:
         try:
-            set_runtime_options(fp8_model, Fp8Options())
+            use_attn = any(v.startswith("fp8-attn") and "error" not in out["variants"].get(v, {}) for v in variants)
+            set_runtime_options(fp8_model, Fp8Options(fp8_attention=use_attn))
             with torch.no_grad():
                 out["profile_fp8_fused"] = profile_step(lambda: fp8_model(**x))
+                out["profile_fp8_fused"]["fp8_attention"] = use_attn
             with torch.no_grad():
                 out["profile_bf16"] = profile_step(lambda: bf(**x))
             log(f"{name} profile: {json.dumps(out['profile_fp8_fused'])}")
         except Exception as exc:
             out["profile_error"] = repr(exc)[:300]
+    if do_cold and fp8_model is not None:
+        try:
+            out["cold_start"] = cold_start(fp8_model, res, batch)
+            log(f"{name} cold start: {json.dumps(out['cold_start'])}")
+        except Exception as exc:
+            traceback.print_exc()
+            out["cold_start"] = {"error": repr(exc)[:300]}
+    if e2e:
+        try:
+            from worker.engine.graphs import CudaGraphRunner
+
+            best = Fp8Options(fp8_attention="fp8-attn-graph" in variants)
+            fp8m = fp8_default()
+            set_runtime_options(fp8m, best)
+            runner = CudaGraphRunner(fp8m, batch_buckets=(batch,))
+            runner.capture((res // 8, res // 8), TEXT_TOKENS)
+            out["e2e"] = e2e_pipeline({"bf16": (bf, None), "fp8": (fp8m, runner)}, max(batch // 2, 1), res, steps)
+            out["e2e"]["fp8_options"] = best.to_dict()
+            runner.release()
+        except Exception as exc:
+            traceback.print_exc()
+            out["e2e"] = {"error": repr(exc)[:500]}
+        flush()
     base = out["variants"].get("bf16", {}).get("ms")
     comp = out["variants"].get("bf16-compile", {}).get("ms")
     for v, rec in out["variants"].items():
@@ -353,40 +384,144 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
     return out
 
 
-def e2e_components(batch: int, res: int) -> dict:
-    """Text encoders (CLIP-L, CLIP-G, T5-XXL, random weights, bf16) and VAE decode at ``res``."""
+_SHARED: dict = {}
+
+
+def _components(res: int) -> dict:
+    """Text encoders (CLIP-L, CLIP-G, T5-XXL) and the VAE with released configs, random bf16 weights on the GPU."""
+    if "vae" in _SHARED:
+        return _SHARED
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    from worker.engine.models import _byte_tokenizer
     from worker.engine.sd35_configs import CLIP_G, CLIP_L, T5_XXL, VAE
 
-    out = {}
+    t = time.time()
+    clip_tok = _byte_tokenizer("<|startoftext|>", "<|endoftext|>", "<|pad|>", 77)
+    t5_tok = _byte_tokenizer(None, "</s>", "<pad>", 256)
+    ids = dict(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+               pad_token_id=clip_tok.pad_token_id)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            enc = [CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)).eval(),
-                   CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)).eval(),
-                   T5EncoderModel(T5Config(**T5_XXL)).eval()]
-            vae = AutoencoderKL(**VAE).eval()
+            _SHARED.update(
+                text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, **ids)).eval(),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G, **ids)).eval(),
+                text_encoder_3=T5EncoderModel(T5Config(**T5_XXL, pad_token_id=t5_tok.pad_token_id,
+                                                       eos_token_id=t5_tok.eos_token_id)).eval(),
+                vae=AutoencoderKL(**VAE).eval())
     finally:
         torch.set_default_dtype(torch.float32)
-    ids77 = torch.randint(0, 49000, (batch, 77), device="cuda")
-    ids256 = torch.randint(0, 32000, (batch, 256), device="cuda")
+    _SHARED.update(tokenizer=clip_tok, tokenizer_2=clip_tok, tokenizer_3=t5_tok)
+    _SHARED["build_s"] = round(time.time() - t, 1)
+    return _SHARED
 
-    def encode():
-        enc[0](ids77, output_hidden_states=True)
-        enc[1](ids77, output_hidden_states=True)
-        enc[2](ids256)
 
-    lat = torch.randn(batch // 2 or 1, 16, res // 8, res // 8, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        out["text_encode"] = time_ms(encode, iters=5, warm=2)
-        out["vae_decode"] = time_ms(lambda: vae.decode(lat), iters=5, warm=2)
-    out["text_encoder_gib"] = round(sum(weight_bytes(e) for e in enc) / GIB, 2)
-    del enc, vae
-    gc.collect()
-    torch.cuda.empty_cache()
+def e2e_pipeline(models: dict, images: int, res: int, steps: int) -> dict:
+    """Whole StableDiffusion3Pipeline runs (3 text encoders, ``steps`` denoising steps with CFG, VAE decode,
+    numpy images) per transformer variant; wall-clock s/image, and accuracy vs the BF16 run (same seed)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from worker.engine.sd35_configs import SCHEDULER
+
+    comp = _components(res)
+    parts = {k: v for k, v in comp.items() if k != "build_s"}
+    out: dict = {"images": images, "steps": steps, "components_build_s": comp["build_s"],
+                 "note": "text encoders and VAE: released configs, random bf16 weights; byte-level tokenizers"}
+    prompts = ["a photograph of an astronaut riding a horse"] * images
+    lat_ref = img_ref = None
+    for v, (transformer, runner) in models.items():
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+                                        **parts)
+        pipe.set_progress_bar_config(disable=True)
+        if runner is not None:
+            runner.install()
+
+        def call(kind):
+            return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=7.0, height=res, width=res,
+                        generator=torch.Generator("cuda").manual_seed(0), output_type=kind).images
+
+        rec: dict = {}
+        try:
+            with torch.no_grad():
+                lat = call("latent").float()
+                ts = []
+                for _ in range(2):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    img = call("np")
+                    torch.cuda.synchronize()
+                    ts.append(time.perf_counter() - t)
+            rec["s_per_batch"] = round(min(ts), 3)
+            rec["s_per_image"] = round(min(ts) / images, 3)
+            rec["images_per_s"] = round(images / min(ts), 3)
+            if runner is not None:
+                rec["graph_replays"] = runner.replays
+            img = torch.from_numpy(img).double()
+            if lat_ref is None:
+                lat_ref, img_ref = lat, img
+            else:
+                rec["latent_cos_vs_bf16"] = float(torch.nn.functional.cosine_similarity(
+                    lat.flatten().double(), lat_ref.flatten().double(), dim=0))
+                mse = float(((img - img_ref) ** 2).mean())
+                rec["image_psnr_db_vs_bf16"] = round(10 * math.log10(1.0 / max(mse, 1e-20)), 2)
+        except Exception as exc:
+            rec["error"] = repr(exc)[:500]
+            traceback.print_exc()
+        finally:
+            if runner is not None:
+                runner.uninstall()
+        out[v] = rec
+        log(f"e2e {v}: {json.dumps(rec)}")
     return out
+
+
+def cold_start(model, res: int, batch: int) -> dict:
+    """Seconds to load a quantized transformer from disk (no re-quantization) and capture its graph."""
+    import tempfile
+
+    from worker.engine.fp8 import serialize
+    from worker.engine.graphs import CudaGraphRunner
+
+    d = tempfile.mkdtemp(prefix="fp8q-")
+    t = time.time()
+    serialize.save_quantized(model, d)
+    save_s = time.time() - t
+    t = time.time()
+    m = serialize.load_quantized(d, device="cuda")
+    torch.cuda.synchronize()
+    load_s = time.time() - t
+    t = time.time()
+    r = CudaGraphRunner(m, batch_buckets=(batch,))
+    r.capture((res // 8, res // 8), TEXT_TOKENS)
+    cap_s = time.time() - t
+    r.release()
+    del m
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+    return {"save_s": round(save_s, 1), "load_s": round(load_s, 1), "graph_capture_s": round(cap_s, 1),
+            "cold_start_s": round(load_s + cap_s, 1)}
+
+
+def probe_attention() -> int:
+    """Exit status 0 when the FP8 attention kernel runs at SD3.5 shapes and is close to SDPA (run it in its
+    own process before the bench: a kernel fault would otherwise take the whole bench down)."""
+    from worker.engine.fp8.attention import fp8_attention
+
+    worst = 0.0
+    for heads in (24, 38):
+        q, k, v = (torch.randn(2, heads, 4096 + TEXT_TOKENS, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
+        out = fp8_attention(q, k, v).float()
+        torch.cuda.synchronize()
+        e = float((out - ref).norm() / ref.norm())
+        ms = time_ms(lambda: fp8_attention(q, k, v), iters=20)["ms"]
+        sd = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), iters=20)["ms"]
+        log(f"probe fp8 attention heads={heads}: rel_err {e:.4f}, {ms} ms vs SDPA {sd} ms")
+        worst = max(worst, e) if e == e else float("inf")
+    return 0 if worst < 0.1 else 1
 
 
 def flush() -> None:
@@ -406,13 +541,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="step timings only (no layer errors, profile, e2e)")
     ap.add_argument("--check", action="store_true", help="GPU kernel checks against torch references first")
-    ap.add_argument("--e2e", action="store_true", help="also text encoders + VAE decode -> s/image estimate")
+    ap.add_argument("--e2e", action="store_true",
+                    help="also whole-pipeline runs (text encoders, --steps steps, VAE decode): s/image, PSNR")
+    ap.add_argument("--cold-start", action="store_true", help="also save + load + graph capture time of FP8")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--probe-attention", action="store_true",
+                    help="only check the FP8 attention kernel at SD3.5 shapes; exit 0 if usable")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/engine.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    if a.probe_attention:
+        return probe_attention()
     variants = (a.variants.split(",") if a.variants else list(QUICK_VARIANTS if a.quick else ALL_VARIANTS))
     unknown = sorted(set(variants) - set(ALL_VARIANTS))
     if unknown:
@@ -448,28 +589,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.models.split(","):
         for b in (int(x) for x in a.batch.split(",")):
             r = run_model(name, variants, b, a.res, a.iters, do_layer_errors=not a.quick and b == 2,
-                          do_profile=not a.quick and b == 2)
+                          do_profile=not a.quick and b == 2, e2e=a.e2e, steps=a.steps,
+                          do_cold=a.cold_start and b == 2)
             RESULTS["models"].append(r)
             flush()
-    if a.e2e:
-        try:
-            RESULTS["e2e_components"] = e2e_components(2, a.res)
-            comp = RESULTS["e2e_components"]
-            for r in RESULTS["models"]:
-                for v, rec in r["variants"].items():
-                    if "ms" in rec:
-                        rec["s_per_image_est"] = round((comp["text_encode"]["ms"] + a.steps * rec["ms"]
-                                                        + comp["vae_decode"]["ms"]) / 1000 / (r["batch"] // 2 or 1), 3)
-        except Exception as exc:
-            traceback.print_exc()
-            RESULTS["e2e_components"] = {"error": repr(exc)[:500]}
-        flush()
     print("\nmodel   batch variant               ms/step  x eager  x compile  weightGiB  peakGiB  cos       rel_err")
     for r in RESULTS["models"]:
         for v, rec in r["variants"].items():
             print(f"{r['model']:7} {r['batch']:5} {v:21} {rec.get('ms', 'ERR')!s:>8} {rec.get('speedup_vs_bf16_eager', '')!s:>8} "
                   f"{rec.get('speedup_vs_bf16_compile', '')!s:>9} {rec.get('weight_gib', '')!s:>10} {rec.get('peak_gib', '')!s:>8} "
                   f"{rec.get('cos', '')!s:9.9} {rec.get('rel_err', '')!s:.7}")
+    for r in RESULTS["models"]:
+        e = r.get("e2e") or {}
+        for v in ("bf16", "fp8"):
+            if isinstance(e.get(v), dict):
+                print(f"e2e {r['model']:7} {v:5} s/image {e[v].get('s_per_image')}  images/s {e[v].get('images_per_s')}  "
+                      f"latent cos {e[v].get('latent_cos_vs_bf16', '')}  PSNR {e[v].get('image_psnr_db_vs_bf16', '')}")
     flush()
     log(f"wrote {RESULTS['_path']}")
     return 0

@@ -24,6 +24,7 @@ from celery import Celery
 
 from sdfleet import keys
 from sdfleet import logs as logs_mod
+from sdfleet.errors import StorageError
 from sdfleet.queue import make_app
 from sdfleet.settings import Settings
 from sdfleet.state import JobStore
@@ -34,6 +35,7 @@ JOB_SUCCEEDED, JOB_FAILED, BATCH_COMPLETED = "job.succeeded", "job.failed", "bat
 JOB_EVENTS = {"succeeded": JOB_SUCCEEDED, "failed": JOB_FAILED}
 BATCH_TASK = "sdfleet.webhook.batch_completed"
 MANIFEST_KEY = "{batch_id}/manifest.jsonl"
+CLAIM_S = 10  # a claim that never became "sent" (the process died in between) lapses after this
 
 
 def event_id(*parts: str) -> str:
@@ -86,7 +88,9 @@ def batch_event(batch_id: str, counts: dict[str, int], total: int, manifest_url:
 def emit(r: redis.Redis, app: Celery, *, url: str, event_type: str, payload: dict[str, Any], eid: str,
          batch_id: str, job_id: str | None = None) -> bool:
     """Enqueue one event for one endpoint unless it was already enqueued; True if enqueued now."""
-    if not r.set(keys.webhook_sent(eid), "1", nx=True, ex=keys.RECORD_TTL_S):
+    # Claimed for a short while first: if this process dies before the event is on the queue, the claim
+    # lapses and the redelivered job's re-announcement enqueues it (with the same id).
+    if not r.set(keys.webhook_sent(eid), "pending", nx=True, ex=CLAIM_S):
         return False
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     try:
@@ -95,6 +99,7 @@ def emit(r: redis.Redis, app: Celery, *, url: str, event_type: str, payload: dic
     except BaseException:
         r.delete(keys.webhook_sent(eid))  # not enqueued: let a re-announcement try again
         raise
+    r.set(keys.webhook_sent(eid), "sent", ex=keys.RECORD_TTL_S)
     return True
 
 
@@ -133,7 +138,7 @@ class Notifier:
             eid = event_id(delivery.job_id, event_type, fields.get(f"{status}_at", ""), url)
             if emit(self.r, self.app, url=url, event_type=event_type, payload=payload, eid=eid,
                     batch_id=delivery.batch_id, job_id=delivery.job_id):
-                self.log.info("webhook event enqueued", job_id=delivery.job_id, batch_id=delivery.batch_id,
+                self.log.debug("webhook event enqueued", job_id=delivery.job_id, batch_id=delivery.batch_id,
                               event_type=event_type, webhook_id=eid)
         if getattr(transition, "batch_completed", False):
             outbox.send(self.app, BATCH_TASK, {"batch_id": delivery.batch_id})
@@ -171,7 +176,11 @@ def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: Sto
     data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
     manifest_url = None
     for out in outs:  # usually one location; a batch spread over several gets a manifest in each
-        url = storage.get(out).put(MANIFEST_KEY.format(batch_id=batch_id), data, "application/x-ndjson")
+        try:
+            url = storage.get(out).put(MANIFEST_KEY.format(batch_id=batch_id), data, "application/x-ndjson")
+        except StorageError as exc:  # already retried; announce the batch anyway ('sdfleet results' still works)
+            log.error("manifest not stored", location=out, error=str(exc))
+            continue
         manifest_url = manifest_url or url
     counts = store.counts(batch_id)
     payload = batch_event(batch_id, counts, int(meta.get("total", 0) or 0), manifest_url, completed_at)

@@ -107,16 +107,31 @@ class JobStore:
 
     def transition(self, job_id: str, to: str, allowed: Sequence[str], *, count_attempt: int = 0,
                    **fields: Any) -> Transition:
-        args: list[Any] = [to, ",".join(allowed), f"{time.time():.6f}", count_attempt]
-        for name, value in fields.items():
-            args += [name, value if isinstance(value, str) else json.dumps(value)]
-        applied, prev, done, attempts = self._transition(keys=[keys.job(job_id)], args=args)
-        prev = prev.decode() if isinstance(prev, bytes) else prev
-        return Transition(applied > 0, prev, bool(done), int(attempts), poisoned=applied == 2)
+        return self.transition_many([(job_id, fields)], to, allowed, count_attempt=count_attempt)[0]
+
+    def transition_many(self, items: Sequence[tuple[str, dict[str, Any]]], to: str, allowed: Sequence[str], *,
+                        count_attempt: int = 0) -> list[Transition]:
+        """The same transition for many jobs in one round trip (each still atomic on its own)."""
+        pipe = self.r.pipeline(transaction=False)
+        now = f"{time.time():.6f}"
+        for job_id, fields in items:
+            args: list[Any] = [to, ",".join(allowed), now, count_attempt]
+            for name, value in fields.items():
+                args += [name, value if isinstance(value, str) else json.dumps(value)]
+            self._transition(keys=[keys.job(job_id)], args=args, client=pipe)
+        out = []
+        for applied, prev, done, attempts in pipe.execute():
+            prev = prev.decode() if isinstance(prev, bytes) else prev
+            out.append(Transition(applied > 0, prev, bool(done), int(attempts), poisoned=applied == 2))
+        return out
 
     def start(self, job_id: str, worker_id: str, max_attempts: int) -> Transition:
         """queued|running -> running, counting an attempt; fails the job once it exceeds ``max_attempts``."""
-        return self.transition(job_id, RUNNING, (QUEUED, RUNNING), count_attempt=max_attempts, worker=worker_id)
+        return self.start_many([job_id], worker_id, max_attempts)[0]
+
+    def start_many(self, job_ids: Sequence[str], worker_id: str, max_attempts: int) -> list[Transition]:
+        return self.transition_many([(j, {"worker": worker_id}) for j in job_ids], RUNNING, (QUEUED, RUNNING),
+                                    count_attempt=max_attempts)
 
     def succeed(self, job_id: str, **fields: Any) -> Transition:
         return self.transition(job_id, SUCCEEDED, (RUNNING,), error="", **fields)

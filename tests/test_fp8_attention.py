@@ -78,7 +78,7 @@ def test_fp8_attention_raises_clear_error_without_cuda():
 
 
 @pytest.mark.parametrize("qk,pv", sorted(BOUNDS))
-@pytest.mark.parametrize("scales", ["head", "tile"])
+@pytest.mark.parametrize("scales", ["head", "ktile", "tile"])
 @pytest.mark.parametrize("kind", ["randn", "peaky"])
 def test_reference_scheme_vs_float64(qk, pv, scales, kind):
     q, k, v = _inputs(kind, S=333, seed=1)
@@ -109,7 +109,7 @@ def test_reference_online_softmax_matches_full_softmax_for_exact_pv(block_n):
 
 
 @pytest.mark.parametrize("qk", ["fp8", "int8"])
-@pytest.mark.parametrize("scales", ["head", "tile"])
+@pytest.mark.parametrize("scales", ["head", "ktile", "tile"])
 def test_reference_zeros_and_outliers_no_nan(qk, scales):
     q, k, v = _inputs("randn", S=200, seed=5)
     q = q.clone()
@@ -152,6 +152,7 @@ gpu = pytest.mark.skipif(not _gpu_ok, reason="needs CUDA with compute capability
     dict(qk="int8", pv="fp8"),
     dict(qk="int8", pv="bf16"),
     dict(qk="int8", pv="fp8", scales="tile"),
+    dict(qk="int8", pv="fp8", scales="head"),
 ])
 def test_kernel_matches_reference_scheme(S, opts):
     g = torch.Generator(device="cuda").manual_seed(S)
@@ -162,7 +163,7 @@ def test_kernel_matches_reference_scheme(S, opts):
     out = att.fp8_attention(q, k, v, **opts)
     assert out.shape == q.shape and out.stride() == q.stride()
     assert torch.isfinite(out).all()
-    ref = att.fp8_attention_reference(q, k, v, qk=opts["qk"], pv=opts["pv"], scales=opts.get("scales", "head"))
+    ref = att.fp8_attention_reference(q, k, v, qk=opts["qk"], pv=opts["pv"], scales=opts.get("scales", "ktile"))
     assert _rel(out, ref) < 0.02
     assert _rel(out, _ref64(q, k, v)) < BOUNDS[(opts["qk"], opts["pv"])][0]
 

@@ -111,8 +111,7 @@ def test_layer_types_follow_config(tiny):
     assert isinstance(b0.adaln, torch.nn.Linear) and isinstance(b0.adaln_ctx, torch.nn.Linear)
     assert isinstance(b0.ff.down, torch.nn.Linear) and isinstance(b0.ff.up, Fp8Linear)
     assert isinstance(b0.attn.ctx_qkv, torch.nn.Linear) and isinstance(b0.attn.qkv, Fp8Linear)
-    assert isinstance(b0.attn2.qkv, Fp8Linear) and isinstance(b0.context_ff_down if False else b0.ff_context.down,
-                                                                Fp8Linear)
+    assert isinstance(b0.attn2.qkv, Fp8Linear) and isinstance(b0.ff_context.down, Fp8Linear)
     assert b0.attn.ctx_qkv.out_features == 3 * 32  # BF16 q/k/v still fused into one GEMM
     assert isinstance(m.proj_out, torch.nn.Linear) and not isinstance(m.proj_out, Fp8Linear)
     assert isinstance(m.context_embedder, Fp8Linear)  # not in bf16_layers this time

@@ -24,6 +24,7 @@ from sdfleet import keys
 from sdfleet.errors import ConfigError, WebhookError
 from sdfleet.events import JOB_SUCCEEDED, Notifier, event_id
 from sdfleet.jobs import parse_job
+from sdfleet.queue import make_app
 from sdfleet.redisconn import PrivateRedis, ping
 from sdfleet.settings import Settings
 from sdfleet.state import JobStore
@@ -210,6 +211,35 @@ def test_retry_after_and_backoff() -> None:
         "j", "job.failed", "1.0", "u")
 
 
+def test_sender_timeout_and_send_time_refusals(wr, receiver, wh_redis_url) -> None:
+    """One attempt at a time, in-process: a slow receiver, a private URL at send time, no secret."""
+    from sdfleet import logs
+    from sdfleet.webhooks.sender import DEAD, RETRY, Sender
+
+    log = logs.get("test")
+    app = make_app(_settings(wh_redis_url))
+    slow = f"/slow/{uuid.uuid4().hex}"
+    receiver.delays[slow] = 1.0
+    sender = Sender(_settings(wh_redis_url, webhook_timeout=0.3), wr, app, log)
+    d = outbox.new_delivery(event_id="msg_t", event_type="job.succeeded", url=receiver.url(slow), body="{}",
+                            batch_id="b1")
+    t0 = time.monotonic()
+    assert sender.deliver(d) == RETRY and time.monotonic() - t0 < 0.9
+    ((waiting, _),) = outbox.pending(wr)
+    assert waiting["attempt"] == 1 and waiting["id"] == "msg_t"
+
+    strict = Sender(Settings(redis_url=wh_redis_url, webhook_secret=NEW), wr, app, log)
+    assert strict.deliver({**d, "id": "msg_p", "url": receiver.url("/never")}) == DEAD
+    unsigned = Sender(Settings(redis_url=wh_redis_url, webhook_allow_private=True), wr, app, log)
+    assert unsigned.deliver({**d, "id": "msg_s", "url": receiver.url("/never")}) == DEAD
+    reasons = {e["id"]: e["reason"] for e in outbox.dead(wr)}
+    assert "refused at send time" in reasons["msg_p"] and "loopback" in reasons["msg_p"]
+    assert "no signing secret" in reasons["msg_s"]
+    assert receiver.got("/never") == []
+    for s in (sender, strict, unsigned):
+        s.close()
+
+
 # --- with a real webhook worker process --------------------------------------------------------------------
 
 def test_job_webhook_delivered_signed_with_rotation(wr, receiver, webhook_worker, wh_redis_url) -> None:
@@ -266,7 +296,12 @@ def test_retry_after_is_honoured(wr, receiver, webhook_worker, wh_redis_url) -> 
     receiver.answer(path, (503, {"Retry-After": "1"}), 200)
     delivery, tr = _job(wr, wh_redis_url, hook=receiver.url(path))
     Notifier(_settings(wh_redis_url), wr)(delivery, "succeeded", tr)
+    receiver.wait_for(path, 1)
+    # The retry waits in Redis (not in a broker ETA message): due about 1 s after the first attempt.
+    ((waiting, due),) = _wait(lambda: outbox.pending(wr), what="scheduled retry")
+    assert waiting["attempt"] == 1 and waiting["job_id"] == delivery.job_id and "secret" not in json.dumps(waiting)
     first, second = receiver.wait_for(path, 2)
+    assert due == pytest.approx(first.at + 1.0, abs=0.3)
     assert second.at - first.at >= 0.95  # the schedule alone would have retried after about 0.1 s
 
 
@@ -334,7 +369,7 @@ def test_submit_refuses_private_webhook_urls(wr, wh_redis_url, tmp_path) -> None
     assert wr.zcard(keys.BATCHES) == 0 and wr.llen(keys.queue_for_model("tiny")) == 0  # nothing enqueued
 
 
-def test_batch_completed_end_to_end(wr, receiver, webhook_worker, wh_redis_url, tmp_path) -> None:  # noqa: PLR0915
+def test_batch_completed_end_to_end(wr, receiver, webhook_worker, wh_redis_url, tmp_path) -> None:
     """Real processes: submit (CLI, per-batch secret) -> null GPU worker -> Notifier -> webhook worker -> HTTP."""
     path = f"/batch/{uuid.uuid4().hex}"
     batch_secret = new_secret()
@@ -376,6 +411,17 @@ def test_batch_completed_end_to_end(wr, receiver, webhook_worker, wh_redis_url, 
     assert sorted(m["custom_id"] for m in manifest) == ["c0", "c1", "c2"]
     assert all(m["status"] == "succeeded" and m["url"] for m in manifest)
     assert {p["data"]["custom_id"] for p in payloads if p["type"] == "job.succeeded"} == {"c0", "c1", "c2"}
+
+
+def test_garbage_on_the_webhook_queue_is_survived(wr, receiver, webhook_worker, wh_redis_url) -> None:
+    wr.lpush(keys.WEBHOOK_QUEUE, "not even json")
+    outbox.send(make_app(_settings(wh_redis_url)), "sdfleet.webhook.deliver", {"delivery": {"id": "msg_x"}})
+    path = f"/after-garbage/{uuid.uuid4().hex}"
+    delivery, tr = _job(wr, wh_redis_url, hook=receiver.url(path))
+    Notifier(_settings(wh_redis_url), wr)(delivery, "succeeded", tr)
+    receiver.wait_for(path, 1)
+    assert webhook_worker.proc.poll() is None
+    assert not outbox.pending(wr) and not outbox.dead(wr)  # the malformed delivery was dropped, not retried
 
 
 def test_secrets_never_logged(webhook_worker) -> None:

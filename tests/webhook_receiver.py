@@ -23,6 +23,7 @@ class Receiver:
     # path -> list of (status, headers) answered in order; the last one repeats. Default: 200.
     script: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    delays: dict[str, float] = field(default_factory=dict)  # path -> seconds to wait before answering
 
     @property
     def base(self) -> str:
@@ -72,6 +73,7 @@ def start_receiver(host: str = "127.0.0.1") -> Receiver:
                 rec.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body,
                                              time.time()))
             status, headers = rec._respond(self.path)
+            time.sleep(rec.delays.get(self.path, 0.0))
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)

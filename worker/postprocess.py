@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -46,67 +47,93 @@ class PostProcessor:
         self.on_finished = on_finished
         self.log = log
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="post")
+        # Recording outcomes waits on the uploads; it gets its own thread so it never starves the pool.
+        self.recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
         self.pending: set[Future] = set()
+        self._lock = threading.Lock()
 
     def submit(self, delivery: Delivery, image: np.ndarray, timings: dict[str, float]) -> None:
-        fut = self.pool.submit(self._finish, delivery, image, timings)
-        self.pending.add(fut)
-        fut.add_done_callback(self.pending.discard)
+        self.submit_group([delivery], [image], timings)
+
+    def submit_group(self, group: Sequence[Delivery], images: Sequence[np.ndarray], timings: dict[str, float]) -> None:
+        """Store every image of an engine run in parallel, then record all outcomes in one round trip."""
+        stored = [self.pool.submit(self._store, d, img, timings) for d, img in zip(group, images)]
+        fut = self.recorder.submit(self._record, list(group), stored)
+        with self._lock:
+            self.pending.add(fut)
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: Future) -> None:
+        with self._lock:
+            self.pending.discard(fut)
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every submitted job is stored and recorded (used before shutdown)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.pending:
-            fut = next(iter(self.pending), None)
+        while True:
+            with self._lock:
+                fut = next(iter(self.pending), None)
             if fut is None:
-                break
-            fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                return
+            try:
+                fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
+        self.recorder.shutdown(wait=True)
 
-    def _finish(self, d: Delivery, image: np.ndarray, timings: dict[str, float]) -> None:
-        log = self.log.bind(job_id=d.job_id, batch_id=d.batch_id)
+    def _store(self, d: Delivery, image: np.ndarray, timings: dict[str, float]) -> dict[str, Any]:
+        """Encode and upload one job's PNG and sidecar; returns the fields to record."""
         spec = d.spec
         t0 = time.perf_counter()
-        try:
-            storage = self.storage.get(spec.out)
-            png = encode_png(image, {"sdfleet:job_id": d.job_id, "sdfleet:seed": str(spec.seed)})
-            t1 = time.perf_counter()
-            url = storage.put(object_key(d.batch_id, spec.custom_id, ".png"), png, "image/png")
-            timings = {**timings, "encode_png_s": t1 - t0, "upload_s": time.perf_counter() - t1,
-                       "queue_wait_s": d.extra.get("started_at", 0) - d.extra.get("queued_at", 0)}
-            sidecar = {
-                "job_id": d.job_id, "batch_id": d.batch_id, "custom_id": spec.custom_id,
-                "parameters": spec.model_dump(mode="json", exclude={"out", "webhook", "webhook_events"}),
-                "seed": spec.seed, "model": spec.model, "engine": self.engine_info, "worker": self.worker_id,
-                "attempt": d.attempts, "engine_run": d.extra.get("run"), "timings": {k: round(v, 6) for k, v in timings.items()},
-                "image": url, "width": int(image.shape[1]), "height": int(image.shape[0]),
-                "finished_at": time.time(),
-            }
-            sidecar_url = storage.put(object_key(d.batch_id, spec.custom_id, ".json"),
-                                      json.dumps(sidecar, indent=1).encode(), "application/json")
-        except StorageError as exc:
-            # Not stored: give the job back (it is retried elsewhere or later) rather than failing it.
-            log.error("storage failed; job handed back to the queue", error=str(exc))
-            self.store.requeue(d.job_id, uncount_attempt=True)
-            self.store.r.srem(keys.worker_held(self.worker_id), d.job_id)
-            self.acks.put(d.reject, True)
+        storage = self.storage.get(spec.out)
+        png = encode_png(image, {"sdfleet:job_id": d.job_id, "sdfleet:seed": str(spec.seed)})
+        t1 = time.perf_counter()
+        url = storage.put(object_key(d.batch_id, spec.custom_id, ".png"), png, "image/png")
+        timings = {**timings, "encode_png_s": t1 - t0, "upload_s": time.perf_counter() - t1,
+                   "queue_wait_s": d.extra.get("started_at", 0) - d.extra.get("queued_at", 0)}
+        sidecar = {
+            "job_id": d.job_id, "batch_id": d.batch_id, "custom_id": spec.custom_id,
+            "parameters": spec.model_dump(mode="json", exclude={"out", "webhook", "webhook_events"}),
+            "seed": spec.seed, "model": spec.model, "engine": self.engine_info, "worker": self.worker_id,
+            "attempt": d.attempts, "engine_run": d.extra.get("run"),
+            "timings": {k: round(v, 6) for k, v in timings.items()},
+            "image": url, "width": int(image.shape[1]), "height": int(image.shape[0]), "finished_at": time.time(),
+        }
+        sidecar_url = storage.put(object_key(d.batch_id, spec.custom_id, ".json"),
+                                  json.dumps(sidecar, indent=1).encode(), "application/json")
+        return {"url": url, "sidecar_url": sidecar_url, "timings": json.dumps(sidecar["timings"]),
+                "width": sidecar["width"], "height": sidecar["height"], "run": d.extra.get("run", "")}
+
+    def _record(self, group: list[Delivery], stored: list[Future]) -> None:
+        done: list[tuple[Delivery, dict[str, Any]]] = []
+        for d, fut in zip(group, stored):
+            log = self.log.bind(job_id=d.job_id, batch_id=d.batch_id)
+            try:
+                done.append((d, fut.result()))
+            except StorageError as exc:
+                # Not stored: give the job back (retried here or elsewhere later) rather than failing it.
+                log.error("storage failed; job handed back to the queue", error=str(exc))
+                self.store.requeue(d.job_id, uncount_attempt=True)
+                self.store.r.srem(keys.worker_held(self.worker_id), d.job_id)
+                self.acks.put(d.reject, True)
+            except Exception as exc:  # encoding bugs etc.: record the outcome, never end silently
+                log.exception("post-processing failed")
+                self.finish_failed(d, f"post-processing failed: {type(exc).__name__}: {exc}")
+        if not done:
             return
-        except Exception as exc:  # encoding bugs etc.: record the outcome, never end silently
-            log.exception("post-processing failed")
-            self.finish_failed(d, f"post-processing failed: {type(exc).__name__}: {exc}")
-            return
-        tr = self.store.succeed(d.job_id, url=url, sidecar_url=sidecar_url,
-                                timings=json.dumps(sidecar["timings"]), width=sidecar["width"],
-                                height=sidecar["height"], run=d.extra.get("run", ""))
-        self.store.r.srem(keys.worker_held(self.worker_id), d.job_id)
-        if tr.applied:
-            log.info("job succeeded", url=url, **{k: round(v, 4) for k, v in timings.items()})
-            self.on_finished(d, "succeeded", tr)
-        else:
-            log.info("job already ended elsewhere; outcome kept", status=tr.previous)
-        self.acks.put(d.ack)
+        transitions = self.store.transition_many([(d.job_id, {**f, "error": ""}) for d, f in done], "succeeded",
+                                                 ("running",))
+        self.store.r.srem(keys.worker_held(self.worker_id), *[d.job_id for d, _ in done])
+        for (d, fields), tr in zip(done, transitions):
+            if tr.applied:
+                self.log.info("job succeeded", job_id=d.job_id, batch_id=d.batch_id, url=fields["url"])
+                self.on_finished(d, "succeeded", tr)
+            else:
+                self.log.info("job already ended elsewhere; outcome kept", job_id=d.job_id, status=tr.previous)
+            self.acks.put(d.ack)
 
     def finish_failed(self, d: Delivery, error: str) -> None:
         tr = self.store.fail(d.job_id, error)

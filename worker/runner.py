@@ -62,26 +62,27 @@ class BatchRunner:
 
     def _claim(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         records = self.store.jobs([d.job_id for d in deliveries])
-        claimed = []
+        valid: list[tuple[Delivery, Any]] = []
         for d, rec in zip(deliveries, records):
             log = self.log.bind(job_id=d.job_id, batch_id=d.batch_id)
             if rec is None or rec.batch_id != d.batch_id:
                 log.error("message names no known job; dropped (forged or expired)")
                 self.acks.put(d.ack)
-                continue
-            stored = dict(rec.spec)
-            if stored != d.spec.model_dump(mode="json"):
+            elif dict(rec.spec) != d.spec.model_dump(mode="json"):
                 log.error("message disagrees with the job record; dropped (forged or tampered)")
                 self.acks.put(d.ack)
-                continue
-            tr = self.store.start(d.job_id, self.worker_id, self.max_attempts)
+            else:
+                valid.append((d, rec))
+        claimed = []
+        transitions = self.store.start_many([d.job_id for d, _ in valid], self.worker_id, self.max_attempts)
+        for (d, rec), tr in zip(valid, transitions):
             if tr.poisoned:
-                log.error("job failed as poison", attempts=tr.attempts)
+                self.log.error("job failed as poison", job_id=d.job_id, batch_id=d.batch_id, attempts=tr.attempts)
                 self.post.on_finished(d, "failed", tr)
                 self.acks.put(d.ack)
                 continue
             if not tr.applied:
-                log.info("job not runnable; skipped", status=tr.previous)
+                self.log.info("job not runnable; skipped", job_id=d.job_id, batch_id=d.batch_id, status=tr.previous)
                 self.acks.put(d.ack)
                 continue
             d.attempts = tr.attempts
@@ -116,5 +117,4 @@ class BatchRunner:
             return
         share = {k: v / len(group) for k, v in result.timings.items()}
         share["batch_size"] = len(group)
-        for d, image in zip(group, result.images):
-            self.post.submit(d, image, share)
+        self.post.submit_group(group, result.images, share)

@@ -107,7 +107,7 @@ class Sender:
         except WebhookError as exc:
             return self._bury(delivery, f"refused at send time: {exc}", log)
         except (socket.gaierror, UnicodeError, OSError) as exc:
-            return self._retry(delivery, f"cannot resolve the host: {exc}", None, None, log)
+            return self.retry_later(delivery, f"cannot resolve the host: {exc}", None, None, log)
 
         body = delivery["body"]
         headers = signed_headers(secrets, delivery["id"], int(time.time()), body)
@@ -125,9 +125,9 @@ class Sender:
                     if len(snippet) >= _SNIPPET_BYTES:
                         break
         except httpx.TimeoutException:
-            return self._retry(delivery, f"no answer within {self.settings.webhook_timeout:g} s", None, None, log)
+            return self.retry_later(delivery, f"no answer within {self.settings.webhook_timeout:g} s", None, None, log)
         except httpx.HTTPError as exc:
-            return self._retry(delivery, f"{type(exc).__name__}: {exc}"[:300], None, None, log)
+            return self.retry_later(delivery, f"{type(exc).__name__}: {exc}"[:300], None, None, log)
         elapsed = round(time.perf_counter() - t0, 4)
         if 200 <= status < 300:
             log.info("webhook delivered", status=status, elapsed_s=elapsed)
@@ -140,9 +140,9 @@ class Sender:
                        ex=keys.RECORD_TTL_S)
             log.warning("webhook endpoint answered 410 Gone; disabled")
             return self._bury(delivery, f"{reason} (endpoint disabled)", log, status=status)
-        return self._retry(delivery, reason, status, retry_after, log)
+        return self.retry_later(delivery, reason, status, retry_after, log)
 
-    def _retry(self, delivery: dict[str, Any], reason: str, status: int | None, retry_after: float | None,
+    def retry_later(self, delivery: dict[str, Any], reason: str, status: int | None, retry_after: float | None,
                log: Any) -> str:
         made = int(delivery.get("attempt", 0)) + 1
         delay = backoff(self.settings.webhook_schedule, made, retry_after)

@@ -54,14 +54,22 @@ def register_tasks(app: Celery, settings: Settings, r: redis.Redis, log: Any) ->
     storage = StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries)
 
     @app.task(name=WEBHOOK_TASK, acks_late=True, reject_on_worker_lost=True)
-    def deliver(delivery: dict[str, Any]) -> str:
+    def deliver(delivery: dict[str, Any] | None = None, **_: Any) -> str:
+        if not (isinstance(delivery, dict) and all(isinstance(delivery.get(k), str) for k in ("id", "url", "body"))):
+            ref = delivery.get("id") if isinstance(delivery, dict) else type(delivery).__name__
+            log.error("malformed webhook delivery dropped", ref=str(ref)[:80])
+            return "malformed"
         try:
             return sender.deliver(delivery)
         except Exception as exc:  # a bug or Redis hiccup: keep the delivery on the retry schedule
             log.exception("webhook attempt crashed", webhook_id=delivery.get("id"))
-            return sender._retry(delivery, f"sender error: {type(exc).__name__}", None, None, log)
+            return sender.retry_later(delivery, f"sender error: {type(exc).__name__}", None, None, log)
 
-    @app.task(name=BATCH_TASK, acks_late=True, reject_on_worker_lost=True)
+    # Redis hiccups retry the batch task with Celery's countdown: short delays, well inside the visibility
+    # timeout, so the held message is not redelivered meanwhile (unlike hours-long webhook retries).
+    @app.task(name=BATCH_TASK, acks_late=True, reject_on_worker_lost=True, max_retries=20,
+              autoretry_for=(redis.RedisError, ConnectionError, TimeoutError), retry_backoff=2,
+              retry_backoff_max=min(300, settings.visibility_timeout // 4), retry_jitter=True)
     def batch_completed(batch_id: str) -> None:
         complete_batch(settings, r, app, storage, batch_id, log)
 
@@ -74,6 +82,9 @@ def run_webhook_worker(settings: Settings, *, threads: int = 8, worker_id: str |
     # httpx logs every request's full URL at INFO; a receiver's URL may carry a token in its path or query.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     log = logs_mod.get("webhooks", worker_id=worker_id)
+    from sdfleet import transport
+
+    transport.install()  # an unreadable item on the queue is dropped with a log line, not fatal
     app = make_app(settings, prefetch=1)
     r = connect(settings.redis_url)
     sender = register_tasks(app, settings, r, log)

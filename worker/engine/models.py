@@ -45,7 +45,12 @@ def _byte_tokenizer(bos: str | None, eos: str, pad: str, max_length: int):
 
 def build_tiny_pipeline(seed: int = 0):
     """The tiny SD3 pipeline with random weights (seeded, so every machine builds the same model)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)

@@ -39,7 +39,7 @@ def resolve_precision(requested: str = "auto", device: str | torch.device | None
     fp8_ok = cap is not None and cap >= FP8_MIN_CAPABILITY
     if requested == "fp8":
         if not fp8_ok:
-            why = "it is not a CUDA GPU" if cap is None else f"FP8 needs compute capability >= 8.9"
+            why = "it is not a CUDA GPU" if cap is None else "FP8 needs compute capability >= 8.9"
             raise PrecisionUnsupported(f"--precision fp8 cannot run on {name}: {why}; "
                                        "use --precision auto (picks bf16 on GPUs, fp32 on CPU) or bf16")
         return "fp8", f"requested fp8; {name} has FP8 tensor cores"

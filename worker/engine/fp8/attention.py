@@ -119,8 +119,8 @@ def fp8_attention_reference(
     q_q = quant(qf, q_s)
     row_mult = q_s * (sm_scale * LOG2E)  # (B,H,S,1)
 
-    def scale_of(x: torch.Tensor, start: int, top: float) -> torch.Tensor:  # (B,H,1,1)
-        if scales == "head":
+    def scale_of(x: torch.Tensor, start: int, top: float, per_head: bool) -> torch.Tensor:  # (B,H,1,1)
+        if per_head:
             src = x
         else:
             t0 = (start // KV_BLOCK) * KV_BLOCK
@@ -133,7 +133,7 @@ def fp8_attention_reference(
     for start in range(0, Sk, block_n):
         kt = kf[:, :, start : start + block_n]
         vt = vf[:, :, start : start + block_n]
-        k_s = scale_of(kf, start, qmax)
+        k_s = scale_of(kf, start, qmax, scales == "head")
         k_q = quant(kt, k_s)
         raw = q_q @ k_q.transpose(-1, -2)  # exact for int8; fp32 sum of exact fp8 products
         t = raw * (row_mult * k_s)
@@ -142,7 +142,7 @@ def fp8_attention_reference(
         alpha = torch.exp2(m - m_new)
         l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
         if pv == "fp8":
-            v_s = scale_of(vf, start, FP8_MAX)
+            v_s = scale_of(vf, start, FP8_MAX, scales in ("head", "ktile"))
             v_q = _quant_fp8_torch(vt, v_s)
             p_q = p.clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
             acc = acc * alpha + (p_q @ v_q) * v_s
@@ -169,7 +169,7 @@ if triton is not None:
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         H, S,
-        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DO_V: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DO_K: tl.constexpr, DO_V: tl.constexpr,
     ):
         # per-(batch, head) amax of K (and V) by atomic max over tiles (Kamax/Vamax zeroed before)
         tile = tl.program_id(0)
@@ -179,9 +179,10 @@ if triton is not None:
         offs_s = tile * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = (offs_s < S)[:, None]
-        k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-                    + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=row_ok, other=0.0)
-        tl.atomic_max(Kamax + bh, tl.max(tl.max(tl.abs(k.to(tl.float32)), axis=1), axis=0))
+        if DO_K:
+            k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                        + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=row_ok, other=0.0)
+            tl.atomic_max(Kamax + bh, tl.max(tl.max(tl.abs(k.to(tl.float32)), axis=1), axis=0))
         if DO_V:
             v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
                         + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=row_ok, other=0.0)
@@ -198,7 +199,10 @@ if triton is not None:
         QK_INT8: tl.constexpr,
         QUANT_V: tl.constexpr,
         BH_SCALE: tl.constexpr,
+        K_HEAD: tl.constexpr,
     ):
+        # BH_SCALE: one V scale per (batch, head); K_HEAD: one K scale per (batch, head).
+        # Otherwise one scale per tile of BLOCK tokens.
         tile = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -211,7 +215,7 @@ if triton is not None:
             + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
             mask=row_ok, other=0.0,
         ).to(tl.float32)
-        if BH_SCALE:
+        if K_HEAD:
             k_amax = tl.load(Kamax + bh)
         else:
             k_amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
@@ -265,6 +269,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_TILE: tl.constexpr,
         QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, MASK: tl.constexpr,
         EXP_FTZ: tl.constexpr, USE_TMA: tl.constexpr, BH_SCALE: tl.constexpr, I2F_MAGIC: tl.constexpr,
+        K_HEAD: tl.constexpr,
     ):
         # K^T tile (HEAD_DIM, BLOCK_N) with dim contiguous: K-major second operand
         if USE_TMA:
@@ -272,7 +277,7 @@ if triton is not None:
         else:
             kT = tl.load(kq_base + (start_n + offs_n)[None, :] * HEAD_DIM + offs_d[:, None])
         qk = tl.dot(q8, kT)
-        if BH_SCALE:
+        if K_HEAD:
             a = a_row
         else:
             a = a_row * tl.load(ks_base + start_n // KV_TILE)
@@ -337,21 +342,23 @@ if triton is not None:
         if nargs.get("desc_v") is not None:
             nargs["desc_v"].block_shape = [nargs["HEAD_DIM"], nargs["BLOCK_N"]]
 
-    DEFAULT_CONFIGS = "64,64,4,3;64,128,4,3;64,128,4,4;128,64,8,3;128,128,8,3;64,64,4,4"
+    DEFAULT_CONFIGS = "64,128,4,3;64,128,4,3,168;64,128,4,4,168;64,128,4,2,168;64,64,4,3"
 
     def _attn_configs():
-        # "BLOCK_M,BLOCK_N,num_warps,num_stages;..." (one entry: no autotune)
+        # "BLOCK_M,BLOCK_N,num_warps,num_stages[,maxnreg];..." (one entry: no autotune)
         spec = os.environ.get("SDFLEET_FP8_ATTN_CONFIG") or DEFAULT_CONFIGS
         cfgs = []
         for item in spec.split(";"):
-            bm, bn, warps, stages = (int(x) for x in item.split(","))
+            vals = [int(x) for x in item.split(",")]
+            bm, bn, warps, stages = vals[:4]
+            maxnreg = vals[4] if len(vals) > 4 else None  # 168: 3 CTAs of 4 warps per SM, no loop spills
             cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
-                                      pre_hook=_set_desc_blocks))
+                                      maxnreg=maxnreg, pre_hook=_set_desc_blocks))
         return cfgs
 
     @triton.autotune(
         configs=_attn_configs(),
-        key=["S_PAD", "HEAD_DIM", "QK_INT8", "PV_FP8", "EXP_FTZ", "USE_TMA", "BH_SCALE", "I2F_MAGIC"],
+        key=["S_PAD", "HEAD_DIM", "QK_INT8", "PV_FP8", "EXP_FTZ", "USE_TMA", "BH_SCALE", "I2F_MAGIC", "K_HEAD"],
     )
     @triton.jit
     def _attn_fwd_kernel(
@@ -370,6 +377,7 @@ if triton is not None:
         USE_TMA: tl.constexpr,
         BH_SCALE: tl.constexpr,
         I2F_MAGIC: tl.constexpr,
+        K_HEAD: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -405,8 +413,8 @@ if triton is not None:
         vs_base = Vs + bh * N_TILES
         vb_base = Vb + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
         a_row = q_scale * qk_scale
-        if BH_SCALE:
-            a_row = a_row * tl.load(ks_base)  # one scale per (batch, head)
+        if K_HEAD:
+            a_row = a_row * tl.load(ks_base)  # one K scale per (batch, head)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -418,14 +426,14 @@ if triton is not None:
                 acc, l_i, m_i, q8, a_row, kq_base, ks_base, vq_base, vs_base, vb_base, desc_k, desc_v,
                 offs_n, offs_d, start_n, bh, S, S_PAD, stride_vs, stride_vd,
                 HEAD_DIM, BLOCK_N, KV_TILE, QK_INT8, PV_FP8, False,
-                EXP_FTZ, USE_TMA, BH_SCALE, I2F_MAGIC,
+                EXP_FTZ, USE_TMA, BH_SCALE, I2F_MAGIC, K_HEAD,
             )
         for start_n in range(n_full, S, BLOCK_N):  # 0 or 1 ragged tile
             acc, l_i, m_i = _attn_tile(
                 acc, l_i, m_i, q8, a_row, kq_base, ks_base, vq_base, vs_base, vb_base, desc_k, desc_v,
                 offs_n, offs_d, start_n, bh, S, S_PAD, stride_vs, stride_vd,
                 HEAD_DIM, BLOCK_N, KV_TILE, QK_INT8, PV_FP8, True,
-                EXP_FTZ, USE_TMA, BH_SCALE, I2F_MAGIC,
+                EXP_FTZ, USE_TMA, BH_SCALE, I2F_MAGIC, K_HEAD,
             )
 
         out = acc / l_i[:, None]
@@ -454,7 +462,8 @@ def _env_flag(name: str, default: bool) -> bool:
 DEFAULT_OPTIONS = {
     "qk": DEFAULT_QK,  # "fp8" | "int8"
     "pv": DEFAULT_PV,  # "fp8" | "bf16"
-    "scales": os.environ.get("SDFLEET_FP8_ATTN_SCALES", "head"),  # K/V scale per "head" or per 128-token "tile"
+    # "ktile": K scale per 128-token tile, V per (batch, head); "head": both per head; "tile": both per tile
+    "scales": os.environ.get("SDFLEET_FP8_ATTN_SCALES", "ktile"),
     "ftz": _env_flag("SDFLEET_FP8_ATTN_FTZ", True),  # ex2.approx.ftz (one MUFU op)
     "tma": _env_flag("SDFLEET_FP8_ATTN_TMA", True),  # K/V tiles through TMA descriptors
     "i2f_magic": _env_flag("SDFLEET_FP8_ATTN_I2F_MAGIC", True),  # int8 QK: int->float by bit trick
@@ -466,8 +475,8 @@ def _check_modes(qk: str, pv: str, scales: str = "head") -> None:
         raise ValueError(f"qk must be 'fp8' or 'int8', got {qk!r}")
     if pv not in ("fp8", "bf16"):
         raise ValueError(f"pv must be 'fp8' or 'bf16', got {pv!r}")
-    if scales not in ("head", "tile"):
-        raise ValueError(f"scales must be 'head' or 'tile', got {scales!r}")
+    if scales not in ("head", "tile", "ktile"):
+        raise ValueError(f"scales must be 'head', 'ktile' or 'tile', got {scales!r}")
 
 
 def _options(**overrides) -> dict:
@@ -525,7 +534,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
     dev = k.device
     int8 = opts["qk"] == "int8"
     quant_v = opts["pv"] == "fp8"
-    bh_scale = opts["scales"] == "head"
+    bh_scale = opts["scales"] in ("head", "ktile")  # V per (batch, head)
+    k_head = opts["scales"] == "head"
     kq = torch.empty((B * H, s_pad, D), device=dev, dtype=torch.int8 if int8 else torch.float8_e4m3fn)
     ks = torch.empty((B * H, n_tiles), device=dev, dtype=torch.float32)
     if quant_v:
@@ -533,11 +543,11 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
         vs = torch.empty((B * H, n_tiles), device=dev, dtype=torch.float32)
     else:
         vq, vs = kq, ks  # unused by the kernel
-    if bh_scale:
+    if (bh_scale and quant_v) or k_head:
         amax = torch.zeros((2, B * H), device=dev, dtype=torch.float32)
         _kv_amax_kernel[(n_tiles, B * H)](
             k, v, amax[0], amax[1], *k.stride(), *v.stride(), H, S,
-            HEAD_DIM=D, BLOCK=KV_BLOCK, DO_V=quant_v, num_warps=4,
+            HEAD_DIM=D, BLOCK=KV_BLOCK, DO_K=k_head, DO_V=bh_scale and quant_v, num_warps=4,
         )
     else:
         amax = torch.empty((2, 1), device=dev, dtype=torch.float32)
@@ -545,7 +555,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
         k, v, kq, ks, vq, vs, amax[0], amax[1],
         *k.stride(), *v.stride(),
         H, S, s_pad, n_tiles,
-        HEAD_DIM=D, BLOCK=KV_BLOCK, QK_INT8=int8, QUANT_V=quant_v, BH_SCALE=bh_scale,
+        HEAD_DIM=D, BLOCK=KV_BLOCK, QK_INT8=int8, QUANT_V=quant_v, BH_SCALE=bh_scale, K_HEAD=k_head,
         num_warps=4,
     )
     return {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": v, "S": S, "s_pad": s_pad,
@@ -582,7 +592,8 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
         H, S, s_pad, kv["n_tiles"], sm_scale * LOG2E,
         HEAD_DIM=D, KV_TILE=KV_BLOCK,
         QK_INT8=opts["qk"] == "int8", PV_FP8=opts["pv"] == "fp8",
-        EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=opts["scales"] == "head",
+        EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=opts["scales"] in ("head", "ktile"),
+        K_HEAD=opts["scales"] == "head",
         I2F_MAGIC=bool(opts["i2f_magic"]) and opts["qk"] == "int8",
     )
     return out
@@ -596,7 +607,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
     head_dim 64 or 128; strided views (e.g. of a (batch, seq, heads, head_dim) tensor) are read in
     place. scale defaults to 1/sqrt(head_dim). Returns bf16 with q's shape and memory layout.
     Options (defaults in DEFAULT_OPTIONS, env SDFLEET_FP8_ATTN_*): qk="fp8"|"int8",
-    pv="fp8"|"bf16", scales="head"|"tile", ftz, tma, i2f_magic.
+    pv="fp8"|"bf16", scales="ktile"|"head"|"tile", ftz, tma, i2f_magic.
     Raises RuntimeError where unsupported (no Triton, no CUDA, compute capability < 8.9, other
     head_dim, wrong dtype/shape). The first call per (padded length, head_dim, variant) runs
     Triton's autotune over a small config list; later calls reuse the choice (call once per

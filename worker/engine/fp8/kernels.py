@@ -28,8 +28,18 @@ def _quantize_block(v, mask, QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.co
     return q, s
 
 
+def _m_bucket(m: int) -> int:
+    return 0 if m < 256 else (1 if m < 2048 else 2)
+
+
+def _warp_configs(*warps):
+    return [triton.Config({}, num_warps=w) for w in warps]
+
+
+# Tuned once per (width, row-count bucket) at the first call (worker boot / graph warm-up).
+@triton.autotune(configs=_warp_configs(4, 8, 16, 32), key=["K", "m_bucket"])
 @triton.jit
-def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, m_bucket,
                        GELU: tl.constexpr, BLOCK: tl.constexpr,
                        QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -51,14 +61,15 @@ def quant_rows(x: torch.Tensor, *, gelu: bool = False) -> tuple[torch.Tensor, to
     if m == 0:
         return q, s
     block = triton.next_power_of_2(k)
-    _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), GELU=gelu, BLOCK=block,
-                             QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX, num_warps=_warps(block))
+    _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), _m_bucket(m), GELU=gelu, BLOCK=block,
+                             QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX)
     return q, s
 
 
+@triton.autotune(configs=_warp_configs(2, 4, 8, 16), key=["D", "HAS_RES", "m_bucket"])
 @triton.jit
 def _ln_mod_quant_kernel(x_ptr, y_ptr, g_ptr, h_ptr, sh_ptr, sc_ptr, q_ptr, s_ptr,
-                         L, D, stride_mod, stride_g, eps,
+                         L, D, stride_mod, stride_g, eps, m_bucket,
                          HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
                          QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -101,8 +112,8 @@ def ln_modulate_quant(x, shift, scale, *, residual=None, eps=1e-6):
         y, g, h, has_res, stride_g = x, x, x, False, 0
     block = triton.next_power_of_2(d)
     _ln_mod_quant_kernel[(rows,)](x, y, g, h, shift, scale, q, s, l, d, shift.stride(0), stride_g, eps,
-                                  HAS_RES=has_res, BLOCK=block, QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX,
-                                  num_warps=_warps(block))
+                                  _m_bucket(rows), HAS_RES=has_res, BLOCK=block, QMAX=E4M3_MAX,
+                                  AMIN=AMAX_MIN, AMAX=AMAX_MAX)
     return QTensor(q, s, (b, l, d)), h
 
 
