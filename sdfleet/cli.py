@@ -87,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--warmup", action="append", default=[], metavar="WxH:STEPS",
                    help="shape to run once at boot, e.g. 1024x1024:28 (repeatable)")
     w.add_argument("--post-threads", type=int, default=4)
+    # Test hooks for the null engine (queue benchmarks, crash-safety tests); hidden from --help.
     w.add_argument("--null-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    w.add_argument("--null-crash-prompt", default=None, help=argparse.SUPPRESS)
+
+    j = sub.add_parser("janitor", help="reclaim the work of dead workers (run one per fleet)")
+    j.add_argument("--interval", type=float, default=2.0, help="seconds between sweeps")
+    j.add_argument("--once", action="store_true", help="one sweep, then exit")
 
     d = sub.add_parser("demo", help="run the whole fleet on this machine with the tiny model on the CPU")
     d.add_argument("--out", default="file://./outputs/demo")
@@ -237,7 +243,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--max-wait-ms must be >= 0")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise ConfigError(f"--device {args.device!r}: use cpu or cuda:N")
-    extra: dict[str, Any] = {"null_delay_s": args.null_delay_ms / 1000.0}
+    extra: dict[str, Any] = {"null_delay_s": args.null_delay_ms / 1000.0, "null_crash_prompt": args.null_crash_prompt}
     if args.fp8_weights:
         extra["fp8_weights"] = args.fp8_weights
     opts = WorkerOptions(model=args.model, device=args.device, precision=args.precision, max_batch=args.max_batch,
@@ -245,6 +251,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                          post_threads=args.post_threads, engine_extra=extra,
                          warmup=tuple(parse_shape(w, args.model) for w in args.warmup))
     return run_worker(settings, opts)
+
+
+def cmd_janitor(args: argparse.Namespace, settings: Settings) -> int:
+    from scheduler.janitor import run_janitor
+
+    return run_janitor(settings, interval=args.interval, once=args.once, log=logs.get("janitor"))
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -255,7 +267,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS = {
     "submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "results": cmd_results, "cancel": cmd_cancel,
-    "worker": cmd_worker, "demo": cmd_demo,
+    "worker": cmd_worker, "demo": cmd_demo, "janitor": cmd_janitor,
 }
 
 # --- webhooks ---------------------------------------------------------------------------------------

@@ -118,28 +118,33 @@ class Notifier:
         self.app = app or make_app(settings)
 
     def __call__(self, delivery: Any, status: str, transition: Any) -> None:
-        try:
-            self.notify(delivery, status, transition)
-        except Exception as exc:  # the outcome is recorded; a lost notification must not fail the job
-            self.log.error("webhook event not enqueued", job_id=getattr(delivery, "job_id", None),
-                           batch_id=getattr(delivery, "batch_id", None), error=repr(exc))
+        if not getattr(delivery.spec, "webhook", None):
+            return
+        # The outcome is recorded already: a notification that cannot be enqueued is logged, never raised.
+        for what, step in (("job", self.notify_job), ("batch", self.notify_batch)):
+            try:
+                step(delivery, status, transition)
+            except Exception as exc:
+                self.log.error(f"{what} webhook event not enqueued", job_id=getattr(delivery, "job_id", None),
+                               batch_id=getattr(delivery, "batch_id", None), error=repr(exc))
 
-    def notify(self, delivery: Any, status: str, transition: Any) -> None:
+    def notify_job(self, delivery: Any, status: str, transition: Any = None) -> None:
         spec = delivery.spec
         url = getattr(spec, "webhook", None)
-        if not url:
-            return
-        events = getattr(spec, "webhook_events", None)
         event_type = JOB_EVENTS.get(status)
-        if event_type and wants(events, event_type):
-            fields = self.r.hgetall(keys.job(delivery.job_id))
-            payload = job_event(event_type, delivery.job_id, delivery.batch_id, getattr(spec, "custom_id", None),
-                                status, fields, getattr(spec, "seed", None))
-            eid = event_id(delivery.job_id, event_type, fields.get(f"{status}_at", ""), url)
-            if emit(self.r, self.app, url=url, event_type=event_type, payload=payload, eid=eid,
-                    batch_id=delivery.batch_id, job_id=delivery.job_id):
-                self.log.debug("webhook event enqueued", job_id=delivery.job_id, batch_id=delivery.batch_id,
-                              event_type=event_type, webhook_id=eid)
+        if not (url and event_type and wants(getattr(spec, "webhook_events", None), event_type)):
+            return
+        fields = self.r.hgetall(keys.job(delivery.job_id))
+        payload = job_event(event_type, delivery.job_id, delivery.batch_id, getattr(spec, "custom_id", None),
+                            status, fields, getattr(spec, "seed", None))
+        eid = event_id(delivery.job_id, event_type, fields.get(f"{status}_at", ""), url)
+        if emit(self.r, self.app, url=url, event_type=event_type, payload=payload, eid=eid,
+                batch_id=delivery.batch_id, job_id=delivery.job_id):
+            self.log.debug("webhook event enqueued", job_id=delivery.job_id, batch_id=delivery.batch_id,
+                           event_type=event_type, webhook_id=eid)
+
+    def notify_batch(self, delivery: Any, status: str, transition: Any) -> None:
+        # The manifest and batch.completed are built on the webhook worker, from every job of the batch.
         if getattr(transition, "batch_completed", False):
             outbox.send(self.app, BATCH_TASK, {"batch_id": delivery.batch_id})
 

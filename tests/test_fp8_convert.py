@@ -9,10 +9,17 @@ import pytest
 import torch
 
 from sdfleet.errors import ConfigError, EngineError
-from worker.engine.fp8 import LAYER_TYPES, Fp8Linear, Fp8Options, apply_fp8, set_runtime_options, weight_bytes
+from worker.engine.fp8 import (
+    LAYER_TYPES,
+    Fp8Linear,
+    Fp8Options,
+    apply_fp8,
+    serialize,
+    set_runtime_options,
+    weight_bytes,
+)
 from worker.engine.fp8 import linear as linear_mod
 from worker.engine.fp8 import quant as quant_mod
-from worker.engine.fp8 import serialize
 from worker.engine.fp8.blocks import Fp8JointBlock
 from worker.engine.sd35_configs import build_transformer
 

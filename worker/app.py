@@ -116,6 +116,12 @@ class WorkerContext:
         self.post.wait(timeout=600)
         self.acks.drain()
 
+    def reclaim_own(self) -> None:
+        """Hand back what this worker id holds but is not working on (a previous life, a lost connection)."""
+        from scheduler.janitor import reclaim_worker
+
+        reclaim_worker(self.redis, self.store, make_app(self.settings), self.worker_id, self.log)
+
     def _malformed(self, message: Any, exc: MalformedMessage) -> None:
         job_id = None
         try:
@@ -190,14 +196,34 @@ def strategy(task: Any, app: Any, consumer: Any, **_: Any):
 
 
 class DrainStep(bootsteps.StartStopStep):
-    """On shutdown (SIGTERM) or connection loss: finish uploads and acknowledge before the channel goes."""
+    """On shutdown (SIGTERM) or connection loss: finish uploads and acknowledge before the channel goes.
+
+    After a lost connection (Redis restarted) the consumer starts again: the messages this worker had
+    received on the old connection can no longer be acknowledged, so it hands them back itself rather
+    than leaving them to the visibility timeout.
+    """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent, **kwargs)
+        self.starts = 0
+
+    def start(self, c):
+        self.starts += 1
+        ctx = _CTX
+        if ctx is not None and self.starts > 1:
+            ctx.stopping = False
+            try:
+                ctx.reclaim_own()
+            except Exception as exc:
+                ctx.log.warning("could not hand back held jobs after reconnecting", error=repr(exc))
 
     def stop(self, c):
         if _CTX is not None:
             _CTX.drain()
             _CTX.batcher.groups.clear()
+            _CTX._received.clear()
 
     def shutdown(self, c):
         self.stop(c)
@@ -278,6 +304,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
         raise RuntimeError("sdfleet.generate is executed by the batching strategy")
 
     app.steps["consumer"].add(DrainStep)
+    _CTX.reclaim_own()  # a previous process with this worker id may have died holding work
     heartbeat = Heartbeat(_CTX, settings.heartbeat_interval, settings.heartbeat_ttl)
     heartbeat.beat()
     heartbeat.start()
@@ -293,7 +320,9 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
         _CTX.drain()
         _CTX.post.shutdown()
         try:
-            _CTX.redis.delete(keys.worker(worker_id))
+            # Unstarted messages went back to the queue when the channel closed: nothing is held now.
+            _CTX.redis.delete(keys.worker(worker_id), keys.worker_held(worker_id))
+            _CTX.redis.srem(keys.WORKERS, worker_id)
         except Exception:
             pass
         log.info("worker stopped", batches=_CTX.runner.batches_run)

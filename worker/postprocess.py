@@ -19,7 +19,7 @@ from PIL import Image
 
 from sdfleet import keys
 from sdfleet.errors import StorageError
-from sdfleet.state import JobStore
+from sdfleet.state import JobStore, Transition
 from sdfleet.storage import StorageFactory, object_key
 from worker.intake import AckQueue, Delivery
 
@@ -133,7 +133,17 @@ class PostProcessor:
                 self.on_finished(d, "succeeded", tr)
             else:
                 self.log.info("job already ended elsewhere; outcome kept", job_id=d.job_id, status=tr.previous)
+                if tr.previous == "succeeded":
+                    self.reannounce(d, tr.previous)
             self.acks.put(d.ack)
+
+    def reannounce(self, d: Delivery, status: str) -> None:
+        """Announce an outcome recorded by a worker that may have died before announcing it.
+
+        The notifier's event ids are derived from the outcome, so an event already sent is not sent again.
+        """
+        completed = bool(self.store.r.hexists(keys.batch(d.batch_id), "completed_at"))
+        self.on_finished(d, status, Transition(False, status, completed, 0))
 
     def finish_failed(self, d: Delivery, error: str) -> None:
         tr = self.store.fail(d.job_id, error)

@@ -83,6 +83,8 @@ class BatchRunner:
                 continue
             if not tr.applied:
                 self.log.info("job not runnable; skipped", job_id=d.job_id, batch_id=d.batch_id, status=tr.previous)
+                if tr.previous in ("succeeded", "failed"):
+                    self.post.reannounce(d, tr.previous)
                 self.acks.put(d.ack)
                 continue
             d.attempts = tr.attempts

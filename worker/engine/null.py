@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -15,15 +16,19 @@ class NullEngine(Engine):
     model_name = "null"
     precision = "none"
 
-    def __init__(self, delay_s: float = 0.0, side: int = 8):
+    def __init__(self, delay_s: float = 0.0, side: int = 8, crash_prompt: str | None = None):
         self.delay_s = delay_s
         self.side = side
+        # For crash-safety tests: a job with this prompt kills the process, as a segfaulting kernel would.
+        self.crash_prompt = crash_prompt
 
     def load(self) -> None:
         pass
 
     def generate(self, key: BatchKey, requests: Sequence[GenerationRequest]) -> GenerationResult:
         t0 = time.perf_counter()
+        if self.crash_prompt is not None and any(r.prompt == self.crash_prompt for r in requests):
+            os._exit(137)
         if self.delay_s:
             time.sleep(self.delay_s)
         # The seed decides the pixel value, so tests can still tell jobs apart.
