@@ -1,0 +1,26 @@
+# One virtual environment, made on first use. torch is pinned to the CPU build in pyproject.toml.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_OPTS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: demo test lint bench-queue clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(PIP_OPTS) -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/sdfleet demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check sdfleet producer worker scheduler bench tests
+
+bench-queue: $(VENV)/.installed
+	$(PY) bench/queue.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
