@@ -309,7 +309,7 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 y = fn(**x)[0].float()
                 torch.cuda.synchronize()
                 rec["first_call_s"] = round(time.time() - t, 1)
-                rec.update(time_ms(lambda: fn(**x), iters=iters))
+                rec.update(time_ms(lambda fn=fn: fn(**x), iters=iters))
                 y = fn(**x)[0].float()
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)  # includes the BF16 reference
             rec["peak_over_start_gib"] = round((torch.cuda.max_memory_allocated() - before) / GIB, 2)
@@ -373,12 +373,12 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
         flush()
     base = out["variants"].get("bf16", {}).get("ms")
     comp = out["variants"].get("bf16-compile", {}).get("ms")
-    for v, rec in out["variants"].items():
+    for rec in out["variants"].values():
         if "ms" in rec and base:
             rec["speedup_vs_bf16_eager"] = round(base / rec["ms"], 3)
         if "ms" in rec and comp:
             rec["speedup_vs_bf16_compile"] = round(comp / rec["ms"], 3)
-    del bf, fp8_model, x, ref
+    bf = fp8_model = x = ref = None  # noqa: F841 (frees the GPU memory before the next model)
     gc.collect()
     torch.cuda.empty_cache()
     return out
@@ -438,7 +438,7 @@ def e2e_pipeline(models: dict, images: int, res: int, steps: int) -> dict:
         if runner is not None:
             runner.install()
 
-        def call(kind):
+        def call(kind, pipe=pipe):
             return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=7.0, height=res, width=res,
                         generator=torch.Generator("cuda").manual_seed(0), output_type=kind).images
 
@@ -517,8 +517,8 @@ def probe_attention() -> int:
         out = fp8_attention(q, k, v).float()
         torch.cuda.synchronize()
         e = float((out - ref).norm() / ref.norm())
-        ms = time_ms(lambda: fp8_attention(q, k, v), iters=20)["ms"]
-        sd = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), iters=20)["ms"]
+        ms = time_ms(lambda q=q, k=k, v=v: fp8_attention(q, k, v), iters=20)["ms"]
+        sd = time_ms(lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v), iters=20)["ms"]
         log(f"probe fp8 attention heads={heads}: rel_err {e:.4f}, {ms} ms vs SDPA {sd} ms")
         worst = max(worst, e) if e == e else float("inf")
     return 0 if worst < 0.1 else 1

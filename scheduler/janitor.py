@@ -88,11 +88,84 @@ def reclaim_worker(r: redis.Redis, store: JobStore, app: Any, worker_id: str, lo
     return {"restored": restored, "reenqueued": reenqueued}
 
 
-def sweep(r: redis.Redis, store: JobStore, app: Any, log: Any) -> dict[str, int]:
-    """One pass: reclaim the work of every worker whose heartbeat has expired."""
+def restore_orphans(r: redis.Redis, grace_s: float, log: Any) -> int:
+    """Restore unacked messages older than ``grace_s`` that no live worker holds.
+
+    A worker records what it receives in its held set within one loop tick; a message that is still
+    unacknowledged long after delivery and held by no live worker was taken by a process that died
+    before it could record it (or before a Redis restart). Without this it would wait for the
+    visibility timeout.
+    """
+    old = r.zrangebyscore(UNACKED_INDEX, 0, time.time() - grace_s)
+    if not old:
+        return 0
+    live = [w for w in r.smembers(keys.WORKERS) if r.exists(keys.worker(w))]
+    held: set[str] = set()
+    for w in live:
+        held |= r.smembers(keys.worker_held(w))
+    restored = 0
+    for tag in old:
+        raw = r.hget(UNACKED, tag)
+        if raw is None:
+            continue
+        try:
+            job_id = json.loads(raw)[0]["headers"]["id"]
+        except (ValueError, KeyError, TypeError, IndexError):
+            job_id = None
+        if job_id not in held and restore_by_tag(r, tag):
+            restored += 1
+    if restored:
+        log.warning("restored orphaned messages", restored=restored)
+    return restored
+
+
+def recover_lost(r: redis.Redis, store: JobStore, app: Any, log: Any, grace_s: float, recent: int = 200) -> int:
+    """Re-enqueue queued jobs whose message exists nowhere, once their model's queue has drained.
+
+    The Redis transport pops a message (BRPOP) before it records it as unacknowledged; a worker killed in
+    between loses the message. Such a job stays 'queued' with no message in the queue, none unacked and
+    no worker holding it. That can only be told apart from a job still waiting in line once the queue
+    is empty, which is when this looks (so it costs nothing while a backlog is being worked off).
+    """
+    from producer.submit import enqueue
+
+    now = time.time()
+    found = 0
+    tags: dict[str, str] | None = None
+    held: set[str] | None = None
+    for batch_id in r.zrevrange(keys.BATCHES, 0, recent - 1):
+        meta = r.hmget(keys.batch(batch_id), "completed_at", "total")
+        if meta[0] or not meta[1] or store.counts(batch_id)["queued"] == 0:
+            continue
+        lost = []
+        for rec in store.iter_batch_jobs(batch_id):
+            if rec.status != QUEUED or now - float(rec.fields.get("queued_at") or now) < grace_s:
+                continue
+            if r.llen(keys.queue_for_model(rec.spec.get("model", ""))) > 0:
+                continue
+            if tags is None:
+                tags = unacked_tags_by_job(r)
+                held = set()
+                for w in r.smembers(keys.WORKERS):
+                    if r.exists(keys.worker(w)):
+                        held |= r.smembers(keys.worker_held(w))
+            if rec.job_id in tags or rec.job_id in held:
+                continue
+            lost.append((rec.job_id, parse_job(rec.spec)))
+        if lost:
+            enqueue(app, batch_id, lost)
+            found += len(lost)
+            log.warning("re-enqueued jobs whose message was lost", batch_id=batch_id, jobs=len(lost))
+    return found
+
+
+def sweep(r: redis.Redis, store: JobStore, app: Any, log: Any, grace_s: float = 30.0) -> dict[str, int]:
+    """One pass: reclaim the work of every worker whose heartbeat has expired, then orphaned messages."""
     totals = {"dead_workers": 0, "restored": 0, "reenqueued": 0}
     dead = [w for w in r.smembers(keys.WORKERS) if not r.exists(keys.worker(w))]
     if not dead:
+        totals["restored"] += restore_orphans(r, grace_s, log)
+        totals["reenqueued"] += recover_lost(r, store, app, log, grace_s)
         return totals
     tags = unacked_tags_by_job(r)
     for worker_id in dead:
@@ -104,6 +177,8 @@ def sweep(r: redis.Redis, store: JobStore, app: Any, log: Any) -> dict[str, int]
         totals["dead_workers"] += 1
         totals["restored"] += counts["restored"]
         totals["reenqueued"] += counts["reenqueued"]
+    totals["restored"] += restore_orphans(r, grace_s, log)
+    totals["reenqueued"] += recover_lost(r, store, app, log, grace_s)
     return totals
 
 
@@ -113,11 +188,13 @@ def run_janitor(settings: Any, *, interval: float = 2.0, once: bool = False, log
 
     r = connect(settings.redis_url)
     store, app = JobStore(r), make_app(settings)
-    log.info("janitor started", interval_s=interval)
+    # Long enough that a live worker has recorded what it received (one loop tick), with margin.
+    grace = 2 * settings.heartbeat_ttl + 1
+    log.info("janitor started", interval_s=interval, orphan_grace_s=grace)
     while True:
         try:
-            totals = sweep(r, store, app, log)
-            if totals["dead_workers"]:
+            totals = sweep(r, store, app, log, grace)
+            if any(totals.values()):
                 log.info("sweep", **totals)
         except redis.RedisError as exc:  # Redis restarting: try again next round
             log.warning("sweep failed", error=repr(exc))

@@ -44,6 +44,7 @@ def test_cuda_requested_without_cuda():
 ])
 def test_gpu_capabilities(monkeypatch, cap, req, want):
     monkeypatch.setattr(precision, "_describe", lambda device: (f"GPU (compute capability {cap[0]}.{cap[1]})", cap))
+    monkeypatch.setattr(precision, "_triton_present", lambda: True)
     p, reason = resolve_precision(req, "cuda:0")
     assert p == want and reason
 
@@ -52,3 +53,12 @@ def test_explicit_fp8_on_old_gpu_raises(monkeypatch):
     monkeypatch.setattr(precision, "_describe", lambda device: ("A100 (compute capability 8.0)", (8, 0)))
     with pytest.raises(PrecisionUnsupported, match="8.9"):
         resolve_precision("fp8", "cuda")
+
+
+def test_auto_without_triton_prefers_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "_describe", lambda device: ("H100 (compute capability 9.0)", (9, 0)))
+    monkeypatch.setattr(precision, "_triton_present", lambda: False)
+    p, reason = resolve_precision("auto", "cuda")
+    assert p == "bf16" and "Triton" in reason
+    p, reason = resolve_precision("fp8", "cuda")  # explicit: honoured, with the reason it will be slow
+    assert p == "fp8" and "Triton is missing" in reason

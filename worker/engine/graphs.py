@@ -42,6 +42,8 @@ class CudaGraphRunner:
         self.buckets = tuple(sorted({int(b) for b in batch_buckets}))
         self.warmup_iters = warmup_iters
         self.graphs: dict[tuple[int, int, int, int], _Graph] = {}
+        #: keys whose capture failed (they run eagerly), with the reason
+        self.failed: dict[tuple[int, int, int, int], str] = {}
         self._eager = type(transformer).forward.__get__(transformer)
         self._pool = None
         self.replays = 0
@@ -83,8 +85,15 @@ class CudaGraphRunner:
                         self._eager(**inputs, return_dict=False)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    out = self._eager(**inputs, return_dict=False)[0]
+                try:
+                    with torch.cuda.graph(graph, pool=self._pool):
+                        out = self._eager(**inputs, return_dict=False)[0]
+                except RuntimeError as exc:  # this shape runs eagerly; the worker still boots
+                    log.warning("CUDA graph capture failed; shape runs eagerly",
+                                extra={"key": key, "error": repr(exc)[:300]})
+                    self.failed[key] = repr(exc)[:300]
+                    torch.cuda.synchronize(device)
+                    continue
             torch.cuda.synchronize(device)
             self.graphs[key] = _Graph(graph, inputs, out)
             done.append(key)

@@ -16,16 +16,23 @@ Public API (what the engine and the CLI call)::
     apply_fp8(pipe.transformer, options)                           # in place, returns the transformer
     # or, cold start without re-quantizing (the output of `sdfleet quantize SRC DST`):
     pipe.transformer = load_quantized(DST, device="cuda", options=options)
-    if options.cuda_graphs:
-        runner = CudaGraphRunner(pipe.transformer, batch_buckets=(1, 2, 4, 8))
+    if options.cuda_graphs:                                        # buckets count transformer rows:
+        runner = CudaGraphRunner(pipe.transformer, batch_buckets=(2, 4, 8, 16))  # 2 per image with CFG
         runner.capture(latent_hw=(128, 128), text_len=333)         # at boot, per configured resolution
         runner.install()                                           # pipe.transformer(...) now replays
 
 - :class:`Fp8Options` – switches: ``fp8_linears``, ``fused_quant``, ``fp8_attention``, ``cuda_graphs``,
-  ``fast_accum`` and ``bf16_layers`` (layer types that stay BF16, see ``LAYER_TYPES``).
+  ``fast_accum`` and ``bf16_layers`` (layer types that stay BF16, see ``LAYER_TYPES``); all on by default,
+  embedders and final projection BF16 (measured: docs/PERFORMANCE.md, "FP8 engine (issue 3)").
 - :func:`apply_fp8` – convert a diffusers ``SD3Transformer2DModel`` in place.
 - :func:`set_runtime_options` – flip the switches that need no re-quantization.
-- ``serialize.quantize(src, dst, *, options) -> dict`` – ``sdfleet quantize SRC DST``.
+- ``serialize.quantize(src, dst, *, options=None, device=None) -> dict`` – ``sdfleet quantize SRC DST``
+  (SRC: a diffusers SD3 directory with ``transformer/``, ``tiny``, or ``medium``/``large`` random weights;
+  DST gets ``fp8_transformer.safetensors`` + ``fp8_transformer.json``; the dict is a summary to print).
+- ``serialize.load_quantized(dst, *, device, options=None)`` – the FP8 ``SD3Transformer2DModel``, no
+  re-quantization; ``options`` may change only the runtime switches.
+- :func:`worker.engine.precision.resolve_precision` – ``(precision, reason)`` for ``--precision``.
+- :class:`worker.engine.graphs.CudaGraphRunner` – per-bucket CUDA graphs of the transformer step.
 """
 
 from __future__ import annotations

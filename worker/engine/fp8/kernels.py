@@ -14,10 +14,6 @@ import triton.language as tl
 from .quant import AMAX_MAX, AMAX_MIN, E4M3, E4M3_MAX, QTensor
 
 
-def _warps(block: int) -> int:
-    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
-
-
 @triton.jit
 def _quantize_block(v, mask, QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr):
     v = tl.where(mask, v, 0.0)
@@ -36,8 +32,16 @@ def _warp_configs(*warps):
     return [triton.Config({}, num_warps=w) for w in warps]
 
 
-# Tuned once per (width, row-count bucket) at the first call (worker boot / graph warm-up).
-@triton.autotune(configs=_warp_configs(4, 8, 16, 32), key=["K", "m_bucket"])
+@triton.jit
+def _gelu_tanh(x):
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x * tl.sigmoid(2.0 * u)  # 0.5 x (1 + tanh(u)) == x * sigmoid(2u)
+
+
+# Tuned once per (width, row-count bucket) at the first call (worker boot / graph warm-up); the choice
+# is cached on disk (Triton's cache), so a second boot does not tune again. (A two-pass chunked variant
+# for long rows measured no faster on an H100: 6.03 vs 6.04 ms per Large step.)
+@triton.autotune(configs=_warp_configs(4, 8, 16, 32), key=["K", "m_bucket"], cache_results=True)
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, m_bucket,
                        GELU: tl.constexpr, BLOCK: tl.constexpr,
@@ -47,8 +51,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, m_bucket,
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = x * tl.sigmoid(2.0 * u)  # 0.5 x (1 + tanh(u)) == x * sigmoid(2u)
+        x = _gelu_tanh(x)
     q, s = _quantize_block(x, mask, QMAX, AMIN, AMAX)
     tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, s)
@@ -66,7 +69,7 @@ def quant_rows(x: torch.Tensor, *, gelu: bool = False) -> tuple[torch.Tensor, to
     return q, s
 
 
-@triton.autotune(configs=_warp_configs(2, 4, 8, 16), key=["D", "HAS_RES", "m_bucket"])
+@triton.autotune(configs=_warp_configs(2, 4, 8, 16), key=["D", "HAS_RES", "m_bucket"], cache_results=True)
 @triton.jit
 def _ln_mod_quant_kernel(x_ptr, y_ptr, g_ptr, h_ptr, sh_ptr, sc_ptr, q_ptr, s_ptr,
                          L, D, stride_mod, stride_g, eps, m_bucket,

@@ -33,7 +33,8 @@ class Fp8Options:
         modulate -> FP8, gated residual + LayerNorm + modulate -> FP8, GELU -> FP8, attention output
         -> FP8) and do the q/k RMSNorm + head layout in one pass. Off: the same maths in torch ops.
     fp8_attention: FP8 flash attention (``worker.engine.fp8.attention``); off, or if it is missing or
-        fails: ``torch.nn.functional.scaled_dot_product_attention``.
+        fails: ``torch.nn.functional.scaled_dot_product_attention`` (cuDNN). On by default: measured
+        one-step cosine vs BF16 0.99999 on Medium and Large, 28-step latent cosine 0.99998.
     cuda_graphs: the engine captures the denoising step per shape bucket (``worker.engine.graphs``);
         read by the engine, not by ``apply_fp8``.
     fast_accum: cuBLASLt fast FP8 accumulation (``use_fast_accum``).
@@ -42,7 +43,7 @@ class Fp8Options:
 
     fp8_linears: bool = True
     fused_quant: bool = True
-    fp8_attention: bool = False
+    fp8_attention: bool = True
     cuda_graphs: bool = True
     fast_accum: bool = True
     bf16_layers: frozenset[str] = field(default=DEFAULT_BF16_LAYERS)
