@@ -87,9 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--warmup", action="append", default=[], metavar="WxH:STEPS",
                    help="shape to run once at boot, e.g. 1024x1024:28 (repeatable)")
     w.add_argument("--post-threads", type=int, default=4)
+    # One switch per speed-up, so each one's effect can be measured alone (all on by default).
+    for name in ("fp8-linears", "fused-quant", "fp8-attention", "cuda-graphs"):
+        w.add_argument(f"--no-{name}", action="store_true", help=f"turn off {name.replace('-', ' ')}")
     # Test hooks for the null engine (queue benchmarks, crash-safety tests); hidden from --help.
     w.add_argument("--null-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     w.add_argument("--null-crash-prompt", default=None, help=argparse.SUPPRESS)
+
+    q = sub.add_parser("quantize", help="write the FP8 transformer (weights + scales) for fast cold starts",
+                       description="Quantize SRC's transformer to FP8 and write DST (safetensors + JSON). SRC: a "
+                                   "local diffusers SD3.5 directory, 'tiny', or 'medium'/'large' (random weights).")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    q.add_argument("--keep-bf16", default=None, metavar="TYPES",
+                   help="comma list of layer types kept in BF16 (default: embedders, norm_out, proj_out)")
 
     j = sub.add_parser("janitor", help="reclaim the work of dead workers (run one per fleet)")
     j.add_argument("--interval", type=float, default=2.0, help="seconds between sweeps")
@@ -246,11 +258,30 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     extra: dict[str, Any] = {"null_delay_s": args.null_delay_ms / 1000.0, "null_crash_prompt": args.null_crash_prompt}
     if args.fp8_weights:
         extra["fp8_weights"] = args.fp8_weights
+    switches = {name: False for name in ("fp8_linears", "fused_quant", "fp8_attention", "cuda_graphs")
+                if getattr(args, f"no_{name}")}
+    if switches:
+        extra["fp8_switches"] = switches
+    if args.no_cuda_graphs:
+        extra["cuda_graphs"] = False
     opts = WorkerOptions(model=args.model, device=args.device, precision=args.precision, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, worker_id=args.worker_id or "",
                          post_threads=args.post_threads, engine_extra=extra,
                          warmup=tuple(parse_shape(w, args.model) for w in args.warmup))
     return run_worker(settings, opts)
+
+
+def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.engine.fp8 import Fp8Options
+    from worker.engine.fp8.serialize import quantize
+
+    options = Fp8Options()
+    if args.keep_bf16 is not None:
+        options = Fp8Options.from_dict({**options.to_dict(),
+                                        "bf16_layers": [t.strip() for t in args.keep_bf16.split(",") if t.strip()]})
+    summary = quantize(args.src, args.dst, options=options, device=args.device)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
 
 
 def cmd_janitor(args: argparse.Namespace, settings: Settings) -> int:
@@ -267,7 +298,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS = {
     "submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "results": cmd_results, "cancel": cmd_cancel,
-    "worker": cmd_worker, "demo": cmd_demo, "janitor": cmd_janitor,
+    "worker": cmd_worker, "demo": cmd_demo, "janitor": cmd_janitor, "quantize": cmd_quantize,
 }
 
 # --- webhooks ---------------------------------------------------------------------------------------

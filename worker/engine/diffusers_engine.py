@@ -34,8 +34,9 @@ class EngineOptions:
     fp8_weights: str | None = None
     #: per-speed-up switches for the FP8 path (see worker.engine.fp8.Fp8Options); empty: the defaults
     fp8_switches: dict[str, bool] = field(default_factory=dict)
-    #: batch-size buckets for CUDA graphs (batches are padded up to a bucket)
+    #: image batch-size buckets for CUDA graphs (batches are padded up to a bucket); CUDA only
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
+    cuda_graphs: bool = True
 
 
 class DiffusersEngine(Engine):
@@ -46,6 +47,7 @@ class DiffusersEngine(Engine):
         self.pipe = None
         self.precision_reason = ""
         self._copy_stream = None
+        self._graphs = None
         self.interrupt: Callable[[], bool] = lambda: False
 
     # --- boot ------------------------------------------------------------------------------------
@@ -74,7 +76,24 @@ class DiffusersEngine(Engine):
         else:
             self.pipe.transformer = fp8.apply_fp8(self.pipe.transformer, opts)
 
+    def _graphs_wanted(self) -> bool:
+        if not self.device.startswith("cuda") or not self.options.cuda_graphs:
+            return False
+        return self.options.fp8_switches.get("cuda_graphs", True)
+
     def warmup(self, keys: Sequence[BatchKey], batch_sizes: Sequence[int] = (1,)) -> None:
+        """Capture the denoising step's CUDA graphs for each shape (at boot, never per job), then run each."""
+        if keys and self._graphs_wanted():
+            from worker.engine.graphs import CudaGraphRunner
+
+            # Buckets count transformer rows: two per image with classifier-free guidance, one without.
+            rows = sorted({n * m for n in self.options.batch_buckets for m in (1, 2)})
+            self._graphs = self._graphs or CudaGraphRunner(self.pipe.transformer, batch_buckets=rows)
+            text_len = self.pipe.tokenizer_max_length + 256  # CLIP tokens + T5 tokens (max_sequence_length)
+            vsf = self.pipe.vae_scale_factor
+            for key in keys:
+                self._graphs.capture((key.height // vsf, key.width // vsf), text_len)
+            self._graphs.install()
         for key in keys:
             for n in batch_sizes:
                 reqs = [GenerationRequest(f"warmup-{i}", "warm up", "", i) for i in range(n)]

@@ -1,0 +1,116 @@
+"""The worker's engine on a GPU: SD3.5 through ``DiffusersEngine.generate`` exactly as a worker calls it.
+
+    python bench/engine_worker.py [--model medium] [--batches 1,4] [--steps 28] [--out FILE.json]
+
+Random-weight SD3.5 (released configs: transformer, CLIP-L, CLIP-G, T5-XXL, VAE) built on the GPU, then
+run through the engine in two configurations in ONE invocation: BF16 eager (diffusers as shipped) and
+sdfleet FP8 (FP8 linears, fused quantization, FP8 attention, CUDA graphs captured at warm-up). Per
+batch size: s/image end to end (text encoders, denoising, VAE decode, uint8 on the GPU, pinned copy),
+images/s, the engine's phase timings, peak GiB, and whether a job's image is the same alone and in a batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def build_engine(model: str, precision: str, res: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from bench.engine import _components
+    from worker.engine.diffusers_engine import DiffusersEngine, EngineOptions
+    from worker.engine.sd35_configs import SCHEDULER, build_transformer
+
+    parts = {k: v for k, v in _components(res).items() if k != "build_s"}
+    transformer = build_transformer(model, device="cuda", dtype=torch.bfloat16, seed=0)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+                                    **parts)
+    pipe.set_progress_bar_config(disable=True)
+    engine = DiffusersEngine(EngineOptions(model=model, device="cuda", precision=precision,
+                                           cuda_graphs=precision == "fp8"))
+    # What load() does, minus reading weights from disk (there are none: random weights).
+    engine.pipe, engine.precision, engine.model_name = pipe, precision, f"sd3.5-{model}"
+    engine._copy_stream = torch.cuda.Stream()
+    if precision == "fp8":
+        engine._to_fp8()
+    return engine
+
+
+def main() -> int:
+    from sdfleet.jobs import BatchKey
+    from worker.engine.base import GenerationRequest
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="medium")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--res", type=int, default=1024)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+    key = BatchKey(a.model, a.res, a.res, a.steps, 4.5)
+    out = {"bench": "engine_worker", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "command": "python bench/engine_worker.py " + " ".join(sys.argv[1:]),
+           "model": a.model, "res": a.res, "steps": a.steps, "guidance": 4.5, "runs": {}}
+    images: dict[str, np.ndarray] = {}
+    for precision in ("bf16", "fp8"):
+        t0 = time.perf_counter()
+        engine = build_engine(a.model, precision, a.res)
+        torch.cuda.synchronize()
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.warmup([key], batch_sizes=batches)  # graph capture (fp8) + one run per batch size
+        warm_s = time.perf_counter() - t0
+        rec = {"build_s": round(build_s, 1), "warmup_s": round(warm_s, 1)}
+        for n in batches:
+            reqs = [GenerationRequest(f"j{i}", f"a photograph number {i} of a lighthouse", "", 1000 + i)
+                    for i in range(n)]
+            torch.cuda.reset_peak_memory_stats()
+            times, phases = [], []
+            for _ in range(2):
+                t = time.perf_counter()
+                res = engine.generate(key, reqs)
+                times.append(time.perf_counter() - t)
+                phases.append(res.timings)
+            best = int(np.argmin(times))
+            rec[f"batch{n}"] = {"s_per_batch": round(times[best], 3), "s_per_image": round(times[best] / n, 3),
+                                "images_per_s": round(n / times[best], 3),
+                                "phases_s": {k: round(v, 3) for k, v in phases[best].items()},
+                                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            images[f"{precision}-{n}"] = res.images[0]
+            print(json.dumps({precision: {f"batch{n}": rec[f"batch{n}"]}}), flush=True)
+        if engine._graphs is not None:
+            rec["graph_replays"] = engine._graphs.replays
+            rec["graph_eager_calls"] = engine._graphs.eager_calls
+        out["runs"][precision] = rec
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+    # The same job (seed 1000, same prompt) alone and as the first of a batch: the worker's independence claim.
+    for p in ("bf16", "fp8"):
+        if f"{p}-1" in images and f"{p}-{batches[-1]}" in images:
+            d = np.abs(images[f"{p}-1"].astype(int) - images[f"{p}-{batches[-1]}"].astype(int))
+            out[f"{p}_alone_vs_batch_max_pixel_diff"] = int(d.max())
+            out[f"{p}_alone_vs_batch_mean_pixel_diff"] = round(float(d.mean()), 4)
+    for n in batches:
+        b, f = out["runs"]["bf16"][f"batch{n}"], out["runs"]["fp8"][f"batch{n}"]
+        out[f"speedup_batch{n}"] = round(b["s_per_image"] / f["s_per_image"], 2)
+    print(json.dumps(out, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
