@@ -117,7 +117,8 @@ def main() -> None:
     duplicated = sum(1 for n in files.values() if n > 2)  # a stem is png + json; anything else is wrong
     stray = [p.name for p in (Path(out_dir) / "soak").iterdir() if p.suffix not in (".png", ".json", ".jsonl")]
     wh = Webhook(secret)
-    verified, bad, per_job, ids = 0, 0, Counter(), Counter()
+    verified, bad, ids = 0, 0, Counter()
+    per_job: dict[str, set[str]] = {}
     batch_events = 0
     for q in receiver.got("/hook"):
         try:
@@ -128,7 +129,7 @@ def main() -> None:
             continue
         ids[q.headers["webhook-id"]] += 1
         if payload["type"].startswith("job."):
-            per_job[payload["data"]["job_id"]] += 1
+            per_job.setdefault(payload["data"]["job_id"], set()).add(q.headers["webhook-id"])
         elif payload["type"] == "batch.completed":
             batch_events += 1
     result = {
@@ -140,7 +141,8 @@ def main() -> None:
         "jobs_per_s": round(res.total / elapsed, 1),
         "webhooks_received": len(receiver.got("/hook")), "webhooks_verified": verified, "webhooks_bad_signature": bad,
         "jobs_with_terminal_webhook": len(per_job),
-        "jobs_with_more_than_one_terminal_webhook_id": sum(1 for n in per_job.values() if n > 1),
+        "jobs_with_more_than_one_terminal_webhook_id": sum(1 for v in per_job.values() if len(v) > 1),
+        "webhooks_dead_lettered": r.llen("sdfleet:webhooks:dead"),
         "redelivered_same_webhook_id": sum(n - 1 for n in ids.values() if n > 1),
         "batch_completed_events": batch_events,
     }

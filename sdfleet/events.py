@@ -8,7 +8,7 @@ GPU worker.
 
 Event ids are derived from what the event is about (``msg_`` + hash of job or batch id, event type, the
 time the outcome was recorded and the endpoint), so a retried or re-announced event keeps its webhook-id,
-and a SET NX on ``keys.webhook_sent`` makes sure each is enqueued once. A job resubmitted after failing
+and ``keys.webhook_sent``, set once an event is on the queue, stops it being enqueued again. A job resubmitted after failing
 gets a new outcome time, hence a new event.
 """
 
@@ -35,7 +35,6 @@ JOB_SUCCEEDED, JOB_FAILED, BATCH_COMPLETED = "job.succeeded", "job.failed", "bat
 JOB_EVENTS = {"succeeded": JOB_SUCCEEDED, "failed": JOB_FAILED}
 BATCH_TASK = "sdfleet.webhook.batch_completed"
 MANIFEST_KEY = "{batch_id}/manifest.jsonl"
-CLAIM_S = 10  # a claim that never became "sent" (the process died in between) lapses after this
 
 
 def event_id(*parts: str) -> str:
@@ -87,18 +86,17 @@ def batch_event(batch_id: str, counts: dict[str, int], total: int, manifest_url:
 
 def emit(r: redis.Redis, app: Celery, *, url: str, event_type: str, payload: dict[str, Any], eid: str,
          batch_id: str, job_id: str | None = None) -> bool:
-    """Enqueue one event for one endpoint unless it was already enqueued; True if enqueued now."""
-    # Claimed for a short while first: if this process dies before the event is on the queue, the claim
-    # lapses and the redelivered job's re-announcement enqueues it (with the same id).
-    if not r.set(keys.webhook_sent(eid), "pending", nx=True, ex=CLAIM_S):
+    """Enqueue one event for one endpoint unless it was already enqueued; True if enqueued now.
+
+    Marked as sent only after it is on the queue: a process that dies in between leaves it unmarked, so
+    the redelivered job's re-announcement enqueues it again. At worst a receiver sees the same event
+    twice with the same webhook-id (which Standard Webhooks receivers deduplicate); it is never lost.
+    """
+    if r.get(keys.webhook_sent(eid)) == "sent":
         return False
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    try:
-        outbox.publish(app, outbox.new_delivery(event_id=eid, event_type=event_type, url=url, body=body,
-                                                batch_id=batch_id, job_id=job_id))
-    except BaseException:
-        r.delete(keys.webhook_sent(eid))  # not enqueued: let a re-announcement try again
-        raise
+    outbox.publish(app, outbox.new_delivery(event_id=eid, event_type=event_type, url=url, body=body,
+                                            batch_id=batch_id, job_id=job_id))
     r.set(keys.webhook_sent(eid), "sent", ex=keys.RECORD_TTL_S)
     return True
 

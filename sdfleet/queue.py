@@ -17,6 +17,9 @@ WEBHOOK_TASK = "sdfleet.webhook.deliver"
 
 
 def make_app(settings: Settings, *, prefetch: int = 1) -> Celery:
+    from sdfleet import transport
+
+    transport.install()  # every role uses the hardened Redis transport
     app = Celery("sdfleet", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,23 +59,29 @@ class FileStorage(Storage):
     def __init__(self, location: str):
         self.location = normalize_out(location)
         self.root = Path(self.location[len("file://"):])
+        self._made: set[str] = set()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if self.root.resolve() not in path.parents:
+        # Keys are built from validated ids; refuse anything that could still climb out of the root.
+        parts = key.split("/")
+        if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise StorageError(f"object key {key!r} escapes {self.root}")
-        return path
+        return Path(os.path.join(self.root, key))
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
         path = self._path(key)
+        parent = os.path.dirname(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if parent not in self._made:
+                os.makedirs(parent, exist_ok=True)
+                self._made.add(parent)
             # Write then rename: a reader never sees half an image, and a retry simply replaces it.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
+            tmp = f"{parent}/.tmp-{os.getpid()}-{threading.get_ident()}-{os.path.basename(path)}"
+            with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as exc:
+            self._made.discard(parent)
             raise StorageError(f"cannot write {path}: {exc}") from exc
         return self.url(key)
 

@@ -67,21 +67,54 @@ def objects(env, batch: str) -> list[str]:
 
 
 def test_sigkill_mid_batch_every_job_is_redone_exactly_once(tmp_path, env, r, start_worker, janitor):
+    from standardwebhooks import Webhook
+
+    from sdfleet.webhooks.signing import new_secret
+    from tests.webhook_receiver import start_receiver
+
+    secret = new_secret()
+    receiver = start_receiver()
+    hooks = {**FAST_BEATS, "SDFLEET_WEBHOOK_SECRET": secret, "SDFLEET_WEBHOOK_ALLOW_PRIVATE": "1"}
     janitor()
-    f = jsonl(tmp_path, null_jobs(24))
-    assert run_cli(["submit", str(f), "--batch", "kill"], env).returncode == 0
-    a = start_worker("--max-batch", "4", "--null-delay-ms", "400", model="null", env_extra=FAST_BEATS)
+    webhook_worker = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "webhook-worker"],
+                                      env={**env, **hooks}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+    f = jsonl(tmp_path, null_jobs(24, webhook=receiver.url("/hook")))
+    assert run_cli(["submit", str(f), "--batch", "kill"], {**env, **hooks}).returncode == 0
+    a = start_worker("--max-batch", "4", "--null-delay-ms", "400", model="null", env_extra=hooks)
     wait_until(lambda: counts(r, "kill").get("succeeded", 0) >= 4 and counts(r, "kill").get("running", 0) > 0,
                30, "a batch in flight")
     a.stop(signal.SIGKILL)
-    start_worker("--max-batch", "4", model="null", env_extra=FAST_BEATS)
+    start_worker("--max-batch", "4", model="null", env_extra=hooks)
     wait_until(lambda: counts(r, "kill").get("succeeded", 0) == 24, 60, "all jobs to succeed")
     assert counts(r, "kill") == {"queued": 0, "running": 0, "succeeded": 24}
-    assert objects(env, "kill") == sorted(f"p{i}{ext}" for i in range(24) for ext in (".json", ".png"))
+    # (manifest.jsonl is written by the webhook worker once the batch has completed)
+    assert [o for o in objects(env, "kill") if o != "manifest.jsonl"] == sorted(
+        f"p{i}{ext}" for i in range(24) for ext in (".json", ".png"))
     attempts = [int(r.hget(f"sdfleet:job:{jid}", "attempts")) for jid in r.lrange("sdfleet:batch:kill:jobs", 0, -1)]
     assert max(attempts) == 2, "the jobs of the killed batch ran twice, the others once"
-    wait_until(lambda: r.hlen("unacked") == 0, 10, "the last acknowledgements")
+    def job_messages_unacked() -> int:  # (webhook deliveries in flight are unacked too, legitimately)
+        return sum(1 for raw in r.hvals("unacked") if json.loads(raw)[2] == "sdfleet.gen.null")
+
+    wait_until(lambda: job_messages_unacked() == 0, 10, "the last acknowledgements")
     assert r.llen("sdfleet.gen.null") == 0
+    # Exactly one terminal webhook per job (a resend would carry the same webhook-id), all verified.
+    try:
+        ids_per_job: dict[str, set] = {}
+
+        def all_announced():
+            ids_per_job.clear()
+            for q in receiver.got("/hook"):
+                payload = Webhook(secret).verify(q.body, q.headers)
+                if payload["type"] == "job.succeeded":
+                    ids_per_job.setdefault(payload["data"]["job_id"], set()).add(q.headers["webhook-id"])
+            return len(ids_per_job) == 24
+
+        wait_until(all_announced, 30, "a webhook for every job")
+        assert all(len(v) == 1 for v in ids_per_job.values())
+    finally:
+        webhook_worker.kill()
+        receiver.stop()
 
 
 def test_poison_job_fails_after_killing_three_workers(tmp_path, env, r, start_worker, janitor):

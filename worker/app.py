@@ -72,6 +72,7 @@ class WorkerContext:
                                   worker_id=self.worker_id, max_attempts=settings.max_job_crashes, log=log,
                                   on_oom=_empty_cuda_cache)
         self._received: list[str] = []
+        self._channels: set[Any] = set()
         self.stopping = False
 
     # --- called on the event-loop thread ---------------------------------------------------------
@@ -90,9 +91,10 @@ class WorkerContext:
             ack()
             return
         self._received.append(job_id)
+        self._channels.add(message.channel)
+        # Batches run from the loop's timer (every few ms), never from inside a delivery: the transport
+        # records a burst of deliveries as unacknowledged only once the whole burst is handed over.
         self.batcher.add(Delivery(job_id, batch_id, spec, time.monotonic(), ack=ack, reject=reject))
-        if len(self.batcher.groups.get(spec.key, ())) >= self.options.max_batch:
-            self.tick()
 
     def tick(self, *, force: bool = False) -> None:
         if self._received:
@@ -108,13 +110,24 @@ class WorkerContext:
                 for d in group:
                     self.acks.put(d.reject, True)
             self.acks.drain()
-        self.acks.drain()
+        self.flush_acks()
+
+    def flush_acks(self) -> None:
+        from sdfleet.transport import flush_acks
+
+        if self.acks.drain() or self._channels:
+            for channel in list(self._channels):
+                try:
+                    flush_acks(channel)
+                except Exception as exc:  # a dead connection: those messages come back, harmlessly
+                    self.log.warning("could not flush acknowledgements", error=repr(exc))
+                    self._channels.discard(channel)
 
     def drain(self) -> None:
         """Finish what was started: wait for uploads, acknowledge. Unstarted deliveries stay unacked."""
         self.stopping = True
         self.post.wait(timeout=600)
-        self.acks.drain()
+        self.flush_acks()
 
     def reclaim_own(self) -> None:
         """Hand back what this worker id holds but is not working on (a previous life, a lost connection)."""
@@ -272,7 +285,13 @@ def gpu_memory(device: str) -> dict[str, str]:
 def run_worker(settings: Settings, options: WorkerOptions) -> int:
     """Boot and run a worker until it is told to stop; returns the process exit code."""
     global _CTX
+    import sys
+
     from worker.engine.registry import build_engine
+
+    # The event-loop thread does many short socket calls; with the default 5 ms switch interval each one
+    # can wait that long for the GIL behind a post-processing thread (a convoy). 0.5 ms keeps it moving.
+    sys.setswitchinterval(0.0005)
 
     if options.device.startswith("cuda"):
         # One process, one GPU: pin it before any CUDA context exists.
@@ -294,7 +313,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
 
     from sdfleet import transport
 
-    transport.install()
+    transport.install(batch_acks=True)  # flushed by WorkerContext.flush_acks every loop tick
     # Prefetch: a full batch being filled, one running, one being uploaded.
     app = make_app(settings, prefetch=max(2, options.max_batch * 3))
     _CTX = WorkerContext(settings, options, engine, log)
