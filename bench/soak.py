@@ -113,9 +113,12 @@ def main() -> None:
                           "queued_msgs": r.llen("sdfleet.gen.null"),
                           "held_by": [w for w in r.smembers("sdfleet:workers")
                                       if r.sismember(f"sdfleet:worker:{w}:held", rec.job_id)]}), flush=True)
-    files = Counter(p.stem for p in (Path(out_dir) / "soak").iterdir() if p.suffix in (".png", ".json"))
+    entries = list((Path(out_dir) / "soak").iterdir())
+    # A worker killed mid-write leaves its hidden temp file (never renamed into place): not an object.
+    temp_left = [p for p in entries if p.name.startswith(".tmp-")]
+    files = Counter(p.stem for p in entries if p.suffix in (".png", ".json") and p not in temp_left)
     duplicated = sum(1 for n in files.values() if n > 2)  # a stem is png + json; anything else is wrong
-    stray = [p.name for p in (Path(out_dir) / "soak").iterdir() if p.suffix not in (".png", ".json", ".jsonl")]
+    stray = [p.name for p in entries if p.suffix not in (".png", ".json", ".jsonl") and p not in temp_left]
     wh = Webhook(secret)
     verified, bad, ids = 0, 0, Counter()
     per_job: dict[str, set[str]] = {}
@@ -137,6 +140,8 @@ def main() -> None:
         "jobs_submitted": res.total, "succeeded": counts["succeeded"], "failed": counts["failed"],
         "lost": res.total - counts["succeeded"] - counts["failed"] - counts["cancelled"],
         "duplicated_objects": duplicated + len(stray), "objects": sum(files.values()),
+        "jobs_without_both_objects": sum(1 for i in range(res.total) if files.get(f"s{i}", 0) != 2),
+        "temp_files_left_by_killed_writes": len(temp_left),
         "workers": args.workers, "kills": kills, "elapsed_s": round(elapsed, 1),
         "jobs_per_s": round(res.total / elapsed, 1),
         "webhooks_received": len(receiver.got("/hook")), "webhooks_verified": verified, "webhooks_bad_signature": bad,

@@ -150,3 +150,25 @@ def test_resubmitting_a_finished_batch_skips_done_jobs(tmp_path, env, r, start_w
     assert run_cli(["submit", str(f), "--batch", "rs", "--wait"], env, timeout=60).returncode == 0
     res = run_cli(["submit", str(f), "--batch", "rs", "--wait"], env, timeout=60)
     assert res.returncode == 0 and "0 enqueued, 4 already done" in res.stderr
+
+
+def test_a_local_model_directory_loads_through_the_same_path(tmp_path, env, r, start_worker, cache_dir):
+    """--model PATH (a diffusers SD3 directory, here the cached tiny one): its queue is named after the folder."""
+    import os
+    import shutil
+
+    from worker.engine.models import tiny_model_dir
+
+    os.environ["SDFLEET_CACHE_DIR"] = str(cache_dir)
+    local = tmp_path / "my-sd3"
+    shutil.copytree(tiny_model_dir(), local)
+    start_worker("--max-batch", "2", model=str(local))
+    f = jsonl(tmp_path, [{"prompt": "local", "model": "my-sd3", "steps": 2, "width": 256, "height": 256,
+                          "custom_id": "l0"}])
+    res = run_cli(["submit", str(f), "--batch", "local", "--wait"], env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    row = manifest(env, "local")[0]
+    side = json.loads(Path(row["url"][len("file://"):]).with_suffix(".json").read_text())
+    assert side["engine"]["model"] == "my-sd3"
+    res = run_cli(["worker", "--model", str(tmp_path / "nope")], env)
+    assert res.returncode == 1 and "not 'tiny' and not a diffusers model directory" in res.stderr

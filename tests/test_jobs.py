@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from producer.reader import parse_lines, read_lines
 from sdfleet.errors import InvalidJob
@@ -123,5 +124,5 @@ def test_plain_text_is_one_prompt_per_line():
 
 def test_spec_is_frozen():
     spec = JobSpec(prompt="a")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         spec.prompt = "b"  # type: ignore[misc]
