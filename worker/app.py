@@ -73,6 +73,8 @@ class WorkerContext:
                                   on_oom=_empty_cuda_cache)
         self._received: list[str] = []
         self._channels: set[Any] = set()
+        self.hub: Any = None  # the consumer's event loop, set by the strategy
+        self._tick_soon = False
         self.stopping = False
 
     # --- called on the event-loop thread ---------------------------------------------------------
@@ -92,11 +94,17 @@ class WorkerContext:
             return
         self._received.append(job_id)
         self._channels.add(message.channel)
-        # Batches run from the loop's timer (every few ms), never from inside a delivery: the transport
-        # records a burst of deliveries as unacknowledged only once the whole burst is handed over.
+        # Batches never run from inside a delivery: the transport records a burst of deliveries as
+        # unacknowledged only once the whole burst is handed over. A full group runs right after that
+        # (call_soon); others when the loop's timer finds them expired.
         self.batcher.add(Delivery(job_id, batch_id, spec, time.monotonic(), ack=ack, reject=reject))
+        if (self.hub is not None and not self._tick_soon
+                and len(self.batcher.groups.get(spec.key, ())) >= self.options.max_batch):
+            self._tick_soon = True
+            self.hub.call_soon(self.tick)
 
     def tick(self, *, force: bool = False) -> None:
+        self._tick_soon = False
         if self._received:
             # Track what this worker holds, so the janitor can hand it back if the process dies.
             self.redis.sadd(keys.worker_held(self.worker_id), *self._received)
@@ -198,6 +206,7 @@ def strategy(task: Any, app: Any, consumer: Any, **_: Any):
     ctx = _CTX
     assert ctx is not None, "worker context not set"
     errors = consumer.connection_errors
+    ctx.hub = getattr(consumer, "hub", None)
     consumer.timer.call_repeatedly(TICK_S, ctx.tick)
 
     def handler(message, body, ack, reject, callbacks, **kw):
