@@ -80,13 +80,21 @@ def main() -> int:
             times, phases = [], []
             for _ in range(2):
                 t = time.perf_counter()
-                res = engine.generate(key, reqs)
+                res = engine.generate(key, reqs).wait()  # wait(): the pinned copy has landed
                 times.append(time.perf_counter() - t)
                 phases.append(res.timings)
+            # Overlap: the next batch is queued while the previous one's copy runs (as the worker does).
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            pending = [engine.generate(key, reqs) for _ in range(3)]
+            for p in pending:
+                p.wait()
+            back_to_back = (time.perf_counter() - t) / 3
             best = int(np.argmin(times))
             rec[f"batch{n}"] = {"s_per_batch": round(times[best], 3), "s_per_image": round(times[best] / n, 3),
                                 "images_per_s": round(n / times[best], 3),
                                 "phases_s": {k: round(v, 3) for k, v in phases[best].items()},
+                                "s_per_batch_back_to_back": round(back_to_back, 3),
                                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
             images[f"{precision}-{n}"] = res.images[0]
             print(json.dumps({precision: {f"batch{n}": rec[f"batch{n}"]}}), flush=True)

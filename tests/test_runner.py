@@ -125,3 +125,31 @@ def test_claim_skips_finished_and_poisons_after_max_attempts(setup):
     runner.run(a.key, [a])  # a redelivered message of a finished job: acknowledged, not rerun
     acks.drain()
     assert acked == [a.job_id] and engine.calls == calls
+
+
+def test_results_whose_copy_is_still_running_are_waited_for_by_post_processing(setup):
+    """A GPU engine returns before its device-to-host copy lands; post-processing waits for it."""
+    store, runner, post, acks, engine, deliveries, acked, finished = setup(["a", "b"], limit=8)
+    landed = []
+
+    def late(key, requests):
+        res = GenerationResult([np.zeros((8, 8, 3), np.uint8) for _ in requests], {})
+
+        def finish():
+            for img in res.images:
+                img[:] = 7  # the copy lands
+            res.timings["engine_s"] = 0.5
+            landed.append(True)
+
+        res.pending = finish
+        return res
+
+    engine.generate = late
+    runner.run(deliveries[0].key, deliveries)
+    post.wait(10)
+    acks.drain()
+    assert landed == [True], "waited for exactly once"
+    for d in deliveries:
+        rec = store.job(d.job_id)
+        assert rec.status == "succeeded"
+        assert json.loads(rec.fields["timings"])["engine_s"] == 0.25  # shared by the two jobs

@@ -21,6 +21,7 @@ from sdfleet import keys
 from sdfleet.errors import StorageError
 from sdfleet.state import JobStore, Transition
 from sdfleet.storage import StorageFactory, object_key
+from worker.engine.base import GenerationResult
 from worker.intake import AckQueue, Delivery
 
 
@@ -52,12 +53,9 @@ class PostProcessor:
         self.pending: set[Future] = set()
         self._lock = threading.Lock()
 
-    def submit(self, delivery: Delivery, image: np.ndarray, timings: dict[str, float]) -> None:
-        self.submit_group([delivery], [image], timings)
-
-    def submit_group(self, group: Sequence[Delivery], images: Sequence[np.ndarray], timings: dict[str, float]) -> None:
+    def submit_group(self, group: Sequence[Delivery], result: GenerationResult) -> None:
         """Store every image of an engine run in parallel, then record all outcomes in one round trip."""
-        stored = [self.pool.submit(self._store, d, img, timings) for d, img in zip(group, images)]
+        stored = [self.pool.submit(self._store, d, result, i) for i, d in enumerate(group)]
         fut = self.recorder.submit(self._record, list(group), stored)
         with self._lock:
             self.pending.add(fut)
@@ -84,9 +82,13 @@ class PostProcessor:
         self.pool.shutdown(wait=True)
         self.recorder.shutdown(wait=True)
 
-    def _store(self, d: Delivery, image: np.ndarray, timings: dict[str, float]) -> dict[str, Any]:
+    def _store(self, d: Delivery, result: GenerationResult, index: int) -> dict[str, Any]:
         """Encode and upload one job's PNG and sidecar; returns the fields to record."""
         spec = d.spec
+        result.wait()  # the device-to-host copy of this batch
+        image = result.images[index]
+        n = len(result.images)
+        timings = {**{k: v / n for k, v in result.timings.items()}, "batch_size": n}
         t0 = time.perf_counter()
         storage = self.storage.get(spec.out)
         png = encode_png(image)  # parameters live in the sidecar; text chunks cost more than the pixels here

@@ -117,6 +117,5 @@ class BatchRunner:
                       trace=traceback.format_exc(limit=5))
             self.post.finish_failed(group[0], f"engine error: {reason}")
             return
-        share = {k: v / len(group) for k, v in result.timings.items()}
-        share["batch_size"] = len(group)
-        self.post.submit_group(group, result.images, share)
+        # Not waited for here: the device-to-host copy may still run while the next batch starts.
+        self.post.submit_group(group, result)

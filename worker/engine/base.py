@@ -8,8 +8,9 @@ A new backend (TensorRT, say) implements this class and registers in :mod:`worke
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,10 +28,24 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    """``images[i]`` is an HxWx3 uint8 array for ``requests[i]``; timings are seconds by phase."""
+    """``images[i]`` is an HxWx3 uint8 array for ``requests[i]``; timings are seconds by phase.
+
+    A GPU engine may return before its device-to-host copy has finished, so the next batch starts while
+    the copy runs: then ``pending`` waits for the copy (and fills in the timings). Consumers call
+    :meth:`wait` before reading ``images`` or ``timings``; it is cheap once done and safe from any thread.
+    """
 
     images: list[np.ndarray]
     timings: dict[str, float] = field(default_factory=dict)
+    pending: Callable[[], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def wait(self) -> GenerationResult:
+        with self._lock:
+            if self.pending is not None:
+                self.pending()
+                self.pending = None
+        return self
 
 
 class Engine(ABC):

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from sdfleet.errors import EngineError
@@ -105,7 +104,13 @@ class DiffusersEngine(Engine):
         if self.pipe is None:
             raise EngineError("engine used before load(); call load() at worker boot")
         pipe = self.pipe
-        t0 = time.perf_counter()
+        cuda = self.device.startswith("cuda")
+        # Phase boundaries: CUDA events on a GPU (no host synchronisation, so the next batch can be queued
+        # while this one finishes), wall-clock on the CPU.
+        marks: list[Any] = []
+        mark = self._event_mark(marks) if cuda else (lambda: marks.append(time.perf_counter()))
+        t_start = time.perf_counter()
+        mark()
         cfg = key.guidance_scale > 1.0
         with torch.inference_mode():
             embeds = pipe.encode_prompt(
@@ -114,7 +119,7 @@ class DiffusersEngine(Engine):
                 do_classifier_free_guidance=cfg, device=self.device, num_images_per_prompt=1,
             )
             pe, npe, ppe, nppe = embeds
-            t1 = self._sync(time.perf_counter())
+            mark()
             latents = self._initial_latents(key, requests)
             latents = pipe(
                 prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
@@ -122,18 +127,49 @@ class DiffusersEngine(Engine):
                 num_inference_steps=key.steps, guidance_scale=key.guidance_scale, latents=latents,
                 output_type="latent", callback_on_step_end=self._on_step,
             ).images
-            t2 = self._sync(time.perf_counter())
+            mark()
             vae = pipe.vae
             latents = latents / vae.config.scaling_factor + vae.config.shift_factor
             pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
             # uint8 conversion on the device: 4x fewer bytes cross to the host
             images_u8 = ((pixels.float() / 2 + 0.5).clamp_(0, 1) * 255).round_().to(torch.uint8)
             images_u8 = images_u8.permute(0, 2, 3, 1).contiguous()
-            host = self._to_host(images_u8)
-            t3 = time.perf_counter()
-        images = [host[i] for i in range(len(requests))]
-        timings = {"encode_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": t3 - t2, "engine_s": t3 - t0}
-        return GenerationResult(images, timings)
+            mark()
+            if not cuda:
+                host = images_u8.numpy()
+                timings = _phase_seconds([b - a for a, b in zip(marks, marks[1:])])
+                return GenerationResult([host[i] for i in range(len(requests))], timings)
+            host_t, copied = self._copy_to_pinned(images_u8)
+        result = GenerationResult([host_t[i].numpy() for i in range(len(requests))], {})
+        submitted_s = time.perf_counter() - t_start
+
+        def finish() -> None:
+            copied.synchronize()
+            ms = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+            result.timings.update(_phase_seconds(ms), host_submit_s=submitted_s)
+
+        result.pending = finish
+        return result
+
+    @staticmethod
+    def _event_mark(marks: list[Any]) -> Callable[[], None]:
+        def mark() -> None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append(ev)
+
+        return mark
+
+    def _copy_to_pinned(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start the copy into pinned host memory on a side stream; returns (host tensor, done event)."""
+        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            host.copy_(images, non_blocking=True)
+            images.record_stream(self._copy_stream)  # the allocator must not reuse it before the copy
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        return host, done
 
     def _initial_latents(self, key: BatchKey, requests: Sequence[GenerationRequest]) -> torch.Tensor:
         pipe = self.pipe
@@ -148,26 +184,6 @@ class DiffusersEngine(Engine):
             pipe._interrupt = True
         return callback_kwargs
 
-    def _sync(self, t: float) -> float:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-            return time.perf_counter()
-        return t
-
-    def _to_host(self, images: torch.Tensor) -> np.ndarray:
-        if self._copy_stream is None:
-            return images.cpu().numpy()
-        # Copy on a side stream into pinned memory; the event lets us wait for exactly this copy.
-        host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._copy_stream):
-            host.copy_(images, non_blocking=True)
-            images.record_stream(self._copy_stream)
-            done = torch.cuda.Event()
-            done.record(self._copy_stream)
-        done.synchronize()
-        return host.numpy()
-
     def describe(self) -> dict[str, object]:
         return {"model": self.model_name, "precision": self.precision, "device": self.device,
                 "precision_reason": self.precision_reason}
@@ -176,6 +192,11 @@ class DiffusersEngine(Engine):
         self.pipe = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _phase_seconds(durations: Sequence[float]) -> dict[str, float]:
+    encode, denoise, decode = durations
+    return {"encode_s": encode, "denoise_s": denoise, "decode_s": decode, "engine_s": encode + denoise + decode}
 
 
 def _quiet_libraries() -> None:
