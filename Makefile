@@ -1,13 +1,13 @@
 # One virtual environment, made on first use. torch is pinned to the CPU build in pyproject.toml.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP_OPTS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
 
 .PHONY: demo test lint bench-queue clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(PIP_OPTS) -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 demo: $(VENV)/.installed

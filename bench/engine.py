@@ -10,7 +10,7 @@ one FP8 step split into GEMM / attention / quantization / elementwise.
     python bench/engine.py --models medium --variants bf16,fp8-fused,fp8-fused-graph --out x.json
     python bench/engine.py --e2e --cold-start               # + whole pipeline s/image, load+capture s
 
-Writes JSON (``--out``, default ``$OUT/engine.json`` or ``bench/results/engine.json``) and prints a table.
+Writes JSON (``--out``, default ``bench/results/engine.json``) and prints a table.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import datetime as dt
 import gc
 import json
 import math
-import os
 import platform
 import time
 import traceback
@@ -559,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown variant(s) {unknown}; choose from {','.join(ALL_VARIANTS)}", file=sys.stderr)
         return 2
-    default_out = Path(os.environ["OUT"]) / "engine.json" if os.environ.get("OUT") else Path("bench/results/engine.json")
+    default_out = Path("bench/results/engine.json")
     RESULTS["_path"] = a.out or str(default_out)
     try:
         import triton

@@ -1,7 +1,7 @@
 """Deployment files: docker-compose.yml, infra/docker/*, infra/k8s/*.
 
 No Docker engine or cluster exists here, so these files are checked by parsing: the Compose file against
-the Compose Specification's JSON schema (vendored in tests/schemas/), the built-in Kubernetes kinds against
+the Compose Specification's JSON schema (from the check-jsonschema package), the built-in Kubernetes kinds against
 their strict schemas (kubernetes-validate), and everything sdfleet-specific by structural checks that tie
 the files to the code: every `sdfleet ...` command parses with the real CLI parser, every SDFLEET_* variable
 is a real setting, the KEDA trigger watches the queue the worker really consumes, and the heartbeat check
@@ -36,11 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 K8S_DIR = ROOT / "infra" / "k8s"
 DOCKER_DIR = ROOT / "infra" / "docker"
-COMPOSE_SCHEMA = Path(__file__).resolve().parent / "schemas" / "compose-spec.json"
+# The Compose Specification's JSON schema, as shipped inside the check-jsonschema package (a test dependency).
+COMPOSE_SCHEMA = Path(__import__("check_jsonschema").__file__).parent / "builtin_schemas" / "vendor" / "compose-spec.json"
 # Oldest Kubernetes release the manifests must be valid for.
 K8S_VERSION = "1.30.0"
 # Roles other parts of the code base add; their checks run once the subcommand exists.
-PENDING_SUBCOMMANDS = {"janitor", "webhook-worker"}
+PENDING_SUBCOMMANDS: set[str] = set()
 
 
 # --- loading ------------------------------------------------------------------------------------------
