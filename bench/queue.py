@@ -2,7 +2,7 @@
 
     python bench/queue.py [--jobs 4000] [--out bench/results/queue-cpu.json]
 
-Runs on a private redis-server (never touches your Redis). For batch sizes 1 and 8 it measures:
+Runs on a private redis-server (never touches your Redis). For batch 1 and 8 with one worker, and batch 8 with two worker processes, it measures:
   - submit: seconds to validate + record + enqueue N jobs (the `sdfleet submit` path),
   - drain: N jobs pre-queued, one `sdfleet worker --model null` started; jobs/s from its first start to
     its last stored result (the worker side alone),
@@ -46,14 +46,15 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def start_worker(url: str, batch: int, out: str) -> subprocess.Popen:
+def start_worker(url: str, batch: int, out: str, name: str = "") -> subprocess.Popen:
     env = {**os.environ, "REDIS_URL": url, "SDFLEET_LOG_LEVEL": "warning", "SDFLEET_OUT": out}
     env = {k: v for k, v in env.items() if not k.startswith("SDFLEET_") or k in (
         "SDFLEET_LOG_LEVEL", "SDFLEET_OUT")}
+    worker_id = f"bench-{batch}{name}"
     proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "worker", "--model", "null", "--max-batch",
-                             str(batch), "--max-wait-ms", "5", "--worker-id", f"bench-{batch}"], env=env, cwd=ROOT)
+                             str(batch), "--max-wait-ms", "5", "--worker-id", worker_id], env=env, cwd=ROOT)
     r = redis.Redis.from_url(url)
-    while not r.exists(f"sdfleet:worker:bench-{batch}"):
+    while not r.exists(f"sdfleet:worker:{worker_id}"):
         time.sleep(0.05)
     time.sleep(0.5)
     return proc
@@ -78,7 +79,7 @@ def job_times(store: JobStore, batch: str) -> tuple[list[float], list[float], li
     return q, s, e
 
 
-def run_sdfleet(url: str, n: int, batch: int, out: str) -> dict:
+def run_sdfleet(url: str, n: int, batch: int, out: str, workers: int = 1) -> dict:
     r = redis.Redis.from_url(url, decode_responses=True)
     r.flushdb()
     settings = Settings(redis_url=url)
@@ -89,7 +90,7 @@ def run_sdfleet(url: str, n: int, batch: int, out: str) -> dict:
     t0 = time.perf_counter()
     submit(specs, store=store, app=app, storage=StorageFactory(), default_out=out, batch_name=f"drain{batch}")
     submit_s = time.perf_counter() - t0
-    proc = start_worker(url, batch, out)
+    procs = [start_worker(url, batch, out, f"-{i}") for i in range(workers)]
     try:
         wait_done(store, f"drain{batch}", n)
         _, s, e = job_times(store, f"drain{batch}")
@@ -100,13 +101,15 @@ def run_sdfleet(url: str, n: int, batch: int, out: str) -> dict:
         wait_done(store, f"live{batch}", n)
         q, s, e = job_times(store, f"live{batch}")
         lat = [b - a for a, b in zip(q, s)]
-        return {"batch": batch, "jobs": n, "submit_s": round(submit_s, 3), "submit_jobs_per_s": round(n / submit_s),
+        return {"batch": batch, "workers": workers, "jobs": n, "submit_s": round(submit_s, 3), "submit_jobs_per_s": round(n / submit_s),
                 "drain_jobs_per_s": round(drain, 1), "live_jobs_per_s": round(n / (max(e) - t1), 1),
                 "enqueue_to_start_p50_ms": round(pct(lat, 0.5) * 1000, 2),
                 "enqueue_to_start_p99_ms": round(pct(lat, 0.99) * 1000, 2)}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
 
 
 def run_celery(url: str, n: int, prefetch: int) -> dict:
@@ -163,8 +166,8 @@ def main() -> None:
                f"{os.cpu_count()} cores", "python": platform.python_version(),
                "command": f"python bench/queue.py --jobs {args.jobs}", "sdfleet": [], "celery_plain": []}
     try:
-        for b in (1, 8):
-            res = run_sdfleet(redis_server.url, args.jobs, b, f"file://{out_dir}")
+        for b, workers in ((1, 1), (8, 1), (8, 2)):
+            res = run_sdfleet(redis_server.url, args.jobs, b, f"file://{out_dir}", workers)
             print(json.dumps({"sdfleet": res}), flush=True)
             results["sdfleet"].append(res)
         for pf in (1, 8):
