@@ -67,8 +67,6 @@ def objects(env, batch: str) -> list[str]:
 
 
 def test_sigkill_mid_batch_every_job_is_redone_exactly_once(tmp_path, env, r, start_worker, janitor):
-    from standardwebhooks import Webhook
-
     from sdfleet.webhooks.signing import new_secret
     from tests.webhook_receiver import start_receiver
 
@@ -79,6 +77,17 @@ def test_sigkill_mid_batch_every_job_is_redone_exactly_once(tmp_path, env, r, st
     webhook_worker = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "webhook-worker"],
                                       env={**env, **hooks}, cwd=ROOT, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
+    try:
+        _sigkill_mid_batch(tmp_path, env, r, start_worker, receiver, secret, hooks)
+    finally:
+        webhook_worker.kill()
+        webhook_worker.wait(10)
+        receiver.stop()
+
+
+def _sigkill_mid_batch(tmp_path, env, r, start_worker, receiver, secret, hooks):
+    from standardwebhooks import Webhook
+
     f = jsonl(tmp_path, null_jobs(24, webhook=receiver.url("/hook")))
     assert run_cli(["submit", str(f), "--batch", "kill"], {**env, **hooks}).returncode == 0
     a = start_worker("--max-batch", "4", "--null-delay-ms", "400", model="null", env_extra=hooks)
@@ -99,22 +108,18 @@ def test_sigkill_mid_batch_every_job_is_redone_exactly_once(tmp_path, env, r, st
     wait_until(lambda: job_messages_unacked() == 0, 10, "the last acknowledgements")
     assert r.llen("sdfleet.gen.null") == 0
     # Exactly one terminal webhook per job (a resend would carry the same webhook-id), all verified.
-    try:
-        ids_per_job: dict[str, set] = {}
+    ids_per_job: dict[str, set] = {}
 
-        def all_announced():
-            ids_per_job.clear()
-            for q in receiver.got("/hook"):
-                payload = Webhook(secret).verify(q.body, q.headers)
-                if payload["type"] == "job.succeeded":
-                    ids_per_job.setdefault(payload["data"]["job_id"], set()).add(q.headers["webhook-id"])
-            return len(ids_per_job) == 24
+    def all_announced():
+        ids_per_job.clear()
+        for q in receiver.got("/hook"):
+            payload = Webhook(secret).verify(q.body, q.headers)
+            if payload["type"] == "job.succeeded":
+                ids_per_job.setdefault(payload["data"]["job_id"], set()).add(q.headers["webhook-id"])
+        return len(ids_per_job) == 24
 
-        wait_until(all_announced, 30, "a webhook for every job")
-        assert all(len(v) == 1 for v in ids_per_job.values())
-    finally:
-        webhook_worker.kill()
-        receiver.stop()
+    wait_until(all_announced, 30, "a webhook for every job")
+    assert all(len(v) == 1 for v in ids_per_job.values())
 
 
 def test_poison_job_fails_after_killing_three_workers(tmp_path, env, r, start_worker, janitor):
