@@ -32,7 +32,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producer.submit import enqueue, submit  # noqa: E402,F401
+from producer.submit import submit  # noqa: E402
 from sdfleet.jobs import parse_job  # noqa: E402
 from sdfleet.queue import make_app  # noqa: E402
 from sdfleet.redisconn import PrivateRedis  # noqa: E402

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sdfleet.errors import SdfleetError
 from sdfleet.state import TERMINAL, JobStore
 
 
@@ -69,6 +68,3 @@ def manifest_lines(store: JobStore, batch_id: str) -> list[dict[str, Any]]:
         })
     return out
 
-
-class DemoError(SdfleetError):
-    pass

@@ -143,9 +143,12 @@ def submit(
         pipe.rpush(keys.batch_jobs(batch_id), *[jid for jid, _ in fresh[i:i + CHUNK]])
         pipe.hincrby(keys.batch_counts(batch_id), QUEUED, len(fresh[i:i + CHUNK]))
         pipe.execute()
-    for jid, spec in retry:
-        r.hset(keys.job(jid), mapping={"spec": spec.model_dump_json(), "attempts": 0})
-        store.transition(jid, QUEUED, (FAILED, CANCELLED), error="")
+    if retry:
+        pipe = r.pipeline(transaction=False)
+        for jid, spec in retry:
+            pipe.hset(keys.job(jid), mapping={"spec": spec.model_dump_json(), "attempts": 0})
+        pipe.execute()
+        store.transition_many([(jid, {"error": ""}) for jid, _ in retry], QUEUED, (FAILED, CANCELLED))
     total = r.hlen(keys.batch_custom_ids(batch_id))
     pipe = r.pipeline(transaction=False)
     pipe.hset(bkey, "total", total)

@@ -88,6 +88,15 @@ def reclaim_worker(r: redis.Redis, store: JobStore, app: Any, worker_id: str, lo
     return {"restored": restored, "reenqueued": reenqueued}
 
 
+def held_by_live_workers(r: redis.Redis) -> set[str]:
+    """Job ids held by workers whose heartbeat is current."""
+    held: set[str] = set()
+    for w in r.smembers(keys.WORKERS):
+        if r.exists(keys.worker(w)):
+            held |= r.smembers(keys.worker_held(w))
+    return held
+
+
 def restore_orphans(r: redis.Redis, grace_s: float, log: Any) -> int:
     """Restore unacked messages older than ``grace_s`` that no live worker holds.
 
@@ -99,10 +108,7 @@ def restore_orphans(r: redis.Redis, grace_s: float, log: Any) -> int:
     old = r.zrangebyscore(UNACKED_INDEX, 0, time.time() - grace_s)
     if not old:
         return 0
-    live = [w for w in r.smembers(keys.WORKERS) if r.exists(keys.worker(w))]
-    held: set[str] = set()
-    for w in live:
-        held |= r.smembers(keys.worker_held(w))
+    held = held_by_live_workers(r)
     restored = 0
     for tag in old:
         raw = r.hget(UNACKED, tag)
@@ -132,7 +138,8 @@ def recover_lost(r: redis.Redis, store: JobStore, app: Any, log: Any, grace_s: f
     now = time.time()
     found = 0
     tags: dict[str, str] | None = None
-    held: set[str] | None = None
+    held: set[str] = set()
+    queue_empty: dict[str, bool] = {}  # one LLEN per model, not per job
     for batch_id in r.zrevrange(keys.BATCHES, 0, recent - 1):
         meta = r.hmget(keys.batch(batch_id), "completed_at", "total")
         if meta[0] or not meta[1] or store.counts(batch_id)["queued"] == 0:
@@ -141,14 +148,14 @@ def recover_lost(r: redis.Redis, store: JobStore, app: Any, log: Any, grace_s: f
         for rec in store.iter_batch_jobs(batch_id):
             if rec.status != QUEUED or now - float(rec.fields.get("queued_at") or now) < grace_s:
                 continue
-            if r.llen(keys.queue_for_model(rec.spec.get("model", ""))) > 0:
+            model = rec.spec.get("model", "")
+            if model not in queue_empty:
+                queue_empty[model] = r.llen(keys.queue_for_model(model)) == 0
+            if not queue_empty[model]:
                 continue
             if tags is None:
                 tags = unacked_tags_by_job(r)
-                held = set()
-                for w in r.smembers(keys.WORKERS):
-                    if r.exists(keys.worker(w)):
-                        held |= r.smembers(keys.worker_held(w))
+                held = held_by_live_workers(r)
             if rec.job_id in tags or rec.job_id in held:
                 continue
             lost.append((rec.job_id, parse_job(rec.spec)))
@@ -163,11 +170,7 @@ def sweep(r: redis.Redis, store: JobStore, app: Any, log: Any, grace_s: float = 
     """One pass: reclaim the work of every worker whose heartbeat has expired, then orphaned messages."""
     totals = {"dead_workers": 0, "restored": 0, "reenqueued": 0}
     dead = [w for w in r.smembers(keys.WORKERS) if not r.exists(keys.worker(w))]
-    if not dead:
-        totals["restored"] += restore_orphans(r, grace_s, log)
-        totals["reenqueued"] += recover_lost(r, store, app, log, grace_s)
-        return totals
-    tags = unacked_tags_by_job(r)
+    tags = unacked_tags_by_job(r) if dead else {}
     for worker_id in dead:
         # Re-check: a worker that came back under the same id keeps its work.
         if r.exists(keys.worker(worker_id)):

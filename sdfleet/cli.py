@@ -258,7 +258,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     extra: dict[str, Any] = {"null_delay_s": args.null_delay_ms / 1000.0, "null_crash_prompt": args.null_crash_prompt}
     if args.fp8_weights:
         extra["fp8_weights"] = args.fp8_weights
-    switches = {name: False for name in ("fp8_linears", "fused_quant", "fp8_attention", "cuda_graphs")
+    switches = {name: False for name in ("fp8_linears", "fused_quant", "fp8_attention")
                 if getattr(args, f"no_{name}")}
     if switches:
         extra["fp8_switches"] = switches

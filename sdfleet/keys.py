@@ -6,8 +6,6 @@ PREFIX = "sdfleet"
 
 # Job and batch records live this long after their last write; long enough for a user to fetch results.
 RECORD_TTL_S = 30 * 24 * 3600
-# A worker's heartbeat key expires this long after its last beat (the settings' heartbeat_ttl overrides).
-WORKER_TTL_S = 10
 
 
 def job(job_id: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,12 +191,6 @@ class JobStore:
             if rec.status == QUEUED and self.transition(rec.job_id, CANCELLED, (QUEUED,)).applied:
                 n += 1
         return n
-
-    def touch(self, ids: Iterable[str]) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        for key in ids:
-            pipe.expire(key, keys.RECORD_TTL_S)
-        pipe.execute()
 
 
 def _record(job_id: str, data: dict[str, str]) -> JobRecord:

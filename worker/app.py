@@ -20,7 +20,8 @@ from celery import bootsteps
 from sdfleet import keys
 from sdfleet import logs as logs_mod
 from sdfleet.errors import MalformedMessage
-from sdfleet.jobs import BatchKey
+from sdfleet.events import Notifier
+from sdfleet.jobs import BatchKey, parse_job
 from sdfleet.queue import GENERATE_TASK, make_app
 from sdfleet.redisconn import connect
 from sdfleet.settings import Settings
@@ -64,7 +65,7 @@ class WorkerContext:
         self.acks = AckQueue()
         self.batcher = Batcher(options.max_batch, options.max_wait_ms)
         self.storage = StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries)
-        self.notifier = _notifier(settings, self.redis, log)
+        self.notifier = Notifier(settings, self.redis, log)
         self.post = PostProcessor(store=self.store, storage=self.storage, acks=self.acks, worker_id=self.worker_id,
                                   engine_info=engine.describe(), on_finished=self.notifier, log=log,
                                   threads=options.post_threads)
@@ -123,13 +124,13 @@ class WorkerContext:
     def flush_acks(self) -> None:
         from sdfleet.transport import flush_acks
 
-        if self.acks.drain() or self._channels:
-            for channel in list(self._channels):
-                try:
-                    flush_acks(channel)
-                except Exception as exc:  # a dead connection: those messages come back, harmlessly
-                    self.log.warning("could not flush acknowledgements", error=repr(exc))
-                    self._channels.discard(channel)
+        self.acks.drain()
+        for channel in list(self._channels):
+            try:
+                flush_acks(channel)
+            except Exception as exc:  # a dead connection: those messages come back, harmlessly
+                self.log.warning("could not flush acknowledgements", error=repr(exc))
+                self._channels.discard(channel)
 
     def drain(self) -> None:
         """Finish what was started: wait for uploads, acknowledge. Unstarted deliveries stay unacked."""
@@ -156,30 +157,12 @@ class WorkerContext:
             tr = self.store.fail(job_id, f"malformed message: {exc}")
             log.error("malformed message; job failed", error=str(exc))
             if tr.applied:
-                self.notifier(_Orphan(job_id, rec.batch_id, rec.spec), "failed", tr)
+                # The stored spec was validated at submit time; the notifier reads its webhook fields.
+                delivery = Delivery(job_id, rec.batch_id, parse_job(rec.spec), time.monotonic(),
+                                    ack=lambda: None, reject=lambda requeue: None)
+                self.notifier(delivery, "failed", tr)
         else:
             log.error("malformed message dropped", error=str(exc))
-
-
-@dataclass
-class _Orphan:
-    job_id: str
-    batch_id: str
-    spec_dict: dict
-
-    @property
-    def spec(self):  # the notifier only reads webhook fields and custom_id
-        from types import SimpleNamespace
-
-        return SimpleNamespace(**{**{"webhook": None, "webhook_events": None, "custom_id": None}, **self.spec_dict})
-
-
-def _notifier(settings: Settings, redis_client: Any, log: Any):
-    try:
-        from sdfleet.events import Notifier
-    except ImportError:
-        return lambda delivery, status, transition: None
-    return Notifier(settings, redis_client, log)
 
 
 def _celery_logger():

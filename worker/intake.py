@@ -54,7 +54,7 @@ def decode(message: Any) -> tuple[str, str, JobSpec]:
     if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
         raise MalformedMessage("missing or invalid job_id")
     if not isinstance(batch_id, str) or not batch_id:
-        raise MalformedMessage("missing or invalid batch_id", )
+        raise MalformedMessage("missing or invalid batch_id")
     try:
         return job_id, batch_id, parse_job(spec)
     except InvalidJob as exc:

@@ -76,9 +76,7 @@ class DiffusersEngine(Engine):
             self.pipe.transformer = fp8.apply_fp8(self.pipe.transformer, opts)
 
     def _graphs_wanted(self) -> bool:
-        if not self.device.startswith("cuda") or not self.options.cuda_graphs:
-            return False
-        return self.options.fp8_switches.get("cuda_graphs", True)
+        return self.device.startswith("cuda") and self.options.cuda_graphs
 
     def warmup(self, keys: Sequence[BatchKey], batch_sizes: Sequence[int] = (1,)) -> None:
         """Capture the denoising step's CUDA graphs for each shape (at boot, never per job), then run each."""
