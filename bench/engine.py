@@ -545,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold-start", action="store_true", help="also save + load + graph capture time of FP8")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="profile one FP8 step even with --quick")
     ap.add_argument("--probe-attention", action="store_true",
                     help="only check the FP8 attention kernel at SD3.5 shapes; exit 0 if usable")
     a = ap.parse_args(argv)
@@ -588,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.models.split(","):
         for b in (int(x) for x in a.batch.split(",")):
             r = run_model(name, variants, b, a.res, a.iters, do_layer_errors=not a.quick and b == 2,
-                          do_profile=not a.quick and b == 2, e2e=a.e2e, steps=a.steps,
+                          do_profile=(a.profile or not a.quick) and b == 2, e2e=a.e2e, steps=a.steps,
                           do_cold=a.cold_start and b == 2)
             RESULTS["models"].append(r)
             flush()
