@@ -546,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="profile one FP8 step even with --quick")
+    ap.add_argument("--ablation-batch", type=int, default=None,
+                    help="run the one-speed-up-at-a-time FP8 variants only at this batch; other batches run "
+                         "the baselines and the default engine (fits a model's run in one 10-minute call)")
     ap.add_argument("--probe-attention", action="store_true",
                     help="only check the FP8 attention kernel at SD3.5 shapes; exit 0 if usable")
     a = ap.parse_args(argv)
@@ -588,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS["models"] = []
     for name in a.models.split(","):
         for b in (int(x) for x in a.batch.split(",")):
-            r = run_model(name, variants, b, a.res, a.iters, do_layer_errors=not a.quick and b == 2,
+            vs = variants if a.ablation_batch in (None, b) else [
+                v for v in variants if v in ("bf16", "bf16-compile", "fp8-attn-graph")]
+            r = run_model(name, vs, b, a.res, a.iters, do_layer_errors=not a.quick and b == 2,
                           do_profile=(a.profile or not a.quick) and b == 2, e2e=a.e2e, steps=a.steps,
                           do_cold=a.cold_start and b == 2)
             RESULTS["models"].append(r)

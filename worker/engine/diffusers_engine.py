@@ -3,14 +3,24 @@
 Each request's initial latents come from its own CPU generator seeded with the job's seed, so an image
 depends only on its own parameters and seed, never on its batch mates or on the device's RNG.
 Phases are run separately (encode, denoise, decode) so each is timed and so the FP8 path can swap the
-transformer alone. Images are converted to uint8 on the device and copied to pinned host memory on a
-side stream, so the copy overlaps the next batch's work.
+transformer alone.
+
+Nothing in a batch waits for the host, so batches queue up on the GPU back to back:
+- the denoising loop is our own (the same maths as diffusers' SD3 pipeline with its flow-matching Euler
+  scheduler, checked equal by the tests): the schedule is computed once on the host and every per-step
+  quantity is a Python float or a CPU scalar, so no step reads anything back from the device;
+- text encoding and the initial latents run on their own stream: the text encoders' input copies wait
+  only for that stream, not for the previous batch's denoising and VAE decode on the main stream;
+- images are converted to uint8 on the device and copied to pinned host memory on a third stream, waited
+  for by the post-processing threads (``GenerationResult.wait``).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +56,9 @@ class DiffusersEngine(Engine):
         self.pipe = None
         self.precision_reason = ""
         self._copy_stream = None
+        self._encode_stream = None
         self._graphs = None
-        self.interrupt: Callable[[], bool] = lambda: False
+        self._schedules: dict[tuple[int, int, int], tuple[list[float], torch.Tensor]] = {}
 
     # --- boot ------------------------------------------------------------------------------------
 
@@ -62,8 +73,17 @@ class DiffusersEngine(Engine):
         self.pipe = load_pipeline(path, _DTYPES[self.precision], self.device)
         if self.precision == "fp8":
             self._to_fp8()
+        sched = self.pipe.scheduler
+        if type(sched).__name__ != "FlowMatchEulerDiscreteScheduler" or sched.config.get("stochastic_sampling"):
+            raise EngineError(f"the denoising loop implements SD3's deterministic FlowMatchEulerDiscreteScheduler; "
+                              f"this model's scheduler is {type(sched).__name__} ({dict(sched.config)})")
+        self.make_streams()
+
+    def make_streams(self) -> None:
+        """The side streams of a CUDA engine: text encoding + initial latents, and device-to-host copies."""
         if self.device.startswith("cuda"):
             self._copy_stream = torch.cuda.Stream(device=self.device)
+            self._encode_stream = torch.cuda.Stream(device=self.device)
 
     def _to_fp8(self) -> None:
         from worker.engine import fp8
@@ -108,23 +128,26 @@ class DiffusersEngine(Engine):
         marks: list[Any] = []
         mark = self._event_mark(marks) if cuda else (lambda: marks.append(time.perf_counter()))
         t_start = time.perf_counter()
-        mark()
         cfg = key.guidance_scale > 1.0
+        main = torch.cuda.current_stream(self.device) if cuda else None
         with torch.inference_mode():
-            embeds = pipe.encode_prompt(
-                prompt=[r.prompt for r in requests], prompt_2=None, prompt_3=None,
-                negative_prompt=[r.negative_prompt for r in requests] if cfg else None,
-                do_classifier_free_guidance=cfg, device=self.device, num_images_per_prompt=1,
-            )
-            pe, npe, ppe, nppe = embeds
+            with torch.cuda.stream(self._encode_stream) if cuda else nullcontext():
+                mark()
+                pe, npe, ppe, nppe = pipe.encode_prompt(
+                    prompt=[r.prompt for r in requests], prompt_2=None, prompt_3=None,
+                    negative_prompt=[r.negative_prompt for r in requests] if cfg else None,
+                    do_classifier_free_guidance=cfg, device=self.device, num_images_per_prompt=1,
+                )
+                if cfg:  # the pipeline's order: unconditional rows first
+                    pe, ppe = torch.cat([npe, pe]), torch.cat([nppe, ppe])
+                latents = self._initial_latents(key, requests)
+                mark()
+            if cuda:
+                main.wait_stream(self._encode_stream)
+                for t in (pe, ppe, latents):  # made on the encode stream, used (and freed) on the main one
+                    t.record_stream(main)
             mark()
-            latents = self._initial_latents(key, requests)
-            latents = pipe(
-                prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
-                negative_pooled_prompt_embeds=nppe, height=key.height, width=key.width,
-                num_inference_steps=key.steps, guidance_scale=key.guidance_scale, latents=latents,
-                output_type="latent", callback_on_step_end=self._on_step,
-            ).images
+            latents = self._denoise(key, pe, ppe, latents)
             mark()
             vae = pipe.vae
             latents = latents / vae.config.scaling_factor + vae.config.shift_factor
@@ -135,19 +158,63 @@ class DiffusersEngine(Engine):
             mark()
             if not cuda:
                 host = images_u8.numpy()
-                timings = _phase_seconds([b - a for a, b in zip(marks, marks[1:])])
-                return GenerationResult([host[i] for i in range(len(requests))], timings)
+                return GenerationResult([host[i] for i in range(len(requests))], _phase_seconds(marks))
             host_t, copied = self._copy_to_pinned(images_u8)
         result = GenerationResult([host_t[i].numpy() for i in range(len(requests))], {})
         submitted_s = time.perf_counter() - t_start
 
         def finish() -> None:
             copied.synchronize()
-            ms = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+            ms = [0.0] + [marks[0].elapsed_time(m) / 1000 for m in marks[1:]]
             result.timings.update(_phase_seconds(ms), host_submit_s=submitted_s)
 
         result.pending = finish
         return result
+
+    def _schedule(self, steps: int, latent_h: int, latent_w: int) -> tuple[list[float], torch.Tensor]:
+        """(timesteps, sigmas) of the flow-matching schedule, computed once per shape on the host.
+
+        The same call the pipeline makes (including SD3.5's resolution-dependent shift when the scheduler
+        asks for it), on a private copy of the scheduler, with the device left out: nothing here is ever
+        read back from the GPU. ``sigmas`` stays a CPU tensor so each step's ``dt`` is the same float32
+        value the scheduler would use.
+        """
+        k = (steps, latent_h, latent_w)
+        if k not in self._schedules:
+            sched = copy.deepcopy(self.pipe.scheduler)
+            kwargs = {}
+            if sched.config.get("use_dynamic_shifting", None):
+                from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+                patch = self.pipe.transformer.config.patch_size
+                kwargs["mu"] = calculate_shift(
+                    (latent_h // patch) * (latent_w // patch), sched.config.get("base_image_seq_len", 256),
+                    sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                    sched.config.get("max_shift", 1.16))
+            sched.set_timesteps(num_inference_steps=steps, device="cpu", **kwargs)
+            self._schedules[k] = ([float(t) for t in sched.timesteps], sched.sigmas.float().cpu())
+        return self._schedules[k]
+
+    def _denoise(self, key: BatchKey, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                 latents: torch.Tensor) -> torch.Tensor:
+        """SD3's denoising loop (flow-matching Euler, classifier-free guidance) with no host synchronisation."""
+        cfg = key.guidance_scale > 1.0
+        timesteps, sigmas = self._schedule(key.steps, latents.shape[-2], latents.shape[-1])
+        rows = latents.shape[0] * (2 if cfg else 1)
+        transformer = self.pipe.transformer
+        for i, t in enumerate(timesteps):
+            model_in = torch.cat([latents, latents]) if cfg else latents
+            noise = transformer(hidden_states=model_in,
+                                timestep=torch.full((rows,), t, device=latents.device, dtype=torch.float32),
+                                encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                                return_dict=False)[0]
+            if cfg:
+                uncond, text = noise.chunk(2)
+                noise = uncond + key.guidance_scale * (text - uncond)
+            # FlowMatchEulerDiscreteScheduler.step: fp32 update, result in the model's dtype
+            dt = sigmas[i + 1] - sigmas[i]
+            latents = (latents.to(torch.float32) + dt * noise).to(noise.dtype)
+        return latents
 
     @staticmethod
     def _event_mark(marks: list[Any]) -> Callable[[], None]:
@@ -175,12 +242,11 @@ class DiffusersEngine(Engine):
         h, w = key.height // pipe.vae_scale_factor, key.width // pipe.vae_scale_factor
         per_job = [torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(r.seed),
                                dtype=torch.float32) for r in requests]
-        return torch.cat(per_job).to(self.device, dtype=pipe.transformer.dtype)
-
-    def _on_step(self, pipe, step, timestep, callback_kwargs):
-        if self.interrupt():
-            pipe._interrupt = True
-        return callback_kwargs
+        noise = torch.cat(per_job).to(pipe.transformer.dtype)
+        if self.device.startswith("cuda"):
+            # Pinned and asynchronous: a pageable copy would block the host until the stream is idle.
+            return noise.pin_memory().to(self.device, non_blocking=True)
+        return noise.to(self.device)
 
     def describe(self) -> dict[str, object]:
         return {"model": self.model_name, "precision": self.precision, "device": self.device,
@@ -192,9 +258,15 @@ class DiffusersEngine(Engine):
             torch.cuda.empty_cache()
 
 
-def _phase_seconds(durations: Sequence[float]) -> dict[str, float]:
-    encode, denoise, decode = durations
+def _phase_seconds(t: Sequence[float]) -> dict[str, float]:
+    """Phases from the five marks: encode start/end (encode stream), denoise start, denoise end, decode end.
+
+    The gap between the end of encoding and the start of denoising is time spent waiting for the previous
+    batch on the main stream: it belongs to no phase.
+    """
+    encode, denoise, decode = t[1] - t[0], t[3] - t[2], t[4] - t[3]
     return {"encode_s": encode, "denoise_s": denoise, "decode_s": decode, "engine_s": encode + denoise + decode}
+
 
 
 def _quiet_libraries() -> None:
