@@ -47,6 +47,25 @@ def build_engine(model: str, precision: str, res: int):
     return engine
 
 
+def host_trace(engine, key, reqs) -> dict:
+    """CUDA runtime calls made by the host while two batches are queued back to back, by total host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        pending = [engine.generate(key, reqs) for _ in range(2)]
+        queued = time.perf_counter() - t
+        for p in pending:
+            p.wait()
+    calls = {}
+    for ev in prof.key_averages():
+        if ev.key.startswith("cuda") or "synchron" in ev.key.lower() or ev.key in ("aten::item", "aten::_local_scalar_dense"):
+            calls[ev.key] = {"count": ev.count, "host_ms": round(ev.cpu_time_total / 1000, 2)}
+    return {"queued_s": round(queued, 3),
+            "calls": dict(sorted(calls.items(), key=lambda kv: -kv[1]["host_ms"])[:15])}
+
+
 def main() -> int:
     from sdfleet.jobs import BatchKey
     from worker.engine.base import GenerationRequest
@@ -57,6 +76,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--precisions", default="bf16,fp8")
+    ap.add_argument("--trace", action="store_true",
+                    help="also list the CUDA runtime calls the host makes during two back-to-back batches "
+                         "(where it blocks: synchronisations, pinned allocations, copies)")
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     key = BatchKey(a.model, a.res, a.res, a.steps, 4.5)
@@ -64,7 +87,7 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%d"), "command": "python bench/engine_worker.py " + " ".join(sys.argv[1:]),
            "model": a.model, "res": a.res, "steps": a.steps, "guidance": 4.5, "runs": {}}
     images: dict[str, np.ndarray] = {}
-    for precision in ("bf16", "fp8"):
+    for precision in a.precisions.split(","):
         t0 = time.perf_counter()
         engine = build_engine(a.model, precision, a.res)
         torch.cuda.synchronize()
@@ -103,6 +126,9 @@ def main() -> int:
                                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
             images[f"{precision}-{n}"] = res.images[0]
             print(json.dumps({precision: {f"batch{n}": rec[f"batch{n}"]}}), flush=True)
+        if a.trace:
+            rec["host_trace"] = host_trace(engine, key, reqs)
+            print(json.dumps({precision: {"host_trace": rec["host_trace"]}}), flush=True)
         if engine._graphs is not None:
             rec["graph_replays"] = engine._graphs.replays
             rec["graph_eager_calls"] = engine._graphs.eager_calls
@@ -117,8 +143,9 @@ def main() -> int:
             out[f"{p}_alone_vs_batch_max_pixel_diff"] = int(d.max())
             out[f"{p}_alone_vs_batch_mean_pixel_diff"] = round(float(d.mean()), 4)
     for n in batches:
-        b, f = out["runs"]["bf16"][f"batch{n}"], out["runs"]["fp8"][f"batch{n}"]
-        out[f"speedup_batch{n}"] = round(b["s_per_image"] / f["s_per_image"], 2)
+        if "bf16" in out["runs"] and "fp8" in out["runs"]:
+            b, f = out["runs"]["bf16"][f"batch{n}"], out["runs"]["fp8"][f"batch{n}"]
+            out[f"speedup_batch{n}"] = round(b["s_per_image"] / f["s_per_image"], 2)
     print(json.dumps(out, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
