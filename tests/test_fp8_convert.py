@@ -223,3 +223,33 @@ def test_graph_runner_eager_fallback_is_transparent(tiny, x, ref):
     finally:
         runner.uninstall()
     assert "forward" not in m.__dict__
+
+
+@pytest.mark.parametrize("side", [16, 13, 8, 1])
+def test_position_table_cut_gives_the_same_positions(tiny, side):
+    # images up to 128 px = 16 latent patches a side (patch 1, VAE factor 8): the cut table must give
+    # exactly the rows diffusers crops from the whole table, for even and odd sizes
+    full = copy.deepcopy(tiny)
+    cut = apply_fp8(copy.deepcopy(tiny), Fp8Options(fp8_linears=False, fp8_attention=False, max_image_side=128))
+    old = full.pos_embed.pos_embed_max_size
+    assert cut.pos_embed.pos_embed_max_size < old and (old - cut.pos_embed.pos_embed_max_size) % 2 == 0
+    assert cut.pos_embed.pos_embed.shape[1] == cut.pos_embed.pos_embed_max_size ** 2
+    assert torch.equal(cut.pos_embed.cropped_pos_embed(side, side), full.pos_embed.cropped_pos_embed(side, side))
+    assert torch.equal(cut.pos_embed.cropped_pos_embed(side, 3), full.pos_embed.cropped_pos_embed(side, 3))
+    assert weight_bytes(cut) < weight_bytes(full)
+
+
+def test_position_table_cut_refuses_larger_images_and_survives_serialization(tiny, x, tmp_path):
+    opts = Fp8Options(max_image_side=256)  # 32 latent patches: the fixture's 32 x 32 latents just fit
+    m = apply_fp8(copy.deepcopy(tiny), opts)
+    assert m.pos_embed.pos_embed_max_size == 32
+    y = run(m, x)
+    serialize.save_quantized(m, tmp_path / "q")
+    back = serialize.load_quantized(tmp_path / "q")
+    assert back.pos_embed.pos_embed_max_size == 32
+    assert torch.equal(run(back, x), y)
+    small = apply_fp8(copy.deepcopy(tiny), Fp8Options(max_image_side=128))
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        run(small, x)  # 32 x 32 latents are 256 px: beyond what it was cut for
+    with pytest.raises(ConfigError, match="max_image_side"):
+        Fp8Options(max_image_side=-1)

@@ -39,6 +39,33 @@ def _check_shapes(transformer) -> None:
                               "of 16, which FP8 GEMMs need; run this model with --precision bf16")
 
 
+#: SD3's VAE halves the resolution three times (``pipe.vae_scale_factor``)
+VAE_SCALE_FACTOR = 8
+
+
+def crop_position_table(transformer, max_image_side: int, vae_scale_factor: int = VAE_SCALE_FACTOR) -> int | None:
+    """Keep the centre of SD3's sin-cos position table that images up to ``max_image_side`` pixels use.
+
+    diffusers crops the table around its centre for each latent size (``PatchEmbed.cropped_pos_embed``:
+    ``top = (max_size - h) // 2``). Cutting it to ``keep`` positions a side, with ``max_size - keep`` even,
+    gives every ``h <= keep`` the same rows: ``(max_size - h) // 2 == (max_size - keep) // 2 + (keep - h) // 2``.
+    Returns the new side, or None when nothing was cut. Larger images then fail with diffusers' own error.
+    """
+    pe = getattr(transformer, "pos_embed", None)
+    old = getattr(pe, "pos_embed_max_size", None)
+    if not max_image_side or not old or getattr(pe, "pos_embed", None) is None:
+        return None
+    keep = -(-max_image_side // (vae_scale_factor * pe.patch_size))
+    keep += (old - keep) % 2
+    if keep >= old:
+        return None
+    off = (old - keep) // 2
+    table = pe.pos_embed.reshape(1, old, old, -1)[:, off:off + keep, off:off + keep, :]
+    pe.pos_embed = table.reshape(1, keep * keep, -1).contiguous()  # replaces the registered buffer
+    pe.pos_embed_max_size = keep
+    return keep
+
+
 def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool = True):
     """Convert ``transformer`` in place as ``options`` say and return it.
 
@@ -61,6 +88,7 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
                     setattr(parent, attr, make_linear(lin, True, options, quantize=quantize))
     elif options.fp8_attention:
         transformer.set_attn_processor(Fp8JointAttnProcessor(fp8=True))
+    crop_position_table(transformer, options.max_image_side)
     setattr(transformer, MARKER, options)
     if quantize and any(p.is_cuda for p in transformer.parameters()):
         torch.cuda.empty_cache()
@@ -72,8 +100,9 @@ def set_runtime_options(transformer, options: Fp8Options) -> None:
     old = getattr(transformer, MARKER, None)
     if old is None:
         raise EngineError("transformer is not converted; call apply_fp8 first")
-    if (old.fp8_linears, old.bf16_layers) != (options.fp8_linears, options.bf16_layers):
-        raise EngineError("fp8_linears and bf16_layers change the weights: convert or quantize again")
+    if (old.fp8_linears, old.bf16_layers, old.max_image_side) != (options.fp8_linears, options.bf16_layers,
+                                                                   options.max_image_side):
+        raise EngineError("fp8_linears, bf16_layers and max_image_side change the weights: convert or quantize again")
     for m in transformer.modules():
         if isinstance(m, Fp8Linear):
             m.use_triton, m.fast_accum = options.fused_quant, options.fast_accum

@@ -26,7 +26,7 @@ from .options import Fp8Options
 log = logging.getLogger(__name__)
 
 FORMAT = "sdfleet-fp8-transformer"
-VERSION = 1
+VERSION = 2  # 2: the position table is cut to Fp8Options.max_image_side
 WEIGHTS = "fp8_transformer.safetensors"
 MANIFEST = "fp8_transformer.json"
 
@@ -85,7 +85,7 @@ def load_quantized(dst: str | os.PathLike, *, device: str | torch.device = "cpu"
     saved = Fp8Options.from_dict({**manifest["options"], "bf16_layers": frozenset(manifest["options"]["bf16_layers"])})
     if options is not None:
         opts = Fp8Options(**{**options.to_dict(), "fp8_linears": saved.fp8_linears,
-                             "bf16_layers": saved.bf16_layers})
+                             "bf16_layers": saved.bf16_layers, "max_image_side": saved.max_image_side})
     else:
         opts = saved
     dtype = getattr(torch, manifest["dtype"])
