@@ -1,9 +1,10 @@
 """The janitor: hands the work of dead workers back to the queue without waiting for the broker.
 
-Every worker keeps a heartbeat key with a short TTL and a set of the job ids it has received and not
-finished (``keys.worker_held``). When a heartbeat has expired, the janitor takes each held job's
-unacknowledged message out of the Redis transport's ``unacked`` hash and puts it back at the front of
-its queue, exactly as the transport itself would after the visibility timeout, only minutes or hours
+Every worker keeps a heartbeat key with a short TTL and a set of the job ids whose messages it has
+claimed and not acknowledged (``keys.worker_held``, kept in the same scripts as the claims and the
+acknowledgements: :mod:`sdfleet.unacked`). When a heartbeat has expired, the janitor takes each held
+job's unacknowledged message out of the Redis transport's ``unacked`` hash and puts it back at the front
+of its queue, exactly as the transport itself would after the visibility timeout, only minutes or hours
 sooner. A held job with no message left (it was acknowledged) that has not ended gets a fresh message.
 Redelivery is safe: state transitions are compare-and-set, so a job never gets two outcomes, and its
 object keys are fixed, so a rerun overwrites rather than duplicates.
@@ -21,10 +22,7 @@ import redis
 from sdfleet import keys
 from sdfleet.jobs import parse_job
 from sdfleet.state import QUEUED, RUNNING, JobStore
-
-# The Redis transport's own bookkeeping keys (kombu.transport.redis defaults).
-UNACKED = "unacked"
-UNACKED_INDEX = "unacked_index"
+from sdfleet.unacked import UNACKED, UNACKED_INDEX
 
 
 def unacked_tags_by_job(r: redis.Redis) -> dict[str, str]:
@@ -55,7 +53,7 @@ def restore_by_tag(r: redis.Redis, tag: str) -> bool:
                 pipe.multi()
                 pipe.hdel(UNACKED, tag)
                 pipe.zrem(UNACKED_INDEX, tag)
-                # RPUSH: consumers BRPOP from the right, so the message is next in line, as kombu does.
+                # RPUSH: consumers pop from the right, so the message is next in line, as kombu does.
                 pipe.rpush(routing_key, json.dumps(payload))
                 pipe.execute()
                 return True
@@ -100,10 +98,10 @@ def held_by_live_workers(r: redis.Redis) -> set[str]:
 def restore_orphans(r: redis.Redis, grace_s: float, log: Any) -> int:
     """Restore unacked messages older than ``grace_s`` that no live worker holds.
 
-    A worker records what it receives in its held set within one loop tick; a message that is still
-    unacknowledged long after delivery and held by no live worker was taken by a process that died
-    before it could record it (or before a Redis restart). Without this it would wait for the
-    visibility timeout.
+    A worker records a claimed message in its held set in the same script that claims it, and forgets it
+    in the one that acknowledges it; a message still unacknowledged long after delivery and held by no
+    live worker belongs to no one that will acknowledge it (a worker that could not settle at shutdown,
+    a held set lost in a Redis restart). Without this it would wait for the visibility timeout.
     """
     old = r.zrangebyscore(UNACKED_INDEX, 0, time.time() - grace_s)
     if not old:
@@ -128,10 +126,11 @@ def restore_orphans(r: redis.Redis, grace_s: float, log: Any) -> int:
 def recover_lost(r: redis.Redis, store: JobStore, app: Any, log: Any, grace_s: float, recent: int = 200) -> int:
     """Re-enqueue queued jobs whose message exists nowhere, once their model's queue has drained.
 
-    The Redis transport pops a message (BRPOP) before it records it as unacknowledged; a worker killed in
-    between loses the message. Such a job stays 'queued' with no message in the queue, none unacked and
-    no worker holding it. That can only be told apart from a job still waiting in line once the queue
-    is empty, which is when this looks (so it costs nothing while a backlog is being worked off).
+    Workers claim a message and record it as unacknowledged in one script, so they cannot lose one; but a
+    producer killed between recording its jobs and enqueueing their messages, or a Redis that lost its
+    latest writes, leaves a job 'queued' with no message in the queue, none unacked and no worker holding
+    it. That can only be told apart from a job still waiting in line once the queue is empty, which is
+    when this looks (so it costs nothing while a backlog is being worked off).
     """
     from producer.submit import enqueue
 

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-id")
     w.add_argument("--warmup", action="append", default=[], metavar="WxH:STEPS",
                    help="shape to run once at boot, e.g. 1024x1024:28 (repeatable)")
-    w.add_argument("--post-threads", type=int, default=4)
+    w.add_argument("--post-threads", type=int, default=2,
+                   help="engine runs stored and recorded at once (default 2)")
     # One switch per speed-up, so each one's effect can be measured alone (all on by default).
     for name in ("fp8-linears", "fused-quant", "fp8-attention", "cuda-graphs"):
         w.add_argument(f"--no-{name}", action="store_true", help=f"turn off {name.replace('-', ' ')}")

@@ -42,7 +42,7 @@ def worker(worker_id: str) -> str:
 
 
 def worker_held(worker_id: str) -> str:
-    """Set of job ids a worker has started and not finished (reclaimed by the janitor if it dies)."""
+    """Set of job ids whose messages a worker has claimed and not acknowledged (reclaimed if it dies)."""
     return f"{PREFIX}:worker:{worker_id}:held"
 
 

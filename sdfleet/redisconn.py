@@ -14,14 +14,19 @@ import redis
 from sdfleet.errors import BrokerUnavailable
 
 
-def connect(url: str, *, decode_responses: bool = True) -> redis.Redis:
-    """A client with retries on connection errors (Redis restarts are ridden out, not fatal)."""
+def connect(url: str, *, decode_responses: bool = True, single_connection: bool = False) -> redis.Redis:
+    """A client with retries on connection errors (Redis restarts are ridden out, not fatal).
+
+    ``single_connection``: one connection, no pool, for a client used by one thread at a time; it skips
+    the pool's per-command check that a borrowed connection has nothing left to read (a system call).
+    """
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
     return redis.Redis.from_url(
         url,
         decode_responses=decode_responses,
+        single_connection_client=single_connection,
         socket_connect_timeout=5,
         socket_keepalive=True,
         health_check_interval=10,

@@ -24,58 +24,98 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
-# ARGV: new status, allowed-from (comma list), now, max attempts (0: no counting), then field/value pairs.
-# Returns {applied (1/0, or 2 when failed as poison), previous status, batch completed (1/0), attempts}.
+# The same transition for each job in KEYS. ARGV: new status, allowed-from (comma list), now, max attempts
+# (0: no counting), then per job: the batch id and the spec (JSON) its record must hold ('': not checked),
+# the number of field/value pairs to set, then the pairs. The spec is compared as decoded JSON, as Python
+# compares dicts, so two serializers of the same spec agree.
+# Returns per job (flattened) {applied (1/0, or 2 when failed as poison), previous status ('' for no
+# record), batch completed (1/0), attempts, queued_at, the checked field that did not match ('' if none)}.
 _TRANSITION = """
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return {0, '', 0, 0} end
-local ok = false
-for s in string.gmatch(ARGV[2], '[^,]+') do if s == cur then ok = true end end
-if not ok then return {0, cur, 0, 0} end
-local new = ARGV[1]
+local allowed = {}
+for s in string.gmatch(ARGV[2], '[^,]+') do allowed[s] = true end
 local now = ARGV[3]
 local maxatt = tonumber(ARGV[4])
-local applied = 1
-local attempts = 0
-if maxatt > 0 then
-  attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  if attempts > maxatt then
-    new = 'failed'
-    applied = 2
-    redis.call('HSET', KEYS[1], 'error', 'poison: processing started ' .. (attempts - 1) ..
-      ' times without finishing (the worker died each time); not retried again')
+local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'cancelled' end
+local function same(x, y)
+  if type(x) ~= type(y) then return false end
+  if type(x) ~= 'table' then return x == y end
+  for k, v in pairs(x) do if not same(v, y[k]) then return false end end
+  for k in pairs(y) do if x[k] == nil then return false end end
+  return true
+end
+local function same_json(stored, expected)
+  local ok1, x = pcall(cjson.decode, stored or '')
+  local ok2, y = pcall(cjson.decode, expected)
+  return ok1 and ok2 and same(x, y)
+end
+local out = {}
+local a = 5
+for k = 1, #KEYS do
+  local want_batch, want_spec = ARGV[a], ARGV[a + 1]
+  local first, last = a + 3, a + 2 + 2 * tonumber(ARGV[a + 2])
+  a = last + 1
+  local cur = redis.call('HGET', KEYS[k], 'status')
+  local queued_at = redis.call('HGET', KEYS[k], 'queued_at') or ''
+  local mismatch = ''
+  if cur and want_batch ~= '' and redis.call('HGET', KEYS[k], 'batch') ~= want_batch then
+    mismatch = 'batch'
+  elseif cur and want_spec ~= '' and not same_json(redis.call('HGET', KEYS[k], 'spec'), want_spec) then
+    mismatch = 'spec'
+  end
+  if not cur then
+    for _, v in ipairs({0, '', 0, 0, '', ''}) do out[#out + 1] = v end
+  elseif mismatch ~= '' or not allowed[cur] then
+    for _, v in ipairs({0, cur, 0, 0, queued_at, mismatch}) do out[#out + 1] = v end
+  else
+    local new = ARGV[1]
+    local applied = 1
+    local attempts = 0
+    if maxatt > 0 then
+      attempts = redis.call('HINCRBY', KEYS[k], 'attempts', 1)
+      if attempts > maxatt then
+        new = 'failed'
+        applied = 2
+        redis.call('HSET', KEYS[k], 'error', 'poison: processing started ' .. (attempts - 1) ..
+          ' times without finishing (the worker died each time); not retried again')
+      end
+    end
+    redis.call('HSET', KEYS[k], 'status', new, new .. '_at', now)
+    if applied == 1 then
+      for i = first, last, 2 do redis.call('HSET', KEYS[k], ARGV[i], ARGV[i + 1]) end
+    end
+    local batch = redis.call('HGET', KEYS[k], 'batch')
+    local ckey = 'sdfleet:batch:' .. batch .. ':counts'
+    if cur ~= new then
+      redis.call('HINCRBY', ckey, cur, -1)
+      redis.call('HINCRBY', ckey, new, 1)
+    end
+    local done = 0
+    if terminal(new) and not terminal(cur) then
+      local bkey = 'sdfleet:batch:' .. batch
+      local total = tonumber(redis.call('HGET', bkey, 'total') or '0')
+      local c = redis.call('HMGET', ckey, 'succeeded', 'failed', 'cancelled')
+      local sum = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
+      if sum >= total and redis.call('HSETNX', bkey, 'completed_at', now) == 1 then done = 1 end
+    end
+    for _, v in ipairs({applied, cur, done, attempts, queued_at, ''}) do out[#out + 1] = v end
   end
 end
-redis.call('HSET', KEYS[1], 'status', new, new .. '_at', now)
-if applied == 1 then
-  for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-end
-local batch = redis.call('HGET', KEYS[1], 'batch')
-local ckey = 'sdfleet:batch:' .. batch .. ':counts'
-if cur ~= new then
-  redis.call('HINCRBY', ckey, cur, -1)
-  redis.call('HINCRBY', ckey, new, 1)
-end
-local done = 0
-local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'cancelled' end
-if terminal(new) and not terminal(cur) then
-  local bkey = 'sdfleet:batch:' .. batch
-  local total = tonumber(redis.call('HGET', bkey, 'total') or '0')
-  local c = redis.call('HMGET', ckey, 'succeeded', 'failed', 'cancelled')
-  local sum = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
-  if sum >= total and redis.call('HSETNX', bkey, 'completed_at', now) == 1 then done = 1 end
-end
-return {applied, cur, done, attempts}
+return out
 """
+# Jobs per script call: one call holds Redis for its whole run, so long lists go in chunks.
+_TRANSITION_CHUNK = 500
 
 
 @dataclass(frozen=True)
 class Transition:
     applied: bool
-    previous: str
+    previous: str  # the status before ('' when there is no such job)
     batch_completed: bool
     attempts: int
     poisoned: bool = False
+    #: 'batch' or 'spec' when the record did not hold what the caller expected (nothing was changed)
+    mismatch: str = ""
+    queued_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,28 +150,39 @@ class JobStore:
         return self.transition_many([(job_id, fields)], to, allowed, count_attempt=count_attempt)[0]
 
     def transition_many(self, items: Sequence[tuple[str, dict[str, Any]]], to: str, allowed: Sequence[str], *,
-                        count_attempt: int = 0) -> list[Transition]:
-        """The same transition for many jobs in one round trip (each still atomic on its own)."""
-        pipe = self.r.pipeline(transaction=False)
+                        count_attempt: int = 0,
+                        expect: Sequence[tuple[str, str]] | None = None) -> list[Transition]:
+        """The same transition for many jobs in one round trip (atomic as a whole; in chunks if many).
+
+        ``expect``: per job, the (batch id, spec as JSON) its record must hold for the transition to apply;
+        a job whose record differs is left untouched and reported with ``mismatch``.
+        """
         now = f"{time.time():.6f}"
-        for job_id, fields in items:
+        out: list[Transition] = []
+        for i in range(0, len(items), _TRANSITION_CHUNK):
+            chunk = items[i:i + _TRANSITION_CHUNK]
+            checks = expect[i:i + _TRANSITION_CHUNK] if expect is not None else [("", "")] * len(chunk)
             args: list[Any] = [to, ",".join(allowed), now, count_attempt]
-            for name, value in fields.items():
-                args += [name, value if isinstance(value, str) else json.dumps(value)]
-            self._transition(keys=[keys.job(job_id)], args=args, client=pipe)
-        out = []
-        for applied, prev, done, attempts in pipe.execute():
-            prev = prev.decode() if isinstance(prev, bytes) else prev
-            out.append(Transition(applied > 0, prev, bool(done), int(attempts), poisoned=applied == 2))
+            for (_, fields), (batch_id, spec_json) in zip(chunk, checks):
+                args += [batch_id, spec_json, len(fields)]
+                for name, value in fields.items():
+                    args += [name, value if isinstance(value, str) else json.dumps(value)]
+            flat = self._transition(keys=[keys.job(job_id) for job_id, _ in chunk], args=args)
+            for j in range(0, len(flat), 6):
+                applied, prev, done, attempts, queued_at, mismatch = flat[j:j + 6]
+                out.append(Transition(applied > 0, _str(prev), bool(done), int(attempts), poisoned=applied == 2,
+                                      mismatch=_str(mismatch), queued_at=float(queued_at or 0)))
         return out
 
     def start(self, job_id: str, worker_id: str, max_attempts: int) -> Transition:
         """queued|running -> running, counting an attempt; fails the job once it exceeds ``max_attempts``."""
         return self.start_many([job_id], worker_id, max_attempts)[0]
 
-    def start_many(self, job_ids: Sequence[str], worker_id: str, max_attempts: int) -> list[Transition]:
+    def start_many(self, job_ids: Sequence[str], worker_id: str, max_attempts: int, *,
+                   expect: Sequence[tuple[str, str]] | None = None) -> list[Transition]:
+        """:meth:`start` for many jobs in one round trip; ``expect`` as for :meth:`transition_many`."""
         return self.transition_many([(j, {"worker": worker_id}) for j in job_ids], RUNNING, (QUEUED, RUNNING),
-                                    count_attempt=max_attempts)
+                                    count_attempt=max_attempts, expect=expect)
 
     def succeed(self, job_id: str, **fields: Any) -> Transition:
         return self.transition(job_id, SUCCEEDED, (RUNNING,), error="", **fields)
@@ -191,6 +242,10 @@ class JobStore:
             if rec.status == QUEUED and self.transition(rec.job_id, CANCELLED, (QUEUED,)).applied:
                 n += 1
         return n
+
+
+def _str(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _record(job_id: str, data: dict[str, str]) -> JobRecord:

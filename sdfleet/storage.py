@@ -61,24 +61,30 @@ class FileStorage(Storage):
         self.root = Path(self.location[len("file://"):])
         self._made: set[str] = set()
 
-    def _path(self, key: str) -> Path:
+    def _path(self, key: str) -> str:
         # Keys are built from validated ids; refuse anything that could still climb out of the root.
         parts = key.split("/")
         if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise StorageError(f"object key {key!r} escapes {self.root}")
-        return Path(os.path.join(self.root, key))
+        return os.path.join(self.root, key)
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
         path = self._path(key)
-        parent = os.path.dirname(path)
+        parent, name = os.path.split(path)
         try:
             if parent not in self._made:
                 os.makedirs(parent, exist_ok=True)
                 self._made.add(parent)
             # Write then rename: a reader never sees half an image, and a retry simply replaces it.
-            tmp = f"{parent}/.tmp-{os.getpid()}-{threading.get_ident()}-{os.path.basename(path)}"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            # os-level calls: a file object costs three more system calls (fstat, ioctl, lseek) per write.
+            tmp = f"{parent}/.tmp-{os.getpid()}-{threading.get_ident()}-{name}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             self._made.discard(parent)
@@ -86,11 +92,11 @@ class FileStorage(Storage):
         return self.url(key)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        return os.path.isfile(self._path(key))
 
     def get(self, key: str) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            return Path(self._path(key)).read_bytes()
         except OSError as exc:
             raise StorageError(f"cannot read {key}: {exc}") from exc
 
@@ -109,7 +115,7 @@ class FileStorage(Storage):
             raise StorageError(f"--out {self.location}: cannot write there ({exc.strerror}); choose a writable directory") from None
 
     def url(self, key: str) -> str:
-        return f"file://{self.root / key}"
+        return "file://" + os.path.join(self.root, key)
 
 
 _RETRYABLE = (ConnectionError, TimeoutError, OSError)

@@ -9,9 +9,9 @@
 - Deliveries come in bursts: after the blocking pop returns one message, up to ``burst`` more are
   taken from the same queue with one non-blocking RPOP and recorded as unacknowledged in one pipeline
   (kombu pops and records one message per round trip).
-- Acknowledgements are removed from the unacked index in batches (``flush_acks``, called by the worker
-  after each round of acks) instead of one round trip each. An ack not yet flushed when the process
-  dies only means a redelivery, which sdfleet's compare-and-set state makes harmless.
+
+The GPU worker does not consume through kombu at all: it claims the generation queue in bulk
+(:mod:`sdfleet.unacked`, :mod:`worker.consumer`). Producers and the webhook worker use this transport.
 """
 
 from __future__ import annotations
@@ -29,14 +29,10 @@ from kombu.utils.json import dumps, loads
 
 logger = logging.getLogger("sdfleet.transport")
 
-# Batched acknowledgements need someone to call flush_acks(); only the GPU worker's loop does.
-_BATCH_ACKS = False
-
 
 class QoS(kombu_redis.QoS):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._pending_acks: list[str] = []
         self._append_pipe = None  # set while a burst of deliveries records itself in one round trip
 
     def append(self, message, delivery_tag):
@@ -46,24 +42,6 @@ class QoS(kombu_redis.QoS):
         self._append_pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
             self.unacked_key, delivery_tag, dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
         virtual.QoS.append(self, message, delivery_tag)
-
-    def ack(self, delivery_tag):
-        if not _BATCH_ACKS:
-            return super().ack(delivery_tag)
-        self._pending_acks.append(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)  # frees the prefetch slot now
-        if len(self._pending_acks) >= 256:
-            self.flush_acks()
-
-    def flush_acks(self) -> None:
-        tags, self._pending_acks = self._pending_acks, []
-        if tags:
-            with self.pipe_or_acquire() as pipe:
-                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
-
-    def restore_unacked(self, client=None):
-        self.flush_acks()
-        return super().restore_unacked(client)
 
 
 class Channel(kombu_redis.Channel):
@@ -124,23 +102,9 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-def install(*, batch_acks: bool | None = None) -> None:
-    """Make ``redis://`` URLs use this transport in this process.
-
-    ``batch_acks``: defer acknowledgements until :func:`flush_acks` (the GPU worker calls it every loop
-    tick); other processes keep kombu's one-round-trip-per-ack behaviour.
-    """
-    global _BATCH_ACKS
-    if batch_acks is not None:
-        _BATCH_ACKS = batch_acks
+def install() -> None:
+    """Make ``redis://`` URLs use this transport in this process."""
     for scheme in ("redis", "rediss"):
         kombu_transport.TRANSPORT_ALIASES[scheme] = "sdfleet.transport:Transport"
         # kombu caches resolved names; drop a stale entry from a connection made before this call.
         getattr(kombu_transport, "_transport_cache", {}).pop(scheme, None)
-
-
-def flush_acks(channel) -> None:
-    """Write out batched acknowledgements of ``channel`` (no-op on other transports)."""
-    qos = getattr(channel, "qos", None)
-    if qos is not None and hasattr(qos, "flush_acks"):
-        qos.flush_acks()

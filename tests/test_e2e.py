@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sdfleet.queue import GENERATE_TASK, make_app
@@ -129,6 +131,30 @@ def test_malformed_messages_fail_only_their_job(tmp_path, env, r, start_worker):
     assert w.proc.poll() is None
     log = w.log()
     assert "malformed message" in log and "message names no known job" in log
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc; fields 14 and 15 of its stat line)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_worker_neither_spins_nor_polls_and_starts_new_work_at_once(tmp_path, env, r, start_worker):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("reads CPU times from /proc (Linux)")
+    w = start_worker("--max-batch", "1", model="null")
+    time.sleep(1.0)
+    cpu0, t0 = _cpu_seconds(w.proc.pid), time.monotonic()
+    time.sleep(3.0)
+    idle = (_cpu_seconds(w.proc.pid) - cpu0) / (time.monotonic() - t0)
+    assert idle < 0.05, f"an idle worker used {idle:.0%} of a core"
+    for i in range(3):  # each arrives at an idle worker, whose queue watch must wake it
+        f = jsonl(tmp_path, [{"prompt": f"wake {i}", "model": "null", "width": 256, "height": 256}], f"w{i}.jsonl")
+        assert run_cli(["submit", str(f), "--batch", f"wake{i}", "--wait"], env, timeout=60).returncode == 0
+        rec = r.hgetall(f"sdfleet:job:{r.lindex(f'sdfleet:batch:wake{i}:jobs', 0)}")
+        waited = float(rec["running_at"]) - float(rec["queued_at"])
+        assert waited < 0.1, f"a job waited {waited * 1000:.0f} ms for an idle worker"
+        time.sleep(1.5)  # longer than the watch's timeout: the next job finds it waiting again
 
 
 def test_cancelled_jobs_never_run(tmp_path, env, r, start_worker):

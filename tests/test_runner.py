@@ -7,6 +7,9 @@ larger than the card holds); everything around it is real.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -52,6 +55,7 @@ def setup(redis_url, tmp_path):
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     store = JobStore(client)
     settings = Settings(redis_url=redis_url)
+    posts: list[PostProcessor] = []
 
     def make(prompts, limit):
         specs = [parse_job({"prompt": p, "model": "null", "width": 256, "height": 256, "seed": i})
@@ -65,6 +69,7 @@ def setup(redis_url, tmp_path):
         log = logs.get("test")
         post = PostProcessor(store=store, storage=StorageFactory(), acks=acks, worker_id="w1", engine_info={},
                              on_finished=lambda d, status, tr: finished.append((d.job_id, status)), log=log)
+        posts.append(post)
         engine = OomAbove(limit)
         runner = BatchRunner(engine=engine, store=store, post=post, acks=acks, worker_id="w1", max_attempts=3, log=log)
         deliveries = [Delivery(jid, "oom", s.with_seed(), 0.0, ack=lambda j=jid: acked.append(j),
@@ -72,7 +77,9 @@ def setup(redis_url, tmp_path):
                       for jid, s in zip(ids, [parse_job(json.loads(store.job(j).fields["spec"])) for j in ids])]
         return store, runner, post, acks, engine, deliveries, acked, finished
 
-    return make
+    yield make
+    for post in posts:
+        post.shutdown()  # its storing process too
 
 
 def test_oom_splits_in_halves_and_every_job_succeeds(setup):
@@ -125,6 +132,31 @@ def test_claim_skips_finished_and_poisons_after_max_attempts(setup):
     runner.run(a.key, [a])  # a redelivered message of a finished job: acknowledged, not rerun
     acks.drain()
     assert acked == [a.job_id] and engine.calls == calls
+
+
+def test_a_storing_process_that_dies_hands_its_run_back_and_is_replaced(setup):
+    store, runner, post, acks, engine, deliveries, acked, finished = setup(["a", "b"], limit=8)
+    rejected: list[tuple[str, bool]] = []
+    for d in deliveries:
+        d.reject = lambda requeue, j=d.job_id: rejected.append((j, requeue))
+    assert post.writer.write([], []) == []  # the storing process is up
+    children = multiprocessing.active_children()
+    assert children
+    for child in children:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+    runner.run(deliveries[0].key, deliveries)
+    post.wait(10)
+    acks.drain()
+    assert sorted(rejected) == sorted((d.job_id, True) for d in deliveries) and not acked
+    for d in deliveries:  # handed back with the attempt counted: a job that kills it every time ends as poison
+        rec = store.job(d.job_id)
+        assert rec.status == "queued" and rec.fields["attempts"] == "1"
+    runner.run(deliveries[0].key, deliveries)  # the redelivery, stored by a fresh process
+    post.wait(10)
+    acks.drain()
+    assert sorted(acked) == sorted(d.job_id for d in deliveries)
+    assert [store.job(d.job_id).status for d in deliveries] == ["succeeded", "succeeded"]
 
 
 def test_results_whose_copy_is_still_running_are_waited_for_by_post_processing(setup):

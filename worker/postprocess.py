@@ -1,62 +1,48 @@
 """After the engine: PNG encoding, upload of image + JSON sidecar, and recording the outcome.
 
-Runs on a thread pool so encoding and uploads overlap the next batch on the device. A job is marked
-succeeded only after both objects are stored; its message is acknowledged only after that.
+Runs on a thread pool so storing and recording overlap the next batch on the device: one task per engine
+run (handing each job to a thread of its own cost more than the job's work, in GIL hand-offs). The task
+waits for the run's device-to-host copy, has the storing process (:mod:`worker.objects`) encode and write
+every job's objects, then records all the outcomes in one round trip and asks for the acknowledgements.
+A job is marked succeeded only after both objects are stored; its message is acknowledged only after that.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from sdfleet import keys
-from sdfleet.errors import StorageError
 from sdfleet.state import JobStore, Transition
-from sdfleet.storage import StorageFactory, object_key
+from sdfleet.storage import StorageFactory
 from worker.engine.base import GenerationResult
 from worker.intake import AckQueue, Delivery
+from worker.objects import FAILED, STORAGE_FAILED, ObjectWriter
 
-
-def encode_png(image: np.ndarray, meta: dict[str, str] | None = None) -> bytes:
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    for k, v in (meta or {}).items():
-        info.add_text(k, v)
-    buf = io.BytesIO()
-    # compress_level 1: several times faster than the default for a few percent more bytes.
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1, pnginfo=info)
-    return buf.getvalue()
+# Sidecar parameters: the job as submitted, less where it goes and whom to tell.
+_NOT_PARAMETERS = {"out", "webhook", "webhook_events"}
 
 
 class PostProcessor:
     def __init__(self, *, store: JobStore, storage: StorageFactory, acks: AckQueue, worker_id: str,
-                 engine_info: dict[str, Any], on_finished: Callable[..., None], log: Any, threads: int = 4):
+                 engine_info: dict[str, Any], on_finished: Callable[..., None], log: Any, threads: int = 2):
         self.store = store
-        self.storage = storage
         self.acks = acks
         self.worker_id = worker_id
-        self.engine_info = engine_info
         self.on_finished = on_finished
         self.log = log
+        self.writer = ObjectWriter(storage, engine_info, worker_id)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="post")
-        # Recording outcomes waits on the uploads; it gets its own thread so it never starves the pool.
-        self.recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
         self.pending: set[Future] = set()
         self._lock = threading.Lock()
 
     def submit_group(self, group: Sequence[Delivery], result: GenerationResult) -> None:
-        """Store every image of an engine run in parallel, then record all outcomes in one round trip."""
-        stored = [self.pool.submit(self._store, d, result, i) for i, d in enumerate(group)]
-        fut = self.recorder.submit(self._record, list(group), stored)
+        """Store every image of an engine run, then record all outcomes in one round trip."""
+        fut = self.pool.submit(self._process, list(group), result)
         with self._lock:
             self.pending.add(fut)
         fut.add_done_callback(self._done)
@@ -80,56 +66,46 @@ class PostProcessor:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
-        self.recorder.shutdown(wait=True)
+        self.writer.shutdown()
 
-    def _store(self, d: Delivery, result: GenerationResult, index: int) -> dict[str, Any]:
-        """Encode and upload one job's PNG and sidecar; returns the fields to record."""
-        spec = d.spec
+    def _process(self, group: list[Delivery], result: GenerationResult) -> None:
         result.wait()  # the device-to-host copy of this batch
-        image = result.images[index]
         n = len(result.images)
         timings = {**{k: v / n for k, v in result.timings.items()}, "batch_size": n}
-        t0 = time.perf_counter()
-        storage = self.storage.get(spec.out)
-        png = encode_png(image)  # parameters live in the sidecar; text chunks cost more than the pixels here
-        t1 = time.perf_counter()
-        url = storage.put(object_key(d.batch_id, spec.custom_id, ".png"), png, "image/png")
-        timings = {**timings, "encode_png_s": t1 - t0, "upload_s": time.perf_counter() - t1,
-                   "queue_wait_s": d.extra.get("started_at", 0) - d.extra.get("queued_at", 0)}
-        sidecar = {
-            "job_id": d.job_id, "batch_id": d.batch_id, "custom_id": spec.custom_id,
-            "parameters": spec.model_dump(mode="json", exclude={"out", "webhook", "webhook_events"}),
-            "seed": spec.seed, "model": spec.model, "engine": self.engine_info, "worker": self.worker_id,
-            "attempt": d.attempts, "engine_run": d.extra.get("run"),
-            "timings": {k: round(v, 6) for k, v in timings.items()},
-            "image": url, "width": int(image.shape[1]), "height": int(image.shape[0]), "finished_at": time.time(),
-        }
-        # No indent: json's C encoder only runs without one (the indented form was a third of the CPU).
-        sidecar_url = storage.put(object_key(d.batch_id, spec.custom_id, ".json"),
-                                  json.dumps(sidecar).encode(), "application/json")
-        return {"url": url, "sidecar_url": sidecar_url, "timings": json.dumps(sidecar["timings"]),
-                "width": sidecar["width"], "height": sidecar["height"], "run": d.extra.get("run", "")}
-
-    def _record(self, group: list[Delivery], stored: list[Future]) -> None:
-        done: list[tuple[Delivery, dict[str, Any]]] = []
-        for d, fut in zip(group, stored):
-            log = self.log.bind(job_id=d.job_id, batch_id=d.batch_id)
-            try:
-                done.append((d, fut.result()))
-            except StorageError as exc:
-                # Not stored: give the job back (retried here or elsewhere later) rather than failing it.
-                log.error("storage failed; job handed back to the queue", error=str(exc))
-                self.store.requeue(d.job_id, uncount_attempt=True)
-                self.store.r.srem(keys.worker_held(self.worker_id), d.job_id)
+        jobs = [{
+            "job_id": d.job_id, "batch_id": d.batch_id, "custom_id": d.spec.custom_id, "out": d.spec.out,
+            "parameters": d.spec.model_dump(mode="json", exclude=_NOT_PARAMETERS), "seed": d.spec.seed,
+            "model": d.spec.model, "attempt": d.attempts, "engine_run": d.extra.get("run"),
+            "timings": {**timings, "queue_wait_s": d.extra.get("started_at", 0) - d.extra.get("queued_at", 0)},
+        } for d in group]
+        try:
+            reports = self.writer.write(jobs, result.images)
+        except BrokenProcessPool:
+            # The storing process died (killed, out of memory). Hand the jobs back with the attempt counted,
+            # so a job that kills it every time ends as poison rather than looping.
+            self.log.error("storing process died; jobs handed back to the queue", jobs=[d.job_id for d in group])
+            for d in group:
+                self.store.requeue(d.job_id)
                 self.acks.put(d.reject, True)
-            except Exception as exc:  # encoding bugs etc.: record the outcome, never end silently
-                log.exception("post-processing failed")
-                self.finish_failed(d, f"post-processing failed: {type(exc).__name__}: {exc}")
+            return
+        done: list[tuple[Delivery, dict[str, Any]]] = []
+        for d, report in zip(group, reports):
+            if report[0] == STORAGE_FAILED:
+                # Not stored: give the job back (retried here or elsewhere later) rather than failing it.
+                self.log.error("storage failed; job handed back to the queue", job_id=d.job_id,
+                               batch_id=d.batch_id, error=report[1])
+                self.store.requeue(d.job_id, uncount_attempt=True)
+                self.acks.put(d.reject, True)
+            elif report[0] == FAILED:
+                self.log.error("post-processing failed", job_id=d.job_id, batch_id=d.batch_id, error=report[1],
+                               trace=report[2])
+                self.finish_failed(d, f"post-processing failed: {report[1]}")
+            else:
+                done.append((d, {**report[1], "run": d.extra.get("run", ""), "error": ""}))
         if not done:
             return
-        transitions = self.store.transition_many([(d.job_id, {**f, "error": ""}) for d, f in done], "succeeded",
+        transitions = self.store.transition_many([(d.job_id, fields) for d, fields in done], "succeeded",
                                                  ("running",))
-        self.store.r.srem(keys.worker_held(self.worker_id), *[d.job_id for d, _ in done])
         for (d, fields), tr in zip(done, transitions):
             if tr.applied:
                 self.log.info("job succeeded", job_id=d.job_id, batch_id=d.batch_id, url=fields["url"])
@@ -150,7 +126,6 @@ class PostProcessor:
 
     def finish_failed(self, d: Delivery, error: str) -> None:
         tr = self.store.fail(d.job_id, error)
-        self.store.r.srem(keys.worker_held(self.worker_id), d.job_id)
         if tr.applied:
             self.log.warning("job failed", job_id=d.job_id, batch_id=d.batch_id, error=error)
             self.on_finished(d, "failed", tr)

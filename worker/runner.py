@@ -14,7 +14,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sdfleet import keys
 from sdfleet.jobs import BatchKey
 from sdfleet.state import JobStore
 from worker.engine.base import Engine, GenerationRequest
@@ -61,38 +60,34 @@ class BatchRunner:
                  jobs=[d.job_id for d in claimed][:16])
 
     def _claim(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
-        records = self.store.jobs([d.job_id for d in deliveries])
-        valid: list[tuple[Delivery, Any]] = []
-        for d, rec in zip(deliveries, records):
-            log = self.log.bind(job_id=d.job_id, batch_id=d.batch_id)
-            if rec is None or rec.batch_id != d.batch_id:
-                log.error("message names no known job; dropped (forged or expired)")
-                self.acks.put(d.ack)
-            elif dict(rec.spec) != d.spec.model_dump(mode="json"):
-                log.error("message disagrees with the job record; dropped (forged or tampered)")
-                self.acks.put(d.ack)
-            else:
-                valid.append((d, rec))
+        # One round trip: each job starts only if its record names this batch and holds this spec, so a
+        # forged or stale message never runs.
+        transitions = self.store.start_many(
+            [d.job_id for d in deliveries], self.worker_id, self.max_attempts,
+            expect=[(d.batch_id, d.spec.model_dump_json()) for d in deliveries])
         claimed = []
-        transitions = self.store.start_many([d.job_id for d, _ in valid], self.worker_id, self.max_attempts)
-        for (d, rec), tr in zip(valid, transitions):
-            if tr.poisoned:
+        now = time.time()
+        for d, tr in zip(deliveries, transitions):
+            if not tr.previous or tr.mismatch == "batch":
+                self.log.error("message names no known job; dropped (forged or expired)", job_id=d.job_id,
+                               batch_id=d.batch_id)
+            elif tr.mismatch:
+                self.log.error("message disagrees with the job record; dropped (forged or tampered)",
+                               job_id=d.job_id, batch_id=d.batch_id)
+            elif tr.poisoned:
                 self.log.error("job failed as poison", job_id=d.job_id, batch_id=d.batch_id, attempts=tr.attempts)
                 self.post.on_finished(d, "failed", tr)
-                self.acks.put(d.ack)
-                continue
-            if not tr.applied:
+            elif not tr.applied:
                 self.log.info("job not runnable; skipped", job_id=d.job_id, batch_id=d.batch_id, status=tr.previous)
                 if tr.previous in ("succeeded", "failed"):
                     self.post.reannounce(d, tr.previous)
-                self.acks.put(d.ack)
+            else:
+                d.attempts = tr.attempts
+                d.extra["queued_at"] = tr.queued_at
+                d.extra["started_at"] = now
+                claimed.append(d)
                 continue
-            d.attempts = tr.attempts
-            d.extra["queued_at"] = float(rec.fields.get("queued_at", 0) or 0)
-            d.extra["started_at"] = time.time()
-            claimed.append(d)
-        if claimed:
-            self.store.r.sadd(keys.worker_held(self.worker_id), *[d.job_id for d in claimed])
+            self.acks.put(d.ack)
         return claimed
 
     def _generate(self, key: BatchKey, group: list[Delivery], log: Any) -> None:
