@@ -136,7 +136,7 @@ def submit(
             jkey = keys.job(jid)
             pipe.hset(jkey, mapping={
                 "status": QUEUED, "batch": batch_id, "custom_id": spec.custom_id,
-                "spec": spec.model_dump_json(), "created_at": now, "queued_at": now, "attempts": 0,
+                "spec": spec.model_dump_json(), "created_at": now, "queued_at": now, "attempts": 0, "charged": 0,
             })
             pipe.expire(jkey, keys.RECORD_TTL_S)
             pipe.hset(keys.batch_custom_ids(batch_id), spec.custom_id, jid)
@@ -146,7 +146,7 @@ def submit(
     if retry:
         pipe = r.pipeline(transaction=False)
         for jid, spec in retry:
-            pipe.hset(keys.job(jid), mapping={"spec": spec.model_dump_json(), "attempts": 0})
+            pipe.hset(keys.job(jid), mapping={"spec": spec.model_dump_json(), "attempts": 0, "charged": 0})
         pipe.execute()
         store.transition_many([(jid, {"error": ""}) for jid, _ in retry], QUEUED, (FAILED, CANCELLED))
     total = r.hlen(keys.batch_custom_ids(batch_id))

@@ -14,13 +14,17 @@ import redis
 from sdfleet.errors import BrokerUnavailable
 
 
-def connect(url: str, *, decode_responses: bool = True, single_connection: bool = False) -> redis.Redis:
+def connect(url: str, *, decode_responses: bool = True, single_connection: bool = False,
+            retries: bool = True, socket_timeout: float | None = None) -> redis.Redis:
     """A client with retries on connection errors (Redis restarts are ridden out, not fatal).
 
     ``single_connection``: one connection, no pool, for a client used by one thread at a time; it skips
     the pool's per-command check that a borrowed connection has nothing left to read (a system call).
+    ``retries=False``: a connection error surfaces at once instead of re-sending the command. For scripts
+    that must not run twice (a claim whose reply was lost would claim a second set of messages).
+    ``socket_timeout``: give up on a reply after this many seconds (a half-open connection never answers).
     """
-    from redis.backoff import ExponentialBackoff
+    from redis.backoff import ExponentialBackoff, NoBackoff
     from redis.retry import Retry
 
     return redis.Redis.from_url(
@@ -28,10 +32,11 @@ def connect(url: str, *, decode_responses: bool = True, single_connection: bool 
         decode_responses=decode_responses,
         single_connection_client=single_connection,
         socket_connect_timeout=5,
+        socket_timeout=socket_timeout,
         socket_keepalive=True,
         health_check_interval=10,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=20) if retries else Retry(NoBackoff(), 0),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
     )
 
 

@@ -71,11 +71,14 @@ for k = 1, #KEYS do
     local applied = 1
     local attempts = 0
     if maxatt > 0 then
+      -- attempts: times started; charged: starts whose worker died with the job in its engine (see
+      -- _RELEASE), what the poison limit counts
       attempts = redis.call('HINCRBY', KEYS[k], 'attempts', 1)
-      if attempts > maxatt then
+      local charged = redis.call('HINCRBY', KEYS[k], 'charged', 1)
+      if charged > maxatt then
         new = 'failed'
         applied = 2
-        redis.call('HSET', KEYS[k], 'error', 'poison: processing started ' .. (attempts - 1) ..
+        redis.call('HSET', KEYS[k], 'error', 'poison: processing started ' .. (charged - 1) ..
           ' times without finishing (the worker died each time); not retried again')
       end
     end
@@ -101,6 +104,19 @@ for k = 1, #KEYS do
   end
 end
 return out
+"""
+# KEYS: job records. ARGV[1]: worker id. Takes back the charge of the last start of each job this worker still
+# runs (the job left the engine: a crash from now on is not its doing). Returns how many were taken back.
+_RELEASE = """
+local n = 0
+for k = 1, #KEYS do
+  local f = redis.call('HMGET', KEYS[k], 'status', 'worker', 'charged')
+  if f[1] == 'running' and f[2] == ARGV[1] and (tonumber(f[3]) or 0) > 0 then
+    redis.call('HINCRBY', KEYS[k], 'charged', -1)
+    n = n + 1
+  end
+end
+return n
 """
 # Jobs per script call: one call holds Redis for its whole run, so long lists go in chunks.
 _TRANSITION_CHUNK = 500
@@ -198,8 +214,27 @@ class JobStore:
         """
         tr = self.transition(job_id, QUEUED, (RUNNING,))
         if tr.applied and uncount_attempt:
-            self.r.hincrby(keys.job(job_id), "attempts", -1)
+            key = keys.job(job_id)
+            attempts, charged = self.r.hmget(key, "attempts", "charged")
+            pipe = self.r.pipeline(transaction=False)
+            if int(attempts or 0) > 0:
+                pipe.hincrby(key, "attempts", -1)
+            if int(charged or 0) > 0:
+                pipe.hincrby(key, "charged", -1)
+            pipe.execute()
         return tr
+
+    def release_attempts(self, job_ids: Sequence[str], worker_id: str) -> int:
+        """Take back the poison charge of jobs that ``worker_id`` runs and that have left its engine.
+
+        Each start counts an attempt (``attempts``, times started) and a charge (``charged``, what the
+        poison limit counts), so a job that kills the worker is caught. The charge is taken back once the
+        job's engine run is over (when the worker starts its next run), so jobs that merely wait for their
+        upload when a later run kills the worker are not blamed for it.
+        """
+        if not job_ids:
+            return 0
+        return int(self.r.eval(_RELEASE, len(job_ids), *[keys.job(j) for j in job_ids], worker_id))
 
     # --- reads -----------------------------------------------------------------------------------
 

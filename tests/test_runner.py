@@ -134,6 +134,44 @@ def test_claim_skips_finished_and_poisons_after_max_attempts(setup):
     assert acked == [a.job_id] and engine.calls == calls
 
 
+def test_only_the_run_in_the_engine_is_charged_an_attempt(setup):
+    # A run that has left the engine is not blamed when a later run kills the worker, even while its jobs
+    # are still being stored: its attempt is taken back when the next run starts.
+    store, runner, post, acks, engine, deliveries, acked, finished = setup(["a", "b", "c"], limit=8)
+    a, b, c = deliveries
+    runner.run(a.key, [a])
+    assert int(store.job(a.job_id).fields["charged"]) == 1  # in the engine (or uploading)
+    runner.run(b.key, [b])  # b enters the engine: a's charge is taken back, b's counts
+    assert int(store.job(b.job_id).fields["charged"]) == 1
+    post.wait(10)
+    assert int(store.job(a.job_id).fields["charged"]) == 0
+    assert int(store.job(a.job_id).fields["attempts"]) == 1  # it did start once
+    # only jobs this worker still runs are touched: not another worker's, not finished ones
+    assert store.start(c.job_id, "other", 3).applied
+    assert store.release_attempts([c.job_id, a.job_id], "w1") == 0
+    assert int(store.job(c.job_id).fields["charged"]) == 1
+
+
+def test_post_processing_that_fails_hands_every_job_back(setup):
+    store, runner, post, acks, engine, deliveries, acked, finished = setup(["a", "b"], limit=8)
+    rejected: list[str] = []
+    for d in deliveries:
+        d.reject = lambda requeue, j=d.job_id: rejected.append(j)
+    bad = GenerationResult([np.zeros((8, 8, 3), np.uint8)] * 2, {})
+
+    def fail():
+        raise RuntimeError("device error surfacing at the copy")
+
+    bad.pending = fail
+    for d in deliveries:
+        assert store.start(d.job_id, "w1", 3).applied
+    post.submit_group(deliveries, bad)
+    post.wait(10)
+    acks.drain()
+    assert sorted(rejected) == sorted(d.job_id for d in deliveries) and not acked
+    assert {store.job(d.job_id).status for d in deliveries} == {"queued"}
+
+
 def test_a_storing_process_that_dies_hands_its_run_back_and_is_replaced(setup):
     store, runner, post, acks, engine, deliveries, acked, finished = setup(["a", "b"], limit=8)
     rejected: list[tuple[str, bool]] = []

@@ -33,6 +33,9 @@ from worker.intake import AckQueue, Batcher, Delivery, message_body
 from worker.postprocess import PostProcessor
 from worker.runner import BatchRunner
 
+#: seconds the event loop waits for a Redis reply before treating the connection as lost
+LOOP_REPLY_TIMEOUT_S = 10.0
+
 
 @dataclass(frozen=True)
 class WorkerOptions:
@@ -62,7 +65,11 @@ class WorkerContext:
         self.log = log
         self.redis = connect(settings.redis_url)
         # The event-loop thread's own connection: claims and job starts, several round trips per batch.
-        self.loop_redis = connect(settings.redis_url, single_connection=True)
+        # The event loop's client: the claim and start scripts must not be re-sent after a lost reply (they
+        # would claim or count twice); a connection error restarts the consumer instead, which hands back
+        # whatever this worker holds. The timeout turns a half-open connection into such an error.
+        self.loop_redis = connect(settings.redis_url, single_connection=True, retries=False,
+                                  socket_timeout=LOOP_REPLY_TIMEOUT_S)
         self.store = JobStore(self.redis)
         self.acks = AckQueue()
         self.batcher = Batcher(options.max_batch, options.max_wait_ms)

@@ -8,7 +8,8 @@ event loop) but Celery consumes no queue: :class:`GenerationStep` claims the gen
 itself, up to the free prefetch room in one round trip, into kombu's own bookkeeping of unacknowledged
 messages (:class:`sdfleet.unacked.BulkQueue`), and hands them to the batcher.
 
-Everything runs on the event-loop thread, driven by events only (an idle worker neither spins nor polls):
+Everything runs on the event-loop thread, driven by events (an idle worker does one blocking BLMOVE and
+one claim a second, nothing more):
 - acknowledgements queued by the post-processing threads wake the loop: they free prefetch room, and they
   are settled in the same round trip as the next claim;
 - a claim that comes back short means the queue is empty: then a BLMOVE of the queue onto itself (which
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 
 # An armed watch returns at least this often, so a wake-up lost with a dead connection costs a second.
 WATCH_TIMEOUT_S = 1
+# A watch still unanswered this long after its timeout is on a dead connection (see QueueWatch.arm).
+WATCH_GRACE_S = 2
+# After a Redis error that is not a lost connection (READONLY in a failover, OOM, BUSY), claim again after this.
+RETRY_AFTER_ERROR_S = 1.0
 
 
 @dataclass(slots=True)
@@ -62,6 +67,7 @@ class QueueWatch:
         self.conn: Any = None
         self.fd: int | None = None
         self.armed = False
+        self._arms = 0
         self._retry_at = 0.0
 
     def start(self, hub: Any) -> None:
@@ -106,7 +112,17 @@ class QueueWatch:
             self.stop()
             return False
         self.armed = True
+        # A BLMOVE answers within WATCH_TIMEOUT_S; one that does not is on a half-open connection (a dropped
+        # NAT entry, a failover) that would never become readable: drop it and claim again.
+        self._arms += 1
+        self.hub.call_later(WATCH_TIMEOUT_S + WATCH_GRACE_S, self._check_answered, self._arms)
         return True
+
+    def _check_answered(self, arm: int) -> None:
+        if self.armed and arm == self._arms:
+            self.log.warning("queue watch got no answer; reconnecting")
+            self.stop()
+            self.on_ready()
 
     def _on_readable(self) -> None:
         try:
@@ -212,7 +228,12 @@ class GenerationConsumer:
 
     def pump(self) -> None:
         """Settle acknowledgements, claim what there is room for, run the groups that are ready; again while
-        that freed room at once. Then wait for the earliest max-wait deadline, if a group is being filled."""
+        that freed room at once. Then wait for the earliest max-wait deadline, if a group is being filled.
+
+        A lost connection propagates (Celery restarts the consumer, which hands back what this worker
+        holds). Any other Redis error (READONLY during a failover, OOM, BUSY) is logged and the pump runs
+        again a second later: called from a timer, kombu would only log it, and nothing would wake the loop.
+        """
         if not self.running or self._pumping:
             return
         self._pumping = True
@@ -221,10 +242,21 @@ class GenerationConsumer:
             while self._again and self.running:
                 self._again = False
                 self._pump_once()
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as exc:
+            self.ctx.log.error("could not claim or settle; trying again shortly", error=repr(exc))
+            if self.running and self.hub is not None:
+                self.hub.call_later(RETRY_AFTER_ERROR_S, self.pump)
         finally:
             self._pumping = False
+            self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
         deadline = self.ctx.batcher.next_deadline()
-        if deadline is not None and self.running and (self._deadline is None or deadline < self._deadline_at):
+        if deadline is None or not self.running or self.hub is None:
+            return
+        if self._deadline is None or deadline < self._deadline_at:
             if self._deadline is not None:
                 self._deadline.cancel()
             self._deadline_at = deadline

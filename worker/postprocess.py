@@ -69,6 +69,25 @@ class PostProcessor:
         self.writer.shutdown()
 
     def _process(self, group: list[Delivery], result: GenerationResult) -> None:
+        """Never ends silently: whatever goes wrong, each job of the run is recorded or handed back."""
+        settled: set[str] = set()
+        try:
+            self._process_run(group, result, settled)
+        except Exception as exc:  # a device error surfacing at wait(), Redis refusing a write, a bug
+            self.log.exception("post-processing of an engine run failed; its jobs go back to the queue",
+                               error=repr(exc))
+            for d in group:
+                if d.job_id in settled:
+                    continue
+                # The attempt stays counted: a run that fails this way every time ends as poison, not a loop.
+                try:
+                    self.store.requeue(d.job_id)
+                except Exception as exc2:
+                    self.log.warning("could not requeue job; its message goes back anyway", job_id=d.job_id,
+                                     error=repr(exc2))
+                self.acks.put(d.reject, True)
+
+    def _process_run(self, group: list[Delivery], result: GenerationResult, settled: set[str]) -> None:
         result.wait()  # the device-to-host copy of this batch
         n = len(result.images)
         timings = {**{k: v / n for k, v in result.timings.items()}, "batch_size": n}
@@ -87,6 +106,7 @@ class PostProcessor:
             for d in group:
                 self.store.requeue(d.job_id)
                 self.acks.put(d.reject, True)
+                settled.add(d.job_id)
             return
         done: list[tuple[Delivery, dict[str, Any]]] = []
         for d, report in zip(group, reports):
@@ -96,10 +116,12 @@ class PostProcessor:
                                batch_id=d.batch_id, error=report[1])
                 self.store.requeue(d.job_id, uncount_attempt=True)
                 self.acks.put(d.reject, True)
+                settled.add(d.job_id)
             elif report[0] == FAILED:
                 self.log.error("post-processing failed", job_id=d.job_id, batch_id=d.batch_id, error=report[1],
                                trace=report[2])
                 self.finish_failed(d, f"post-processing failed: {report[1]}")
+                settled.add(d.job_id)
             else:
                 done.append((d, {**report[1], "run": d.extra.get("run", ""), "error": ""}))
         if not done:
@@ -115,6 +137,7 @@ class PostProcessor:
                 if tr.previous == "succeeded":
                     self.reannounce(d, tr.previous)
             self.acks.put(d.ack)
+            settled.add(d.job_id)
 
     def reannounce(self, d: Delivery, status: str) -> None:
         """Announce an outcome recorded by a worker that may have died before announcing it.

@@ -44,8 +44,16 @@ class BatchRunner:
         self.log = log
         self.on_oom = on_oom or (lambda: None)
         self.batches_run = 0
+        #: job ids of the last run to enter the engine (their attempts are taken back at the next run)
+        self._in_engine: list[str] = []
 
     def run(self, key: BatchKey, deliveries: Sequence[Delivery]) -> None:
+        if self._in_engine:
+            # The previous run has left the engine: if the worker dies from now on, it is not that run's
+            # doing. (Its jobs may still be uploading; counting their attempt would fail innocent jobs as
+            # poison when a poison job keeps killing workers right after them.)
+            self.store.release_attempts(self._in_engine, self.worker_id)
+            self._in_engine = []
         claimed = self._claim(deliveries)
         if not claimed:
             return
@@ -55,6 +63,7 @@ class BatchRunner:
             d.extra["run"] = run_id
         log = self.log.bind(key=str(key), size=len(claimed), run=run_id)
         t0 = time.perf_counter()
+        self._in_engine = [d.job_id for d in claimed]
         self._generate(key, claimed, log)
         log.info("batch ran", batch_s=round(time.perf_counter() - t0, 4),
                  jobs=[d.job_id for d in claimed][:16])
