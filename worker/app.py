@@ -207,8 +207,10 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
     try:
         worker.start()
     finally:
-        heartbeat.stop_event.set()
+        # Drain first (normally Celery's shutdown has done it already): the heartbeat must go on until the
+        # uploads are done, or the janitor would hand back jobs this worker is still finishing.
         consumer.stop()
+        heartbeat.stop_event.set()
         ctx.post.shutdown()
         try:
             # Unstarted messages went back to the queue when the consumer stopped: nothing is held now.
