@@ -98,3 +98,105 @@ def test_kombus_visibility_timeout_and_the_janitor_restore_claimed_messages(r, r
     assert sorted(json.loads(raw)["headers"]["id"] for _, raw in back) == sorted(queued)
     assert all(json.loads(raw)["headers"].get("redelivered") for _, raw in back
                if json.loads(raw)["headers"]["id"] in queued[:4])
+
+
+class _SilentRedis:
+    """A server that answers every command with +OK except BLMOVE, which it never answers: what a queue
+    watch sees on a half-open connection (a dropped NAT entry, a failover)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.blmoves = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn):
+        buf = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data
+            while b"\r\n" in buf:  # one RESP array per command: count its bulk strings, answer or not
+                head, _, rest = buf.partition(b"\r\n")
+                n = int(head[1:])
+                parts, cur = [], rest
+                for _ in range(n):
+                    _, _, cur = cur.partition(b"\r\n")  # $len
+                    item, _, cur = cur.partition(b"\r\n")
+                    parts.append(item)
+                buf = cur
+                if parts and parts[0].upper() == b"BLMOVE":
+                    self.blmoves += 1
+                else:
+                    conn.sendall(b"+OK\r\n")
+
+    def close(self):
+        self.sock.close()
+
+
+class _Hub:
+    def __init__(self):
+        self.timers, self.readers = [], {}
+
+    def call_later(self, delay, fn, *args):
+        self.timers.append((delay, fn, args))
+
+    def add_reader(self, fd, fn):
+        self.readers[fd] = fn
+
+    def remove_reader(self, fd):
+        self.readers.pop(fd, None)
+
+
+def test_a_queue_watch_that_never_answers_is_dropped_and_the_worker_claims_again():
+    import redis as redis_lib
+
+    from worker.consumer import WATCH_GRACE_S, WATCH_TIMEOUT_S, QueueWatch
+
+    server = _SilentRedis()
+    woken = []
+    try:
+        client = redis_lib.Redis(host="127.0.0.1", port=server.port, socket_connect_timeout=2, protocol=2)
+        watch = QueueWatch(client, QUEUE, on_ready=lambda: woken.append(1), log=logs_stub())
+        hub = _Hub()
+        watch.start(hub)
+        assert watch.arm() and watch.armed
+        delay, check, args = hub.timers[-1]
+        assert delay == WATCH_TIMEOUT_S + WATCH_GRACE_S
+        deadline = time.monotonic() + 5
+        while server.blmoves == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.blmoves == 1  # the BLMOVE went out and got no answer
+        check(*args)  # the grace period is over: dropped, and the consumer is told to claim again
+        assert not watch.armed and watch.conn is None and not hub.readers
+        assert woken == [1]
+        # a new watch (reconnecting is throttled to once a second) is left alone by the old check
+        time.sleep(WATCH_TIMEOUT_S + 0.05)
+        assert watch.arm()
+        check(*args)
+        assert watch.armed and woken == [1]
+        watch.stop()
+    finally:
+        server.close()
+
+
+def logs_stub():
+    from sdfleet import logs
+
+    return logs.get("test")
