@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="profile one FP8 step even with --quick")
     ap.add_argument("--ablation-batch", type=int, default=None,
                     help="run the one-speed-up-at-a-time FP8 variants only at this batch; other batches run "
-                         "the baselines and the default engine (fits a model's run in one 10-minute call)")
+                         "the baselines and the default engine (keeps a model's run to a few minutes)")
     ap.add_argument("--probe-attention", action="store_true",
                     help="only check the FP8 attention kernel at SD3.5 shapes; exit 0 if usable")
     a = ap.parse_args(argv)
