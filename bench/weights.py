@@ -22,7 +22,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from worker.engine.fp8 import Fp8Options, apply_fp8  # noqa: E402
+from worker.engine.fp8 import Fp8Options, apply_fp8, weight_bytes  # noqa: E402
 from worker.engine.sd35_configs import TRANSFORMER  # noqa: E402
 
 GIB = 2**30
@@ -41,8 +41,7 @@ def model_bytes(name: str, options: Fp8Options | None) -> int:
     model = model.to(torch.bfloat16)  # buffers too (the position table is built in fp32), as loading does
     if options is not None:
         apply_fp8(model, options, quantize=False)
-    # meta tensors share data_ptr 0, so count every tensor (these models share none)
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return weight_bytes(model)
 
 
 def main() -> int:

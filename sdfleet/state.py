@@ -158,6 +158,7 @@ class JobStore:
     def __init__(self, client: redis.Redis):
         self.r = client
         self._transition = client.register_script(_TRANSITION)
+        self._release = client.register_script(_RELEASE)
 
     # --- transitions -----------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class JobStore:
         """
         if not job_ids:
             return 0
-        return int(self.r.eval(_RELEASE, len(job_ids), *[keys.job(j) for j in job_ids], worker_id))
+        return int(self._release(keys=[keys.job(j) for j in job_ids], args=[worker_id]))
 
     # --- reads -----------------------------------------------------------------------------------
 

@@ -64,8 +64,7 @@ class WorkerContext:
         self.worker_id = options.worker_id
         self.log = log
         self.redis = connect(settings.redis_url)
-        # The event-loop thread's own connection: claims and job starts, several round trips per batch.
-        # The event loop's client: the claim and start scripts must not be re-sent after a lost reply (they
+        # The event loop's own connection (claims and job starts, several round trips per batch): the claim and start scripts must not be re-sent after a lost reply (they
         # would claim or count twice); a connection error restarts the consumer instead, which hands back
         # whatever this worker holds. The timeout turns a half-open connection into such an error.
         self.loop_redis = connect(settings.redis_url, single_connection=True, retries=False,

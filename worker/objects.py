@@ -31,6 +31,7 @@ from sdfleet.storage import StorageFactory, object_key
 # What the child reports per job: (STORED, fields to record), (STORAGE_FAILED, why) or (FAILED, why, trace).
 STORED, STORAGE_FAILED, FAILED = "stored", "storage failed", "failed"
 
+
 def encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     # compress_level 1: several times faster than the default for a few percent more bytes. No text chunks:

@@ -123,11 +123,15 @@ def layer_types(transformer) -> dict[str, str]:
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers: what the transformer's weights occupy on the device."""
+    """Bytes of parameters and buffers: what the transformer's weights occupy on the device.
+
+    Tensors sharing storage count once; meta tensors (shapes only: they all report data_ptr 0) count each.
+    """
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() in seen:
+        key = id(t) if t.is_meta else t.data_ptr()
+        if key in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import _exp2  # one MUFU.EX2 (FTZ), or tl.exp2
 from .quant import AMAX_MAX, AMAX_MIN, E4M3, E4M3_MAX, QTensor
 
 # Inline PTX cannot run in Triton's CPU interpreter (TRITON_INTERPRET=1, used to test these kernels
@@ -31,15 +32,6 @@ def _rcp(x, FAST: tl.constexpr):
                                          is_pure=True, pack=1)
     else:
         return 1.0 / x
-
-
-@triton.jit
-def _ex2(x, FAST: tl.constexpr):
-    if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.exp2(x)
 
 
 @triton.jit
@@ -85,7 +77,7 @@ def _gelu_tanh(x, FAST: tl.constexpr):
     # with z = -2u log2(e): two MUFU ops and four FMA-pipe ops per element.
     z = x * (x * x * (-2.0 * 0.7978845608028654 * 1.4426950408889634 * 0.044715)
              + (-2.0 * 0.7978845608028654 * 1.4426950408889634))
-    return x * _rcp(1.0 + _ex2(z, FAST), FAST)
+    return x * _rcp(1.0 + _exp2(z, FAST), FAST)
 
 
 @triton.jit
