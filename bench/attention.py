@@ -55,6 +55,8 @@ VARIANTS = {
     "fp8_pv8_head": dict(qk="fp8", pv="fp8", scales="head", ftz=True, tma=True),
     "I8_pv8_head": dict(qk="int8", pv="fp8", scales="head", ftz=True, tma=True, i2f_magic=True),
     "I8_pv8_ktile": dict(qk="int8", pv="fp8", scales="ktile", ftz=True, tma=True, i2f_magic=True),
+    # one V scale per batch element: what the engine's FP8-output path uses
+    "I8_pv8_vbatch": dict(qk="int8", pv="fp8", scales="vbatch", ftz=True, tma=True, i2f_magic=True),
     "I8_pv8_tile": dict(qk="int8", pv="fp8", scales="tile", ftz=True, tma=True, i2f_magic=True),
     "I8_pvbf16_ktile": dict(qk="int8", pv="bf16", scales="ktile", ftz=True, tma=True, i2f_magic=True),
 }

@@ -78,7 +78,7 @@ def test_fp8_attention_raises_clear_error_without_cuda():
 
 
 @pytest.mark.parametrize("qk,pv", sorted(BOUNDS))
-@pytest.mark.parametrize("scales", ["head", "ktile", "tile"])
+@pytest.mark.parametrize("scales", ["head", "ktile", "tile", "vbatch"])
 @pytest.mark.parametrize("kind", ["randn", "peaky"])
 def test_reference_scheme_vs_float64(qk, pv, scales, kind):
     q, k, v = _inputs(kind, S=333, seed=1)
@@ -89,6 +89,22 @@ def test_reference_scheme_vs_float64(qk, pv, scales, kind):
     assert err < bound, f"{qk}/{pv}/{scales}/{kind}: rel err {err:.4f} >= {bound}"
     # and the scheme is really quantizing: clearly worse than bf16 rounding alone
     assert err > 3e-3
+
+
+def test_reference_per_batch_v_scale_uses_the_batch_amax():
+    q, k, v = _inputs("randn", B=2, S=130, seed=6)
+    v = v.clone()
+    v[1] *= 50  # batch element 1 has much larger V: it must not change element 0's scale
+    a = att.fp8_attention_reference(q, k, v, scales="vbatch")
+    b = att.fp8_attention_reference(q[:1], k[:1], v[:1], scales="vbatch")
+    assert torch.equal(a[:1], b)
+    assert _rel(a, _ref64(q, k, v)) < BOUNDS[("int8", "fp8")][0]
+
+
+def test_unknown_modes_are_named():
+    q = torch.zeros(1, 1, 4, 64).bfloat16()
+    with pytest.raises(ValueError, match="scales"):
+        att.fp8_attention_reference(q, q, q, scales="row")
 
 
 @pytest.mark.parametrize("S", [1, 2, 127, 128, 129, 255, 257, 1357])
@@ -153,6 +169,7 @@ gpu = pytest.mark.skipif(not _gpu_ok, reason="needs CUDA with compute capability
     dict(qk="int8", pv="bf16"),
     dict(qk="int8", pv="fp8", scales="tile"),
     dict(qk="int8", pv="fp8", scales="head"),
+    dict(qk="int8", pv="fp8", scales="vbatch"),
 ])
 def test_kernel_matches_reference_scheme(S, opts):
     g = torch.Generator(device="cuda").manual_seed(S)
@@ -173,3 +190,87 @@ def test_kernel_rejects_unsupported_head_dim():
     q = torch.randn(1, 1, 16, 80, device="cuda").bfloat16()
     with pytest.raises(RuntimeError, match="head_dim"):
         att.fp8_attention(q, q, q)
+
+
+def _joint_inputs(B, H, L, Lc, seed, D=64):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    img = (torch.randn(B * L, 3 * H * D, device="cuda", generator=g) * 2).bfloat16()
+    ctx = torch.randn(B * Lc, 3 * H * D, device="cuda", generator=g).bfloat16() if Lc else None
+    w = (torch.rand(2, 2, D, device="cuda", generator=g) + 0.5).bfloat16()
+    return img, ctx, w[0], w[1]
+
+
+def _split_joint(img, ctx, B, H, L, Lc, D=64):
+    def heads(x, n):  # (B*n, 3*H*D) -> q, k, v of (B, H, n, D)
+        return x.view(B, n, 3, H, D).permute(2, 0, 3, 1, 4)
+
+    parts = [heads(img, L)] + ([heads(ctx, Lc)] if Lc else [])
+    return [torch.cat([p[i] for p in parts], 2) for i in range(3)]
+
+
+def _rms(x, w, eps=1e-6):  # diffusers' RMSNorm, as the engine's torch path
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (y.float() * w.float()).to(x.dtype)
+
+
+@gpu
+@pytest.mark.parametrize("L,Lc", [(256, 77), (200, 77), (130, 5), (256, 0)])
+def test_prep_joint_matches_separate_norm_and_quantization(L, Lc):
+    B, H = 2, 3
+    img, ctx, w_img, w_ctx = _joint_inputs(B, H, L, Lc, seed=L + Lc)
+    q, kv = att.prep_joint(img, ctx, w_img, w_ctx if Lc else None, batch=B, heads=H)
+    qi, ki, vi = _split_joint(img, ctx, B, H, L, Lc)
+    # bit for bit what the engine's separate path computes (the q/k-norm + layout kernel) ...
+    from worker.engine.fp8 import kernels
+
+    buf = torch.empty((3, B, H, L + Lc, 64), device="cuda", dtype=torch.bfloat16)
+    kernels.qkv_prep(img, buf, w_img, batch=B, tok_off=0, heads=H, head_dim=64, eps=1e-6)
+    if Lc:
+        kernels.qkv_prep(ctx, buf, w_ctx, batch=B, tok_off=L, heads=H, head_dim=64, eps=1e-6)
+    q_ref, k_ref, v_ref = buf.unbind(0)
+    # the same maths; the two kernels sum a head's squares in different orders, so a bf16 result may
+    # differ in its last bit now and then
+    def last_bit(a, b):
+        d = (a.float() - b.float()).abs()
+        assert (d <= b.float().abs() * 2**-7 + 1e-6).all()
+        return (d > 0).float().mean().item()
+
+    assert last_bit(q, q_ref) < 1e-3
+    assert torch.equal(kv["v"], vi) and torch.equal(v_ref, vi)
+    # ... and diffusers' RMSNorm up to such roundings
+    q_t = torch.cat([_rms(qi[:, :, :L], w_img[0]), _rms(qi[:, :, L:], w_ctx[0])], 2)
+    torch.testing.assert_close(q, q_t, rtol=1e-2, atol=1e-2)
+    ref = att.quantize_kv(k_ref, vi, scales="vbatch")
+    kd = (kv["kq"].float() - ref["kq"].float()).abs()
+    assert kd.max() <= 1 and (kd > 0).float().mean() < 1e-3
+    torch.testing.assert_close(kv["ks"], ref["ks"], rtol=2**-7, atol=0)
+    assert torch.equal(kv["vq"].view(torch.uint8), ref["vq"].view(torch.uint8)) and torch.equal(kv["vs"], ref["vs"])
+    vs = kv["vs"].view(B, H * kv["n_tiles"])  # one V scale per batch element, stored per (head, tile)
+    torch.testing.assert_close(vs, (vi.float().abs().amax(dim=(1, 2, 3)) / 448)[:, None].expand_as(vs))
+
+
+@gpu
+@pytest.mark.parametrize("L,Lc,Lc_out", [(256, 77, 77), (200, 77, 0), (130, 5, 5)])
+def test_fp8_output_rows_are_the_bf16_output_quantized(L, Lc, Lc_out):
+    B, H = 2, 3
+    img, ctx, w_img, w_ctx = _joint_inputs(B, H, L, Lc, seed=7 + L)
+    q, kv = att.prep_joint(img, ctx, w_img, w_ctx, batch=B, heads=H)
+    o8, scale = att.fp8_attention_quantized(q, kv, fp8_rows=(L, Lc_out))
+    assert o8.dtype == torch.float8_e4m3fn and o8.shape == (B * (L + Lc_out), H * 64)
+    assert scale.shape == (B * (L + Lc_out), 1) and torch.isfinite(o8.float()).all()
+    o = att.fp8_attention_quantized(q, kv)  # bf16 (B, H, S, D), same kernel without the E4M3 epilogue
+    o = o.transpose(1, 2).reshape(B, L + Lc, H * 64)
+    want = torch.cat([o[:, :L].reshape(-1, H * 64), o[:, L:L + Lc_out].reshape(-1, H * 64)])
+    got = o8.float() * scale
+    assert _rel(got, want) < 0.04  # one E4M3 rounding (~2.4% rms) of the same values
+    # each row's scale is its batch element's V scale
+    vs = kv["vs"].view(B, -1)[:, 0]
+    rows_b = torch.cat([torch.arange(B).repeat_interleave(L), torch.arange(B).repeat_interleave(Lc_out)]).cuda()
+    assert torch.equal(scale.view(-1), vs[rows_b])
+    # and the whole is attention within the scheme's bound
+    qi, ki, vi = _split_joint(img, ctx, B, H, L, Lc)
+    k_ref = torch.cat([_rms(ki[:, :, :L], w_img[1]), _rms(ki[:, :, L:], w_ctx[1])], 2)
+    full = _ref64(q, k_ref, vi).float().transpose(1, 2).reshape(B, L + Lc, H * 64)
+    want64 = torch.cat([full[:, :L].reshape(-1, H * 64), full[:, L:L + Lc_out].reshape(-1, H * 64)])
+    assert _rel(got, want64) < 0.07

@@ -55,6 +55,7 @@ __all__ = [
     "fp8_attention_reference",
     "quantize_kv",
     "fp8_attention_quantized",
+    "prep_joint",
     "is_supported",
     "warmup",
     "KV_BLOCK",
@@ -68,6 +69,9 @@ INT8_MAX = 127.0
 P_SHIFT = 8.0  # P = exp2(s - m + P_SHIFT): P in [0, 256]
 LOG2E = 1.4426950408889634
 _TINY = 1e-30
+
+# V scale granularity of each ``scales`` mode (K is per 128-token tile except in "head")
+_V_SCALE = {"head": "head", "ktile": "head", "tile": "tile", "vbatch": "batch"}
 
 DEFAULT_QK = os.environ.get("SDFLEET_FP8_ATTN_QK", "int8")
 DEFAULT_PV = os.environ.get("SDFLEET_FP8_ATTN_PV", "fp8")
@@ -126,8 +130,10 @@ def fp8_attention_reference(
     q_q = quant(qf, q_s)
     row_mult = q_s * (sm_scale * LOG2E)  # (B,H,S,1)
 
-    def scale_of(x: torch.Tensor, start: int, top: float, per_head: bool) -> torch.Tensor:  # (B,H,1,1)
-        if per_head:
+    def scale_of(x: torch.Tensor, start: int, top: float, per: str) -> torch.Tensor:  # (B,H or 1,1,1)
+        if per == "batch":
+            return x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(_TINY) / top
+        if per == "head":
             src = x
         else:
             t0 = (start // KV_BLOCK) * KV_BLOCK
@@ -140,7 +146,7 @@ def fp8_attention_reference(
     for start in range(0, Sk, block_n):
         kt = kf[:, :, start : start + block_n]
         vt = vf[:, :, start : start + block_n]
-        k_s = scale_of(kf, start, qmax, scales == "head")
+        k_s = scale_of(kf, start, qmax, "head" if scales == "head" else "tile")
         k_q = quant(kt, k_s)
         raw = q_q @ k_q.transpose(-1, -2)  # exact for int8; fp32 sum of exact fp8 products
         t = raw * (row_mult * k_s)
@@ -149,7 +155,7 @@ def fp8_attention_reference(
         alpha = torch.exp2(m - m_new)
         l_sum = l_sum * alpha + p.sum(dim=-1, keepdim=True)
         if pv == "fp8":
-            v_s = scale_of(vf, start, FP8_MAX, scales in ("head", "ktile"))
+            v_s = scale_of(vf, start, FP8_MAX, _V_SCALE[scales])
             v_q = _quant_fp8_torch(vt, v_s)
             p_q = p.clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
             acc = acc * alpha + (p_q @ v_q) * v_s
@@ -177,8 +183,10 @@ if triton is not None:
         stride_vb, stride_vh, stride_vs, stride_vd,
         H, S,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, DO_K: tl.constexpr, DO_V: tl.constexpr,
+        V_BATCH: tl.constexpr,
     ):
-        # per-(batch, head) amax of K (and V) by atomic max over tiles (Kamax/Vamax zeroed before)
+        # per-(batch, head) amax of K (and V; per batch with V_BATCH) by atomic max over tiles
+        # (Kamax/Vamax zeroed before)
         tile = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -193,7 +201,7 @@ if triton is not None:
         if DO_V:
             v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
                         + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=row_ok, other=0.0)
-            tl.atomic_max(Vamax + bh, tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=1), axis=0))
+            tl.atomic_max(Vamax + (b if V_BATCH else bh), tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=1), axis=0))
 
     @triton.jit
     def _quant_kv_kernel(
@@ -207,9 +215,11 @@ if triton is not None:
         QUANT_V: tl.constexpr,
         BH_SCALE: tl.constexpr,
         K_HEAD: tl.constexpr,
+        V_BATCH: tl.constexpr,
+        QUANT_K: tl.constexpr = True,
     ):
-        # BH_SCALE: one V scale per (batch, head); K_HEAD: one K scale per (batch, head).
-        # Otherwise one scale per tile of BLOCK tokens.
+        # BH_SCALE: one V scale per (batch, head) (per batch with V_BATCH, stored once per (batch, head)
+        # all the same); K_HEAD: one K scale per (batch, head). Otherwise one scale per tile of BLOCK tokens.
         tile = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -217,28 +227,29 @@ if triton is not None:
         offs_s = tile * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = (offs_s < S)[:, None]
-        k = tl.load(
-            K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-            + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-            mask=row_ok, other=0.0,
-        ).to(tl.float32)
-        if K_HEAD:
-            k_amax = tl.load(Kamax + bh)
-        else:
-            k_amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
-        kq_ptrs = Kq + bh.to(tl.int64) * S_PAD * HEAD_DIM + offs_s[:, None] * HEAD_DIM + offs_d[None, :]
-        if QK_INT8:
-            k_scale = tl.maximum(k_amax, 1e-30) / 127.0
-            y = k * (1.0 / k_scale)
-            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-            y = tl.where(y >= 0, y + 0.5, y - 0.5)
-            tl.store(kq_ptrs, y.to(tl.int8))
-        else:
-            k_scale = tl.maximum(k_amax, 1e-30) / 448.0
-            y = k * (1.0 / k_scale)
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-            tl.store(kq_ptrs, y.to(tl.float8e4nv))
-        tl.store(Ks + bh * N_TILES + tile, k_scale)
+        if QUANT_K:
+            k = tl.load(
+                K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=row_ok, other=0.0,
+            ).to(tl.float32)
+            if K_HEAD:
+                k_amax = tl.load(Kamax + bh)
+            else:
+                k_amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
+            kq_ptrs = Kq + bh.to(tl.int64) * S_PAD * HEAD_DIM + offs_s[:, None] * HEAD_DIM + offs_d[None, :]
+            if QK_INT8:
+                k_scale = tl.maximum(k_amax, 1e-30) / 127.0
+                y = k * (1.0 / k_scale)
+                y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+                y = tl.where(y >= 0, y + 0.5, y - 0.5)
+                tl.store(kq_ptrs, y.to(tl.int8))
+            else:
+                k_scale = tl.maximum(k_amax, 1e-30) / 448.0
+                y = k * (1.0 / k_scale)
+                y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+                tl.store(kq_ptrs, y.to(tl.float8e4nv))
+            tl.store(Ks + bh * N_TILES + tile, k_scale)
 
         if QUANT_V:
             v = tl.load(
@@ -247,7 +258,7 @@ if triton is not None:
                 mask=row_ok, other=0.0,
             ).to(tl.float32)
             if BH_SCALE:
-                v_amax = tl.load(Vamax + bh)
+                v_amax = tl.load(Vamax + (b if V_BATCH else bh))
             else:
                 v_amax = tl.max(tl.max(tl.abs(v), axis=1), axis=0)
             v_scale = tl.maximum(v_amax, 1e-30) / 448.0
@@ -258,6 +269,70 @@ if triton is not None:
                        + offs_d[None, :] * S_PAD + offs_s[:, None])
             tl.store(vq_ptrs, w.to(tl.float8e4nv))
             tl.store(Vs + bh * N_TILES + tile, v_scale)
+
+    @triton.jit
+    def _rms_norm_head(x, w, eps):
+        # diffusers' RMSNorm over the last axis (one head's dims): fp32 maths, rounded to x's dtype
+        # before the weight multiply and again after it
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=1) / x.shape[1]
+        xn = (xf * tl.rsqrt(var + eps)[:, None]).to(x.dtype).to(tl.float32)
+        return (xn * w).to(x.dtype)
+
+    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)], key=["H", "S_PAD", "D"])
+    @triton.jit
+    def _prep_joint_kernel(
+        Img, Ctx, Wimg, Wctx, Q, Kq, Ks, V, Vamax,
+        H, L, Lc, S, S_PAD, N_TILES, stride_img, stride_ctx, eps,
+        HAS_NORM: tl.constexpr, HAS_CTX: tl.constexpr, QK_INT8: tl.constexpr,
+        D: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One (128-token tile, batch * head) of the joint sequence, image tokens then text tokens, read
+        # from the two streams' fused q/k/v GEMM outputs (rows b * L + t, columns [q | k | v] x heads x D):
+        # Q -> q/k RMSNorm -> bf16 (B, H, S, D); K -> RMSNorm -> INT8/E4M3 with one scale per tile, padded
+        # with zeros to S_PAD (the attention kernel's layout); V -> bf16 (B, H, S, D) and its per-batch
+        # amax (atomic; Vamax zeroed before). Saves the separate K pass and the K amax of quantize_kv.
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        t = tile * BLOCK + tl.arange(0, BLOCK)
+        d = tl.arange(0, D)
+        in_img = (t < L)[:, None]
+        img = Img + (b * L + t)[:, None] * stride_img + h * D + d[None, :]
+        if HAS_CTX:
+            in_ctx = ((t >= L) & (t < S))[:, None]
+            ctx = Ctx + (b * Lc + (t - L))[:, None] * stride_ctx + h * D + d[None, :]
+        out_off = (bh.to(tl.int64) * S + t)[:, None] * D + d[None, :]
+        ok = (t < S)[:, None]
+        for which in tl.static_range(3):
+            x = tl.load(img + which * H * D, mask=in_img, other=0.0)
+            if HAS_CTX:
+                x = tl.where(in_img, x, tl.load(ctx + which * H * D, mask=in_ctx, other=0.0))
+            if which < 2 and HAS_NORM:
+                w = tl.load(Wimg + which * D + d).to(tl.float32)[None, :]
+                if HAS_CTX:
+                    w = tl.where(in_img, w, tl.load(Wctx + which * D + d).to(tl.float32)[None, :])
+                x = _rms_norm_head(x, w, eps)
+            if which == 0:
+                tl.store(Q + out_off, x, mask=ok)
+            elif which == 1:
+                kf = x.to(tl.float32)
+                k_amax = tl.max(tl.max(tl.abs(kf), axis=1), axis=0)
+                kq = Kq + (bh.to(tl.int64) * S_PAD + t)[:, None] * D + d[None, :]
+                if QK_INT8:
+                    k_scale = tl.maximum(k_amax, 1e-30) / 127.0
+                    y = tl.minimum(tl.maximum(kf * (1.0 / k_scale), -127.0), 127.0)
+                    y = tl.where(y >= 0, y + 0.5, y - 0.5)
+                    tl.store(kq, y.to(tl.int8))
+                else:
+                    k_scale = tl.maximum(k_amax, 1e-30) / 448.0
+                    y = tl.minimum(tl.maximum(kf * (1.0 / k_scale), -448.0), 448.0)
+                    tl.store(kq, y.to(tl.float8e4nv))
+                tl.store(Ks + bh * N_TILES + tile, k_scale)
+            else:
+                tl.store(V + out_off, x, mask=ok)
+                tl.atomic_max(Vamax + b, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
 
     @triton.jit
     def _exp2(x, FTZ: tl.constexpr):
@@ -365,15 +440,16 @@ if triton is not None:
 
     @triton.autotune(
         configs=_attn_configs(),
-        key=["S_PAD", "HEAD_DIM", "QK_INT8", "PV_FP8", "EXP_FTZ", "USE_TMA", "BH_SCALE", "I2F_MAGIC", "K_HEAD"],
+        key=["S_PAD", "HEAD_DIM", "QK_INT8", "PV_FP8", "EXP_FTZ", "USE_TMA", "BH_SCALE", "I2F_MAGIC", "K_HEAD",
+             "OUT_FP8"],
     )
     @triton.jit
     def _attn_fwd_kernel(
-        Q, Kq, Ks, Vq, Vs, Vb, O, desc_k, desc_v,
+        Q, Kq, Ks, Vq, Vs, Vb, O, Os, desc_k, desc_v,
         stride_qb, stride_qh, stride_qs, stride_qd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_oh, stride_os, stride_od,
-        H, S, S_PAD, N_TILES, qk_scale,
+        H, S, S_PAD, N_TILES, qk_scale, B, M_ROWS, L_IMG, L_CTX,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -385,7 +461,13 @@ if triton is not None:
         BH_SCALE: tl.constexpr,
         I2F_MAGIC: tl.constexpr,
         K_HEAD: tl.constexpr,
+        OUT_FP8: tl.constexpr,
     ):
+        # OUT_FP8: O is written in E4M3 as the output projection's input, rows [0, M_ROWS) of the joint
+        # sequence only: image rows (< L_IMG) to rows b * L_IMG + t of O (a (rows, H * HEAD_DIM) matrix),
+        # text rows after all B * L_IMG image rows; Os gets each row's scale. With one V scale per batch
+        # element, acc / l is a convex combination of E4M3 values of V (up to P's rounding), so it is
+        # already in E4M3 range and its scale is V's: no row amax, no second pass over O.
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -444,15 +526,26 @@ if triton is not None:
             )
 
         out = acc / l_i[:, None]
-        if BH_SCALE:
-            if PV_FP8:
-                out = out * tl.load(vs_base)
-        tl.store(
-            O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-            + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-            out.to(O.dtype.element_ty),
-            mask=row_ok[:, None],
-        )
+        if OUT_FP8:
+            out = tl.minimum(tl.maximum(out, -448.0), 448.0)
+            b64 = b.to(tl.int64)
+            rows = offs_m.to(tl.int64)
+            dst = tl.where(rows < L_IMG, b64 * L_IMG + rows, B * L_IMG + b64 * L_CTX + (rows - L_IMG))
+            keep = offs_m < M_ROWS
+            tl.store(O + dst[:, None] * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :],
+                     out.to(O.dtype.element_ty), mask=keep[:, None])
+            if h == 0:
+                tl.store(Os + dst, tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(vs_base), mask=keep)
+        else:
+            if BH_SCALE:
+                if PV_FP8:
+                    out = out * tl.load(vs_base)
+            tl.store(
+                O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                out.to(O.dtype.element_ty),
+                mask=row_ok[:, None],
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,7 +562,8 @@ def _env_flag(name: str, default: bool) -> bool:
 DEFAULT_OPTIONS = {
     "qk": DEFAULT_QK,  # "fp8" | "int8"
     "pv": DEFAULT_PV,  # "fp8" | "bf16"
-    # "ktile": K scale per 128-token tile, V per (batch, head); "head": both per head; "tile": both per tile
+    # "ktile": K scale per 128-token tile, V per (batch, head); "head": both per head; "tile": both per tile;
+    # "vbatch": K per tile, V per batch element (what an E4M3 output for the next GEMM needs)
     "scales": os.environ.get("SDFLEET_FP8_ATTN_SCALES", "ktile"),
     "ftz": _env_flag("SDFLEET_FP8_ATTN_FTZ", True),  # ex2.approx.ftz (one MUFU op)
     "tma": _env_flag("SDFLEET_FP8_ATTN_TMA", True),  # K/V tiles through TMA descriptors
@@ -482,8 +576,8 @@ def _check_modes(qk: str, pv: str, scales: str = "head") -> None:
         raise ValueError(f"qk must be 'fp8' or 'int8', got {qk!r}")
     if pv not in ("fp8", "bf16"):
         raise ValueError(f"pv must be 'fp8' or 'bf16', got {pv!r}")
-    if scales not in ("head", "tile", "ktile"):
-        raise ValueError(f"scales must be 'head', 'ktile' or 'tile', got {scales!r}")
+    if scales not in _V_SCALE:
+        raise ValueError(f"scales must be one of {sorted(_V_SCALE)}, got {scales!r}")
 
 
 def _options(**overrides) -> dict:
@@ -541,7 +635,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
     dev = k.device
     int8 = opts["qk"] == "int8"
     quant_v = opts["pv"] == "fp8"
-    bh_scale = opts["scales"] in ("head", "ktile")  # V per (batch, head)
+    bh_scale = opts["scales"] in ("head", "ktile", "vbatch")  # one V scale per (batch, head) or batch
+    v_batch = opts["scales"] == "vbatch"
     k_head = opts["scales"] == "head"
     kq = torch.empty((B * H, s_pad, D), device=dev, dtype=torch.int8 if int8 else torch.float8_e4m3fn)
     ks = torch.empty((B * H, n_tiles), device=dev, dtype=torch.float32)
@@ -554,7 +649,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
         amax = torch.zeros((2, B * H), device=dev, dtype=torch.float32)
         _kv_amax_kernel[(n_tiles, B * H)](
             k, v, amax[0], amax[1], *k.stride(), *v.stride(), H, S,
-            HEAD_DIM=D, BLOCK=KV_BLOCK, DO_K=k_head, DO_V=bh_scale and quant_v, num_warps=4,
+            HEAD_DIM=D, BLOCK=KV_BLOCK, DO_K=k_head, DO_V=bh_scale and quant_v, V_BATCH=v_batch, num_warps=4,
         )
     else:
         amax = torch.empty((2, 1), device=dev, dtype=torch.float32)
@@ -563,23 +658,40 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
         *k.stride(), *v.stride(),
         H, S, s_pad, n_tiles,
         HEAD_DIM=D, BLOCK=KV_BLOCK, QK_INT8=int8, QUANT_V=quant_v, BH_SCALE=bh_scale, K_HEAD=k_head,
-        num_warps=4,
+        V_BATCH=v_batch, num_warps=4,
     )
     return {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": v, "S": S, "s_pad": s_pad,
             "n_tiles": n_tiles, "opts": opts, "shape": (B, H, S, D)}
 
 
 def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = None,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of bf16 q against K/V already quantized by :func:`quantize_kv`."""
+                            out: torch.Tensor | None = None, fp8_rows: tuple[int, int] | None = None):
+    """Attention of bf16 q against K/V already quantized by :func:`quantize_kv` or :func:`prep_joint`.
+
+    fp8_rows=(L, Lc): instead of bf16 (B, H, S, D), return ``(o8, scale)``: o8 (B*L + B*Lc, H*D)
+    float8_e4m3fn, the attention output of the first L tokens of each batch element (rows b*L + t) and
+    then of the next Lc tokens (rows B*L + b*Lc + t), with one float32 scale per row (B*L + B*Lc, 1):
+    the input of the output projections, quantized in the epilogue. Needs scales="vbatch", pv="fp8".
+    Text rows past L + Lc are not computed (the last block keeps no text output).
+    """
     B, H, Sq, D = q.shape
     S = kv["S"]
     opts = kv["opts"]
     if Sq != S:
         raise RuntimeError(f"fp8_attention: q has {Sq} tokens, k/v have {S}; only equal lengths are supported")
     sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
-    if out is None:
-        out = torch.empty_like(q)  # keeps q's strides: a (B,S,H,D)-view in gives one out
+    out_scale = None
+    if fp8_rows is not None:
+        L, Lc = fp8_rows
+        if opts["scales"] != "vbatch" or opts["pv"] != "fp8" or L + Lc > S or min(L, Lc) < 0:
+            raise ValueError(f"fp8_rows={fp8_rows} needs scales='vbatch', pv='fp8' and L + Lc <= {S}")
+        m_rows = L + Lc
+        out = torch.empty((B * m_rows, H * D), device=q.device, dtype=torch.float8_e4m3fn)
+        out_scale = torch.empty((B * m_rows, 1), device=q.device, dtype=torch.float32)
+    else:
+        L, Lc, m_rows = S, 0, S
+        if out is None:
+            out = torch.empty_like(q)  # keeps q's strides: a (B,S,H,D)-view in gives one out
     v = kv["v"]
     s_pad = kv["s_pad"]
     use_tma = bool(opts["tma"]) and TensorDescriptor is not None
@@ -591,19 +703,73 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
             desc_v = TensorDescriptor.from_tensor(kv["vq"].view(B * H * D, s_pad), [D, KV_BLOCK])
 
     def grid(meta):
-        return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(m_rows, meta["BLOCK_M"]), B * H)
 
+    o_strides = out.stride() if fp8_rows is None else (0, 0, 0, 0)
     _attn_fwd_kernel[grid](
-        q, kv["kq"], kv["ks"], kv["vq"], kv["vs"], v, out, desc_k, desc_v,
-        *q.stride(), *v.stride(), *out.stride(),
-        H, S, s_pad, kv["n_tiles"], sm_scale * LOG2E,
+        q, kv["kq"], kv["ks"], kv["vq"], kv["vs"], v, out, out_scale if out_scale is not None else kv["vs"],
+        desc_k, desc_v,
+        *q.stride(), *v.stride(), *o_strides,
+        H, S, s_pad, kv["n_tiles"], sm_scale * LOG2E, B, m_rows, L, Lc,
         HEAD_DIM=D, KV_TILE=KV_BLOCK,
         QK_INT8=opts["qk"] == "int8", PV_FP8=opts["pv"] == "fp8",
-        EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=opts["scales"] in ("head", "ktile"),
+        EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=opts["scales"] in ("head", "ktile", "vbatch"),
         K_HEAD=opts["scales"] == "head",
         I2F_MAGIC=bool(opts["i2f_magic"]) and opts["qk"] == "int8",
+        OUT_FP8=fp8_rows is not None,
     )
-    return out
+    return out if fp8_rows is None else (out, out_scale)
+
+
+def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor | None,
+               ctx_norm_w: torch.Tensor | None, *, batch: int, heads: int, eps: float = 1e-6,
+               **options) -> tuple[torch.Tensor, dict]:
+    """Joint q/k/v from the streams' fused q/k/v GEMM outputs, ready for :func:`fp8_attention_quantized`.
+
+    img (B*L, 3*H*D), ctx (B*Lc, 3*H*D) or None: bf16, row stride free, columns [q | k | v] x heads x D.
+    norm_w / ctx_norm_w: (2, D) q and k RMSNorm weights of each stream (both or neither).
+    Returns q (B, H, L+Lc, D) bf16 (normed) and the K/V dict: K normed and quantized per 128-token tile in
+    the same pass, V quantized with one scale per batch element (scales="vbatch"; a second, V-only pass).
+    """
+    opts = _options(**{**options, "scales": "vbatch"})
+    if opts["pv"] != "fp8":
+        raise ValueError("prep_joint quantizes V: needs pv='fp8'")
+    if ctx is not None and (norm_w is None) != (ctx_norm_w is None):
+        raise ValueError("prep_joint: give q/k norm weights for both streams or for neither")
+    D = img.shape[1] // (3 * heads)
+    if D not in SUPPORTED_HEAD_DIMS or img.shape[1] != 3 * heads * D or img.stride(1) != 1:
+        raise RuntimeError(f"prep_joint: img must be (B*L, 3*heads*head_dim) with head_dim in {SUPPORTED_HEAD_DIMS}")
+    L = img.shape[0] // batch
+    Lc = ctx.shape[0] // batch if ctx is not None else 0
+    if ctx is not None and (ctx.shape[1] != img.shape[1] or ctx.stride(1) != 1):
+        raise RuntimeError("prep_joint: ctx must have img's columns")
+    S = L + Lc
+    n_tiles = triton.cdiv(S, KV_BLOCK)
+    s_pad = n_tiles * KV_BLOCK
+    dev = img.device
+    int8 = opts["qk"] == "int8"
+    q = torch.empty((batch, heads, S, D), device=dev, dtype=img.dtype)
+    v = torch.empty_like(q)
+    kq = torch.empty((batch * heads, s_pad, D), device=dev, dtype=torch.int8 if int8 else torch.float8_e4m3fn)
+    ks = torch.empty((batch * heads, n_tiles), device=dev, dtype=torch.float32)
+    vq = torch.empty((batch * heads, D, s_pad), device=dev, dtype=torch.float8_e4m3fn)
+    vs = torch.empty((batch * heads, n_tiles), device=dev, dtype=torch.float32)
+    vamax = torch.zeros((batch,), device=dev, dtype=torch.float32)
+    has_norm = norm_w is not None
+    _prep_joint_kernel[(n_tiles, batch * heads)](
+        img, ctx if ctx is not None else img, norm_w if has_norm else img,
+        (ctx_norm_w if ctx_norm_w is not None else norm_w) if has_norm else img,
+        q, kq, ks, v, vamax, heads, L, Lc, S, s_pad, n_tiles, img.stride(0),
+        ctx.stride(0) if ctx is not None else 0, eps,
+        HAS_NORM=has_norm, HAS_CTX=ctx is not None, QK_INT8=int8, D=D, BLOCK=KV_BLOCK,
+    )  # autotuned: re-running it is harmless (same stores, and the V amax is an atomic max)
+    _quant_kv_kernel[(n_tiles, batch * heads)](
+        v, v, kq, ks, vq, vs, vamax, vamax, *v.stride(), *v.stride(), heads, S, s_pad, n_tiles,
+        HEAD_DIM=D, BLOCK=KV_BLOCK, QK_INT8=int8, QUANT_V=True, BH_SCALE=True, K_HEAD=False, V_BATCH=True,
+        QUANT_K=False, num_warps=4,
+    )
+    return q, {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": v, "S": S, "s_pad": s_pad,
+               "n_tiles": n_tiles, "opts": opts, "shape": (batch, heads, S, D)}
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,

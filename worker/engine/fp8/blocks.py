@@ -15,7 +15,7 @@ from sdfleet.errors import EngineError
 
 from .linear import Fp8Linear
 from .options import Fp8Options
-from .processor import attend
+from .processor import attend, attend_fp8_io
 from .quant import (
     QTensor,
     gelu_tanh_torch,
@@ -99,6 +99,18 @@ class JointAttention(torch.nn.Module):
         qkv = self.qkv(x)
         cqkv = self.ctx_qkv(c) if c is not None else None
         lc = ctx_length if c is not None else 0
+        out_lc = lc if self.ctx_out is not None else 0
+        fp8_out = isinstance(self.out, Fp8Linear) and (out_lc == 0 or isinstance(self.ctx_out, Fp8Linear))
+        if fp8_out and self.options.fp8_attention and self.options.fused_attention_io and self._fused(qkv):
+            o = attend_fp8_io(qkv.reshape(b * length, -1), cqkv.reshape(b * lc, -1) if cqkv is not None else None,
+                              self.norm_w, self.ctx_norm_w, batch=b, heads=self.heads, eps=self.eps,
+                              rows=(length, out_lc))
+            if o is not None:
+                o8, scale = o
+                n, width = b * length, self.heads * self.head_dim
+                img = self.out(QTensor(o8[:n], scale[:n], (b, length, width)))
+                ctx = self.ctx_out(QTensor(o8[n:], scale[n:], (b, out_lc, width))) if out_lc else None
+                return img, ctx
         if self._fused(qkv):
             from . import kernels
 
@@ -115,8 +127,6 @@ class JointAttention(torch.nn.Module):
                 cq, ck, cv = self._heads_torch(cqkv, self.ctx_norm_w, b)
                 q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
         o = attend(q, k, v, fp8=self.options.fp8_attention)
-        out_lc = lc if self.ctx_out is not None else 0
-        fp8_out = isinstance(self.out, Fp8Linear) and (out_lc == 0 or isinstance(self.ctx_out, Fp8Linear))
         if fp8_out and self._fused(o):
             from . import kernels
 

@@ -96,7 +96,8 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
 
 
 def set_runtime_options(transformer, options: Fp8Options) -> None:
-    """Change the switches that need no re-quantization (fused_quant, fp8_attention, fast_accum)."""
+    """Change the switches that need no re-quantization (fused_quant, fp8_attention, fused_attention_io,
+    fast_accum)."""
     old = getattr(transformer, MARKER, None)
     if old is None:
         raise EngineError("transformer is not converted; call apply_fp8 first")

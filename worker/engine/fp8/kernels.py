@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _exp2  # one MUFU.EX2 (FTZ), or tl.exp2
+from .attention import _exp2, _rms_norm_head  # one MUFU.EX2 (FTZ), or tl.exp2; diffusers RMSNorm
 from .quant import AMAX_MAX, AMAX_MIN, E4M3, E4M3_MAX, QTensor
 
 # Inline PTX cannot run in Triton's CPU interpreter (TRITON_INTERPRET=1, used to test these kernels
@@ -211,13 +211,8 @@ def _qkv_prep_kernel(src_ptr, out_ptr, w_ptr, L, S, H, tok_off, stride_src, plan
     mask = (h < H) & (d < D)
     x = tl.load(src_ptr + row * stride_src + which * H * D + h * D + d, mask=mask, other=0.0)
     if HAS_NORM:
-        xf = x.to(tl.float32)
-        var = tl.sum(xf * xf, axis=1) / D
-        # diffusers' RMSNorm rounds to the weight dtype before the weight multiply
-        xn = (xf * tl.rsqrt(var + eps)[:, None]).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + tl.minimum(which, 1) * D + d).to(tl.float32)
-        xn = (xn * w).to(x.dtype)
-        x = tl.where(which < 2, xn, x)
+        x = tl.where(which < 2, _rms_norm_head(x, w, eps), x)
     dst = out_ptr + which.to(tl.int64) * plane + ((b * H + h) * S + tok_off + t) * D + d
     tl.store(dst, x, mask=mask)
 

@@ -36,6 +36,10 @@ class Fp8Options:
     fp8_attention: FP8 flash attention (``worker.engine.fp8.attention``); off, or if it is missing or
         fails: ``torch.nn.functional.scaled_dot_product_attention`` (cuDNN). On by default: measured
         one-step cosine vs BF16 0.99999 on Medium and Large, 28-step latent cosine 0.99998.
+    fused_attention_io: with fp8_attention and fused_quant: K is quantized in the q/k-norm pass (no separate
+        K pass) and V with one scale per batch element, so the attention kernel writes the output
+        projections' FP8 input directly (no BF16 output, no row-amax pass over it). Off: the FP8 kernel
+        takes bf16 q/k/v and returns bf16, and a separate kernel quantizes its output.
     cuda_graphs: the engine captures the denoising step per shape bucket (``worker.engine.graphs``);
         read by the engine, not by ``apply_fp8``.
     fast_accum: cuBLASLt fast FP8 accumulation (``use_fast_accum``).
@@ -50,6 +54,7 @@ class Fp8Options:
     fp8_linears: bool = True
     fused_quant: bool = True
     fp8_attention: bool = True
+    fused_attention_io: bool = True
     cuda_graphs: bool = True
     fast_accum: bool = True
     bf16_layers: frozenset[str] = field(default=DEFAULT_BF16_LAYERS)

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 _fp8_fn = None
 _fp8_error: str | None = None
+_io_error: str | None = None
 
 
 def _load_fp8():
@@ -36,7 +37,35 @@ def fp8_attention_status() -> str:
     """'available', 'not loaded yet' or the reason SDPA is used instead (for logs and the bench)."""
     if _fp8_error:
         return _fp8_error
+    if _io_error:
+        return _io_error
     return "available" if _fp8_fn is not None else "not loaded yet"
+
+
+def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor | None,
+                  ctx_norm_w: torch.Tensor | None, *, batch: int, heads: int, eps: float,
+                  rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Joint attention from the streams' q/k/v GEMM outputs to the output projections' FP8 input.
+
+    ``worker.engine.fp8.attention.prep_joint`` (q/k RMSNorm, K quantized, V per batch element) then the
+    FP8 kernel with an E4M3 epilogue: returns (o8, row scales), image rows then ``rows[1]`` text rows per
+    batch element (see ``fp8_attention_quantized``). None when the kernels are missing or failed on an
+    earlier eager call: the caller then takes the bf16 path (which may still use the FP8 kernel).
+    """
+    global _io_error
+    if _io_error is not None or not img.is_cuda or _load_fp8() is None:
+        return None
+    from .attention import fp8_attention_quantized, prep_joint
+
+    try:
+        q, kv = prep_joint(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps)
+        return fp8_attention_quantized(q, kv, fp8_rows=rows)
+    except (NotImplementedError, RuntimeError, ValueError, AssertionError) as exc:
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        _io_error = f"FP8 attention with FP8 output failed for {tuple(img.shape)} ({exc!r}); using bf16 q/k/v"
+        log.warning(_io_error)
+        return None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8: bool) -> torch.Tensor:
