@@ -20,7 +20,7 @@ from worker.engine.fp8 import (
 )
 from worker.engine.fp8 import linear as linear_mod
 from worker.engine.fp8 import quant as quant_mod
-from worker.engine.fp8.blocks import Fp8JointBlock
+from worker.engine.fp8.blocks import Fp8JointBlock, PendingResidual
 from worker.engine.sd35_configs import build_transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -109,6 +109,36 @@ def test_fused_and_unfused_agree(tiny, x):
     set_runtime_options(m, Fp8Options(fused_quant=False))
     b = run(m, x)
     assert rel(a, b) < 0.02
+
+
+def test_deferred_residual_is_the_same_sum(tiny, x):
+    # every block but the last hands its image stream on as x + gate * y for the next block's norm to add
+    m = apply_fp8(copy.deepcopy(tiny), Fp8Options())
+    assert [blk.defer_residual for blk in m.transformer_blocks] == [True] * (len(m.transformer_blocks) - 1) + [False]
+    a = run(m, x)
+    for blk in m.transformer_blocks:
+        blk.defer_residual = False
+    assert torch.equal(a, run(m, x))
+    # one silu(temb) for all blocks of a call
+    assert len({id(blk.silu) for blk in m.transformer_blocks}) == 1
+    temb = torch.randn(2, 8)
+    first = m.transformer_blocks[0].silu(temb)
+    assert m.transformer_blocks[1].silu(temb) is first and torch.equal(first, torch.nn.functional.silu(temb))
+    assert m.transformer_blocks[1].silu(temb.clone()) is not first
+    # a block's deferred output, fed to something other than a block, is the sum
+    blk = copy.deepcopy(m.transformer_blocks[0])
+    blk.defer_residual = True
+    xs, c, temb = block_inputs()
+    with torch.no_grad():
+        _, pending = blk(xs, c, temb)
+    assert isinstance(pending, PendingResidual)
+    full = pending.materialize()
+    blk.defer_residual = False
+    with torch.no_grad():
+        assert torch.equal(blk(xs, c, temb)[1], full)
+    d = full.shape[-1]
+    assert torch.equal(torch.nn.functional.layer_norm(pending, (d,)), torch.nn.functional.layer_norm(full, (d,)))
+    assert torch.equal(pending + 1, full + 1) and torch.equal(1 + pending, full + 1)
 
 
 def test_layer_types_follow_config(tiny):

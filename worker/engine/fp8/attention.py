@@ -216,7 +216,6 @@ if triton is not None:
         BH_SCALE: tl.constexpr,
         K_HEAD: tl.constexpr,
         V_BATCH: tl.constexpr,
-        QUANT_K: tl.constexpr = True,
     ):
         # BH_SCALE: one V scale per (batch, head) (per batch with V_BATCH, stored once per (batch, head)
         # all the same); K_HEAD: one K scale per (batch, head). Otherwise one scale per tile of BLOCK tokens.
@@ -227,29 +226,28 @@ if triton is not None:
         offs_s = tile * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = (offs_s < S)[:, None]
-        if QUANT_K:
-            k = tl.load(
-                K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-                + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=row_ok, other=0.0,
-            ).to(tl.float32)
-            if K_HEAD:
-                k_amax = tl.load(Kamax + bh)
-            else:
-                k_amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
-            kq_ptrs = Kq + bh.to(tl.int64) * S_PAD * HEAD_DIM + offs_s[:, None] * HEAD_DIM + offs_d[None, :]
-            if QK_INT8:
-                k_scale = tl.maximum(k_amax, 1e-30) / 127.0
-                y = k * (1.0 / k_scale)
-                y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-                y = tl.where(y >= 0, y + 0.5, y - 0.5)
-                tl.store(kq_ptrs, y.to(tl.int8))
-            else:
-                k_scale = tl.maximum(k_amax, 1e-30) / 448.0
-                y = k * (1.0 / k_scale)
-                y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-                tl.store(kq_ptrs, y.to(tl.float8e4nv))
-            tl.store(Ks + bh * N_TILES + tile, k_scale)
+        k = tl.load(
+            K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+            + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=row_ok, other=0.0,
+        ).to(tl.float32)
+        if K_HEAD:
+            k_amax = tl.load(Kamax + bh)
+        else:
+            k_amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
+        kq_ptrs = Kq + bh.to(tl.int64) * S_PAD * HEAD_DIM + offs_s[:, None] * HEAD_DIM + offs_d[None, :]
+        if QK_INT8:
+            k_scale = tl.maximum(k_amax, 1e-30) / 127.0
+            y = k * (1.0 / k_scale)
+            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+            y = tl.where(y >= 0, y + 0.5, y - 0.5)
+            tl.store(kq_ptrs, y.to(tl.int8))
+        else:
+            k_scale = tl.maximum(k_amax, 1e-30) / 448.0
+            y = k * (1.0 / k_scale)
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            tl.store(kq_ptrs, y.to(tl.float8e4nv))
+        tl.store(Ks + bh * N_TILES + tile, k_scale)
 
         if QUANT_V:
             v = tl.load(
@@ -279,43 +277,66 @@ if triton is not None:
         xn = (xf * tl.rsqrt(var + eps)[:, None]).to(x.dtype).to(tl.float32)
         return (xn * w).to(x.dtype)
 
+    @triton.jit
+    def _quant_q_rows(q, QK_INT8: tl.constexpr):
+        # one scale per row (token): INT8 (amax / 127, rounded half away from zero) or E4M3 (amax / 448)
+        q_amax = tl.max(tl.abs(q), 1)
+        if QK_INT8:
+            q_scale = tl.maximum(q_amax, 1e-30) / 127.0
+            y = q * (1.0 / q_scale)[:, None]
+            y = tl.where(y >= 0, y + 0.5, y - 0.5)
+            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+            q8 = y.to(tl.int8)
+        else:
+            q_scale = tl.maximum(q_amax, 1e-30) / 448.0
+            y = q * (1.0 / q_scale)[:, None]
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            q8 = y.to(tl.float8e4nv)
+        return q8, q_scale
+
+    @triton.jit
+    def _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which: tl.constexpr, H,
+                    D: tl.constexpr, HAS_CTX: tl.constexpr):
+        # rows t of the joint sequence (image tokens, then text tokens) of head h, part which (q, k, v),
+        # from the two streams' fused q/k/v GEMM outputs (rows b * L + t, columns [q | k | v] x heads x D)
+        in_img = (t < L)[:, None]
+        col = which * H * D + h * D + d[None, :]
+        x = tl.load(Img + (b * L + t)[:, None] * stride_img + col, mask=in_img, other=0.0)
+        if HAS_CTX:
+            in_ctx = ((t >= L) & (t < S))[:, None]
+            x = tl.where(in_img, x, tl.load(Ctx + (b * Lc + (t - L))[:, None] * stride_ctx + col, mask=in_ctx,
+                                            other=0.0))
+        return x
+
     @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)], key=["H", "S_PAD", "D"])
     @triton.jit
     def _prep_joint_kernel(
-        Img, Ctx, Wimg, Wctx, Q, Kq, Ks, V, Vamax,
+        Img, Ctx, Wimg, Wctx, Q8, Qs, Kq, Ks, Vpart,
         H, L, Lc, S, S_PAD, N_TILES, stride_img, stride_ctx, eps,
         HAS_NORM: tl.constexpr, HAS_CTX: tl.constexpr, QK_INT8: tl.constexpr,
         D: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # One (128-token tile, batch * head) of the joint sequence, image tokens then text tokens, read
-        # from the two streams' fused q/k/v GEMM outputs (rows b * L + t, columns [q | k | v] x heads x D):
-        # Q -> q/k RMSNorm -> bf16 (B, H, S, D); K -> RMSNorm -> INT8/E4M3 with one scale per tile, padded
-        # with zeros to S_PAD (the attention kernel's layout); V -> bf16 (B, H, S, D) and its per-batch
-        # amax (atomic; Vamax zeroed before). Saves the separate K pass and the K amax of quantize_kv.
+        # One (128-token tile, batch * head) of the joint sequence: Q -> RMSNorm -> INT8/E4M3 with one scale
+        # per token (what the attention kernel would do with a bf16 Q); K -> RMSNorm -> INT8/E4M3 with one
+        # scale per tile, padded with zeros to S_PAD; V -> only the amax of this tile, for _prep_v_kernel.
+        # Nothing is written in bf16.
         tile = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = bh % H
         t = tile * BLOCK + tl.arange(0, BLOCK)
         d = tl.arange(0, D)
-        in_img = (t < L)[:, None]
-        img = Img + (b * L + t)[:, None] * stride_img + h * D + d[None, :]
-        if HAS_CTX:
-            in_ctx = ((t >= L) & (t < S))[:, None]
-            ctx = Ctx + (b * Lc + (t - L))[:, None] * stride_ctx + h * D + d[None, :]
-        out_off = (bh.to(tl.int64) * S + t)[:, None] * D + d[None, :]
-        ok = (t < S)[:, None]
         for which in tl.static_range(3):
-            x = tl.load(img + which * H * D, mask=in_img, other=0.0)
-            if HAS_CTX:
-                x = tl.where(in_img, x, tl.load(ctx + which * H * D, mask=in_ctx, other=0.0))
+            x = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which, H, D, HAS_CTX)
             if which < 2 and HAS_NORM:
                 w = tl.load(Wimg + which * D + d).to(tl.float32)[None, :]
                 if HAS_CTX:
-                    w = tl.where(in_img, w, tl.load(Wctx + which * D + d).to(tl.float32)[None, :])
+                    w = tl.where((t < L)[:, None], w, tl.load(Wctx + which * D + d).to(tl.float32)[None, :])
                 x = _rms_norm_head(x, w, eps)
             if which == 0:
-                tl.store(Q + out_off, x, mask=ok)
+                q8, q_scale = _quant_q_rows(x.to(tl.float32), QK_INT8)
+                tl.store(Q8 + (bh.to(tl.int64) * S + t)[:, None] * D + d[None, :], q8, mask=(t < S)[:, None])
+                tl.store(Qs + bh.to(tl.int64) * S + t, q_scale, mask=t < S)
             elif which == 1:
                 kf = x.to(tl.float32)
                 k_amax = tl.max(tl.max(tl.abs(kf), axis=1), axis=0)
@@ -331,8 +352,29 @@ if triton is not None:
                     tl.store(kq, y.to(tl.float8e4nv))
                 tl.store(Ks + bh * N_TILES + tile, k_scale)
             else:
-                tl.store(V + out_off, x, mask=ok)
-                tl.atomic_max(Vamax + b, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
+                tl.store(Vpart + bh * N_TILES + tile, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
+
+    @triton.jit
+    def _prep_v_kernel(
+        Img, Ctx, Vq, Vs, Vpart, H, L, Lc, S, S_PAD, N_TILES, stride_img, stride_ctx,
+        HAS_CTX: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr,
+    ):
+        # V of one (tile, batch * head), read again from the GEMM outputs once its batch amax is known, as
+        # E4M3 transposed (dim, token) and padded, the layout _quant_kv_kernel writes. The batch amax is
+        # the max of the batch's H * N_TILES tile maxima (a few KiB from L2): no atomics, no zeroed buffer.
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        t = tile * BLOCK + tl.arange(0, BLOCK)
+        d = tl.arange(0, D)
+        v = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 2, H, D, HAS_CTX).to(tl.float32)
+        part = tl.arange(0, PARTS)
+        v_amax = tl.max(tl.load(Vpart + b * H * N_TILES + part, mask=part < H * N_TILES, other=0.0), axis=0)
+        v_scale = tl.maximum(v_amax, 1e-30) / 448.0
+        w = tl.minimum(tl.maximum(v * (1.0 / v_scale), -448.0), 448.0)
+        tl.store(Vq + bh.to(tl.int64) * S_PAD * D + d[None, :] * S_PAD + t[:, None], w.to(tl.float8e4nv))
+        tl.store(Vs + bh * N_TILES + tile, v_scale)
 
     @triton.jit
     def _exp2(x, FTZ: tl.constexpr):
@@ -441,11 +483,11 @@ if triton is not None:
     @triton.autotune(
         configs=_attn_configs(),
         key=["S_PAD", "HEAD_DIM", "QK_INT8", "PV_FP8", "EXP_FTZ", "USE_TMA", "BH_SCALE", "I2F_MAGIC", "K_HEAD",
-             "OUT_FP8"],
+             "OUT_FP8", "Q_PRE"],
     )
     @triton.jit
     def _attn_fwd_kernel(
-        Q, Kq, Ks, Vq, Vs, Vb, O, Os, desc_k, desc_v,
+        Q, Qs, Kq, Ks, Vq, Vs, Vb, O, Os, desc_k, desc_v,
         stride_qb, stride_qh, stride_qs, stride_qd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_oh, stride_os, stride_od,
@@ -462,6 +504,7 @@ if triton is not None:
         I2F_MAGIC: tl.constexpr,
         K_HEAD: tl.constexpr,
         OUT_FP8: tl.constexpr,
+        Q_PRE: tl.constexpr,
     ):
         # OUT_FP8: O is written in E4M3 as the output projection's input, rows [0, M_ROWS) of the joint
         # sequence only: image rows (< L_IMG) to rows b * L_IMG + t of O (a (rows, H * HEAD_DIM) matrix),
@@ -477,23 +520,13 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < S
 
-        q = tl.load(
-            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-            mask=row_ok[:, None], other=0.0,
-        ).to(tl.float32)
-        q_amax = tl.max(tl.abs(q), 1)
-        if QK_INT8:
-            q_scale = tl.maximum(q_amax, 1e-30) / 127.0
-            y = q * (1.0 / q_scale)[:, None]
-            y = tl.where(y >= 0, y + 0.5, y - 0.5)
-            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-            q8 = y.to(tl.int8)
+        q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                  + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
+        if Q_PRE:  # quantized by _prep_joint_kernel: (B, H, S, D) INT8/E4M3 and (B*H, S) scales
+            q8 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            q_scale = tl.load(Qs + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=1.0)
         else:
-            q_scale = tl.maximum(q_amax, 1e-30) / 448.0
-            y = q * (1.0 / q_scale)[:, None]
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-            q8 = y.to(tl.float8e4nv)
+            q8, q_scale = _quant_q_rows(tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32), QK_INT8)
 
         bh64 = bh.to(tl.int64)
         kq_base = Kq + bh64 * S_PAD * HEAD_DIM
@@ -691,8 +724,12 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
     else:
         L, Lc, m_rows = S, 0, S
         if out is None:
-            out = torch.empty_like(q)  # keeps q's strides: a (B,S,H,D)-view in gives one out
-    v = kv["v"]
+            # keeps q's strides: a (B,S,H,D)-view in gives one out
+            out = torch.empty_like(q, dtype=torch.bfloat16)
+    q_pre = q.dtype != torch.bfloat16
+    if q_pre and (kv.get("q_scale") is None or (q.dtype == torch.int8) != (opts["qk"] == "int8")):
+        raise ValueError("a quantized q needs its scales in kv['q_scale'] (prep_joint) and the dtype of qk")
+    v = kv["v"] if kv["v"] is not None else q  # bf16 V is read only with pv="bf16"
     s_pad = kv["s_pad"]
     use_tma = bool(opts["tma"]) and TensorDescriptor is not None
     desc_k = desc_v = None
@@ -707,7 +744,7 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
 
     o_strides = out.stride() if fp8_rows is None else (0, 0, 0, 0)
     _attn_fwd_kernel[grid](
-        q, kv["kq"], kv["ks"], kv["vq"], kv["vs"], v, out, out_scale if out_scale is not None else kv["vs"],
+        q, kv.get("q_scale") if q_pre else kv["ks"], kv["kq"], kv["ks"], kv["vq"], kv["vs"], v, out, out_scale if out_scale is not None else kv["vs"],
         desc_k, desc_v,
         *q.stride(), *v.stride(), *o_strides,
         H, S, s_pad, kv["n_tiles"], sm_scale * LOG2E, B, m_rows, L, Lc,
@@ -716,7 +753,7 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
         EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=opts["scales"] in ("head", "ktile", "vbatch"),
         K_HEAD=opts["scales"] == "head",
         I2F_MAGIC=bool(opts["i2f_magic"]) and opts["qk"] == "int8",
-        OUT_FP8=fp8_rows is not None,
+        OUT_FP8=fp8_rows is not None, Q_PRE=q_pre,
     )
     return out if fp8_rows is None else (out, out_scale)
 
@@ -728,8 +765,10 @@ def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor
 
     img (B*L, 3*H*D), ctx (B*Lc, 3*H*D) or None: bf16, row stride free, columns [q | k | v] x heads x D.
     norm_w / ctx_norm_w: (2, D) q and k RMSNorm weights of each stream (both or neither).
-    Returns q (B, H, L+Lc, D) bf16 (normed) and the K/V dict: K normed and quantized per 128-token tile in
-    the same pass, V quantized with one scale per batch element (scales="vbatch"; a second, V-only pass).
+    Returns q (B, H, L+Lc, D), normed and quantized per token (INT8, or E4M3 with qk="fp8"), and the dict
+    for the attention kernel: q's scales, K normed and quantized per 128-token tile in the same pass, V
+    quantized with one scale per batch element (scales="vbatch") by a second pass over V once its amax is
+    known. No bf16 copy of q, k or v is written.
     """
     opts = _options(**{**options, "scales": "vbatch"})
     if opts["pv"] != "fp8":
@@ -748,27 +787,28 @@ def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor
     s_pad = n_tiles * KV_BLOCK
     dev = img.device
     int8 = opts["qk"] == "int8"
-    q = torch.empty((batch, heads, S, D), device=dev, dtype=img.dtype)
-    v = torch.empty_like(q)
-    kq = torch.empty((batch * heads, s_pad, D), device=dev, dtype=torch.int8 if int8 else torch.float8_e4m3fn)
+    qdt = torch.int8 if int8 else torch.float8_e4m3fn
+    q8 = torch.empty((batch, heads, S, D), device=dev, dtype=qdt)
+    q_scale = torch.empty((batch * heads, S), device=dev, dtype=torch.float32)
+    kq = torch.empty((batch * heads, s_pad, D), device=dev, dtype=qdt)
     ks = torch.empty((batch * heads, n_tiles), device=dev, dtype=torch.float32)
     vq = torch.empty((batch * heads, D, s_pad), device=dev, dtype=torch.float8_e4m3fn)
     vs = torch.empty((batch * heads, n_tiles), device=dev, dtype=torch.float32)
-    vamax = torch.zeros((batch,), device=dev, dtype=torch.float32)
+    vpart = torch.empty((batch * heads, n_tiles), device=dev, dtype=torch.float32)
     has_norm = norm_w is not None
+    ctx_arg = ctx if ctx is not None else img
+    ctx_stride = ctx.stride(0) if ctx is not None else 0
     _prep_joint_kernel[(n_tiles, batch * heads)](
-        img, ctx if ctx is not None else img, norm_w if has_norm else img,
+        img, ctx_arg, norm_w if has_norm else img,
         (ctx_norm_w if ctx_norm_w is not None else norm_w) if has_norm else img,
-        q, kq, ks, v, vamax, heads, L, Lc, S, s_pad, n_tiles, img.stride(0),
-        ctx.stride(0) if ctx is not None else 0, eps,
+        q8, q_scale, kq, ks, vpart, heads, L, Lc, S, s_pad, n_tiles, img.stride(0), ctx_stride, eps,
         HAS_NORM=has_norm, HAS_CTX=ctx is not None, QK_INT8=int8, D=D, BLOCK=KV_BLOCK,
-    )  # autotuned: re-running it is harmless (same stores, and the V amax is an atomic max)
-    _quant_kv_kernel[(n_tiles, batch * heads)](
-        v, v, kq, ks, vq, vs, vamax, vamax, *v.stride(), *v.stride(), heads, S, s_pad, n_tiles,
-        HEAD_DIM=D, BLOCK=KV_BLOCK, QK_INT8=int8, QUANT_V=True, BH_SCALE=True, K_HEAD=False, V_BATCH=True,
-        QUANT_K=False, num_warps=4,
     )
-    return q, {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": v, "S": S, "s_pad": s_pad,
+    _prep_v_kernel[(n_tiles, batch * heads)](
+        img, ctx_arg, vq, vs, vpart, heads, L, Lc, S, s_pad, n_tiles, img.stride(0), ctx_stride,
+        HAS_CTX=ctx is not None, D=D, BLOCK=KV_BLOCK, PARTS=triton.next_power_of_2(heads * n_tiles), num_warps=4,
+    )
+    return q8, {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": None, "q_scale": q_scale, "S": S, "s_pad": s_pad,
                "n_tiles": n_tiles, "opts": opts, "shape": (batch, heads, S, D)}
 
 

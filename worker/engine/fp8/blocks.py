@@ -155,8 +155,74 @@ class FeedForward(torch.nn.Module):
         return self.down(gelu_tanh_torch(h))
 
 
+class PendingResidual:
+    """The image stream after a block, ``x + gate * y``, not added yet.
+
+    A block hands this to the next block instead of a tensor, and the next block's LayerNorm kernel does
+    the add (``ln_modulate_quantize(..., residual=(y, gate))``): one pass over the (B, L, D) stream less per
+    block than an add here and a norm there. Anything else that receives it (a torch function, ``+``, the
+    final norm if the last block were skipped) gets the sum, so it never leaks as a wrong value.
+    """
+
+    __slots__ = ("x", "y", "gate")
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor):
+        self.x, self.y, self.gate = x, y, gate
+
+    def materialize(self) -> torch.Tensor:
+        return torch.addcmul(self.x, self.gate.unsqueeze(1), self.y)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def real(a):
+            if isinstance(a, PendingResidual):
+                return a.materialize()
+            if isinstance(a, (list, tuple)):
+                return type(a)(real(b) for b in a)
+            return a
+
+        return func(*real(args), **{k: real(v) for k, v in (kwargs or {}).items()})
+
+    def __add__(self, other):
+        return self.materialize() + other
+
+    __radd__ = __add__
+
+
+class SharedSilu:
+    """``silu(temb)`` once per transformer call for all blocks (every block's AdaLN reads the same ``temb``).
+
+    Keyed by the tensor object, which it keeps alive, so a new ``temb`` can never be mistaken for the last.
+    """
+
+    def __init__(self):
+        self.temb: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, temb: torch.Tensor) -> torch.Tensor:
+        if temb is not self.temb:
+            self.temb, self.out = temb, F.silu(temb)
+        return self.out
+
+
 class Fp8JointBlock(torch.nn.Module):
-    """Replaces one ``JointTransformerBlock``; same call signature and outputs."""
+    """Replaces one ``JointTransformerBlock``; same call signature and outputs.
+
+    ``defer_residual`` (set by ``apply_fp8`` on every block but the last, with ``fused_quant``): return the
+    image stream as a :class:`PendingResidual` for the next block's fused norm.
+    """
 
     def __init__(self, block, options: Fp8Options, *, quantize: bool = True):
         super().__init__()
@@ -175,6 +241,8 @@ class Fp8JointBlock(torch.nn.Module):
         self.ff = FeedForward(block.ff, options, prefix="ff", quantize=quantize)
         self.ff_context = (None if block.context_pre_only
                            else FeedForward(block.ff_context, options, prefix="context_ff", quantize=quantize))
+        self.defer_residual = False
+        self.silu = SharedSilu()  # apply_fp8 gives all blocks of a model one
 
     def _norm_mod(self, x, shift, scale, consumer, residual=None):
         """The activation ``consumer`` wants (QTensor for a fused FP8 linear), and the residual stream."""
@@ -187,8 +255,11 @@ class Fp8JointBlock(torch.nn.Module):
             raise EngineError(f"FP8 blocks take no joint_attention_kwargs (got {sorted(joint_attention_kwargs)})")
         x, c = hidden_states, encoder_hidden_states
         b, length, _ = x.shape
+        res_in = None
+        if isinstance(x, PendingResidual):  # the previous block's gated FF residual, added in the norm below
+            x, res_in = x.x, (x.y, x.gate)
         lc = c.shape[1]
-        t = F.silu(temb)
+        t = self.silu(temb)
         mod = self.adaln(t).chunk(self.n_mod, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         cmod = self.adaln_ctx(t.to(c.dtype))
@@ -197,7 +268,7 @@ class Fp8JointBlock(torch.nn.Module):
         else:
             c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod.chunk(6, dim=1)
 
-        ax, _ = self._norm_mod(x, shift_msa, scale_msa, self.attn.qkv)
+        ax, x = self._norm_mod(x, shift_msa, scale_msa, self.attn.qkv, residual=res_in)
         ac, _ = self._norm_mod(c, c_shift, c_scale, self.attn.ctx_qkv)
         if self.attn2 is not None:  # second modulation of the same norm (SD35AdaLayerNormZeroX)
             ax2, _ = self._norm_mod(x, mod[6], mod[7], self.attn2.qkv)
@@ -209,7 +280,10 @@ class Fp8JointBlock(torch.nn.Module):
         else:
             res = (attn_out, gate_msa)
         aff, x = self._norm_mod(x, shift_mlp, scale_mlp, self.ff.up, residual=res)
-        x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.ff(aff))
+        if self.defer_residual and self.options.fused_quant:
+            x = PendingResidual(x, self.ff(aff), gate_mlp)
+        else:
+            x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.ff(aff))
         if self.context_pre_only:
             return None, x
         acff, c = self._norm_mod(c, c_shift_mlp, c_scale_mlp, self.ff_context.up, residual=(ctx_out, c_gate_msa))
@@ -217,4 +291,4 @@ class Fp8JointBlock(torch.nn.Module):
         return c, x
 
 
-__all__ = ["Fp8JointBlock", "JointAttention", "FeedForward", "make_linear", "QTensor"]
+__all__ = ["Fp8JointBlock", "JointAttention", "FeedForward", "PendingResidual", "make_linear", "QTensor"]

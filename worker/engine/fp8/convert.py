@@ -8,7 +8,7 @@ import torch
 
 from sdfleet.errors import EngineError
 
-from .blocks import Fp8JointBlock, make_linear
+from .blocks import Fp8JointBlock, SharedSilu, make_linear
 from .linear import Fp8Linear
 from .options import Fp8Options
 from .processor import Fp8JointAttnProcessor
@@ -77,8 +77,12 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
     if options.fp8_linears:
         _check_shapes(transformer)
         blocks = transformer.transformer_blocks
+        silu = SharedSilu()
         for i in range(len(blocks)):
             blocks[i] = Fp8JointBlock(blocks[i], options, quantize=quantize)
+            # each block's output goes straight to the next block, the last one's to norm_out
+            blocks[i].defer_residual = i < len(blocks) - 1
+            blocks[i].silu = silu
         for layer_type, places in _model_linears(transformer).items():
             if options.fp8(layer_type):
                 for parent, attr in places:
