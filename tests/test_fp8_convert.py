@@ -20,7 +20,7 @@ from worker.engine.fp8 import (
 )
 from worker.engine.fp8 import linear as linear_mod
 from worker.engine.fp8 import quant as quant_mod
-from worker.engine.fp8.blocks import Fp8JointBlock, PendingResidual
+from worker.engine.fp8.blocks import Fp8JointBlock, PendingResidual, QTensor
 from worker.engine.sd35_configs import build_transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -125,13 +125,17 @@ def test_deferred_residual_is_the_same_sum(tiny, x):
     first = m.transformer_blocks[0].silu(temb)
     assert m.transformer_blocks[1].silu(temb) is first and torch.equal(first, torch.nn.functional.silu(temb))
     assert m.transformer_blocks[1].silu(temb.clone()) is not first
+    # ... and one quantization of it for all FP8 AdaLN linears
+    shared = m.transformer_blocks[0].silu
+    qa = shared.input_for(m.transformer_blocks[0].adaln, temb)
+    assert shared.input_for(m.transformer_blocks[1].adaln_ctx, temb) is qa and isinstance(qa, QTensor)
     # a block's deferred output, fed to something other than a block, is the sum
     blk = copy.deepcopy(m.transformer_blocks[0])
     blk.defer_residual = True
     xs, c, temb = block_inputs()
     with torch.no_grad():
-        _, pending = blk(xs, c, temb)
-    assert isinstance(pending, PendingResidual)
+        c_pending, pending = blk(xs, c, temb)
+    assert isinstance(pending, PendingResidual) and isinstance(c_pending, PendingResidual)
     full = pending.materialize()
     blk.defer_residual = False
     with torch.no_grad():

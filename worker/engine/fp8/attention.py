@@ -466,7 +466,8 @@ if triton is not None:
         if nargs.get("desc_v") is not None:
             nargs["desc_v"].block_shape = [nargs["HEAD_DIM"], nargs["BLOCK_N"]]
 
-    DEFAULT_CONFIGS = "64,128,4,3;64,128,4,3,168;64,128,4,4,168;64,128,4,2,168;64,64,4,3"
+    # maxnreg 128: four CTAs per SM (a few spills outside the main loop, read from offline SASS)
+    DEFAULT_CONFIGS = "64,128,4,3;64,128,4,3,168;64,128,4,4,168;64,128,4,2,168;64,128,4,3,128;64,64,4,3"
 
     def _attn_configs():
         # "BLOCK_M,BLOCK_N,num_warps,num_stages[,maxnreg];..." (one entry: no autotune)

@@ -202,7 +202,8 @@ class PendingResidual:
 
 
 class SharedSilu:
-    """``silu(temb)`` once per transformer call for all blocks (every block's AdaLN reads the same ``temb``).
+    """``silu(temb)`` once per transformer call for all blocks (every block's AdaLN reads the same ``temb``),
+    and its per-row E4M3 quantization once for all their FP8 AdaLN linears (two per block otherwise).
 
     Keyed by the tensor object, which it keeps alive, so a new ``temb`` can never be mistaken for the last.
     """
@@ -210,18 +211,28 @@ class SharedSilu:
     def __init__(self):
         self.temb: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
+        self.quantized: dict[bool, QTensor] = {}
 
     def __call__(self, temb: torch.Tensor) -> torch.Tensor:
         if temb is not self.temb:
-            self.temb, self.out = temb, F.silu(temb)
+            self.temb, self.out, self.quantized = temb, F.silu(temb), {}
         return self.out
+
+    def input_for(self, linear: torch.nn.Module, temb: torch.Tensor) -> torch.Tensor | QTensor:
+        """What ``linear`` takes: the quantized silu(temb) for an Fp8Linear, silu(temb) otherwise."""
+        t = self(temb)
+        if not isinstance(linear, Fp8Linear):
+            return t
+        if linear.use_triton not in self.quantized:
+            self.quantized[linear.use_triton] = quantize_rows(t, use_triton=linear.use_triton)
+        return self.quantized[linear.use_triton]
 
 
 class Fp8JointBlock(torch.nn.Module):
     """Replaces one ``JointTransformerBlock``; same call signature and outputs.
 
     ``defer_residual`` (set by ``apply_fp8`` on every block but the last, with ``fused_quant``): return the
-    image stream as a :class:`PendingResidual` for the next block's fused norm.
+    image and text streams as :class:`PendingResidual` for the next block's fused norms.
     """
 
     def __init__(self, block, options: Fp8Options, *, quantize: bool = True):
@@ -255,21 +266,23 @@ class Fp8JointBlock(torch.nn.Module):
             raise EngineError(f"FP8 blocks take no joint_attention_kwargs (got {sorted(joint_attention_kwargs)})")
         x, c = hidden_states, encoder_hidden_states
         b, length, _ = x.shape
-        res_in = None
-        if isinstance(x, PendingResidual):  # the previous block's gated FF residual, added in the norm below
-            x, res_in = x.x, (x.y, x.gate)
         lc = c.shape[1]
-        t = self.silu(temb)
-        mod = self.adaln(t).chunk(self.n_mod, dim=1)
+        # the previous block's gated FF residuals, added by the norms below
+        x, res_in = (x.x, (x.y, x.gate)) if isinstance(x, PendingResidual) else (x, None)
+        c, cres_in = (c.x, (c.y, c.gate)) if isinstance(c, PendingResidual) else (c, None)
+        mod = self.adaln(self.silu.input_for(self.adaln, temb)).chunk(self.n_mod, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-        cmod = self.adaln_ctx(t.to(c.dtype))
+        if c.dtype == temb.dtype:
+            cmod = self.adaln_ctx(self.silu.input_for(self.adaln_ctx, temb))
+        else:
+            cmod = self.adaln_ctx(self.silu(temb).to(c.dtype))
         if self.context_pre_only:
             c_scale, c_shift = cmod.chunk(2, dim=1)  # AdaLayerNormContinuous order
         else:
             c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod.chunk(6, dim=1)
 
         ax, x = self._norm_mod(x, shift_msa, scale_msa, self.attn.qkv, residual=res_in)
-        ac, _ = self._norm_mod(c, c_shift, c_scale, self.attn.ctx_qkv)
+        ac, c = self._norm_mod(c, c_shift, c_scale, self.attn.ctx_qkv, residual=cres_in)
         if self.attn2 is not None:  # second modulation of the same norm (SD35AdaLayerNormZeroX)
             ax2, _ = self._norm_mod(x, mod[6], mod[7], self.attn2.qkv)
         attn_out, ctx_out = self.attn(ax, ac, b, length, lc)
@@ -280,15 +293,18 @@ class Fp8JointBlock(torch.nn.Module):
         else:
             res = (attn_out, gate_msa)
         aff, x = self._norm_mod(x, shift_mlp, scale_mlp, self.ff.up, residual=res)
-        if self.defer_residual and self.options.fused_quant:
-            x = PendingResidual(x, self.ff(aff), gate_mlp)
-        else:
-            x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.ff(aff))
+        defer = self.defer_residual and self.options.fused_quant
+        x = self._gated_residual(x, self.ff(aff), gate_mlp, defer)
         if self.context_pre_only:
             return None, x
         acff, c = self._norm_mod(c, c_shift_mlp, c_scale_mlp, self.ff_context.up, residual=(ctx_out, c_gate_msa))
-        c = torch.addcmul(c, c_gate_mlp.unsqueeze(1), self.ff_context(acff))
+        # the text stream's next consumer is the next block's norm too (the last block takes text in)
+        c = self._gated_residual(c, self.ff_context(acff), c_gate_mlp, defer)
         return c, x
+
+    @staticmethod
+    def _gated_residual(x, y, gate, defer: bool):
+        return PendingResidual(x, y, gate) if defer else torch.addcmul(x, gate.unsqueeze(1), y)
 
 
 __all__ = ["Fp8JointBlock", "JointAttention", "FeedForward", "PendingResidual", "make_linear", "QTensor"]
