@@ -115,9 +115,11 @@ def kernel_checks() -> dict:
     y = torch.randn_like(xs)
     emb = torch.randn(b, 6 * d, device="cuda", dtype=torch.bfloat16)
     ch = emb.chunk(6, 1)
-    for name, r in (("ln_mod_quant", None), ("res_ln_mod_quant", (y, ch[2]))):
-        qt, h = kernels.ln_modulate_quant(xs, ch[0], ch[1], residual=r)
-        rqt, rh = quant.ln_modulate_quantize(xs, ch[0], ch[1], residual=r, use_triton=False)
+    y2 = torch.randn_like(xs)
+    for name, r, r2 in (("ln_mod_quant", None, None), ("res_ln_mod_quant", (y, ch[2]), None),
+                        ("res2_ln_mod_quant", (y, ch[2]), (y2, ch[3]))):
+        qt, h = kernels.ln_modulate_quant(xs, ch[0], ch[1], residual=r, residual2=r2)
+        rqt, rh = quant.ln_modulate_quantize(xs, ch[0], ch[1], residual=r, residual2=r2, use_triton=False)
         res[name] = {"deq_rel": float((qt.dequantize() - rqt.dequantize()).norm() / rqt.dequantize().norm()),
                      "h_rel": float((h.float() - rh.float()).norm() / rh.float().norm())}
     heads, hd, lc = 24, 64, 333

@@ -320,8 +320,8 @@ if triton is not None:
         # per token (what the attention kernel would do with a bf16 Q); K -> RMSNorm -> INT8/E4M3 with one
         # scale per tile, padded with zeros to S_PAD; V -> only the amax of this tile, for _prep_v_kernel.
         # Nothing is written in bf16.
-        tile = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)  # heads of one token tile run side by side: their rows are adjacent
+        tile = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = bh % H
         t = tile * BLOCK + tl.arange(0, BLOCK)
@@ -362,8 +362,8 @@ if triton is not None:
         # V of one (tile, batch * head), read again from the GEMM outputs once its batch amax is known, as
         # E4M3 transposed (dim, token) and padded, the layout _quant_kv_kernel writes. The batch amax is
         # the max of the batch's H * N_TILES tile maxima (a few KiB from L2): no atomics, no zeroed buffer.
-        tile = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(0)  # heads of one token tile run side by side: their rows are adjacent
+        tile = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = bh % H
         t = tile * BLOCK + tl.arange(0, BLOCK)
@@ -799,13 +799,13 @@ def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor
     has_norm = norm_w is not None
     ctx_arg = ctx if ctx is not None else img
     ctx_stride = ctx.stride(0) if ctx is not None else 0
-    _prep_joint_kernel[(n_tiles, batch * heads)](
+    _prep_joint_kernel[(batch * heads, n_tiles)](
         img, ctx_arg, norm_w if has_norm else img,
         (ctx_norm_w if ctx_norm_w is not None else norm_w) if has_norm else img,
         q8, q_scale, kq, ks, vpart, heads, L, Lc, S, s_pad, n_tiles, img.stride(0), ctx_stride, eps,
         HAS_NORM=has_norm, HAS_CTX=ctx is not None, QK_INT8=int8, D=D, BLOCK=KV_BLOCK,
     )
-    _prep_v_kernel[(n_tiles, batch * heads)](
+    _prep_v_kernel[(batch * heads, n_tiles)](
         img, ctx_arg, vq, vs, vpart, heads, L, Lc, S, s_pad, n_tiles, img.stride(0), ctx_stride,
         HAS_CTX=ctx is not None, D=D, BLOCK=KV_BLOCK, PARTS=triton.next_power_of_2(heads * n_tiles), num_warps=4,
     )

@@ -255,11 +255,11 @@ class Fp8JointBlock(torch.nn.Module):
         self.defer_residual = False
         self.silu = SharedSilu()  # apply_fp8 gives all blocks of a model one
 
-    def _norm_mod(self, x, shift, scale, consumer, residual=None):
+    def _norm_mod(self, x, shift, scale, consumer, residual=None, residual2=None):
         """The activation ``consumer`` wants (QTensor for a fused FP8 linear), and the residual stream."""
         if isinstance(consumer, Fp8Linear) and self.options.fused_quant:
-            return ln_modulate_quantize(x, shift, scale, residual=residual, eps=self.eps)
-        return ln_modulate(x, shift, scale, residual=residual, eps=self.eps)
+            return ln_modulate_quantize(x, shift, scale, residual=residual, residual2=residual2, eps=self.eps)
+        return ln_modulate(x, shift, scale, residual=residual, residual2=residual2, eps=self.eps)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
         if joint_attention_kwargs:
@@ -286,13 +286,11 @@ class Fp8JointBlock(torch.nn.Module):
         if self.attn2 is not None:  # second modulation of the same norm (SD35AdaLayerNormZeroX)
             ax2, _ = self._norm_mod(x, mod[6], mod[7], self.attn2.qkv)
         attn_out, ctx_out = self.attn(ax, ac, b, length, lc)
-        if self.attn2 is not None:
-            x = torch.addcmul(x, gate_msa.unsqueeze(1), attn_out)
+        res2 = None
+        if self.attn2 is not None:  # both gated attention residuals are added by the norm kernel
             attn2_out, _ = self.attn2(ax2, None, b, length, 0)
-            res = (attn2_out, mod[8])
-        else:
-            res = (attn_out, gate_msa)
-        aff, x = self._norm_mod(x, shift_mlp, scale_mlp, self.ff.up, residual=res)
+            res2 = (attn2_out, mod[8])
+        aff, x = self._norm_mod(x, shift_mlp, scale_mlp, self.ff.up, residual=(attn_out, gate_msa), residual2=res2)
         defer = self.defer_residual and self.options.fused_quant
         x = self._gated_residual(x, self.ff(aff), gate_mlp, defer)
         if self.context_pre_only:

@@ -124,8 +124,8 @@ def quant_rows(x: torch.Tensor, *, gelu: bool = False) -> tuple[torch.Tensor, to
 
 
 @triton.jit
-def _ln_load(x_ptr, y_ptr, g_ptr, h_ptr, row, b, start, D, stride_g,
-             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, row, b, start, D, stride_g, stride_g2,
+             HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr, BLOCK: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
     mask = offs < D
     x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
@@ -133,6 +133,10 @@ def _ln_load(x_ptr, y_ptr, g_ptr, h_ptr, row, b, start, D, stride_g,
         y = tl.load(y_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + b * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
         hb = (x + g * y).to(h_ptr.dtype.element_ty)
+        if HAS_RES2:  # a second gated add after the first, each rounded as the unfused adds are
+            y2 = tl.load(y2_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+            g2 = tl.load(g2_ptr + b * stride_g2 + offs, mask=mask, other=0.0).to(tl.float32)
+            hb = (hb.to(tl.float32) + g2 * y2).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * D + offs, hb, mask=mask)
         x = hb.to(tl.float32)  # normalize the stored residual, as the unfused path does
     return x, offs, mask
@@ -145,18 +149,20 @@ def _ln_modulate(x, offs, mask, mean, rstd, b, sh_ptr, sc_ptr, stride_mod):
     return tl.where(mask, (x - mean) * rstd * (1.0 + sc) + sh, 0.0)
 
 
-@triton.autotune(configs=_warp_configs(2, 4, 8, 16), key=["D", "HAS_RES", "m_bucket"], cache_results=True)
+@triton.autotune(configs=_warp_configs(2, 4, 8, 16), key=["D", "HAS_RES", "HAS_RES2", "m_bucket"], cache_results=True)
 @triton.jit
-def _ln_mod_quant_kernel(x_ptr, y_ptr, g_ptr, h_ptr, sh_ptr, sc_ptr, q_ptr, s_ptr,
-                         L, D, stride_mod, stride_g, eps, m_bucket,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr,
+def _ln_mod_quant_kernel(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, sh_ptr, sc_ptr, q_ptr, s_ptr,
+                         L, D, stride_mod, stride_g, stride_g2, eps, m_bucket,
+                         HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr,
                          QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
-    x, offs, mask = _ln_load(x_ptr, y_ptr, g_ptr, h_ptr, row, b, 0, D, stride_g, HAS_RES, BLOCK)
+    x, offs, mask = _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, row, b, 0, D, stride_g, stride_g2,
+                             HAS_RES, HAS_RES2, BLOCK)
     total = tl.sum(x)
     if BLOCK2 > 0:
-        x2, offs2, mask2 = _ln_load(x_ptr, y_ptr, g_ptr, h_ptr, row, b, BLOCK, D, stride_g, HAS_RES, BLOCK2)
+        x2, offs2, mask2 = _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, row, b, BLOCK, D, stride_g,
+                                    stride_g2, HAS_RES, HAS_RES2, BLOCK2)
         total += tl.sum(x2)
     mean = total / D
     xc = tl.where(mask, x - mean, 0.0)
@@ -177,7 +183,8 @@ def _ln_mod_quant_kernel(x_ptr, y_ptr, g_ptr, h_ptr, sh_ptr, sc_ptr, q_ptr, s_pt
     tl.store(s_ptr + row, s)
 
 
-def ln_modulate_quant(x, shift, scale, *, residual=None, eps=1e-6):
+def ln_modulate_quant(x, shift, scale, *, residual=None, residual2=None, eps=1e-6):
+    """See quant.ln_modulate_quantize; ``residual2`` (needs ``residual``) is added after it."""
     b, l, d = x.shape
     x = x.contiguous()
     assert shift.stride(-1) == 1 and scale.stride(-1) == 1 and shift.stride(0) == scale.stride(0)
@@ -192,10 +199,16 @@ def ln_modulate_quant(x, shift, scale, *, residual=None, eps=1e-6):
         has_res, g, stride_g = True, gate, gate.stride(0)
     else:
         y, g, h, has_res, stride_g = x, x, x, False, 0
+    if residual2 is not None:
+        assert residual is not None and residual2[1].stride(-1) == 1
+        y2, g2 = residual2[0].reshape(b, l, d).contiguous(), residual2[1]
+    else:
+        y2, g2 = y, g
     b1, b2 = _split(d)
-    _ln_mod_quant_kernel[(rows,)](x, y, g, h, shift, scale, q, s, l, d, shift.stride(0), stride_g, eps,
-                                  _m_bucket(rows), HAS_RES=has_res, BLOCK=b1, BLOCK2=b2, QMAX=E4M3_MAX,
-                                  AMIN=AMAX_MIN, AMAX=AMAX_MAX)
+    _ln_mod_quant_kernel[(rows,)](x, y, g, y2, g2, h, shift, scale, q, s, l, d, shift.stride(0), stride_g,
+                                  g2.stride(0) if residual2 is not None else 0, eps, _m_bucket(rows),
+                                  HAS_RES=has_res, HAS_RES2=residual2 is not None, BLOCK=b1, BLOCK2=b2,
+                                  QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX)
     return QTensor(q, s, (b, l, d)), h
 
 

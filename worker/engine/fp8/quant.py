@@ -91,26 +91,37 @@ def quantize_rows(x: torch.Tensor, *, use_triton: bool = True, gelu: bool = Fals
     return QTensor(q, s, shape)
 
 
+def _add_residuals(x, residual, residual2):
+    if residual2 is not None and residual is None:
+        raise ValueError("residual2 needs residual")
+    for res in (residual, residual2):
+        if res is not None:
+            x = torch.addcmul(x, res[1].unsqueeze(1), res[0])
+    return x
+
+
 def ln_modulate_quantize(
     x: torch.Tensor,
     shift: torch.Tensor,
     scale: torch.Tensor,
     *,
     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+    residual2: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps: float = LN_EPS,
     use_triton: bool = True,
 ) -> tuple[QTensor, torch.Tensor]:
     """``LayerNorm(h) * (1 + scale) + shift`` quantized per row, with ``h = x`` or ``h = x + gate * y``.
 
     ``x``: (B, L, D); ``shift``, ``scale``: (B, D); ``residual``: optional ``(y, gate)`` with y like x and
-    gate (B, D), the gated residual add of the block fused in front of the norm. Returns the quantized
+    gate (B, D), the gated residual add of the block fused in front of the norm; ``residual2``: a second
+    one, added after the first (each add rounded to x's dtype, as two separate adds). Returns the quantized
     activation and ``h`` (x itself when there is no residual; otherwise the new residual stream, bf16).
     """
     if _use_triton(x, use_triton):
         from . import kernels
 
-        return kernels.ln_modulate_quant(x, shift, scale, residual=residual, eps=eps)
-    h = x if residual is None else torch.addcmul(x, residual[1].unsqueeze(1), residual[0])
+        return kernels.ln_modulate_quant(x, shift, scale, residual=residual, residual2=residual2, eps=eps)
+    h = _add_residuals(x, residual, residual2)
     y = _ln_modulate_torch(h, shift, scale, eps)
     q, s = _quant_rows_torch(y.reshape(-1, y.shape[-1]))
     return QTensor(q, s, tuple(x.shape)), h
@@ -122,10 +133,11 @@ def ln_modulate(
     scale: torch.Tensor,
     *,
     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+    residual2: tuple[torch.Tensor, torch.Tensor] | None = None,
     eps: float = LN_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The BF16 (unquantized) twin of :func:`ln_modulate_quantize`, for consumers that stay BF16."""
-    h = x if residual is None else torch.addcmul(x, residual[1].unsqueeze(1), residual[0])
+    h = _add_residuals(x, residual, residual2)
     return _ln_modulate_torch(h, shift, scale, eps).to(x.dtype), h
 
 
