@@ -1,0 +1,100 @@
+"""Each FP8 attention kernel config alone, on the engine's path, one process per config.
+
+    python bench/attention_configs.py --out results.json [--heads 24,38] [--seq-img 4096 --seq-ctx 333]
+
+The configs are ``attention.TUNED_CONFIGS`` (the autotune list; the default is the fastest of them, run
+alone). An autotune picks at the first call per shape from one short timing each, so its pick can differ
+between boots. This times every config by itself
+(``SDFLEET_FP8_ATTN_CONFIG`` set to it, so no autotune): q/k-norm + K/V quantization (``prep_joint``) and
+the attention kernel with its E4M3 output, captured in a CUDA graph, median of 50 replays after 10, at
+batch 2 (one image with guidance). JSON: per heads, per config, ms.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # bench/queue.py would shadow the standard library's queue module
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def time_one(heads: int, length: int, ctx_length: int, batch: int = 2) -> float:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from worker.engine.fp8 import attention as att
+
+    d = 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    img = torch.randn(batch * length, 3 * heads * d, device="cuda", generator=g).bfloat16()
+    ctx = torch.randn(batch * ctx_length, 3 * heads * d, device="cuda", generator=g).bfloat16()
+    w = torch.ones(2, d, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        q, kv = att.prep_joint(img, ctx, w, w, batch=batch, heads=heads)
+        return att.fp8_attention_quantized(q, kv, fp8_rows=(length, ctx_length))
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(10):
+        graph.replay()
+    times = []
+    for _ in range(50):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--heads", default="24,38")
+    ap.add_argument("--seq-img", type=int, default=4096)
+    ap.add_argument("--seq-ctx", type=int, default=333)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: time SDFLEET_FP8_ATTN_CONFIG
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps({"ms": time_one(int(a.one), a.seq_img, a.seq_ctx)}))
+        return 0
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from worker.engine.fp8 import attention as att
+
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "command": "python bench/attention_configs.py " + " ".join(sys.argv[1:]), "results": {}}
+    for heads in (int(h) for h in a.heads.split(",")):
+        res = out["results"][str(heads)] = {}
+        for cfg in att.TUNED_CONFIGS.split(";"):
+            env = dict(os.environ, SDFLEET_FP8_ATTN_CONFIG=cfg)
+            p = subprocess.run([sys.executable, __file__, "--out", a.out, "--one", str(heads),
+                                "--seq-img", str(a.seq_img), "--seq-ctx", str(a.seq_ctx)],
+                               env=env, capture_output=True, text=True, timeout=300)
+            try:
+                res[cfg] = round(json.loads(p.stdout.strip().splitlines()[-1])["ms"], 4)
+            except Exception:
+                res[cfg] = {"error": (p.stderr or p.stdout)[-300:]}
+            print(heads, cfg, res[cfg], flush=True)
+        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
