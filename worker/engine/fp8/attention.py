@@ -9,7 +9,8 @@ Scheme (the same in the Triton kernels and in :func:`fp8_attention_reference`):
   K-major layout wgmma wants for Q @ K^T, V *transposed* (dim, token) so that P @ V also gets its
   second operand K-major (Triton's FP8 wgmma needs it). Scale granularity (``scales``):
   "ktile" (default): K one scale per 128-token tile, V one scale per (batch, head);
-  "head": both per (batch, head); "tile": both per tile. Per-head scales need an amax pass first
+  "head": both per (batch, head); "tile": both per tile; "vbatch": K per tile, V one scale per batch
+  element. Per-head (per-batch) scales need an amax pass first
   (a tiny atomic-max kernel); the per-head V scale lets P @ V accumulate straight in the wgmma
   accumulator and is applied once in the epilogue.
 * Softmax: online (flash) softmax in fp32 with exp2 and log2(e) folded into one per-row multiplier
@@ -24,6 +25,11 @@ Scheme (the same in the Triton kernels and in :func:`fp8_attention_reference`):
   the original bf16 V (accurate, but no faster than cuDNN BF16 SDPA).
 * The ragged tail (sequence not a multiple of the block) is masked with -inf on the last KV tile;
   out-of-range query rows are loaded as zeros and not stored.
+* The engine's path (:func:`prep_joint` + ``fp8_attention_quantized(..., fp8_rows=...)``): one kernel
+  reads the q/k/v GEMM outputs of both streams, applies the q/k RMSNorm and writes INT8 Q (per token)
+  and K (per tile); a second pass writes E4M3 V with one scale per batch element ("vbatch"), which makes
+  the attention output a convex combination of E4M3 values with V's scale, so the kernel stores it as the
+  output projections' E4M3 input with that scale. No bf16 q/k/v or output is written.
 
 Measured on one H100 (torch 2.11, Triton 3.6): 1.08-1.16x cuDNN BF16 SDPA end to end at 4429 tokens
 (1.17-1.21x for the attention kernel alone), relative error 0.038 (random normal q/k/v) and
