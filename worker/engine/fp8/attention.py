@@ -833,9 +833,9 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
     Options (defaults in DEFAULT_OPTIONS, env SDFLEET_FP8_ATTN_*): qk="fp8"|"int8",
     pv="fp8"|"bf16", scales="ktile"|"head"|"tile", ftz, tma, i2f_magic.
     Raises RuntimeError where unsupported (no Triton, no CUDA, compute capability < 8.9, other
-    head_dim, wrong dtype/shape). The first call per (padded length, head_dim, variant) runs
-    Triton's autotune over a small config list; later calls reuse the choice (call once per
-    shape at boot, before CUDA-graph capture).
+    head_dim, wrong dtype/shape). The first call per (padded length, head_dim, variant) compiles the
+    kernel (and autotunes it when SDFLEET_FP8_ATTN_CONFIG lists several configs): call once per shape
+    at boot, before CUDA-graph capture.
     """
     _validate(q, k, v)
     with torch.cuda.device(q.device):
@@ -844,10 +844,10 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
 
 
 def warmup(shapes, *, device: torch.device | str | None = None, **options) -> None:
-    """Run Triton's autotune (and compile) once per (batch, heads, seq, head_dim) at boot.
+    """Compile (and, with several configs, autotune) once per (batch, heads, seq, head_dim) at boot.
 
-    Later calls with the same padded length, head_dim and options reuse the tuned config, so call
-    this before capturing CUDA graphs. shapes: iterable of (batch, heads, seq, head_dim).
+    Later calls with the same padded length, head_dim and options reuse the kernel, so call this
+    before capturing CUDA graphs. shapes: iterable of (batch, heads, seq, head_dim).
     """
     dev = torch.device(device) if device is not None else torch.device("cuda")
     for B, H, S, D in shapes:
