@@ -128,7 +128,7 @@ def test_deferred_residual_is_the_same_sum(tiny, x):
     # ... and one quantization of it for all FP8 AdaLN linears
     shared = m.transformer_blocks[0].silu
     qa = shared.input_for(m.transformer_blocks[0].adaln, temb)
-    assert shared.input_for(m.transformer_blocks[1].adaln_ctx, temb) is qa and isinstance(qa, QTensor)
+    assert shared.input_for(m.transformer_blocks[1].adaln, temb) is qa and isinstance(qa, QTensor)
     # a block's deferred output, fed to something other than a block, is the sum
     blk = copy.deepcopy(m.transformer_blocks[0])
     blk.defer_residual = True
@@ -149,7 +149,9 @@ def test_layer_types_follow_config(tiny):
     keep = frozenset({"adaln", "ff_down", "context_qkv", "proj_out"})
     m = apply_fp8(copy.deepcopy(tiny), Fp8Options(bf16_layers=keep))
     b0 = m.transformer_blocks[0]
-    assert isinstance(b0.adaln, torch.nn.Linear) and isinstance(b0.adaln_ctx, torch.nn.Linear)
+    assert isinstance(b0.adaln, torch.nn.Linear)  # both streams' modulation in one BF16 linear
+    assert b0.adaln.out_features == tiny.transformer_blocks[0].norm1.linear.out_features + \
+        tiny.transformer_blocks[0].norm1_context.linear.out_features
     assert isinstance(b0.ff.down, torch.nn.Linear) and isinstance(b0.ff.up, Fp8Linear)
     assert isinstance(b0.attn.ctx_qkv, torch.nn.Linear) and isinstance(b0.attn.qkv, Fp8Linear)
     assert isinstance(b0.attn2.qkv, Fp8Linear) and isinstance(b0.ff_context.down, Fp8Linear)

@@ -244,8 +244,10 @@ class Fp8JointBlock(torch.nn.Module):
         self.use_dual_attention = block.use_dual_attention
         self.n_mod = 9 if block.use_dual_attention else 6
         self.eps = block.norm2.eps
-        self.adaln = make_linear(block.norm1.linear, options.fp8("adaln"), options, quantize=quantize)
-        self.adaln_ctx = make_linear(block.norm1_context.linear, options.fp8("adaln"), options, quantize=quantize)
+        # both streams' AdaLN modulations read silu(temb): one GEMV, image outputs first
+        self.n_adaln = (block.norm1.linear.out_features, block.norm1_context.linear.out_features)
+        self.adaln = make_linear([block.norm1.linear, block.norm1_context.linear], options.fp8("adaln"), options,
+                                 quantize=quantize)
         self.attn = JointAttention(block.attn, options, joint=True, prefix="attn", quantize=quantize)
         self.attn2 = (JointAttention(block.attn2, options, joint=False, prefix="attn2", quantize=quantize)
                       if block.use_dual_attention else None)
@@ -270,12 +272,9 @@ class Fp8JointBlock(torch.nn.Module):
         # the previous block's gated FF residuals, added by the norms below
         x, res_in = (x.x, (x.y, x.gate)) if isinstance(x, PendingResidual) else (x, None)
         c, cres_in = (c.x, (c.y, c.gate)) if isinstance(c, PendingResidual) else (c, None)
-        mod = self.adaln(self.silu.input_for(self.adaln, temb)).chunk(self.n_mod, dim=1)
+        mod, cmod = self.adaln(self.silu.input_for(self.adaln, temb)).split(self.n_adaln, dim=1)
+        mod = mod.chunk(self.n_mod, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-        if c.dtype == temb.dtype:
-            cmod = self.adaln_ctx(self.silu.input_for(self.adaln_ctx, temb))
-        else:
-            cmod = self.adaln_ctx(self.silu(temb).to(c.dtype))
         if self.context_pre_only:
             c_scale, c_shift = cmod.chunk(2, dim=1)  # AdaLayerNormContinuous order
         else:

@@ -26,7 +26,7 @@ from .options import Fp8Options
 log = logging.getLogger(__name__)
 
 FORMAT = "sdfleet-fp8-transformer"
-VERSION = 2  # 2: the position table is cut to Fp8Options.max_image_side
+VERSION = 3  # 2: the position table is cut to Fp8Options.max_image_side; 3: one AdaLN linear per block
 WEIGHTS = "fp8_transformer.safetensors"
 MANIFEST = "fp8_transformer.json"
 
