@@ -210,6 +210,28 @@ if triton is not None:
             tl.atomic_max(Vamax + (b if V_BATCH else bh), tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=1), axis=0))
 
     @triton.jit
+    def _store_k_tile(k, k_amax, kq_ptrs, QK_INT8: tl.constexpr):
+        # one scale for the tile: INT8 (amax / 127, rounded half away from zero) or E4M3 (amax / 448)
+        if QK_INT8:
+            k_scale = tl.maximum(k_amax, 1e-30) / 127.0
+            y = tl.minimum(tl.maximum(k * (1.0 / k_scale), -127.0), 127.0)
+            y = tl.where(y >= 0, y + 0.5, y - 0.5)
+            tl.store(kq_ptrs, y.to(tl.int8))
+        else:
+            k_scale = tl.maximum(k_amax, 1e-30) / 448.0
+            y = tl.minimum(tl.maximum(k * (1.0 / k_scale), -448.0), 448.0)
+            tl.store(kq_ptrs, y.to(tl.float8e4nv))
+        return k_scale
+
+    @triton.jit
+    def _joint_tile(H, BLOCK: tl.constexpr, D: tl.constexpr):
+        # (batch, head, token rows, dims) of a prep program; the heads of one token tile run side by side
+        # (program axis 0), so their rows, adjacent in the GEMM outputs, are read together
+        bh = tl.program_id(0)
+        tile = tl.program_id(1)
+        return bh, tile, (bh // H).to(tl.int64), bh % H, tile * BLOCK + tl.arange(0, BLOCK), tl.arange(0, D)
+
+    @triton.jit
     def _quant_kv_kernel(
         K, V, Kq, Ks, Vq, Vs, Kamax, Vamax,
         stride_kb, stride_kh, stride_ks, stride_kd,
@@ -242,18 +264,7 @@ if triton is not None:
         else:
             k_amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
         kq_ptrs = Kq + bh.to(tl.int64) * S_PAD * HEAD_DIM + offs_s[:, None] * HEAD_DIM + offs_d[None, :]
-        if QK_INT8:
-            k_scale = tl.maximum(k_amax, 1e-30) / 127.0
-            y = k * (1.0 / k_scale)
-            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-            y = tl.where(y >= 0, y + 0.5, y - 0.5)
-            tl.store(kq_ptrs, y.to(tl.int8))
-        else:
-            k_scale = tl.maximum(k_amax, 1e-30) / 448.0
-            y = k * (1.0 / k_scale)
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-            tl.store(kq_ptrs, y.to(tl.float8e4nv))
-        tl.store(Ks + bh * N_TILES + tile, k_scale)
+        tl.store(Ks + bh * N_TILES + tile, _store_k_tile(k, k_amax, kq_ptrs, QK_INT8))
 
         if QUANT_V:
             v = tl.load(
@@ -326,12 +337,7 @@ if triton is not None:
         # per token (what the attention kernel would do with a bf16 Q); K -> RMSNorm -> INT8/E4M3 with one
         # scale per tile, padded with zeros to S_PAD; V -> only the amax of this tile, for _prep_v_kernel.
         # Nothing is written in bf16.
-        bh = tl.program_id(0)  # heads of one token tile run side by side: their rows are adjacent
-        tile = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = bh % H
-        t = tile * BLOCK + tl.arange(0, BLOCK)
-        d = tl.arange(0, D)
+        bh, tile, b, h, t, d = _joint_tile(H, BLOCK, D)
         for which in tl.static_range(3):
             x = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which, H, D, HAS_CTX)
             if which < 2 and HAS_NORM:
@@ -345,17 +351,8 @@ if triton is not None:
                 tl.store(Qs + bh.to(tl.int64) * S + t, q_scale, mask=t < S)
             elif which == 1:
                 kf = x.to(tl.float32)
-                k_amax = tl.max(tl.max(tl.abs(kf), axis=1), axis=0)
                 kq = Kq + (bh.to(tl.int64) * S_PAD + t)[:, None] * D + d[None, :]
-                if QK_INT8:
-                    k_scale = tl.maximum(k_amax, 1e-30) / 127.0
-                    y = tl.minimum(tl.maximum(kf * (1.0 / k_scale), -127.0), 127.0)
-                    y = tl.where(y >= 0, y + 0.5, y - 0.5)
-                    tl.store(kq, y.to(tl.int8))
-                else:
-                    k_scale = tl.maximum(k_amax, 1e-30) / 448.0
-                    y = tl.minimum(tl.maximum(kf * (1.0 / k_scale), -448.0), 448.0)
-                    tl.store(kq, y.to(tl.float8e4nv))
+                k_scale = _store_k_tile(kf, tl.max(tl.max(tl.abs(kf), axis=1), axis=0), kq, QK_INT8)
                 tl.store(Ks + bh * N_TILES + tile, k_scale)
             else:
                 tl.store(Vpart + bh * N_TILES + tile, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
@@ -368,12 +365,7 @@ if triton is not None:
         # V of one (tile, batch * head), read again from the GEMM outputs once its batch amax is known, as
         # E4M3 transposed (dim, token) and padded, the layout _quant_kv_kernel writes. The batch amax is
         # the max of the batch's H * N_TILES tile maxima (a few KiB from L2): no atomics, no zeroed buffer.
-        bh = tl.program_id(0)  # heads of one token tile run side by side: their rows are adjacent
-        tile = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = bh % H
-        t = tile * BLOCK + tl.arange(0, BLOCK)
-        d = tl.arange(0, D)
+        bh, tile, b, h, t, d = _joint_tile(H, BLOCK, D)
         v = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 2, H, D, HAS_CTX).to(tl.float32)
         part = tl.arange(0, PARTS)
         v_amax = tl.max(tl.load(Vpart + b * H * N_TILES + part, mask=part < H * N_TILES, other=0.0), axis=0)
