@@ -130,3 +130,10 @@ def test_fused_gelu_quant_matches_unfused(gen):
     assert rel(q.dequantize(), ref) < 0.05
     # the fused path quantizes the fp32 GELU: no worse than quantizing the bf16 GELU
     assert rel(q.dequantize(), ref) <= rel(quantize_rows(ref).dequantize(), ref) * 1.05
+
+
+def test_second_residual_needs_the_first():
+    x = torch.randn(1, 4, 16)
+    mod = torch.randn(1, 16)
+    with pytest.raises(ValueError, match="residual2"):
+        ln_modulate_quantize(x, mod, mod, residual2=(x, mod))

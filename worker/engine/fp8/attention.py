@@ -325,7 +325,7 @@ if triton is not None:
                                             other=0.0))
         return x
 
-    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)], key=["H", "S_PAD", "D"])
+    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)], key=["H", "S_PAD", "D", "HAS_NORM", "HAS_CTX", "QK_INT8"])
     @triton.jit
     def _prep_joint_kernel(
         Img, Ctx, Wimg, Wctx, Q8, Qs, Kq, Ks, Vpart,
@@ -719,6 +719,8 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
     out_scale = None
     if fp8_rows is not None:
         L, Lc = fp8_rows
+        if out is not None:
+            raise ValueError("fp8_rows makes its own (rows, H*D) E4M3 output; do not pass out")
         if opts["scales"] != "vbatch" or opts["pv"] != "fp8" or L + Lc > S or min(L, Lc) < 0:
             raise ValueError(f"fp8_rows={fp8_rows} needs scales='vbatch', pv='fp8' and L + Lc <= {S}")
         m_rows = L + Lc

@@ -15,6 +15,15 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+try:  # Triton's compile and resource errors are not RuntimeErrors
+    from triton.errors import TritonError
+except Exception:  # pragma: no cover - no Triton (CPU)
+    class TritonError(Exception):
+        pass
+
+# what a kernel may raise on its first (eager) call, and the switch back to the bf16 path catches
+_KERNEL_ERRORS = (NotImplementedError, RuntimeError, ValueError, AssertionError, TritonError)
+
 _fp8_fn = None
 _fp8_error: str | None = None
 _io_error: str | None = None
@@ -58,9 +67,10 @@ def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Ten
     from .attention import fp8_attention_quantized, prep_joint
 
     try:
-        q, kv = prep_joint(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps)
-        return fp8_attention_quantized(q, kv, fp8_rows=rows)
-    except (NotImplementedError, RuntimeError, ValueError, AssertionError) as exc:
+        with torch.cuda.device(img.device):  # Triton launches on the current device
+            q, kv = prep_joint(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps)
+            return fp8_attention_quantized(q, kv, fp8_rows=rows)
+    except _KERNEL_ERRORS as exc:
         if torch.cuda.is_current_stream_capturing():
             raise
         _io_error = f"FP8 attention with FP8 output failed for {tuple(img.shape)} ({exc!r}); using bf16 q/k/v"
@@ -76,7 +86,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8: bool) -> t
         if fn is not None:
             try:
                 return fn(q, k, v)
-            except (NotImplementedError, RuntimeError, ValueError, AssertionError) as exc:
+            except _KERNEL_ERRORS as exc:
                 if torch.cuda.is_current_stream_capturing():
                     raise
                 _fp8_error = f"FP8 attention failed for q{tuple(q.shape)} ({exc!r}); using SDPA"

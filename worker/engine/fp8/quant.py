@@ -117,6 +117,8 @@ def ln_modulate_quantize(
     one, added after the first (each add rounded to x's dtype, as two separate adds). Returns the quantized
     activation and ``h`` (x itself when there is no residual; otherwise the new residual stream, bf16).
     """
+    if residual2 is not None and residual is None:
+        raise ValueError("residual2 needs residual")
     if _use_triton(x, use_triton):
         from . import kernels
 
