@@ -125,6 +125,8 @@ def test_deferred_residual_is_the_same_sum(tiny, x):
     first = m.transformer_blocks[0].silu(temb)
     assert m.transformer_blocks[1].silu(temb) is first and torch.equal(first, torch.nn.functional.silu(temb))
     assert m.transformer_blocks[1].silu(temb.clone()) is not first
+    m.transformer_blocks[1].silu.clear()
+    assert m.transformer_blocks[0].silu.temb is None  # one cache: cleared for all blocks
     # ... and one quantization of it for all FP8 AdaLN linears
     shared = m.transformer_blocks[0].silu
     qa = shared.input_for(m.transformer_blocks[0].adaln, temb)

@@ -213,6 +213,10 @@ class SharedSilu:
         self.out: torch.Tensor | None = None
         self.quantized: dict[bool, QTensor] = {}
 
+    def clear(self) -> None:
+        """Forget the last temb (e.g. one from a released CUDA graph's memory pool)."""
+        self.temb, self.out, self.quantized = None, None, {}
+
     def __call__(self, temb: torch.Tensor) -> torch.Tensor:
         if temb is not self.temb:
             self.temb, self.out, self.quantized = temb, F.silu(temb), {}
