@@ -141,9 +141,4 @@ class CudaGraphRunner:
         self.uninstall()
         self.graphs.clear()
         self._pool = None
-        from .fp8.blocks import SharedSilu
-
-        for m in self.transformer.modules():  # FP8 blocks' per-call cache may hold tensors of the graphs' pool
-            if isinstance(getattr(m, "silu", None), SharedSilu):
-                m.silu.clear()
         torch.cuda.empty_cache()

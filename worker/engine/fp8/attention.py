@@ -671,7 +671,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
     dev = k.device
     int8 = opts["qk"] == "int8"
     quant_v = opts["pv"] == "fp8"
-    bh_scale = opts["scales"] in ("head", "ktile", "vbatch")  # one V scale per (batch, head) or batch
+    bh_scale = _V_SCALE[opts["scales"]] != "tile"  # one V scale per (batch, head) or per batch
     v_batch = opts["scales"] == "vbatch"
     k_head = opts["scales"] == "head"
     kq = torch.empty((B * H, s_pad, D), device=dev, dtype=torch.int8 if int8 else torch.float8_e4m3fn)
@@ -702,7 +702,10 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
 
 def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = None,
                             out: torch.Tensor | None = None, fp8_rows: tuple[int, int] | None = None):
-    """Attention of bf16 q against K/V already quantized by :func:`quantize_kv` or :func:`prep_joint`.
+    """Attention of q against K/V already quantized by :func:`quantize_kv` or :func:`prep_joint`.
+
+    q: bf16 (quantized per token in the kernel), or the INT8/E4M3 q of :func:`prep_joint` with its
+    scales in ``kv["q_scale"]``.
 
     fp8_rows=(L, Lc): instead of bf16 (B, H, S, D), return ``(o8, scale)``: o8 (B*L + B*Lc, H*D)
     float8_e4m3fn, the attention output of the first L tokens of each batch element (rows b*L + t) and
@@ -755,7 +758,7 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
         H, S, s_pad, kv["n_tiles"], sm_scale * LOG2E, B, m_rows, L, Lc,
         HEAD_DIM=D, KV_TILE=KV_BLOCK,
         QK_INT8=opts["qk"] == "int8", PV_FP8=opts["pv"] == "fp8",
-        EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=opts["scales"] in ("head", "ktile", "vbatch"),
+        EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=_V_SCALE[opts["scales"]] != "tile",
         K_HEAD=opts["scales"] == "head",
         I2F_MAGIC=bool(opts["i2f_magic"]) and opts["qk"] == "int8",
         OUT_FP8=fp8_rows is not None, Q_PRE=q_pre,
@@ -825,7 +828,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
     head_dim 64 or 128; strided views (e.g. of a (batch, seq, heads, head_dim) tensor) are read in
     place. scale defaults to 1/sqrt(head_dim). Returns bf16 with q's shape and memory layout.
     Options (defaults in DEFAULT_OPTIONS, env SDFLEET_FP8_ATTN_*): qk="fp8"|"int8",
-    pv="fp8"|"bf16", scales="ktile"|"head"|"tile", ftz, tma, i2f_magic.
+    pv="fp8"|"bf16", scales="ktile"|"head"|"tile"|"vbatch", ftz, tma, i2f_magic.
     Raises RuntimeError where unsupported (no Triton, no CUDA, compute capability < 8.9, other
     head_dim, wrong dtype/shape). The first call per (padded length, head_dim, variant) compiles the
     kernel (and autotunes it when SDFLEET_FP8_ATTN_CONFIG lists several configs): call once per shape

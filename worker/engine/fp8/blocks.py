@@ -23,6 +23,7 @@ from .quant import (
     ln_modulate_quantize,
     quantize_rows,
     rms_norm_heads_torch,
+    split_streams,
     triton_available,
 )
 
@@ -106,11 +107,8 @@ class JointAttention(torch.nn.Module):
                               self.norm_w, self.ctx_norm_w, batch=b, heads=self.heads, eps=self.eps,
                               rows=(length, out_lc))
             if o is not None:
-                o8, scale = o
-                n, width = b * length, self.heads * self.head_dim
-                img = self.out(QTensor(o8[:n], scale[:n], (b, length, width)))
-                ctx = self.ctx_out(QTensor(o8[n:], scale[n:], (b, out_lc, width))) if out_lc else None
-                return img, ctx
+                oi, oc = split_streams(*o, b, length, out_lc)
+                return self.out(oi), (self.ctx_out(oc) if oc is not None else None)
         if self._fused(qkv):
             from . import kernels
 
@@ -205,7 +203,8 @@ class SharedSilu:
     """``silu(temb)`` once per transformer call for all blocks (every block's AdaLN reads the same ``temb``),
     and its per-row E4M3 quantization once for all their FP8 AdaLN linears (two per block otherwise).
 
-    Keyed by the tensor object, which it keeps alive, so a new ``temb`` can never be mistaken for the last.
+    Keyed by the tensor object, which it keeps alive until the last block clears it, so a new ``temb`` can
+    never be mistaken for the last.
     """
 
     def __init__(self):
@@ -277,6 +276,8 @@ class Fp8JointBlock(torch.nn.Module):
         x, res_in = (x.x, (x.y, x.gate)) if isinstance(x, PendingResidual) else (x, None)
         c, cres_in = (c.x, (c.y, c.gate)) if isinstance(c, PendingResidual) else (c, None)
         mod, cmod = self.adaln(self.silu.input_for(self.adaln, temb)).split(self.n_adaln, dim=1)
+        if not self.defer_residual:
+            self.silu.clear()  # the last block: hold no tensor of this call (or of a graph's pool) after it
         mod = mod.chunk(self.n_mod, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         if self.context_pre_only:

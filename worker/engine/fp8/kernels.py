@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .attention import _exp2, _rms_norm_head  # one MUFU.EX2 (FTZ), or tl.exp2; diffusers RMSNorm
-from .quant import AMAX_MAX, AMAX_MIN, E4M3, E4M3_MAX, QTensor
+from .quant import AMAX_MAX, AMAX_MIN, E4M3, E4M3_MAX, QTensor, split_streams
 
 # Inline PTX cannot run in Triton's CPU interpreter (TRITON_INTERPRET=1, used to test these kernels
 # without a GPU); there the same maths runs with tl.exp2 and IEEE division.
@@ -271,6 +271,4 @@ def out_quant(o: torch.Tensor, length: int, ctx_length: int) -> tuple[QTensor, Q
     _out_quant_kernel[(b, length + ctx_length)](o, q, s, b, length, ctx_length, h, o.stride(0), o.stride(1),
                                                 o.stride(2), HP=triton.next_power_of_2(h), D=d, QMAX=E4M3_MAX,
                                                 AMIN=AMAX_MIN, AMAX=AMAX_MAX, num_warps=4)
-    img = QTensor(q[: b * length], s[: b * length], (b, length, h * d))
-    ctx = QTensor(q[b * length:], s[b * length:], (b, ctx_length, h * d)) if ctx_length else None
-    return img, ctx
+    return split_streams(q, s, b, length, ctx_length)

@@ -29,6 +29,15 @@ _fp8_error: str | None = None
 _io_error: str | None = None
 
 
+def _give_up(exc: Exception, message: str) -> str:
+    """After a kernel path's first eager failure: log why and return the reason (never inside a capture,
+    where falling back would record a different graph than the eager call ran)."""
+    if torch.cuda.is_current_stream_capturing():
+        raise exc
+    log.warning(message)
+    return message
+
+
 def _load_fp8():
     global _fp8_fn, _fp8_error
     if _fp8_fn is None and _fp8_error is None:
@@ -71,10 +80,8 @@ def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Ten
             q, kv = prep_joint(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps)
             return fp8_attention_quantized(q, kv, fp8_rows=rows)
     except _KERNEL_ERRORS as exc:
-        if torch.cuda.is_current_stream_capturing():
-            raise
-        _io_error = f"FP8 attention with FP8 output failed for {tuple(img.shape)} ({exc!r}); using bf16 q/k/v"
-        log.warning(_io_error)
+        _io_error = _give_up(exc, f"FP8 attention with FP8 output failed for {tuple(img.shape)} ({exc!r}); "
+                                  "using bf16 q/k/v")
         return None
 
 
@@ -87,10 +94,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8: bool) -> t
             try:
                 return fn(q, k, v)
             except _KERNEL_ERRORS as exc:
-                if torch.cuda.is_current_stream_capturing():
-                    raise
-                _fp8_error = f"FP8 attention failed for q{tuple(q.shape)} ({exc!r}); using SDPA"
-                log.warning(_fp8_error)
+                _fp8_error = _give_up(exc, f"FP8 attention failed for q{tuple(q.shape)} ({exc!r}); using SDPA")
                 globals()["_fp8_fn"] = None
     return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
 

@@ -34,6 +34,15 @@ class QTensor(NamedTuple):
         return (self.data.to(torch.float32) * self.scale).to(dtype).reshape(self.shape)
 
 
+def split_streams(data: torch.Tensor, scale: torch.Tensor, batch: int, length: int,
+                  ctx_length: int) -> tuple[QTensor, QTensor | None]:
+    """(B*L + B*Lc, D) rows, image rows first, as the image and text streams' QTensors (text None if Lc=0)."""
+    n, width = batch * length, data.shape[1]
+    img = QTensor(data[:n], scale[:n], (batch, length, width))
+    ctx = QTensor(data[n:], scale[n:], (batch, ctx_length, width)) if ctx_length else None
+    return img, ctx
+
+
 @functools.cache
 def triton_available() -> bool:
     try:
@@ -91,9 +100,12 @@ def quantize_rows(x: torch.Tensor, *, use_triton: bool = True, gelu: bool = Fals
     return QTensor(q, s, shape)
 
 
-def _add_residuals(x, residual, residual2):
+def _check_residuals(residual, residual2) -> None:
     if residual2 is not None and residual is None:
         raise ValueError("residual2 needs residual")
+
+
+def _add_residuals(x, residual, residual2):
     for res in (residual, residual2):
         if res is not None:
             x = torch.addcmul(x, res[1].unsqueeze(1), res[0])
@@ -117,8 +129,7 @@ def ln_modulate_quantize(
     one, added after the first (each add rounded to x's dtype, as two separate adds). Returns the quantized
     activation and ``h`` (x itself when there is no residual; otherwise the new residual stream, bf16).
     """
-    if residual2 is not None and residual is None:
-        raise ValueError("residual2 needs residual")
+    _check_residuals(residual, residual2)
     if _use_triton(x, use_triton):
         from . import kernels
 
@@ -139,6 +150,7 @@ def ln_modulate(
     eps: float = LN_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The BF16 (unquantized) twin of :func:`ln_modulate_quantize`, for consumers that stay BF16."""
+    _check_residuals(residual, residual2)
     h = _add_residuals(x, residual, residual2)
     return _ln_modulate_torch(h, shift, scale, eps).to(x.dtype), h
 
