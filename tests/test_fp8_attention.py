@@ -273,3 +273,4 @@ def test_fp8_output_rows_are_the_bf16_output_quantized(L, Lc, Lc_out):
     full = _ref64(q_ref, k_ref, vi).float().transpose(1, 2).reshape(B, L + Lc, H * 64)
     want64 = torch.cat([full[:, :L].reshape(-1, H * 64), full[:, L:L + Lc_out].reshape(-1, H * 64)])
     assert _rel(got, want64) < 0.07
+

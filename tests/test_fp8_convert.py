@@ -10,6 +10,7 @@ import torch
 
 from sdfleet.errors import ConfigError, EngineError
 from worker.engine.fp8 import (
+    DEFAULT_BF16_LAYERS,
     LAYER_TYPES,
     Fp8Linear,
     Fp8Options,
@@ -20,7 +21,7 @@ from worker.engine.fp8 import (
 )
 from worker.engine.fp8 import linear as linear_mod
 from worker.engine.fp8 import quant as quant_mod
-from worker.engine.fp8.blocks import Fp8JointBlock, PendingResidual, QTensor
+from worker.engine.fp8.blocks import AdaLNBank, Fp8JointBlock, PendingResidual
 from worker.engine.sd35_configs import build_transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -116,22 +117,11 @@ def test_deferred_residual_is_the_same_sum(tiny, x):
     m = apply_fp8(copy.deepcopy(tiny), Fp8Options())
     assert [blk.defer_residual for blk in m.transformer_blocks] == [True] * (len(m.transformer_blocks) - 1) + [False]
     a = run(m, x)
-    assert m.transformer_blocks[0].silu.temb is None  # the last block let go of the call's silu(temb)
+    bank = m.transformer_blocks[0].adaln_bank
+    assert bank.temb is None and bank.out is None  # the last block let go of the call's modulations
     for blk in m.transformer_blocks:
         blk.defer_residual = False
     assert torch.equal(a, run(m, x))
-    # one silu(temb) for all blocks of a call
-    assert len({id(blk.silu) for blk in m.transformer_blocks}) == 1
-    temb = torch.randn(2, 8)
-    first = m.transformer_blocks[0].silu(temb)
-    assert m.transformer_blocks[1].silu(temb) is first and torch.equal(first, torch.nn.functional.silu(temb))
-    assert m.transformer_blocks[1].silu(temb.clone()) is not first
-    m.transformer_blocks[1].silu.clear()
-    assert m.transformer_blocks[0].silu.temb is None  # one cache: cleared for all blocks
-    # ... and one quantization of it for all FP8 AdaLN linears
-    shared = m.transformer_blocks[0].silu
-    qa = shared.input_for(m.transformer_blocks[0].adaln, temb)
-    assert shared.input_for(m.transformer_blocks[1].adaln, temb) is qa and isinstance(qa, QTensor)
     # a block's deferred output, fed to something other than a block, is the sum
     blk = copy.deepcopy(m.transformer_blocks[0])
     blk.defer_residual = True
@@ -148,13 +138,43 @@ def test_deferred_residual_is_the_same_sum(tiny, x):
     assert torch.equal(pending + 1, full + 1) and torch.equal(1 + pending, full + 1)
 
 
+def test_one_adaln_gemm_for_all_blocks(tiny, x):
+    """The model's AdaLN bank: every block's modulation from one linear, the blocks' own outputs unchanged."""
+    for opts in (Fp8Options(), Fp8Options(bf16_layers=DEFAULT_BF16_LAYERS | {"adaln"})):
+        m = apply_fp8(copy.deepcopy(tiny), opts)
+        blocks = m.transformer_blocks
+        bank = blocks[0].adaln_bank
+        assert all(blk.adaln_bank is bank for blk in blocks) and bank.linear is m.adaln_bank
+        assert [blk.adaln_index for blk in blocks] == list(range(len(blocks)))
+        widths = [(b.norm1.linear.out_features, b.norm1_context.linear.out_features) for b in tiny.transformer_blocks]
+        assert m.adaln_bank.out_features == sum(a + c for a, c in widths)
+        assert not any(n.startswith("transformer_blocks.") and "adaln" in n for n, _ in m.named_parameters())
+        # each block's slice of the bank is what its own linear gives (same weights, same quantization)
+        temb = torch.randn(2, tiny.transformer_blocks[0].norm1.linear.in_features, dtype=torch.bfloat16)
+        calls = []
+        m.adaln_bank.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        for i, blk in enumerate(tiny.transformer_blocks):
+            own = Fp8JointBlock(copy.deepcopy(blk), opts).adaln_bank
+            with torch.no_grad():
+                got = bank(temb, i)
+                want = own(temb, 0)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert len(calls) == 1  # one GEMM for all blocks, cached for this temb
+        bank(temb.clone(), 0)
+        assert len(calls) == 2  # a new temb tensor is a new call
+        bank.clear()
+        assert bank.temb is None and bank.out is None
+    with pytest.raises(EngineError, match="outputs for blocks"):
+        AdaLNBank(torch.nn.Linear(4, 8), [(2, 2)])
+
+
 def test_layer_types_follow_config(tiny):
     keep = frozenset({"adaln", "ff_down", "context_qkv", "proj_out"})
     m = apply_fp8(copy.deepcopy(tiny), Fp8Options(bf16_layers=keep))
     b0 = m.transformer_blocks[0]
-    assert isinstance(b0.adaln, torch.nn.Linear)  # both streams' modulation in one BF16 linear
-    assert b0.adaln.out_features == tiny.transformer_blocks[0].norm1.linear.out_features + \
-        tiny.transformer_blocks[0].norm1_context.linear.out_features
+    assert isinstance(m.adaln_bank, torch.nn.Linear)  # every block's modulation in one BF16 linear
+    assert b0.adaln_bank.cols[0] == (0, tiny.transformer_blocks[0].norm1.linear.out_features,
+                                     tiny.transformer_blocks[0].norm1_context.linear.out_features)
     assert isinstance(b0.ff.down, torch.nn.Linear) and isinstance(b0.ff.up, Fp8Linear)
     assert isinstance(b0.attn.ctx_qkv, torch.nn.Linear) and isinstance(b0.attn.qkv, Fp8Linear)
     assert isinstance(b0.attn2.qkv, Fp8Linear) and isinstance(b0.ff_context.down, Fp8Linear)
@@ -202,7 +222,7 @@ def test_serialize_round_trip_without_requantizing(tiny, x, tmp_path, monkeypatc
     on_disk = json.loads((tmp_path / serialize.MANIFEST).read_text())
     assert on_disk["options"]["bf16_layers"] == ["adaln", "proj_out"]
     assert on_disk["layers"]["transformer_blocks.0.attn.qkv"] == "float8_e4m3fn"
-    assert on_disk["layers"]["transformer_blocks.0.adaln"] == "bfloat16"
+    assert on_disk["layers"]["adaln_bank"] == "bfloat16"
     assert manifest["weight_bytes"] == weight_bytes(m)
 
     def boom(*a, **k):
@@ -212,7 +232,8 @@ def test_serialize_round_trip_without_requantizing(tiny, x, tmp_path, monkeypatc
     monkeypatch.setattr(quant_mod, "quantize_weight", boom)
     loaded = serialize.load_quantized(tmp_path, options=Fp8Options(fused_quant=False))
     assert isinstance(loaded.transformer_blocks[0].attn.qkv, Fp8Linear)
-    assert isinstance(loaded.transformer_blocks[0].adaln, torch.nn.Linear)
+    assert isinstance(loaded.adaln_bank, torch.nn.Linear)
+    assert loaded.transformer_blocks[1].adaln_bank.linear is loaded.adaln_bank
     assert loaded.transformer_blocks[0].attn.qkv.weight.dtype == torch.float8_e4m3fn
     set_runtime_options(loaded, Fp8Options(bf16_layers=frozenset({"adaln", "proj_out"})))
     assert torch.equal(run(loaded, x), want)

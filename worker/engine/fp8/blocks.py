@@ -8,6 +8,8 @@ and one kernel that applies the q/k RMSNorm and writes the (B, H, S, D) layout a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -95,11 +97,14 @@ class JointAttention(torch.nn.Module):
             k = rms_norm_heads_torch(k, norm_w[1], self.eps)
         return q, k, v
 
-    def forward(self, x, c, b: int, length: int, ctx_length: int):
-        """x, c: activations (QTensor or bf16) of the image / text stream. Returns (image out, text out)."""
+    def forward(self, x, cqkv, b: int, length: int, ctx_length: int):
+        """x: the image stream's activation (QTensor or bf16); cqkv: the text stream's ``ctx_qkv`` output
+        (computed by the caller, on the text stream's CUDA stream), or None for an image-only attention.
+
+        Returns (image output after ``out``, the text rows' attention output before ``ctx_out``, or None).
+        """
         qkv = self.qkv(x)
-        cqkv = self.ctx_qkv(c) if c is not None else None
-        lc = ctx_length if c is not None else 0
+        lc = ctx_length if cqkv is not None else 0
         out_lc = lc if self.ctx_out is not None else 0
         fp8_out = isinstance(self.out, Fp8Linear) and (out_lc == 0 or isinstance(self.ctx_out, Fp8Linear))
         if fp8_out and self.options.fp8_attention and self.options.fused_attention_io and self._fused(qkv):
@@ -108,7 +113,7 @@ class JointAttention(torch.nn.Module):
                               rows=(length, out_lc))
             if o is not None:
                 oi, oc = split_streams(*o, b, length, out_lc)
-                return self.out(oi), (self.ctx_out(oc) if oc is not None else None)
+                return self.out(oi), oc
         if self._fused(qkv):
             from . import kernels
 
@@ -132,9 +137,7 @@ class JointAttention(torch.nn.Module):
         else:
             o2 = o.transpose(1, 2).reshape(b, length + lc, self.heads * self.head_dim)
             oi, oc = o2[:, :length], o2[:, length:]
-        img = self.out(oi)
-        ctx = self.ctx_out(oc) if self.ctx_out is not None else None
-        return img, ctx
+        return self.out(oi), (oc if self.ctx_out is not None else None)
 
 
 class FeedForward(torch.nn.Module):
@@ -199,36 +202,111 @@ class PendingResidual:
     __radd__ = __add__
 
 
-class SharedSilu:
-    """``silu(temb)`` once per transformer call for all blocks (every block's AdaLN reads the same ``temb``),
-    and its per-row E4M3 quantization once for all their FP8 AdaLN linears (two per block otherwise).
+class AdaLNBank:
+    """Every block's AdaLN modulation linear as one layer, computed once per transformer call.
 
-    Keyed by the tensor object, which it keeps alive until the last block clears it, so a new ``temb`` can
-    never be mistaken for the last.
+    All blocks' modulations read the same ``silu(temb)``, so one GEMM computes them all. On SD3.5 Large the
+    modulations are a third of the weights (2.7 GB of E4M3 over 38 blocks): 38 GEMVs of a few rows, each too
+    small to fill the GPU's last wave of tiles, ran at about half of HBM bandwidth; one GEMM over all of
+    them streams the weights once (docs/PERFORMANCE.md). silu and the activation's quantization run once too.
+
+    A block owns a bank of one (itself) until :func:`~worker.engine.fp8.convert.apply_fp8` merges the
+    blocks' banks into the model's (``transformer.adaln_bank``, which holds the weights). The output is
+    kept per ``temb`` tensor, which it holds until the last block clears it, so a new ``temb`` is never
+    mistaken for the last.
     """
 
-    def __init__(self):
+    def __init__(self, linear: torch.nn.Module, widths: list[tuple[int, int]]):
+        self.linear = linear  # outputs: block 0 image, block 0 text, block 1 image, ...
+        starts = [0]
+        for a, c in widths:
+            starts.append(starts[-1] + a + c)
+        if starts[-1] != linear.out_features:
+            raise EngineError(f"AdaLN bank: {linear.out_features} outputs for blocks needing {starts[-1]}")
+        self.cols = [(s, a, c) for s, (a, c) in zip(starts, widths)]
         self.temb: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
-        self.quantized: dict[bool, QTensor] = {}
+
+    @classmethod
+    def merge(cls, banks: list[AdaLNBank]) -> AdaLNBank:
+        """One bank from the blocks' own (in block order); their weights are concatenated, not re-quantized."""
+        lins = [b.linear for b in banks]
+        if all(isinstance(m, Fp8Linear) for m in lins):
+            linear = Fp8Linear.concat(lins)
+        elif not any(isinstance(m, Fp8Linear) for m in lins):
+            linear = make_linear(lins, False, Fp8Options())
+        else:
+            raise EngineError("AdaLN bank: all blocks' modulations must be FP8 or all BF16")
+        return cls(linear, [(a, c) for b in banks for _, a, c in b.cols])
 
     def clear(self) -> None:
-        """Forget the last temb (e.g. one from a released CUDA graph's memory pool)."""
-        self.temb, self.out, self.quantized = None, None, {}
+        """Forget the last call's output (e.g. one in a released CUDA graph's memory pool)."""
+        self.temb, self.out = None, None
 
-    def __call__(self, temb: torch.Tensor) -> torch.Tensor:
+    def __call__(self, temb: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index``'s (image, text) modulation vectors, (B, 6 or 9 x D) and (B, 2 or 6 x D)."""
         if temb is not self.temb:
-            self.temb, self.out, self.quantized = temb, F.silu(temb), {}
-        return self.out
+            self.temb, self.out = temb, self.linear(F.silu(temb))
+        s, a, c = self.cols[index]
+        return self.out[:, s:s + a], self.out[:, s + a:s + a + c]
 
-    def input_for(self, linear: torch.nn.Module, temb: torch.Tensor) -> torch.Tensor | QTensor:
-        """What ``linear`` takes: the quantized silu(temb) for an Fp8Linear, silu(temb) otherwise."""
-        t = self(temb)
-        if not isinstance(linear, Fp8Linear):
-            return t
-        if linear.use_triton not in self.quantized:
-            self.quantized[linear.use_triton] = quantize_rows(t, use_triton=linear.use_triton)
-        return self.quantized[linear.use_triton]
+
+def _record(items, stream) -> None:
+    """``record_stream`` for every tensor in ``items`` (tensors, QTensors, PendingResiduals, None): the
+    caching allocator then keeps their memory until ``stream``'s work queued so far is done."""
+    for t in items:
+        if isinstance(t, torch.Tensor):
+            t.record_stream(stream)
+        elif isinstance(t, PendingResidual):
+            _record((t.x, t.y, t.gate), stream)
+        elif isinstance(t, (tuple, list)):
+            _record(t, stream)
+
+
+class TextStream:
+    """A block's text-stream kernels on a second CUDA stream, beside the image stream's.
+
+    The text half of an SD3.5 block is small (333 tokens a prompt against 4096 image tokens at 1024 px):
+    its norm, GEMMs and GELU are a few microseconds each, so in line their launch gaps and tails are
+    mostly idle GPU. On a second, higher-priority stream they run beside the image stream's kernels. The
+    streams meet where the maths does: the joint attention waits for the text q/k/v, and the text half
+    after it waits for the attention's text rows. Off (not CUDA, or ``Fp8Options.text_stream`` off), it
+    does nothing and every kernel runs in order on the current stream.
+    """
+
+    _streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __init__(self, stream: torch.cuda.Stream | None):
+        self.stream = stream
+        self.main = torch.cuda.current_stream(stream.device) if stream is not None else None
+
+    @classmethod
+    def for_block(cls, x, on: bool) -> TextStream:
+        t = x.x if isinstance(x, PendingResidual) else x
+        if not (on and t.is_cuda):
+            return cls(None)
+        if t.device not in cls._streams:
+            cls._streams[t.device] = torch.cuda.Stream(device=t.device, priority=-1)
+        return cls(cls._streams[t.device])
+
+    @contextlib.contextmanager
+    def side(self, *inputs, wait: bool = True):
+        """Run the body on the text stream; ``inputs``: tensors made on the main stream that it reads,
+        ``wait``: whether it must first wait for the main stream's work queued so far."""
+        if self.stream is None:
+            yield
+            return
+        if wait:
+            self.stream.wait_stream(self.main)
+        _record(inputs, self.stream)
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def join(self, *outputs) -> None:
+        """The main stream waits for the text stream; ``outputs``: its tensors the main stream reads."""
+        if self.stream is not None:
+            self.main.wait_stream(self.stream)
+            _record(outputs, self.main)
 
 
 class Fp8JointBlock(torch.nn.Module):
@@ -247,10 +325,13 @@ class Fp8JointBlock(torch.nn.Module):
         self.use_dual_attention = block.use_dual_attention
         self.n_mod = 9 if block.use_dual_attention else 6
         self.eps = block.norm2.eps
-        # both streams' AdaLN modulations read silu(temb): one GEMV, image outputs first
-        self.n_adaln = (block.norm1.linear.out_features, block.norm1_context.linear.out_features)
-        self.adaln = make_linear([block.norm1.linear, block.norm1_context.linear], options.fp8("adaln"), options,
-                                 quantize=quantize)
+        # both streams' AdaLN modulations read silu(temb): one linear, image outputs first; apply_fp8 merges
+        # all blocks' into one (a plain attribute, not a submodule: the model's bank holds the weights)
+        adaln = make_linear([block.norm1.linear, block.norm1_context.linear], options.fp8("adaln"), options,
+                            quantize=quantize)
+        self.adaln_bank = AdaLNBank(adaln, [(block.norm1.linear.out_features,
+                                             block.norm1_context.linear.out_features)])
+        self.adaln_index = 0
         self.attn = JointAttention(block.attn, options, joint=True, prefix="attn", quantize=quantize)
         self.attn2 = (JointAttention(block.attn2, options, joint=False, prefix="attn2", quantize=quantize)
                       if block.use_dual_attention else None)
@@ -258,7 +339,6 @@ class Fp8JointBlock(torch.nn.Module):
         self.ff_context = (None if block.context_pre_only
                            else FeedForward(block.ff_context, options, prefix="context_ff", quantize=quantize))
         self.defer_residual = False
-        self.silu = SharedSilu()  # apply_fp8 gives all blocks of a model one
 
     def _norm_mod(self, x, shift, scale, consumer, residual=None, residual2=None):
         """The activation ``consumer`` wants (QTensor for a fused FP8 linear), and the residual stream."""
@@ -272,12 +352,13 @@ class Fp8JointBlock(torch.nn.Module):
         x, c = hidden_states, encoder_hidden_states
         b, length, _ = x.shape
         lc = c.shape[1]
+        text = TextStream.for_block(x, self.options.text_stream)
         # the previous block's gated FF residuals, added by the norms below
         x, res_in = (x.x, (x.y, x.gate)) if isinstance(x, PendingResidual) else (x, None)
         c, cres_in = (c.x, (c.y, c.gate)) if isinstance(c, PendingResidual) else (c, None)
-        mod, cmod = self.adaln(self.silu.input_for(self.adaln, temb)).split(self.n_adaln, dim=1)
+        mod, cmod = self.adaln_bank(temb, self.adaln_index)
         if not self.defer_residual:
-            self.silu.clear()  # the last block: hold no tensor of this call (or of a graph's pool) after it
+            self.adaln_bank.clear()  # the last block: hold no tensor of this call (or of a graph's pool) after it
         mod = mod.chunk(self.n_mod, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         if self.context_pre_only:
@@ -285,28 +366,38 @@ class Fp8JointBlock(torch.nn.Module):
         else:
             c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod.chunk(6, dim=1)
 
+        # the first block's text inputs come from the main stream (embedder, AdaLN bank); later blocks' from
+        # the text stream itself
+        with text.side(cmod, c, cres_in, wait=self.adaln_index == 0):
+            ac, c = self._norm_mod(c, c_shift, c_scale, self.attn.ctx_qkv, residual=cres_in)
+            cqkv = self.attn.ctx_qkv(ac)
         ax, x = self._norm_mod(x, shift_msa, scale_msa, self.attn.qkv, residual=res_in)
-        ac, c = self._norm_mod(c, c_shift, c_scale, self.attn.ctx_qkv, residual=cres_in)
         if self.attn2 is not None:  # second modulation of the same norm (SD35AdaLayerNormZeroX)
             ax2, _ = self._norm_mod(x, mod[6], mod[7], self.attn2.qkv)
-        attn_out, ctx_out = self.attn(ax, ac, b, length, lc)
+        text.join(cqkv)
+        attn_out, oc = self.attn(ax, cqkv, b, length, lc)
+        if not self.context_pre_only:
+            with text.side(oc):
+                # the text stream's half of the block: its own stream, beside the image stream's below
+                ctx_out = self.attn.ctx_out(oc)
+                acff, c = self._norm_mod(c, c_shift_mlp, c_scale_mlp, self.ff_context.up,
+                                         residual=(ctx_out, c_gate_msa))
+                # the text stream's next consumer is the next block's norm too (the last block takes text in)
+                c = self._gated_residual(c, self.ff_context(acff), c_gate_mlp, self.defer_residual)
         res2 = None
         if self.attn2 is not None:  # both gated attention residuals are added by the norm kernel
             attn2_out, _ = self.attn2(ax2, None, b, length, 0)
             res2 = (attn2_out, mod[8])
         aff, x = self._norm_mod(x, shift_mlp, scale_mlp, self.ff.up, residual=(attn_out, gate_msa), residual2=res2)
-        defer = self.defer_residual and self.options.fused_quant
-        x = self._gated_residual(x, self.ff(aff), gate_mlp, defer)
-        if self.context_pre_only:
-            return None, x
-        acff, c = self._norm_mod(c, c_shift_mlp, c_scale_mlp, self.ff_context.up, residual=(ctx_out, c_gate_msa))
-        # the text stream's next consumer is the next block's norm too (the last block takes text in)
-        c = self._gated_residual(c, self.ff_context(acff), c_gate_mlp, defer)
-        return c, x
+        x = self._gated_residual(x, self.ff(aff), gate_mlp, self.defer_residual)
+        if not self.defer_residual:
+            text.join(c)  # the last block: the caller gets both streams' work done (and a graph joined)
+        return (None if self.context_pre_only else c), x
 
-    @staticmethod
-    def _gated_residual(x, y, gate, defer: bool):
-        return PendingResidual(x, y, gate) if defer else torch.addcmul(x, gate.unsqueeze(1), y)
+    def _gated_residual(self, x, y, gate, defer: bool):
+        if defer and self.options.fused_quant:
+            return PendingResidual(x, y, gate)
+        return torch.addcmul(x, gate.unsqueeze(1), y)
 
 
-__all__ = ["Fp8JointBlock", "JointAttention", "FeedForward", "PendingResidual", "make_linear", "QTensor"]
+__all__ = ["AdaLNBank", "Fp8JointBlock", "JointAttention", "TextStream", "FeedForward", "PendingResidual", "make_linear", "QTensor"]

@@ -8,7 +8,8 @@ import torch
 
 from sdfleet.errors import EngineError
 
-from .blocks import Fp8JointBlock, SharedSilu, make_linear
+from .attention import set_pdl
+from .blocks import AdaLNBank, Fp8JointBlock, make_linear
 from .linear import Fp8Linear
 from .options import Fp8Options
 from .processor import Fp8JointAttnProcessor
@@ -77,12 +78,15 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
     if options.fp8_linears:
         _check_shapes(transformer)
         blocks = transformer.transformer_blocks
-        silu = SharedSilu()
         for i in range(len(blocks)):
             blocks[i] = Fp8JointBlock(blocks[i], options, quantize=quantize)
             # each block's output goes straight to the next block, the last one's to norm_out
             blocks[i].defer_residual = i < len(blocks) - 1
-            blocks[i].silu = silu
+        # all blocks' AdaLN modulations in one GEMM per call; the model holds its weights
+        bank = AdaLNBank.merge([blk.adaln_bank for blk in blocks])
+        transformer.adaln_bank = bank.linear
+        for i, blk in enumerate(blocks):
+            blk.adaln_bank, blk.adaln_index = bank, i
         for layer_type, places in _model_linears(transformer).items():
             if options.fp8(layer_type):
                 for parent, attr in places:
@@ -93,6 +97,7 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
     elif options.fp8_attention:
         transformer.set_attn_processor(Fp8JointAttnProcessor(fp8=True))
     crop_position_table(transformer, options.max_image_side)
+    set_pdl(options.pdl)
     setattr(transformer, MARKER, options)
     if quantize and any(p.is_cuda for p in transformer.parameters()):
         torch.cuda.empty_cache()
@@ -101,7 +106,7 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
 
 def set_runtime_options(transformer, options: Fp8Options) -> None:
     """Change the switches that need no re-quantization (fused_quant, fp8_attention, fused_attention_io,
-    fast_accum)."""
+    fast_accum, pdl)."""
     old = getattr(transformer, MARKER, None)
     if old is None:
         raise EngineError("transformer is not converted; call apply_fp8 first")
@@ -113,6 +118,7 @@ def set_runtime_options(transformer, options: Fp8Options) -> None:
             m.use_triton, m.fast_accum = options.fused_quant, options.fast_accum
         if hasattr(m, "options") and isinstance(m.options, Fp8Options):
             m.options = options
+    set_pdl(options.pdl)
     setattr(transformer, MARKER, options)
 
 

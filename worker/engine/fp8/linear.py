@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .quant import E4M3, QTensor, quantize_rows, quantize_weight
+from .quant import E4M3, QTensor, _use_triton, quantize_rows, quantize_weight
+
+#: Up to this many rows (the AdaLN bank's: the transformer batch) a Triton GEMV streams the weights at
+#: ~3 TB/s where cuBLASLt's GEMM reached 2.4-2.8 (H100, ``bench/adaln_gemv.py``, docs/PERFORMANCE.md).
+GEMV_MAX_ROWS = 16
 
 
 class Fp8Linear(torch.nn.Module):
@@ -42,9 +46,28 @@ class Fp8Linear(torch.nn.Module):
             m.bias = torch.cat([x.bias.detach() for x in lins], 0).to(m.out_dtype)
         return m
 
+    @classmethod
+    def concat(cls, mods: list[Fp8Linear]) -> Fp8Linear:
+        """One layer with the outputs of ``mods`` (same input width) one after another; nothing re-quantized."""
+        m0 = mods[0]
+        if any(m.in_features != m0.in_features or (m.bias is None) != (m0.bias is None) for m in mods):
+            raise ValueError("Fp8Linear.concat: layers differ in input width or bias")
+        m = cls(m0.in_features, sum(x.out_features for x in mods), bias=m0.bias is not None, device="meta",
+                out_dtype=m0.out_dtype, use_triton=m0.use_triton, fast_accum=m0.fast_accum)
+        m.weight = torch.cat([x.weight for x in mods])
+        m.weight_scale = torch.cat([x.weight_scale for x in mods])
+        if m0.bias is not None:
+            m.bias = torch.cat([x.bias for x in mods])
+        return m
+
     def forward(self, x: torch.Tensor | QTensor) -> torch.Tensor:
         if not isinstance(x, QTensor):
             x = quantize_rows(x, use_triton=self.use_triton)
+        if x.data.shape[0] <= GEMV_MAX_ROWS and _use_triton(x.data, self.use_triton):
+            from . import kernels
+
+            y = kernels.gemv(x, self.weight, self.weight_scale, self.bias, self.out_dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
         w_scale = self.weight_scale.reshape(1, -1)
         y = torch._scaled_mm(x.data, self.weight.t(), scale_a=x.scale, scale_b=w_scale, bias=self.bias,
                              out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)

@@ -26,7 +26,7 @@ from .options import Fp8Options
 log = logging.getLogger(__name__)
 
 FORMAT = "sdfleet-fp8-transformer"
-VERSION = 3  # 2: the position table is cut to Fp8Options.max_image_side; 3: one AdaLN linear per block
+VERSION = 4  # 2: position table cut to Fp8Options.max_image_side; 3: one AdaLN linear per block; 4: one for all blocks
 WEIGHTS = "fp8_transformer.safetensors"
 MANIFEST = "fp8_transformer.json"
 

@@ -1,0 +1,110 @@
+"""GPU-only checks of the FP8 engine's launch and scheduling paths: the few-row GEMV, programmatic
+dependent launch and the text stream's second CUDA stream. Skipped without an FP8-capable GPU and Triton.
+
+Each of these changes when or how kernels run, never the maths: the checks are exact (same bits)
+where the kernels are the same, eager and in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from worker.engine.fp8 import attention as att
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and att.is_supported()[0]),
+                         reason="needs CUDA with compute capability >= 8.9 and Triton")
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@gpu
+@pytest.mark.parametrize("rows", [1, 2, 8, 16])
+def test_gemv_matches_cublas(rows):
+    # the AdaLN bank's few-row FP8 GEMM (Triton) against cuBLASLt on the same E4M3 operands
+    from worker.engine.fp8 import kernels, quant
+    from worker.engine.fp8.linear import GEMV_MAX_ROWS, Fp8Linear
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    lin = torch.nn.Linear(2432, 3 * 2432 + 16, device="cuda", dtype=torch.bfloat16)
+    f = Fp8Linear.from_linear(lin)
+    x = quant.quantize_rows(torch.randn(rows, 2432, device="cuda", generator=g).bfloat16())
+    got = kernels.gemv(x, f.weight, f.weight_scale, f.bias, torch.bfloat16).float()
+    want = torch._scaled_mm(x.data, f.weight.t(), scale_a=x.scale, scale_b=f.weight_scale.reshape(1, -1),
+                            bias=f.bias, out_dtype=torch.float32)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert _rel(got, want) < 4e-3  # bf16 rounding of the output; same products, other summation order
+    assert rows <= GEMV_MAX_ROWS and torch.equal(f(x), got.bfloat16())
+
+
+def _twice(fn):
+    """fn() eager, then captured in a CUDA graph and replayed."""
+    eager = fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager, captured
+
+
+@gpu
+def test_pdl_launches_give_the_same_bits():
+    # programmatic dependent launch moves launches earlier, never the data: the joint prep + attention
+    # chain, eager and in a CUDA graph, is bit-identical with it on and off
+    g = torch.Generator(device="cuda").manual_seed(5)
+    B, H, L, Lc, D = 2, 3, 300, 40, 64
+    img = (torch.randn(B * L, 3 * H * D, device="cuda", generator=g) * 2).bfloat16()
+    ctx = torch.randn(B * Lc, 3 * H * D, device="cuda", generator=g).bfloat16()
+    w = (torch.rand(2, 2, D, device="cuda", generator=g) + 0.5).bfloat16()
+
+    def chain():
+        q, kv = att.prep_joint(img, ctx, w[0], w[1], batch=B, heads=H)
+        o, s = att.fp8_attention_quantized(q, kv, fp8_rows=(L, Lc))
+        return torch.cat([(o.float() * s).flatten(), kv["vq"].float().flatten(), q.float().flatten()])
+
+    was = att.pdl_enabled()
+    try:
+        att.set_pdl(False)
+        off = _twice(chain)
+        att.set_pdl(True)
+        on = _twice(chain)
+    finally:
+        att.set_pdl(was)
+    assert torch.equal(off[0], on[0]) and torch.equal(off[1], on[1]) and torch.equal(on[0], on[1])
+
+
+@gpu
+def test_text_stream_gives_the_same_bits():
+    # the text stream's kernels on their own CUDA stream: same output as in line, eager and captured
+    from diffusers import SD3Transformer2DModel
+
+    from worker.engine.fp8 import Fp8Options, apply_fp8, set_runtime_options
+    from worker.engine.sd35_configs import TRANSFORMER
+
+    torch.manual_seed(0)
+    cfg = dict(TRANSFORMER["medium"], num_layers=3, dual_attention_layers=(0,))
+    with torch.device("cuda"):
+        bf = SD3Transformer2DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    for p in bf.parameters():
+        if p.dim() >= 2:
+            p.data.mul_(0.5)
+    m = apply_fp8(copy.deepcopy(bf), Fp8Options())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = dict(hidden_states=torch.randn(2, 16, 64, 64, device="cuda", generator=g).bfloat16(),
+             encoder_hidden_states=torch.randn(2, 154, 4096, device="cuda", generator=g).bfloat16(),
+             pooled_projections=torch.randn(2, 2048, device="cuda", generator=g).bfloat16(),
+             timestep=torch.full((2,), 500.0, device="cuda"), return_dict=False)
+    outs = {}
+    with torch.no_grad():
+        for on in (False, True):
+            set_runtime_options(m, Fp8Options(text_stream=on))
+            outs[on] = _twice(lambda: m(**x)[0].clone())
+        ref = bf(**x)[0]
+    assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[False][1], outs[True][1])
+    assert torch.equal(outs[True][0], outs[True][1])
+    assert _rel(outs[True][0], ref) < 0.05
