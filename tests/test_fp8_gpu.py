@@ -1,8 +1,8 @@
-"""GPU-only checks of the FP8 engine's launch and scheduling paths: the few-row GEMV, programmatic
-dependent launch and the text stream's second CUDA stream. Skipped without an FP8-capable GPU and Triton.
+"""GPU-only checks of the FP8 engine's few-row GEMV and of the text stream's second CUDA stream.
+Skipped without an FP8-capable GPU and Triton.
 
-Each of these changes when or how kernels run, never the maths: the checks are exact (same bits)
-where the kernels are the same, eager and in a CUDA graph.
+The second stream changes when kernels run, never the maths: that check is exact (same bits), eager and
+in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_gemv_matches_cublas(rows):
     x = quant.quantize_rows(torch.randn(rows, 2432, device="cuda", generator=g).bfloat16())
     got = kernels.gemv(x, f.weight, f.weight_scale, f.bias, torch.bfloat16).float()
     want = torch._scaled_mm(x.data, f.weight.t(), scale_a=x.scale, scale_b=f.weight_scale.reshape(1, -1),
-                            bias=f.bias, out_dtype=torch.float32)
+                            out_dtype=torch.float32) + f.bias.float()
     assert got.shape == want.shape and torch.isfinite(got).all()
     assert _rel(got, want) < 4e-3  # bf16 rounding of the output; same products, other summation order
     assert rows <= GEMV_MAX_ROWS and torch.equal(f(x), got.bfloat16())
@@ -50,32 +50,6 @@ def _twice(fn):
     graph.replay()
     torch.cuda.synchronize()
     return eager, captured
-
-
-@gpu
-def test_pdl_launches_give_the_same_bits():
-    # programmatic dependent launch moves launches earlier, never the data: the joint prep + attention
-    # chain, eager and in a CUDA graph, is bit-identical with it on and off
-    g = torch.Generator(device="cuda").manual_seed(5)
-    B, H, L, Lc, D = 2, 3, 300, 40, 64
-    img = (torch.randn(B * L, 3 * H * D, device="cuda", generator=g) * 2).bfloat16()
-    ctx = torch.randn(B * Lc, 3 * H * D, device="cuda", generator=g).bfloat16()
-    w = (torch.rand(2, 2, D, device="cuda", generator=g) + 0.5).bfloat16()
-
-    def chain():
-        q, kv = att.prep_joint(img, ctx, w[0], w[1], batch=B, heads=H)
-        o, s = att.fp8_attention_quantized(q, kv, fp8_rows=(L, Lc))
-        return torch.cat([(o.float() * s).flatten(), kv["vq"].float().flatten(), q.float().flatten()])
-
-    was = att.pdl_enabled()
-    try:
-        att.set_pdl(False)
-        off = _twice(chain)
-        att.set_pdl(True)
-        on = _twice(chain)
-    finally:
-        att.set_pdl(was)
-    assert torch.equal(off[0], on[0]) and torch.equal(off[1], on[1]) and torch.equal(on[0], on[1])
 
 
 @gpu

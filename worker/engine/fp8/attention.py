@@ -325,29 +325,25 @@ if triton is not None:
                                             other=0.0))
         return x
 
-    @triton.jit
-    def _wait_prior_grid(PDL: tl.constexpr):
-        # with programmatic dependent launch (set_pdl): wait for the kernel before this one, before any
-        # global read or write (a buffer written here may be one that kernel still reads)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-
     @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)], key=["H", "S_PAD", "D", "HAS_NORM", "HAS_CTX", "QK_INT8"])
     @triton.jit
     def _prep_joint_kernel(
         Img, Ctx, Wimg, Wctx, Q8, Qs, Kq, Ks, Vpart,
         H, L, Lc, S, S_PAD, N_TILES, stride_img, stride_ctx, eps,
         HAS_NORM: tl.constexpr, HAS_CTX: tl.constexpr, QK_INT8: tl.constexpr,
-        D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+        D: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # One (128-token tile, batch * head) of the joint sequence: Q -> RMSNorm -> INT8/E4M3 with one scale
         # per token (what the attention kernel would do with a bf16 Q); K -> RMSNorm -> INT8/E4M3 with one
         # scale per tile, padded with zeros to S_PAD; V -> only the amax of this tile, for _prep_v_kernel.
         # Nothing is written in bf16.
-        _wait_prior_grid(PDL)
         bh, tile, b, h, t, d = _joint_tile(H, BLOCK, D)
+        # all three loads first: stores in between would keep the next load from being issued early
+        xs = (_load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 0, H, D, HAS_CTX),
+              _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 1, H, D, HAS_CTX),
+              _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 2, H, D, HAS_CTX))
         for which in tl.static_range(3):
-            x = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which, H, D, HAS_CTX)
+            x = xs[which]
             if which < 2 and HAS_NORM:
                 w = tl.load(Wimg + which * D + d).to(tl.float32)[None, :]
                 if HAS_CTX:
@@ -368,12 +364,11 @@ if triton is not None:
     @triton.jit
     def _prep_v_kernel(
         Img, Ctx, Vq, Vs, Vpart, H, L, Lc, S, S_PAD, N_TILES, stride_img, stride_ctx,
-        HAS_CTX: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr = False,
+        HAS_CTX: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr,
     ):
         # V of one (tile, batch * head), read again from the GEMM outputs once its batch amax is known, as
         # E4M3 transposed (dim, token) and padded, the layout _quant_kv_kernel writes. The batch amax is
         # the max of the batch's H * N_TILES tile maxima (a few KiB from L2): no atomics, no zeroed buffer.
-        _wait_prior_grid(PDL)
         bh, tile, b, h, t, d = _joint_tile(H, BLOCK, D)
         v = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 2, H, D, HAS_CTX).to(tl.float32)
         part = tl.arange(0, PARTS)
@@ -517,14 +512,12 @@ if triton is not None:
         K_HEAD: tl.constexpr,
         OUT_FP8: tl.constexpr,
         Q_PRE: tl.constexpr,
-        PDL: tl.constexpr = False,
     ):
         # OUT_FP8: O is written in E4M3 as the output projection's input, rows [0, M_ROWS) of the joint
         # sequence only: image rows (< L_IMG) to rows b * L_IMG + t of O (a (rows, H * HEAD_DIM) matrix),
         # text rows after all B * L_IMG image rows; Os gets each row's scale. With one V scale per batch
         # element, acc / l is a convex combination of E4M3 values of V (up to P's rounding), so it is
         # already in E4M3 range and its scale is V's: no row amax, no second pass over O.
-        _wait_prior_grid(PDL)
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -598,28 +591,6 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Python API
 # --------------------------------------------------------------------------------------------
-
-
-# Programmatic dependent launch (Hopper): the engine's Triton kernels are launched so that their launch
-# overlaps the end of the kernel before them (in a CUDA graph: a programmatic edge). Each such kernel
-# starts with griddepcontrol.wait (_wait_prior_grid), which returns once the kernel before it has finished
-# and its writes are visible: nothing is read or written earlier than with an ordinary launch, only the
-# launch moves. One process-wide switch (Fp8Options.pdl), read at launch or graph capture. Triton's CPU
-# interpreter (the CPU tests of the kernels) has no griddepcontrol.
-_PDL = {"on": os.environ.get("TRITON_INTERPRET", "0") != "1"}
-
-
-def set_pdl(on: bool) -> None:
-    _PDL["on"] = bool(on) and os.environ.get("TRITON_INTERPRET", "0") != "1"
-
-
-def pdl_enabled() -> bool:
-    return _PDL["on"]
-
-
-def _pdl_kwargs() -> dict[str, bool]:
-    """Launch keywords of a kernel taking the ``PDL`` constexpr."""
-    return {"PDL": True, "launch_pdl": True} if _PDL["on"] else {"PDL": False}
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -794,7 +765,7 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
         EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=_V_SCALE[opts["scales"]] != "tile",
         K_HEAD=opts["scales"] == "head",
         I2F_MAGIC=bool(opts["i2f_magic"]) and opts["qk"] == "int8",
-        OUT_FP8=fp8_rows is not None, Q_PRE=q_pre, **_pdl_kwargs(),
+        OUT_FP8=fp8_rows is not None, Q_PRE=q_pre,
     )
     return out if fp8_rows is None else (out, out_scale)
 
@@ -843,12 +814,11 @@ def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor
         img, ctx_arg, norm_w if has_norm else img,
         (ctx_norm_w if ctx_norm_w is not None else norm_w) if has_norm else img,
         q8, q_scale, kq, ks, vpart, heads, L, Lc, S, s_pad, n_tiles, img.stride(0), ctx_stride, eps,
-        HAS_NORM=has_norm, HAS_CTX=ctx is not None, QK_INT8=int8, D=D, BLOCK=KV_BLOCK, **_pdl_kwargs(),
+        HAS_NORM=has_norm, HAS_CTX=ctx is not None, QK_INT8=int8, D=D, BLOCK=KV_BLOCK,
     )
     _prep_v_kernel[(batch * heads, n_tiles)](
         img, ctx_arg, vq, vs, vpart, heads, L, Lc, S, s_pad, n_tiles, img.stride(0), ctx_stride,
         HAS_CTX=ctx is not None, D=D, BLOCK=KV_BLOCK, PARTS=triton.next_power_of_2(heads * n_tiles), num_warps=4,
-        **_pdl_kwargs(),
     )
     return q8, {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": None, "q_scale": q_scale, "S": S, "s_pad": s_pad,
                "n_tiles": n_tiles, "opts": opts, "shape": (batch, heads, S, D)}

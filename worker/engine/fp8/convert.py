@@ -8,7 +8,6 @@ import torch
 
 from sdfleet.errors import EngineError
 
-from .attention import set_pdl
 from .blocks import AdaLNBank, Fp8JointBlock, make_linear
 from .linear import Fp8Linear
 from .options import Fp8Options
@@ -97,7 +96,6 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
     elif options.fp8_attention:
         transformer.set_attn_processor(Fp8JointAttnProcessor(fp8=True))
     crop_position_table(transformer, options.max_image_side)
-    set_pdl(options.pdl)
     setattr(transformer, MARKER, options)
     if quantize and any(p.is_cuda for p in transformer.parameters()):
         torch.cuda.empty_cache()
@@ -106,7 +104,7 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
 
 def set_runtime_options(transformer, options: Fp8Options) -> None:
     """Change the switches that need no re-quantization (fused_quant, fp8_attention, fused_attention_io,
-    fast_accum, pdl)."""
+    fast_accum, text_stream)."""
     old = getattr(transformer, MARKER, None)
     if old is None:
         raise EngineError("transformer is not converted; call apply_fp8 first")
@@ -118,7 +116,6 @@ def set_runtime_options(transformer, options: Fp8Options) -> None:
             m.use_triton, m.fast_accum = options.fused_quant, options.fast_accum
         if hasattr(m, "options") and isinstance(m.options, Fp8Options):
             m.options = options
-    set_pdl(options.pdl)
     setattr(transformer, MARKER, options)
 
 

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-# one MUFU.EX2 (FTZ) or tl.exp2; diffusers RMSNorm; the PDL launch keywords and wait
-from .attention import _exp2, _pdl_kwargs, _rms_norm_head, _wait_prior_grid
+from .attention import _exp2, _rms_norm_head  # one MUFU.EX2 (FTZ), or tl.exp2; diffusers RMSNorm
 from .quant import AMAX_MAX, AMAX_MIN, E4M3, E4M3_MAX, QTensor, split_streams
 
 # Inline PTX cannot run in Triton's CPU interpreter (TRITON_INTERPRET=1, used to test these kernels
@@ -97,8 +96,7 @@ def _load_row_part(x_ptr, row_off, start, K, BLOCK: tl.constexpr, GELU: tl.const
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, m_bucket,
                        GELU: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr, FAST: tl.constexpr,
-                       QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr, PDL: tl.constexpr = False):
-    _wait_prior_grid(PDL)
+                       QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     # The row is held in registers as two tiles (see _split): read once, written once.
     x, offs, mask = _load_row_part(x_ptr, row * stride_x, 0, K, BLOCK, GELU, FAST)
@@ -121,7 +119,7 @@ def quant_rows(x: torch.Tensor, *, gelu: bool = False) -> tuple[torch.Tensor, to
         return q, s
     b1, b2 = _split(k)
     _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), _m_bucket(m), GELU=gelu, BLOCK=b1, BLOCK2=b2,
-                             FAST=FAST_MATH, QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX, **_pdl_kwargs())
+                             FAST=FAST_MATH, QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX)
     return q, s
 
 
@@ -156,8 +154,7 @@ def _ln_modulate(x, offs, mask, mean, rstd, b, sh_ptr, sc_ptr, stride_mod):
 def _ln_mod_quant_kernel(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, sh_ptr, sc_ptr, q_ptr, s_ptr,
                          L, D, stride_mod, stride_g, stride_g2, eps, m_bucket,
                          HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr,
-                         QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr, PDL: tl.constexpr = False):
-    _wait_prior_grid(PDL)
+                         QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // L
     x, offs, mask = _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, row, b, 0, D, stride_g, stride_g2,
@@ -211,7 +208,7 @@ def ln_modulate_quant(x, shift, scale, *, residual=None, residual2=None, eps=1e-
     _ln_mod_quant_kernel[(rows,)](x, y, g, y2, g2, h, shift, scale, q, s, l, d, shift.stride(0), stride_g,
                                   g2.stride(0) if residual2 is not None else 0, eps, _m_bucket(rows),
                                   HAS_RES=has_res, HAS_RES2=residual2 is not None, BLOCK=b1, BLOCK2=b2,
-                                  QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX, **_pdl_kwargs())
+                                  QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX)
     return QTensor(q, s, (b, l, d)), h
 
 
@@ -285,9 +282,7 @@ def out_quant(o: torch.Tensor, length: int, ctx_length: int) -> tuple[QTensor, Q
                  key=["N", "K", "BLOCK_M"], cache_results=True)
 @triton.jit
 def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_o,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr = False):
-    _wait_prior_grid(PDL)
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -318,5 +313,5 @@ def gemv(x: QTensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: tor
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _gemv_kernel[grid](data, x.scale, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
                        data.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                       BLOCK_M=max(16, triton.next_power_of_2(m)), **_pdl_kwargs())
+                       BLOCK_M=max(16, triton.next_power_of_2(m)))
     return out

@@ -43,9 +43,6 @@ class Fp8Options:
     cuda_graphs: the engine captures the denoising step per shape bucket (``worker.engine.graphs``);
         read by the engine, not by ``apply_fp8``.
     fast_accum: cuBLASLt fast FP8 accumulation (``use_fast_accum``).
-    pdl: launch the Triton kernels with programmatic dependent launch (``attention.set_pdl``), so each
-        launch overlaps the end of the kernel before it. Process-wide: the last converted or re-optioned
-        model's setting applies.
     text_stream: run each block's text-stream kernels (its norms, q/k/v, output projection and feed-forward)
         on a second CUDA stream beside the image stream's (``blocks.TextStream``).
     bf16_layers: layer types (``LAYER_TYPES``) that stay BF16.
@@ -62,7 +59,6 @@ class Fp8Options:
     fused_attention_io: bool = True
     cuda_graphs: bool = True
     fast_accum: bool = True
-    pdl: bool = True
     text_stream: bool = True
     bf16_layers: frozenset[str] = field(default=DEFAULT_BF16_LAYERS)
     max_image_side: int = MAX_SIDE
