@@ -338,12 +338,8 @@ if triton is not None:
         # scale per tile, padded with zeros to S_PAD; V -> only the amax of this tile, for _prep_v_kernel.
         # Nothing is written in bf16.
         bh, tile, b, h, t, d = _joint_tile(H, BLOCK, D)
-        # all three loads first: stores in between would keep the next load from being issued early
-        xs = (_load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 0, H, D, HAS_CTX),
-              _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 1, H, D, HAS_CTX),
-              _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 2, H, D, HAS_CTX))
         for which in tl.static_range(3):
-            x = xs[which]
+            x = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which, H, D, HAS_CTX)
             if which < 2 and HAS_NORM:
                 w = tl.load(Wimg + which * D + d).to(tl.float32)[None, :]
                 if HAS_CTX:
