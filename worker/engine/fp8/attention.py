@@ -312,7 +312,7 @@ if triton is not None:
         return q8, q_scale
 
     @triton.jit
-    def _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which: tl.constexpr, H,
+    def _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which, H,
                     D: tl.constexpr, HAS_CTX: tl.constexpr):
         # rows t of the joint sequence (image tokens, then text tokens) of head h, part which (q, k, v),
         # from the two streams' fused q/k/v GEMM outputs (rows b * L + t, columns [q | k | v] x heads x D)
@@ -325,7 +325,7 @@ if triton is not None:
                                             other=0.0))
         return x
 
-    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)], key=["H", "S_PAD", "D", "HAS_NORM", "HAS_CTX", "QK_INT8"])
+    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16)], key=["H", "S_PAD", "D", "HAS_NORM", "HAS_CTX", "QK_INT8"])
     @triton.jit
     def _prep_joint_kernel(
         Img, Ctx, Wimg, Wctx, Q8, Qs, Kq, Ks, Vpart,
@@ -333,14 +333,17 @@ if triton is not None:
         HAS_NORM: tl.constexpr, HAS_CTX: tl.constexpr, QK_INT8: tl.constexpr,
         D: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # One (128-token tile, batch * head) of the joint sequence: Q -> RMSNorm -> INT8/E4M3 with one scale
-        # per token (what the attention kernel would do with a bf16 Q); K -> RMSNorm -> INT8/E4M3 with one
-        # scale per tile, padded with zeros to S_PAD; V -> only the amax of this tile, for _prep_v_kernel.
-        # Nothing is written in bf16.
+        # One (128-token tile, batch * head, part) of the joint sequence: Q -> RMSNorm -> INT8/E4M3 with one
+        # scale per token (what the attention kernel would do with a bf16 Q); K -> RMSNorm -> INT8/E4M3 with
+        # one scale per tile, padded with zeros to S_PAD; V -> only the amax of this tile, for _prep_v_kernel.
+        # Nothing is written in bf16. One part per program (grid axis 2), not all three: a program then
+        # holds a third of the registers, so about three times as many run per SM, and their loads are
+        # in flight together (all three in one program was latency-bound at about half of HBM bandwidth).
         bh, tile, b, h, t, d = _joint_tile(H, BLOCK, D)
-        for which in tl.static_range(3):
-            x = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which, H, D, HAS_CTX)
-            if which < 2 and HAS_NORM:
+        which = tl.program_id(2)
+        x = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which, H, D, HAS_CTX)
+        if which < 2:
+            if HAS_NORM:
                 w = tl.load(Wimg + which * D + d).to(tl.float32)[None, :]
                 if HAS_CTX:
                     w = tl.where((t < L)[:, None], w, tl.load(Wctx + which * D + d).to(tl.float32)[None, :])
@@ -349,13 +352,13 @@ if triton is not None:
                 q8, q_scale = _quant_q_rows(x.to(tl.float32), QK_INT8)
                 tl.store(Q8 + (bh.to(tl.int64) * S + t)[:, None] * D + d[None, :], q8, mask=(t < S)[:, None])
                 tl.store(Qs + bh.to(tl.int64) * S + t, q_scale, mask=t < S)
-            elif which == 1:
+            else:
                 kf = x.to(tl.float32)
                 kq = Kq + (bh.to(tl.int64) * S_PAD + t)[:, None] * D + d[None, :]
                 k_scale = _store_k_tile(kf, tl.max(tl.max(tl.abs(kf), axis=1), axis=0), kq, QK_INT8)
                 tl.store(Ks + bh * N_TILES + tile, k_scale)
-            else:
-                tl.store(Vpart + bh * N_TILES + tile, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
+        else:
+            tl.store(Vpart + bh * N_TILES + tile, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
 
     @triton.jit
     def _prep_v_kernel(
@@ -806,7 +809,7 @@ def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor
     has_norm = norm_w is not None
     ctx_arg = ctx if ctx is not None else img
     ctx_stride = ctx.stride(0) if ctx is not None else 0
-    _prep_joint_kernel[(batch * heads, n_tiles)](
+    _prep_joint_kernel[(batch * heads, n_tiles, 3)](
         img, ctx_arg, norm_w if has_norm else img,
         (ctx_norm_w if ctx_norm_w is not None else norm_w) if has_norm else img,
         q8, q_scale, kq, ks, vpart, heads, L, Lc, S, s_pad, n_tiles, img.stride(0), ctx_stride, eps,
