@@ -497,7 +497,7 @@ if triton is not None:
         stride_qb, stride_qh, stride_qs, stride_qd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_ob, stride_oh, stride_os, stride_od,
-        H, S, S_PAD, N_TILES, qk_scale, B, M_ROWS, L_IMG, L_CTX,
+        H, S, S_PAD, N_TILES, qk_scale, B, ROW0, M_ROWS, L_IMG, L_CTX,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -516,12 +516,13 @@ if triton is not None:
         # sequence only: image rows (< L_IMG) to rows b * L_IMG + t of O (a (rows, H * HEAD_DIM) matrix),
         # text rows after all B * L_IMG image rows; Os gets each row's scale. With one V scale per batch
         # element, acc / l is a convex combination of E4M3 values of V (up to P's rounding), so it is
-        # already in E4M3 range and its scale is V's: no row amax, no second pass over O.
+        # already in E4M3 range and its scale is V's: no row amax, no second pass over O. Programs start at
+        # row ROW0 (a launch may compute the image rows, another the text rows).
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = ROW0 + start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < S
@@ -704,7 +705,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
 
 
 def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = None,
-                            out: torch.Tensor | None = None, fp8_rows: tuple[int, int] | None = None):
+                            out=None, fp8_rows: tuple[int, int] | None = None,
+                            rows: tuple[int, int] | None = None):
     """Attention of q against K/V already quantized by :func:`quantize_kv` or :func:`prep_joint`.
 
     q: bf16 (quantized per token in the kernel), or the INT8/E4M3 q of :func:`prep_joint` with its
@@ -714,7 +716,10 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
     float8_e4m3fn, the attention output of the first L tokens of each batch element (rows b*L + t) and
     then of the next Lc tokens (rows B*L + b*Lc + t), with one float32 scale per row (B*L + B*Lc, 1):
     the input of the output projections, quantized in the epilogue. Needs scales="vbatch", pv="fp8".
-    Text rows past L + Lc are not computed (the last block keeps no text output).
+    Text rows past L + Lc are not computed (the last block keeps no text output). With fp8_rows,
+    ``rows=(r0, r1)`` computes only the joint sequence's rows [r0, r1) (default all L + Lc), into
+    ``out=(o8, scale)`` when given (another launch's buffers), so the image and text rows can be two
+    launches on two CUDA streams.
     """
     B, H, Sq, D = q.shape
     S = kv["S"]
@@ -723,16 +728,27 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
         raise RuntimeError(f"fp8_attention: q has {Sq} tokens, k/v have {S}; only equal lengths are supported")
     sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
     out_scale = None
+    row0 = 0
     if fp8_rows is not None:
         L, Lc = fp8_rows
-        if out is not None:
-            raise ValueError("fp8_rows makes its own (rows, H*D) E4M3 output; do not pass out")
         if opts["scales"] != "vbatch" or opts["pv"] != "fp8" or L + Lc > S or min(L, Lc) < 0:
             raise ValueError(f"fp8_rows={fp8_rows} needs scales='vbatch', pv='fp8' and L + Lc <= {S}")
-        m_rows = L + Lc
-        out = torch.empty((B * m_rows, H * D), device=q.device, dtype=torch.float8_e4m3fn)
-        out_scale = torch.empty((B * m_rows, 1), device=q.device, dtype=torch.float32)
+        row0, m_rows = rows if rows is not None else (0, L + Lc)
+        if not 0 <= row0 <= m_rows <= L + Lc:
+            raise ValueError(f"rows={rows}: need 0 <= r0 <= r1 <= L + Lc = {L + Lc}")
+        shape = (B * (L + Lc), H * D)
+        if out is None:
+            out = torch.empty(shape, device=q.device, dtype=torch.float8_e4m3fn)
+            out_scale = torch.empty((shape[0], 1), device=q.device, dtype=torch.float32)
+        else:
+            out, out_scale = out
+            if out.shape != shape or out.dtype != torch.float8_e4m3fn or out_scale.shape != (shape[0], 1):
+                raise ValueError(f"out for fp8_rows={fp8_rows}: ({shape} E4M3, ({shape[0]}, 1) float32)")
+        if m_rows == row0:
+            return out, out_scale
     else:
+        if rows is not None:
+            raise ValueError("rows needs fp8_rows")
         L, Lc, m_rows = S, 0, S
         if out is None:
             # keeps q's strides: a (B,S,H,D)-view in gives one out
@@ -751,14 +767,14 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
             desc_v = TensorDescriptor.from_tensor(kv["vq"].view(B * H * D, s_pad), [D, KV_BLOCK])
 
     def grid(meta):
-        return (triton.cdiv(m_rows, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(m_rows - row0, meta["BLOCK_M"]), B * H)
 
     o_strides = out.stride() if fp8_rows is None else (0, 0, 0, 0)
     _attn_fwd_kernel[grid](
         q, kv.get("q_scale") if q_pre else kv["ks"], kv["kq"], kv["ks"], kv["vq"], kv["vs"], v, out, out_scale if out_scale is not None else kv["vs"],
         desc_k, desc_v,
         *q.stride(), *v.stride(), *o_strides,
-        H, S, s_pad, kv["n_tiles"], sm_scale * LOG2E, B, m_rows, L, Lc,
+        H, S, s_pad, kv["n_tiles"], sm_scale * LOG2E, B, row0, m_rows, L, Lc,
         HEAD_DIM=D, KV_TILE=KV_BLOCK,
         QK_INT8=opts["qk"] == "int8", PV_FP8=opts["pv"] == "fp8",
         EXP_FTZ=bool(opts["ftz"]), USE_TMA=use_tma, BH_SCALE=_V_SCALE[opts["scales"]] != "tile",

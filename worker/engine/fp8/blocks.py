@@ -97,12 +97,14 @@ class JointAttention(torch.nn.Module):
             k = rms_norm_heads_torch(k, norm_w[1], self.eps)
         return q, k, v
 
-    def forward(self, x, cqkv, b: int, length: int, ctx_length: int):
+    def forward(self, x, cqkv, b: int, length: int, ctx_length: int, text: TextStream | None = None):
         """x: the image stream's activation (QTensor or bf16); cqkv: the text stream's ``ctx_qkv`` output
         (computed by the caller, on the text stream's CUDA stream), or None for an image-only attention.
 
-        Returns (image output after ``out``, the text rows' attention output before ``ctx_out``, or None).
+        Returns (image output after ``out``, the text rows' attention output before ``ctx_out``, or None);
+        the latter ready for ``text``'s stream (made there, or handed over to it).
         """
+        text = text or TextStream(None)
         qkv = self.qkv(x)
         lc = ctx_length if cqkv is not None else 0
         out_lc = lc if self.ctx_out is not None else 0
@@ -110,9 +112,9 @@ class JointAttention(torch.nn.Module):
         if fp8_out and self.options.fp8_attention and self.options.fused_attention_io and self._fused(qkv):
             o = attend_fp8_io(qkv.reshape(b * length, -1), cqkv.reshape(b * lc, -1) if cqkv is not None else None,
                               self.norm_w, self.ctx_norm_w, batch=b, heads=self.heads, eps=self.eps,
-                              rows=(length, out_lc))
+                              rows=(length, out_lc), text=text)
             if o is not None:
-                oi, oc = split_streams(*o, b, length, out_lc)
+                oi, oc = split_streams(*o, b, length, out_lc)  # text rows made on the text stream
                 return self.out(oi), oc
         if self._fused(qkv):
             from . import kernels
@@ -137,7 +139,9 @@ class JointAttention(torch.nn.Module):
         else:
             o2 = o.transpose(1, 2).reshape(b, length + lc, self.heads * self.head_dim)
             oi, oc = o2[:, :length], o2[:, length:]
-        return self.out(oi), (oc if self.ctx_out is not None else None)
+        oc = oc if self.ctx_out is not None else None
+        text.handoff(oc)
+        return self.out(oi), oc
 
 
 class FeedForward(torch.nn.Module):
@@ -268,9 +272,10 @@ class TextStream:
 
     The text half of an SD3.5 block is small (333 tokens a prompt against 4096 image tokens at 1024 px):
     its norm, GEMMs and GELU are a few microseconds each, so in line their launch gaps and tails are
-    mostly idle GPU. On a second, higher-priority stream they run beside the image stream's kernels. The
-    streams meet where the maths does: the joint attention waits for the text q/k/v, and the text half
-    after it waits for the attention's text rows. Off (not CUDA, or ``Fp8Options.text_stream`` off), it
+    mostly idle GPU. On a second stream they run beside the image stream's kernels. The streams meet
+    where the maths does: the joint attention waits for the text q/k/v, and the text half after it waits
+    for the attention's text rows, which are a launch of their own on the text stream
+    (``processor.attend_fp8_io``). Off (not CUDA, or ``Fp8Options.text_stream`` off), it
     does nothing and every kernel runs in order on the current stream.
     """
 
@@ -286,17 +291,36 @@ class TextStream:
         if not (on and t.is_cuda):
             return cls(None)
         if t.device not in cls._streams:
-            cls._streams[t.device] = torch.cuda.Stream(device=t.device, priority=-1)
+            # the main stream's priority: the text rows' attention, queued after the image rows', must
+            # not overtake it (it is meant to fill the image launch's last wave)
+            cls._streams[t.device] = torch.cuda.Stream(device=t.device)
         return cls(cls._streams[t.device])
 
+    def mark(self) -> torch.cuda.Event | None:
+        """An event at this point of the main stream, for ``side(wait=event)``."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.main)
+        return event
+
+    def handoff(self, *inputs) -> None:
+        """The text stream waits for the main stream's work queued so far, which made ``inputs``."""
+        if self.stream is not None:
+            self.stream.wait_stream(self.main)
+            _record(inputs, self.stream)
+
     @contextlib.contextmanager
-    def side(self, *inputs, wait: bool = True):
+    def side(self, *inputs, wait: bool | torch.cuda.Event = True):
         """Run the body on the text stream; ``inputs``: tensors made on the main stream that it reads,
-        ``wait``: whether it must first wait for the main stream's work queued so far."""
+        ``wait``: whether it must first wait for the main stream's work queued so far, or an event of
+        :meth:`mark` to wait for instead."""
         if self.stream is None:
             yield
             return
-        if wait:
+        if isinstance(wait, torch.cuda.Event):
+            self.stream.wait_event(wait)
+        elif wait:
             self.stream.wait_stream(self.main)
         _record(inputs, self.stream)
         with torch.cuda.stream(self.stream):
@@ -375,9 +399,9 @@ class Fp8JointBlock(torch.nn.Module):
         if self.attn2 is not None:  # second modulation of the same norm (SD35AdaLayerNormZeroX)
             ax2, _ = self._norm_mod(x, mod[6], mod[7], self.attn2.qkv)
         text.join(cqkv)
-        attn_out, oc = self.attn(ax, cqkv, b, length, lc)
+        attn_out, oc = self.attn(ax, cqkv, b, length, lc, text)
         if not self.context_pre_only:
-            with text.side(oc):
+            with text.side(oc, wait=False):  # oc: made on the text stream, or handed over to it
                 # the text stream's half of the block: its own stream, beside the image stream's below
                 ctx_out = self.attn.ctx_out(oc)
                 acff, c = self._norm_mod(c, c_shift_mlp, c_scale_mlp, self.ff_context.up,

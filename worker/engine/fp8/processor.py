@@ -62,23 +62,35 @@ def fp8_attention_status() -> str:
 
 def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor | None,
                   ctx_norm_w: torch.Tensor | None, *, batch: int, heads: int, eps: float,
-                  rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  rows: tuple[int, int], text=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Joint attention from the streams' q/k/v GEMM outputs to the output projections' FP8 input.
 
     ``worker.engine.fp8.attention.prep_joint`` (q/k RMSNorm, K quantized, V per batch element) then the
     FP8 kernel with an E4M3 epilogue: returns (o8, row scales), image rows then ``rows[1]`` text rows per
     batch element (see ``fp8_attention_quantized``). None when the kernels are missing or failed on an
     earlier eager call: the caller then takes the bf16 path (which may still use the FP8 kernel).
+
+    ``text`` (a :class:`~worker.engine.fp8.blocks.TextStream`): the text rows are a second launch on the
+    text stream, queued after the image rows' launch, so their programs fill the image launch's last wave
+    and the image stream's next GEMM (which needs only image rows) starts beside them. The text rows are
+    then ready on the text stream only.
     """
     global _io_error
     if _io_error is not None or not img.is_cuda or _load_fp8() is None:
         return None
     from .attention import fp8_attention_quantized, prep_joint
 
+    length, ctx_rows = rows
     try:
         with torch.cuda.device(img.device):  # Triton launches on the current device
             q, kv = prep_joint(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps)
-            return fp8_attention_quantized(q, kv, fp8_rows=rows)
+            if text is None or text.stream is None or not ctx_rows:
+                return fp8_attention_quantized(q, kv, fp8_rows=rows)
+            prepared = text.mark()
+            o = fp8_attention_quantized(q, kv, fp8_rows=rows, rows=(0, length))
+            with text.side(q, kv["q_scale"], kv["kq"], kv["ks"], kv["vq"], kv["vs"], *o, wait=prepared):
+                fp8_attention_quantized(q, kv, fp8_rows=rows, rows=(length, length + ctx_rows), out=o)
+            return o
     except _KERNEL_ERRORS as exc:
         _io_error = _give_up(exc, f"FP8 attention with FP8 output failed for {tuple(img.shape)} ({exc!r}); "
                                   "using bf16 q/k/v")
