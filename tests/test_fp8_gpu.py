@@ -1,8 +1,8 @@
 """GPU-only checks of the FP8 engine's few-row GEMV and of the text stream's second CUDA stream.
 Skipped without an FP8-capable GPU and Triton.
 
-The second stream changes when kernels run, never the maths: that check is exact (same bits), eager and
-in a CUDA graph.
+The second stream (used while a CUDA graph is captured) changes when kernels run, never the maths: that
+check is exact (same bits) against the one-stream graph and the eager call.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _twice(fn):
 
 @gpu
 def test_text_stream_gives_the_same_bits():
-    # the text stream's kernels on their own CUDA stream: same output as in line, eager and captured
+    # the text stream's kernels on their own CUDA stream in a captured graph: same output as in line
     from diffusers import SD3Transformer2DModel
 
     from worker.engine.fp8 import Fp8Options, apply_fp8, set_runtime_options

@@ -275,7 +275,7 @@ class TextStream:
     mostly idle GPU. On a second stream they run beside the image stream's kernels. The streams meet
     where the maths does: the joint attention waits for the text q/k/v, and the text half after it waits
     for the attention's text rows, which are a launch of their own on the text stream
-    (``processor.attend_fp8_io``). Off (not CUDA, or ``Fp8Options.text_stream`` off), it
+    (``processor.attend_fp8_io``). Used while a CUDA graph is captured (the engine's step), not eagerly. Off (not CUDA, or ``Fp8Options.text_stream`` off), it
     does nothing and every kernel runs in order on the current stream.
     """
 
@@ -288,7 +288,9 @@ class TextStream:
     @classmethod
     def for_block(cls, x, on: bool) -> TextStream:
         t = x.x if isinstance(x, PendingResidual) else x
-        if not (on and t.is_cuda):
+        # only inside a CUDA graph capture: run eagerly, the step is bound by the host's launches, which
+        # the extra events and allocator bookkeeping per block only lengthen (measured, docs/PERFORMANCE.md)
+        if not (on and t.is_cuda and torch.cuda.is_current_stream_capturing()):
             return cls(None)
         if t.device not in cls._streams:
             # the main stream's priority: the text rows' attention, queued after the image rows', must

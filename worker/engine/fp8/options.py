@@ -43,8 +43,9 @@ class Fp8Options:
     cuda_graphs: the engine captures the denoising step per shape bucket (``worker.engine.graphs``);
         read by the engine, not by ``apply_fp8``.
     fast_accum: cuBLASLt fast FP8 accumulation (``use_fast_accum``).
-    text_stream: run each block's text-stream kernels (its norms, q/k/v, output projection and feed-forward)
-        on a second CUDA stream beside the image stream's (``blocks.TextStream``).
+    text_stream: in a CUDA graph, run each block's text-stream kernels (its norms, q/k/v, the text rows of
+        the attention, output projection and feed-forward) on a second CUDA stream beside the image
+        stream's (``blocks.TextStream``).
     bf16_layers: layer types (``LAYER_TYPES``) that stay BF16.
     max_image_side: the largest image side (pixels) the converted model must serve; the sin-cos position
         table (SD3's ``pos_embed``, a BF16 buffer of up to 384 x 384 positions) is cut to its centre part
