@@ -24,7 +24,6 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 
 import argparse
 import json
-import statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,31 +43,10 @@ def widths(name: str) -> tuple[int, list[int]]:
     return d, out
 
 
-def graph_ms(fn) -> float:
-    import torch
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(10):
-        g.replay()
-    times = []
-    for _ in range(50):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def run(name: str, rows: int) -> dict:
     import torch
 
+    from bench.gputime import graph_replay_ms
     from worker.engine.fp8 import kernels
     from worker.engine.fp8.quant import E4M3, quantize_rows
 
@@ -104,7 +82,7 @@ def run(name: str, rows: int) -> dict:
     res = {"hidden": d, "blocks": len(outs), "outputs": n, "weight_gb": round(n * d / 1e9, 3),
            "triton_rel_diff_vs_cublas": float((a - b).norm() / a.norm())}
     for label, fn in (("per_block", per_block), ("bank_cublas", bank_cublas), ("bank_triton", bank_triton)):
-        ms = graph_ms(fn)
+        ms = graph_replay_ms(fn)
         res[label] = {"ms": round(ms, 4), "weight_gb_per_s": round(n * d / ms / 1e6, 1)}
     return res
 

@@ -21,7 +21,6 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 import argparse
 import json
 import os
-import statistics
 import subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +30,7 @@ def time_one(heads: int, length: int, ctx_length: int, batch: int = 2) -> float:
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from bench.gputime import graph_replay_ms
     from worker.engine.fp8 import attention as att
 
     d = 64
@@ -43,23 +43,7 @@ def time_one(heads: int, length: int, ctx_length: int, batch: int = 2) -> float:
         q, kv = att.prep_joint(img, ctx, w, w, batch=batch, heads=heads)
         return att.fp8_attention_quantized(q, kv, fp8_rows=(length, ctx_length))
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(10):
-        graph.replay()
-    times = []
-    for _ in range(50):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return graph_replay_ms(step)
 
 
 def main() -> int:

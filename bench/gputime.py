@@ -1,0 +1,29 @@
+"""GPU timing shared by the benches: a function captured in a CUDA graph, median of its replays."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def graph_replay_ms(fn, *, warm: int = 3, warm_replays: int = 10, replays: int = 50) -> float:
+    """Run ``fn`` eagerly ``warm`` times (compiles, autotunes), capture it, replay ``warm_replays`` times,
+    then return the median of ``replays`` CUDA-event timings of one replay, in ms."""
+    import torch
+
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(warm_replays):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
