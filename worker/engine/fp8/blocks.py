@@ -211,8 +211,8 @@ class AdaLNBank:
 
     All blocks' modulations read the same ``silu(temb)``, so one GEMM computes them all. On SD3.5 Large the
     modulations are a third of the weights (2.7 GB of E4M3 over 38 blocks): 38 GEMVs of a few rows, each too
-    small to fill the GPU's last wave of tiles, ran at about half of HBM bandwidth; one GEMM over all of
-    them streams the weights once (docs/PERFORMANCE.md). silu and the activation's quantization run once too.
+    small to fill the GPU's last wave of tiles, streamed them at 2 TB/s; one few-row GEMM over all of them
+    (``kernels.gemv``) at 3 TB/s (``bench/adaln_gemv.py``). silu and the activation's quantization run once too.
 
     A block owns a bank of one (itself) until :func:`~worker.engine.fp8.convert.apply_fp8` merges the
     blocks' banks into the model's (``transformer.adaln_bank``, which holds the weights). The output is
@@ -275,8 +275,9 @@ class TextStream:
     mostly idle GPU. On a second stream they run beside the image stream's kernels. The streams meet
     where the maths does: the joint attention waits for the text q/k/v, and the text half after it waits
     for the attention's text rows, which are a launch of their own on the text stream
-    (``processor.attend_fp8_io``). Used while a CUDA graph is captured (the engine's step), not eagerly. Off (not CUDA, or ``Fp8Options.text_stream`` off), it
-    does nothing and every kernel runs in order on the current stream.
+    (``processor.attend_fp8_io``). Used while a CUDA graph is captured (the engine's step). Otherwise (eager,
+    not CUDA, or ``Fp8Options.text_stream`` off) it does nothing and every kernel runs in order on the
+    current stream.
     """
 
     _streams: dict[torch.device, torch.cuda.Stream] = {}
