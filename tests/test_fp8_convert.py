@@ -313,3 +313,44 @@ def test_position_table_cut_refuses_larger_images_and_survives_serialization(tin
         run(small, x)  # 32 x 32 latents are 256 px: beyond what it was cut for
     with pytest.raises(ConfigError, match="max_image_side"):
         Fp8Options(max_image_side=-1)
+
+
+class _FakeStream:
+    """Records the waits a TextStream asks for (no CUDA here)."""
+
+    def __init__(self, name, log):
+        self.name, self.log, self.device = name, log, torch.device("cpu")
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+def test_text_stream_holds_cross_stream_tensors_until_the_maker_waits():
+    # what each stream reads of the other's tensors is held (not freed for the allocator to reuse) until
+    # the stream that made it has waited for the reader; nothing is held after the call's last join
+    from worker.engine.fp8.blocks import TextStream, _SideStream
+
+    log = []
+    main, text_stream = _FakeStream("main", log), _FakeStream("text", log)
+    side = _SideStream(text_stream)
+    ts = TextStream(side, main=main)
+    cmod, q = torch.ones(2), torch.ones(3)
+    ts.handoff(cmod, (q, None))  # made on main, read by text: held until main waits for text
+    assert log == ["text waits main"] and side.read_by_text == [cmod, q]
+    cqkv = torch.ones(4)
+    ts.join(cqkv)  # main waits: text's reads are behind it; cqkv (made on text) is now read by main
+    assert log[-1] == "main waits text" and side.read_by_text == [] and side.read_by_main == [cqkv]
+    ts._text_waits(False)
+    assert side.read_by_main == [cqkv]  # no wait, nothing released
+    ts._text_waits(True)
+    assert log[-1] == "text waits main" and side.read_by_main == []
+    ts.handoff(q)
+    ts.join(cqkv, last=True)
+    assert side.read_by_text == [] and side.read_by_main == []
+    # off (eager, CPU): no stream, nothing recorded or held
+    off = TextStream(None)
+    off.handoff(q)
+    off.join(q, last=True)
+    with off.side(q):
+        pass
+    assert off.stream is None

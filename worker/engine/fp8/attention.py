@@ -741,6 +741,8 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
             out = torch.empty(shape, device=q.device, dtype=torch.float8_e4m3fn)
             out_scale = torch.empty((shape[0], 1), device=q.device, dtype=torch.float32)
         else:
+            if not isinstance(out, tuple) or len(out) != 2:
+                raise ValueError("with fp8_rows, out is the (o8, scale) pair of an earlier call")
             out, out_scale = out
             if out.shape != shape or out.dtype != torch.float8_e4m3fn or out_scale.shape != (shape[0], 1):
                 raise ValueError(f"out for fp8_rows={fp8_rows}: ({shape} E4M3, ({shape[0]}, 1) float32)")

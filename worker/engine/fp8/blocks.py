@@ -47,7 +47,8 @@ def make_linear(lins: torch.nn.Linear | list[torch.nn.Linear], fp8: bool, option
         return Fp8Linear(lins[0].in_features, n, bias=has_bias, device=w0.device, **kw)
     if len(lins) == 1:
         return lins[0]
-    out = torch.nn.Linear(lins[0].in_features, n, bias=has_bias, device=w0.device, dtype=w0.dtype)
+    # on meta: no random initialisation of a weight that is replaced next (the AdaLN bank's is 2.7 G values)
+    out = torch.nn.Linear(lins[0].in_features, n, bias=has_bias, device="meta", dtype=w0.dtype)
     with torch.no_grad():
         out.weight = torch.nn.Parameter(torch.cat([m.weight.detach() for m in lins], 0), requires_grad=False)
         if has_bias:
@@ -230,6 +231,7 @@ class AdaLNBank:
         self.cols = [(s, a, c) for s, (a, c) in zip(starts, widths)]
         self.temb: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
+        self.computed_by: int | None = None  # the block (index) whose call computed ``out``: the call's first
 
     @classmethod
     def merge(cls, banks: list[AdaLNBank]) -> AdaLNBank:
@@ -245,26 +247,41 @@ class AdaLNBank:
 
     def clear(self) -> None:
         """Forget the last call's output (e.g. one in a released CUDA graph's memory pool)."""
-        self.temb, self.out = None, None
+        self.temb, self.out, self.computed_by = None, None, None
 
     def __call__(self, temb: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``index``'s (image, text) modulation vectors, (B, 6 or 9 x D) and (B, 2 or 6 x D)."""
         if temb is not self.temb:
-            self.temb, self.out = temb, self.linear(F.silu(temb))
+            self.temb, self.out, self.computed_by = temb, self.linear(F.silu(temb)), index
         s, a, c = self.cols[index]
         return self.out[:, s:s + a], self.out[:, s + a:s + a + c]
 
 
-def _record(items, stream) -> None:
-    """``record_stream`` for every tensor in ``items`` (tensors, QTensors, PendingResiduals, None): the
-    caching allocator then keeps their memory until ``stream``'s work queued so far is done."""
+def _tensors(items):
+    """The tensors in ``items`` (tensors, QTensors and other tuples, PendingResiduals, None)."""
     for t in items:
         if isinstance(t, torch.Tensor):
-            t.record_stream(stream)
+            yield t
         elif isinstance(t, PendingResidual):
-            _record((t.x, t.y, t.gate), stream)
+            yield from _tensors((t.x, t.y, t.gate))
         elif isinstance(t, (tuple, list)):
-            _record(t, stream)
+            yield from _tensors(t)
+
+
+class _SideStream:
+    """The text stream of one device, and the tensors each stream reads that the other one made.
+
+    The caching allocator reuses a freed tensor's memory for the next allocation on the stream that made
+    it, ordered only by that stream. So a tensor read by the other stream is held here until the stream
+    that made it has waited for the reader: then any reuse comes after the read. (``record_stream`` would
+    do the same, but during a CUDA graph capture the allocator keeps such memory until the capture ends:
+    every block's attention buffers at once, ~1.8 GB per transformer row on Large at 1024 px.)
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.read_by_text: list[torch.Tensor] = []  # made on the main stream
+        self.read_by_main: list[torch.Tensor] = []  # made on the text stream
 
 
 class TextStream:
@@ -280,11 +297,12 @@ class TextStream:
     current stream.
     """
 
-    _streams: dict[torch.device, torch.cuda.Stream] = {}
+    _sides: dict[torch.device, _SideStream] = {}
 
-    def __init__(self, stream: torch.cuda.Stream | None):
-        self.stream = stream
-        self.main = torch.cuda.current_stream(stream.device) if stream is not None else None
+    def __init__(self, side: _SideStream | None, main=None):
+        self.side_stream = side
+        self.stream = side.stream if side is not None else None
+        self.main = main if main is not None or side is None else torch.cuda.current_stream(side.stream.device)
 
     @classmethod
     def for_block(cls, x, on: bool) -> TextStream:
@@ -293,25 +311,35 @@ class TextStream:
         # the extra events and allocator bookkeeping per block only lengthen (measured, docs/PERFORMANCE.md)
         if not (on and t.is_cuda and torch.cuda.is_current_stream_capturing()):
             return cls(None)
-        if t.device not in cls._streams:
+        if t.device not in cls._sides:
             # the main stream's priority: the text rows' attention, queued after the image rows', must
             # not overtake it (it is meant to fill the image launch's last wave)
-            cls._streams[t.device] = torch.cuda.Stream(device=t.device)
-        return cls(cls._streams[t.device])
+            cls._sides[t.device] = _SideStream(torch.cuda.Stream(device=t.device))
+        return cls(cls._sides[t.device])
 
     def mark(self) -> torch.cuda.Event | None:
-        """An event at this point of the main stream, for ``side(wait=event)``."""
+        """An event at this point of the main stream, for ``side(wait=event)``: take it after the main
+        stream's last read of what the text stream made."""
         if self.stream is None:
             return None
         event = torch.cuda.Event()
         event.record(self.main)
         return event
 
+    def _text_waits(self, wait) -> None:
+        if isinstance(wait, torch.cuda.Event):
+            self.stream.wait_event(wait)
+        elif wait:
+            self.stream.wait_stream(self.main)
+        else:
+            return
+        self.side_stream.read_by_main.clear()  # the main stream's reads come before what the text stream does next
+
     def handoff(self, *inputs) -> None:
         """The text stream waits for the main stream's work queued so far, which made ``inputs``."""
         if self.stream is not None:
-            self.stream.wait_stream(self.main)
-            _record(inputs, self.stream)
+            self._text_waits(True)
+            self.side_stream.read_by_text.extend(_tensors(inputs))
 
     @contextlib.contextmanager
     def side(self, *inputs, wait: bool | torch.cuda.Event = True):
@@ -321,19 +349,24 @@ class TextStream:
         if self.stream is None:
             yield
             return
-        if isinstance(wait, torch.cuda.Event):
-            self.stream.wait_event(wait)
-        elif wait:
-            self.stream.wait_stream(self.main)
-        _record(inputs, self.stream)
+        self._text_waits(wait)
+        self.side_stream.read_by_text.extend(_tensors(inputs))
         with torch.cuda.stream(self.stream):
             yield
 
-    def join(self, *outputs) -> None:
-        """The main stream waits for the text stream; ``outputs``: its tensors the main stream reads."""
-        if self.stream is not None:
-            self.main.wait_stream(self.stream)
-            _record(outputs, self.main)
+    def join(self, *outputs, last: bool = False) -> None:
+        """The main stream waits for the text stream; ``outputs``: its tensors the main stream reads.
+        ``last``: the call's last join (the text stream does nothing more in it): hold nothing after it."""
+        if self.stream is None:
+            return
+        self.main.wait_stream(self.stream)
+        held = self.side_stream
+        held.read_by_text.clear()  # the text stream's reads come before what the main stream does next
+        if last:
+            # the text stream's next work (the next call) starts with a wait for the main stream
+            held.read_by_main.clear()
+        else:
+            held.read_by_main.extend(_tensors(outputs))
 
 
 class Fp8JointBlock(torch.nn.Module):
@@ -384,6 +417,9 @@ class Fp8JointBlock(torch.nn.Module):
         x, res_in = (x.x, (x.y, x.gate)) if isinstance(x, PendingResidual) else (x, None)
         c, cres_in = (c.x, (c.y, c.gate)) if isinstance(c, PendingResidual) else (c, None)
         mod, cmod = self.adaln_bank(temb, self.adaln_index)
+        # the call's first block (it computed the bank's output): its text inputs come from the main stream
+        # (embedder, AdaLN bank); later blocks' from the text stream itself
+        first = self.adaln_bank.computed_by == self.adaln_index
         if not self.defer_residual:
             self.adaln_bank.clear()  # the last block: hold no tensor of this call (or of a graph's pool) after it
         mod = mod.chunk(self.n_mod, dim=1)
@@ -393,9 +429,7 @@ class Fp8JointBlock(torch.nn.Module):
         else:
             c_shift, c_scale, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod.chunk(6, dim=1)
 
-        # the first block's text inputs come from the main stream (embedder, AdaLN bank); later blocks' from
-        # the text stream itself
-        with text.side(cmod, c, cres_in, wait=self.adaln_index == 0):
+        with text.side(cmod, c, cres_in, wait=first):
             ac, c = self._norm_mod(c, c_shift, c_scale, self.attn.ctx_qkv, residual=cres_in)
             cqkv = self.attn.ctx_qkv(ac)
         ax, x = self._norm_mod(x, shift_msa, scale_msa, self.attn.qkv, residual=res_in)
@@ -404,7 +438,7 @@ class Fp8JointBlock(torch.nn.Module):
         text.join(cqkv)
         attn_out, oc = self.attn(ax, cqkv, b, length, lc, text)
         if not self.context_pre_only:
-            with text.side(oc, wait=False):  # oc: made on the text stream, or handed over to it
+            with text.side(oc, cmod, wait=False):  # oc: made on the text stream, or handed over to it
                 # the text stream's half of the block: its own stream, beside the image stream's below
                 ctx_out = self.attn.ctx_out(oc)
                 acff, c = self._norm_mod(c, c_shift_mlp, c_scale_mlp, self.ff_context.up,
@@ -418,7 +452,7 @@ class Fp8JointBlock(torch.nn.Module):
         aff, x = self._norm_mod(x, shift_mlp, scale_mlp, self.ff.up, residual=(attn_out, gate_msa), residual2=res2)
         x = self._gated_residual(x, self.ff(aff), gate_mlp, self.defer_residual)
         if not self.defer_residual:
-            text.join(c)  # the last block: the caller gets both streams' work done (and a graph joined)
+            text.join(c, last=True)  # the last block: both streams' work done for the caller (a graph joined)
         return (None if self.context_pre_only else c), x
 
     def _gated_residual(self, x, y, gate, defer: bool):

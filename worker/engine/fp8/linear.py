@@ -63,7 +63,8 @@ class Fp8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor | QTensor) -> torch.Tensor:
         if not isinstance(x, QTensor):
             x = quantize_rows(x, use_triton=self.use_triton)
-        if x.data.shape[0] <= GEMV_MAX_ROWS and _use_triton(x.data, self.use_triton):
+        # (fast accumulation only, as the Triton FP8 dot does on Hopper; fast_accum off stays on cuBLASLt)
+        if x.data.shape[0] <= GEMV_MAX_ROWS and self.fast_accum and _use_triton(x.data, self.use_triton):
             from . import kernels
 
             y = kernels.gemv(x, self.weight, self.weight_scale, self.bias, self.out_dtype)
