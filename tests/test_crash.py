@@ -61,9 +61,12 @@ def janitor(env):
         p.wait(10)
 
 
-def objects(env, batch: str) -> list[str]:
+def objects(env, batch: str, *, partial: bool = False) -> list[str]:
+    """The batch's stored objects, or with ``partial`` the hidden ``.tmp-*`` files of interrupted writes
+    (the store writes to one and renames it: a worker killed mid-write leaves it behind, never a torn object)."""
     root = Path(env["SDFLEET_OUT"][len("file://"):]) / batch
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+    names = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    return [n for n in names if n.startswith(".tmp-") == partial]
 
 
 def test_sigkill_mid_batch_every_job_is_redone_exactly_once(tmp_path, env, r, start_worker, janitor):
@@ -98,8 +101,11 @@ def _sigkill_mid_batch(tmp_path, env, r, start_worker, receiver, secret, hooks):
     wait_until(lambda: counts(r, "kill").get("succeeded", 0) == 24, 60, "all jobs to succeed")
     assert counts(r, "kill") == {"queued": 0, "running": 0, "succeeded": 24}
     # (manifest.jsonl is written by the webhook worker once the batch has completed)
-    assert [o for o in objects(env, "kill") if o != "manifest.jsonl"] == sorted(
-        f"p{i}{ext}" for i in range(24) for ext in (".json", ".png"))
+    expected = sorted(f"p{i}{ext}" for i in range(24) for ext in (".json", ".png"))
+    assert [o for o in objects(env, "kill") if o != "manifest.jsonl"] == expected
+    # the only leftovers: partial writes of this batch's objects, if the killed worker died inside one
+    # (".tmp-<pid>-<thread>-<name>"; sweeping them is not implemented yet)
+    assert all(n.split("-", 3)[-1] in expected for n in objects(env, "kill", partial=True))
     attempts = [int(r.hget(f"sdfleet:job:{jid}", "attempts")) for jid in r.lrange("sdfleet:batch:kill:jobs", 0, -1)]
     assert max(attempts) == 2, "the jobs of the killed batch ran twice, the others once"
     def job_messages_unacked() -> int:  # (webhook deliveries in flight are unacked too, legitimately)
