@@ -491,7 +491,10 @@ if triton is not None:
         key=["S_PAD", "HEAD_DIM", "QK_INT8", "PV_FP8", "EXP_FTZ", "USE_TMA", "BH_SCALE", "I2F_MAGIC", "K_HEAD",
              "OUT_FP8", "Q_PRE"],
     )
-    @triton.jit
+    # ROW0 and M_ROWS unspecialized: the engine's eager warm-up launches all rows at once, its CUDA graph
+    # the image and text rows apart (other ROW0 / M_ROWS values); one binary serves both, so nothing
+    # compiles during the capture. Neither enters an address whose alignment the compiler could use.
+    @triton.jit(do_not_specialize=["ROW0", "M_ROWS"])
     def _attn_fwd_kernel(
         Q, Qs, Kq, Ks, Vq, Vs, Vb, O, Os, desc_k, desc_v,
         stride_qb, stride_qh, stride_qs, stride_qd,
