@@ -210,17 +210,27 @@ if triton is not None:
             tl.atomic_max(Vamax + (b if V_BATCH else bh), tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=1), axis=0))
 
     @triton.jit
-    def _store_k_tile(k, k_amax, kq_ptrs, QK_INT8: tl.constexpr):
-        # one scale for the tile: INT8 (amax / 127, rounded half away from zero) or E4M3 (amax / 448)
-        if QK_INT8:
-            k_scale = tl.maximum(k_amax, 1e-30) / 127.0
-            y = tl.minimum(tl.maximum(k * (1.0 / k_scale), -127.0), 127.0)
-            y = tl.where(y >= 0, y + 0.5, y - 0.5)
-            tl.store(kq_ptrs, y.to(tl.int8))
+    def _scale_of(amax, INT8: tl.constexpr):
+        # the scale that maps amax to the code range: INT8 127, E4M3 448
+        if INT8:
+            return tl.maximum(amax, 1e-30) / 127.0
         else:
-            k_scale = tl.maximum(k_amax, 1e-30) / 448.0
-            y = tl.minimum(tl.maximum(k * (1.0 / k_scale), -448.0), 448.0)
-            tl.store(kq_ptrs, y.to(tl.float8e4nv))
+            return tl.maximum(amax, 1e-30) / 448.0
+
+    @triton.jit
+    def _codes(y, INT8: tl.constexpr):
+        # values already divided by their scale -> saturated INT8 (rounded half away from zero) or E4M3
+        if INT8:
+            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+            return tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
+        else:
+            return tl.minimum(tl.maximum(y, -448.0), 448.0).to(tl.float8e4nv)
+
+    @triton.jit
+    def _store_k_tile(k, k_amax, kq_ptrs, QK_INT8: tl.constexpr):
+        # one scale for the tile
+        k_scale = _scale_of(k_amax, QK_INT8)
+        tl.store(kq_ptrs, _codes(k * (1.0 / k_scale), QK_INT8))
         return k_scale
 
     @triton.jit
@@ -276,13 +286,11 @@ if triton is not None:
                 v_amax = tl.load(Vamax + (b if V_BATCH else bh))
             else:
                 v_amax = tl.max(tl.max(tl.abs(v), axis=1), axis=0)
-            v_scale = tl.maximum(v_amax, 1e-30) / 448.0
-            w = v * (1.0 / v_scale)
-            w = tl.minimum(tl.maximum(w, -448.0), 448.0)
+            v_scale = _scale_of(v_amax, False)
             # transposed: (dim, token), token contiguous
             vq_ptrs = (Vq + bh.to(tl.int64) * S_PAD * HEAD_DIM
                        + offs_d[None, :] * S_PAD + offs_s[:, None])
-            tl.store(vq_ptrs, w.to(tl.float8e4nv))
+            tl.store(vq_ptrs, _codes(v * (1.0 / v_scale), False))
             tl.store(Vs + bh * N_TILES + tile, v_scale)
 
     @triton.jit
@@ -296,20 +304,9 @@ if triton is not None:
 
     @triton.jit
     def _quant_q_rows(q, QK_INT8: tl.constexpr):
-        # one scale per row (token): INT8 (amax / 127, rounded half away from zero) or E4M3 (amax / 448)
-        q_amax = tl.max(tl.abs(q), 1)
-        if QK_INT8:
-            q_scale = tl.maximum(q_amax, 1e-30) / 127.0
-            y = q * (1.0 / q_scale)[:, None]
-            y = tl.where(y >= 0, y + 0.5, y - 0.5)
-            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-            q8 = y.to(tl.int8)
-        else:
-            q_scale = tl.maximum(q_amax, 1e-30) / 448.0
-            y = q * (1.0 / q_scale)[:, None]
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-            q8 = y.to(tl.float8e4nv)
-        return q8, q_scale
+        # one scale per row (token)
+        q_scale = _scale_of(tl.max(tl.abs(q), 1), QK_INT8)
+        return _codes(q * (1.0 / q_scale)[:, None], QK_INT8), q_scale
 
     @triton.jit
     def _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, which, H,
@@ -372,9 +369,8 @@ if triton is not None:
         v = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 2, H, D, HAS_CTX).to(tl.float32)
         part = tl.arange(0, PARTS)
         v_amax = tl.max(tl.load(Vpart + b * H * N_TILES + part, mask=part < H * N_TILES, other=0.0), axis=0)
-        v_scale = tl.maximum(v_amax, 1e-30) / 448.0
-        w = tl.minimum(tl.maximum(v * (1.0 / v_scale), -448.0), 448.0)
-        tl.store(Vq + bh.to(tl.int64) * S_PAD * D + d[None, :] * S_PAD + t[:, None], w.to(tl.float8e4nv))
+        v_scale = _scale_of(v_amax, False)
+        tl.store(Vq + bh.to(tl.int64) * S_PAD * D + d[None, :] * S_PAD + t[:, None], _codes(v * (1.0 / v_scale), False))
         tl.store(Vs + bh * N_TILES + tile, v_scale)
 
     @triton.jit

@@ -456,9 +456,8 @@ class Fp8JointBlock(torch.nn.Module):
         return (None if self.context_pre_only else c), x
 
     def _gated_residual(self, x, y, gate, defer: bool):
-        if defer and self.options.fused_quant:
-            return PendingResidual(x, y, gate)
-        return torch.addcmul(x, gate.unsqueeze(1), y)
+        pending = PendingResidual(x, y, gate)
+        return pending if defer and self.options.fused_quant else pending.materialize()
 
 
 __all__ = ["AdaLNBank", "Fp8JointBlock", "JointAttention", "TextStream", "FeedForward", "PendingResidual", "make_linear", "QTensor"]
