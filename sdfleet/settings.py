@@ -17,6 +17,8 @@ from sdfleet.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_OUT = "file://./outputs"
+# One lock file per GPU UUID: local to the host (flock is not reliable on network file systems).
+DEFAULT_GPU_LOCK_DIR = "/tmp/sdfleet-gpu-locks"
 
 # Default webhook retry schedule, in seconds after the first failed attempt: about a day in all.
 DEFAULT_WEBHOOK_SCHEDULE = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800)
@@ -44,6 +46,8 @@ class Settings(BaseModel):
     log_format: str = "auto"
     log_level: str = "info"
     upload_retries: int = Field(8, ge=0)
+    # Where workers on one host take their per-GPU locks; every worker of the host must use the same one.
+    gpu_lock_dir: str = DEFAULT_GPU_LOCK_DIR
 
     @field_validator("redis_url")
     @classmethod
