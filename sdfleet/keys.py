@@ -42,7 +42,8 @@ def worker(worker_id: str) -> str:
 
 
 def worker_held(worker_id: str) -> str:
-    """Set of job ids whose messages a worker has claimed and not acknowledged (reclaimed if it dies)."""
+    """Hash job id -> delivery tag of the messages a worker has received and not acknowledged (handed back
+    by the reclaim sweep if the worker dies)."""
     return f"{PREFIX}:worker:{worker_id}:held"
 
 
@@ -60,9 +61,19 @@ def webhook_sent(event_id: str) -> str:
     return f"{PREFIX}:webhooks:sent:{event_id}"
 
 
+GEN_QUEUE_PREFIX = "sdfleet.gen."
+
+
 def queue_for_model(model: str) -> str:
     """The Celery queue that workers of ``model`` consume."""
-    return f"sdfleet.gen.{model}"
+    return f"{GEN_QUEUE_PREFIX}{model}"
+
+
+# Set of job ids whose messages a queue purge removed: the sweep cancels them instead of re-enqueueing them.
+PURGED = f"{PREFIX}:purged"
+
+# Held by the one worker (or janitor) that runs the reclaim sweep at a time (value: its id; with a TTL).
+SWEEP_LOCK = f"{PREFIX}:lock:sweep"
 
 
 WEBHOOK_QUEUE = "sdfleet.webhooks"
@@ -72,3 +83,30 @@ WEBHOOK_QUEUE = "sdfleet.webhooks"
 WEBHOOK_DUE = f"{PREFIX}:webhooks:due"
 # How long a mover may hold a claimed due delivery before another mover may take it over.
 WEBHOOK_CLAIM_S = 60
+
+
+# --- scaling and metrics ----------------------------------------------------------------------------
+
+def service_times(model: str) -> str:
+    """Hash: bucket "<width>x<height>:<steps>" -> measured seconds per image (EWMA), written by workers."""
+    return f"{PREFIX}:service:{model}"
+
+
+def bucket_of(width: int, height: int, steps: int) -> str:
+    """The field of :func:`service_times` for one shape: the scheduler prices a queued job by it."""
+    return f"{width}x{height}:{steps}"
+
+
+# kombu's Redis transport keeps a message of priority p > 0 in its own list, ``queue + PRIORITY_SEP + p``
+# (its default priority steps are 0, 3, 6, 9; priority 0 is the plain list).
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+
+
+def queue_lists(model: str) -> list[str]:
+    """Every Redis list that may hold queued messages of ``model``'s queue, the plain list first."""
+    q = queue_for_model(model)
+    return [q] + [f"{q}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+
+
+SCHEDULER_STATE = f"{PREFIX}:scheduler"  # hash with a TTL: pool -> JSON of the scheduler's last decision
