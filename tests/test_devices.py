@@ -167,6 +167,7 @@ def test_cpu_hides_the_gpus_and_needs_no_nvml():
     ({}, "cuda:4", ["--device cuda:4", "every GPU of the host", "cuda:0 .. cuda:3"]),
     ({"CUDA_VISIBLE_DEVICES": ""}, "cuda:0", ["--device cuda:0", "no GPU", "--device cpu"]),
     ({"CUDA_VISIBLE_DEVICES": "-1"}, "cuda:0", ["--device cuda:0", "no GPU"]),
+    ({"CUDA_VISIBLE_DEVICES": "3"}, "cuda:1", ["--device cuda:1", "1 GPU(s)", "use --device cuda:0, or"]),
 ])
 def test_out_of_range(env, spec, words):
     with pytest.raises(ConfigError) as exc:

@@ -197,7 +197,8 @@ def resolve_device(spec: str, environ: Mapping[str, str], nvml: Any | None = Non
         if not handles:
             fix = "this process may use no GPU: unset CUDA_VISIBLE_DEVICES, or run with --device cpu"
         else:
-            fix = f"use --device cuda:0 .. cuda:{len(handles) - 1}, or widen {CUDA_VISIBLE}"
+            choices = "cuda:0" if len(handles) == 1 else f"cuda:0 .. cuda:{len(handles) - 1}"
+            fix = f"use --device {choices}, or widen {CUDA_VISIBLE}"
         raise ConfigError(f"--device {spec}: this process was given {len(handles)} GPU(s) ({given}); {fix}")
     uuid, bus_id, name = _identity(nvml, handles[n])
     return DeviceAssignment(spec=spec, torch_device="cuda:0", cuda_visible_devices=uuid, uuid=uuid,
