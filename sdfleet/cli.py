@@ -26,6 +26,7 @@ examples:
   sdfleet status catalogue --json
   sdfleet wait catalogue && sdfleet results catalogue -o manifest.jsonl
   sdfleet cancel catalogue
+  sdfleet make-model medium /models/sd3.5-medium-random   SD3.5 layout, random weights, no download
 
 environment: REDIS_URL (default redis://127.0.0.1:6379/0), SDFLEET_OUT, SDFLEET_S3_ENDPOINT_URL,
   SDFLEET_WEBHOOK_SECRET, SDFLEET_LOG_FORMAT (auto|json|console), SDFLEET_VISIBILITY_TIMEOUT, ...
@@ -103,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     q.add_argument("--keep-bf16", default=None, metavar="TYPES",
                    help="comma list of layer types kept in BF16 (default: embedders, norm_out, proj_out)")
+
+    mm = sub.add_parser("make-model", help="write an SD3.5 model directory with random weights (no download)",
+                        description="Write the full diffusers layout of SD3.5 Medium or Large (or the tiny test "
+                                    "model) to DIR from the released configs, with random weights: a directory "
+                                    "'sdfleet worker --model DIR' and 'sdfleet quantize DIR OUT' load like a "
+                                    "download. A complete DIR is kept (use --overwrite to write it again).")
+    mm.add_argument("name", choices=["tiny", "medium", "large"])
+    mm.add_argument("dir")
+    mm.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    mm.add_argument("--device", default="cpu", help="where the random weights are made: cpu or cuda (faster)")
+    mm.add_argument("--overwrite", action="store_true")
+    mm.add_argument("--seed", type=int, default=0)
 
     j = sub.add_parser("janitor", help="reclaim the work of dead workers (run one per fleet)")
     j.add_argument("--interval", type=float, default=2.0, help="seconds between sweeps")
@@ -285,6 +298,22 @@ def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_make_model(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
+    from worker.engine.model_dir import write_model_dir
+
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise ConfigError(f"--device {args.device!r}: use cpu or cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    summary = write_model_dir(args.name, args.dir, dtype=dtype, device=args.device, seed=args.seed,
+                              overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def cmd_janitor(args: argparse.Namespace, settings: Settings) -> int:
     from scheduler.janitor import run_janitor
 
@@ -300,6 +329,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS = {
     "submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "results": cmd_results, "cancel": cmd_cancel,
     "worker": cmd_worker, "demo": cmd_demo, "janitor": cmd_janitor, "quantize": cmd_quantize,
+    "make-model": cmd_make_model,
 }
 
 # --- webhooks ---------------------------------------------------------------------------------------

@@ -43,6 +43,38 @@ def _byte_tokenizer(bos: str | None, eos: str, pad: str, max_length: int):
                                    model_max_length=max_length, **kwargs)
 
 
+def clip_tokenizer(max_length: int = 77):
+    """The CLIP-side tokenizer of every model built here (CLIP-L and CLIP-G share it, as in SD3.5)."""
+    return _byte_tokenizer("<|startoftext|>", "<|endoftext|>", "<|pad|>", max_length)
+
+
+def t5_tokenizer(max_length: int = 256):
+    return _byte_tokenizer(None, "</s>", "<pad>", max_length)
+
+
+#: the tiny pipeline's component configs (diffusers' SD3 test sizes, rms qk-norm, one dual-attention block)
+TINY_CLIP: dict = dict(hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4,
+                       num_hidden_layers=3, hidden_act="gelu", projection_dim=32, max_position_embeddings=77)
+TINY_T5: dict = dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, relative_attention_num_buckets=8)
+TINY_TRANSFORMER: dict = dict(
+    sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+    joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+    pos_embed_max_size=256, dual_attention_layers=(0,), qk_norm="rms_norm")
+TINY_VAE: dict = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+    shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def clip_token_ids(tok) -> dict:
+    return dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def t5_token_ids(tok) -> dict:
+    return dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+
+
 def build_tiny_pipeline(seed: int = 0):
     """The tiny SD3 pipeline with random weights (seeded, so every machine builds the same model)."""
     from diffusers import (
@@ -54,27 +86,14 @@ def build_tiny_pipeline(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    clip_tok = _byte_tokenizer("<|startoftext|>", "<|endoftext|>", "<|pad|>", 77)
-    t5_tok = _byte_tokenizer(None, "</s>", "<pad>", 256)
-    clip_cfg = dict(hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4,
-                    num_hidden_layers=3, vocab_size=len(clip_tok), hidden_act="gelu", projection_dim=32,
-                    bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-                    pad_token_id=clip_tok.pad_token_id, max_position_embeddings=77)
+    clip_tok = clip_tokenizer()
+    t5_tok = t5_tokenizer()
+    clip_cfg = dict(TINY_CLIP, vocab_size=len(clip_tok), **clip_token_ids(clip_tok))
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg))
-    text_encoder_3 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-                                             vocab_size=len(t5_tok), relative_attention_num_buckets=8,
-                                             pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
-                                             decoder_start_token_id=t5_tok.pad_token_id))
-    transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
-        pos_embed_max_size=256, dual_attention_layers=(0,), qk_norm="rms_norm")
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035)
+    text_encoder_3 = T5EncoderModel(T5Config(**TINY_T5, vocab_size=len(t5_tok), **t5_token_ids(t5_tok)))
+    transformer = SD3Transformer2DModel(**TINY_TRANSFORMER)
+    vae = AutoencoderKL(**TINY_VAE)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
