@@ -33,6 +33,7 @@ class FakeGpu:
     def __init__(self, uuid: str, bus_id: str, name: str = "NVIDIA H200", parent: FakeGpu | None = None):
         self.uuid, self.bus_id, self.name, self.parent = uuid, bus_id, name, parent
         self.util, self.used, self.total, self.temp, self.power_mw = 87, 30 * 2**30, 141 * 2**30, 61, 512_000
+        self.mig_capable, self.mig_mode = parent is None, False
 
 
 class FakeNvml:
@@ -86,6 +87,11 @@ class FakeNvml:
 
     def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, h):
         return h.parent
+
+    def nvmlDeviceGetMigMode(self, h):
+        if not h.mig_capable:
+            raise self._err(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return [int(h.mig_mode), int(h.mig_mode)]
 
     def nvmlDeviceGetUtilizationRates(self, h):
         if h.parent is not None:
@@ -154,6 +160,15 @@ def test_uuid_entries_full_and_prefix():
 def test_mig_entry_reports_the_parent_bus_id():
     a = resolve_device("cuda:1", {"CUDA_VISIBLE_DEVICES": f"0,{MIG_UUID}"}, four_gpus())
     assert (a.uuid, a.pci_bus_id, a.cuda_visible_devices) == (MIG_UUID, BUS_IDS[1], MIG_UUID)
+
+
+def test_a_gpu_in_mig_mode_is_used_through_its_instances():
+    nvml = four_gpus()
+    nvml.gpus[1].mig_mode = True
+    with pytest.raises(ConfigError, match=f"GPU {UUIDS[1]} is in MIG mode.*MIG-<uuid>"):
+        resolve_device("cuda:1", {}, nvml)
+    assert resolve_device("cuda:0", {"CUDA_VISIBLE_DEVICES": MIG_UUID}, nvml).uuid == MIG_UUID
+    assert resolve_device("cuda:0", {}, nvml).uuid == UUIDS[0]
 
 
 def test_cpu_hides_the_gpus_and_needs_no_nvml():

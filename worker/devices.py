@@ -90,6 +90,14 @@ def _is_mig(nvml: Any, handle: Any) -> bool:
     return bool(getattr(flag, "value", flag))
 
 
+def _mig_enabled(nvml: Any, handle: Any) -> bool:
+    try:
+        current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+    except nvml.NVMLError:  # GPUs without MIG answer "not supported"
+        return False
+    return current == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1)
+
+
 def _identity(nvml: Any, handle: Any) -> tuple[str, str, str]:
     """(UUID, PCI bus id, name) of a device handle; a MIG instance reports its parent GPU's bus id."""
     uuid = _text(nvml.nvmlDeviceGetUUID(handle))
@@ -200,6 +208,11 @@ def resolve_device(spec: str, environ: Mapping[str, str], nvml: Any | None = Non
             choices = "cuda:0" if len(handles) == 1 else f"cuda:0 .. cuda:{len(handles) - 1}"
             fix = f"use --device {choices}, or widen {CUDA_VISIBLE}"
         raise ConfigError(f"--device {spec}: this process was given {len(handles)} GPU(s) ({given}); {fix}")
+    if not _is_mig(nvml, handles[n]) and _mig_enabled(nvml, handles[n]):
+        # CUDA cannot use a MIG-mode GPU as a whole: pinning its GPU UUID would leave the worker no device.
+        gpu = _text(nvml.nvmlDeviceGetUUID(handles[n]))
+        raise ConfigError(f"--device {spec}: GPU {gpu} is in MIG mode; list the MIG instances to use in "
+                          f"{CUDA_VISIBLE} by their MIG-<uuid> ('nvidia-smi -L'), one worker per instance")
     uuid, bus_id, name = _identity(nvml, handles[n])
     return DeviceAssignment(spec=spec, torch_device="cuda:0", cuda_visible_devices=uuid, uuid=uuid,
                             pci_bus_id=bus_id, name=name)
