@@ -35,6 +35,14 @@ exit codes: 0 ok; 1 some jobs failed / runtime error; 2 usage error (bad flags, 
 
 
 class _Parser(argparse.ArgumentParser):
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        # --help shows every default: appended to each option's help unless the help already names it.
+        default, text = kwargs.get("default"), kwargs.get("help")
+        if (args and str(args[0]).startswith("-") and text is not argparse.SUPPRESS
+                and default not in (None, False, [], argparse.SUPPRESS) and "default" not in (text or "")):
+            kwargs["help"] = f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message: str) -> None:  # argparse exits 2 already; keep the message short and clear
         self.print_usage(sys.stderr)
         print(f"sdfleet: error: {message}", file=sys.stderr)
@@ -44,24 +52,41 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sdfleet", description="Queued SD3.5 image generation on a fleet of GPU workers.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"sdfleet {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
+    from sdfleet.jobs import JobSpec
+
+    d = {name: f.default for name, f in JobSpec.model_fields.items()}
     s = sub.add_parser("submit", help="submit a JSONL or plain-text file of jobs",
                        description="Submit FILE: JSONL (one job object a line; its fields override the flags) "
-                                   "or plain text (one prompt a line). Prints the batch id.")
-    s.add_argument("file")
-    s.add_argument("--width", type=int)
-    s.add_argument("--height", type=int)
-    s.add_argument("--steps", type=int)
-    s.add_argument("--guidance", type=float, dest="guidance_scale")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--negative-prompt", dest="negative_prompt")
-    s.add_argument("--model")
+                                   "or plain text (one prompt a line, custom_id line-000042 for line 42). "
+                                   "Prints the batch id. All or nothing: a submission that fails or is killed "
+                                   "records nothing that will run.")
+    s.add_argument("file", help="the job file; '-' reads standard input")
+    s.add_argument("--width", type=int, help=f"image width (default: {d['width']})")
+    s.add_argument("--height", type=int, help=f"image height (default: {d['height']})")
+    s.add_argument("--steps", type=int, help=f"denoising steps (default: {d['steps']})")
+    s.add_argument("--guidance", type=float, dest="guidance_scale", help=f"guidance scale (default: {d['guidance_scale']})")
+    s.add_argument("--seed", type=int, help="seed for every job (default: a random one per job, recorded)")
+    s.add_argument("--negative-prompt", dest="negative_prompt", help="negative prompt (default: none)")
+    s.add_argument("--model", help="the model name or directory the worker was given, e.g. large or "
+                                   "/models/sd3.5-large; the queue is sdfleet.gen.<lower-cased basename> "
+                                   f"(default: {d['model']})")
     s.add_argument("--out", help="file://DIR or s3://bucket/prefix (default: SDFLEET_OUT or file://./outputs)")
-    s.add_argument("--batch", help="batch name; resubmitting under the same name skips jobs already done")
-    s.add_argument("--webhook", help="http(s) URL notified when each job and the batch end")
-    s.add_argument("--webhook-events", help="comma list of job.succeeded,job.failed,batch.completed")
-    s.add_argument("--webhook-secret", help="signing secret (whsec_...); default SDFLEET_WEBHOOK_SECRET")
+    s.add_argument("--batch", help="batch name; resubmitting under the same name skips jobs already done "
+                                   "(default: a new name, printed)")
+    s.add_argument("--replace", action="store_true",
+                   help="run again, with the new parameters, jobs whose custom_id is in the batch already with "
+                        "other parameters (default: such a resubmission is refused, listing them)")
+    s.add_argument("--url-style", default="s3", choices=["s3", "https", "presigned"],
+                   help="URLs in the manifest and webhooks: s3://, the object's https:// address, or presigned "
+                        "https:// valid for --url-ttl")
+    s.add_argument("--url-ttl", type=int, default=7 * 24 * 3600, help="seconds a presigned URL stays valid")
+    s.add_argument("--webhook", help="http(s) URL notified when each job and the batch end (default: none)")
+    s.add_argument("--webhook-events", help="comma list of job.succeeded,job.failed,batch.completed "
+                                            "(default: all)")
+    s.add_argument("--webhook-secret", help=argparse.SUPPRESS)  # refused with a pointer (secrets stay out of Redis)
     s.add_argument("--skip-invalid", action="store_true", help="submit the valid lines, report the rest")
     s.add_argument("--wait", action="store_true", help="wait for the batch with a progress bar")
 
@@ -72,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             c.add_argument("--json", action="store_true")
         if name == "wait":
-            c.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 1)")
+            c.add_argument("--timeout", type=float, default=None,
+                           help="give up after this many seconds (exit 1), saying what is still queued and "
+                                "running (default: wait until every job has ended)")
     r = sub.add_parser("results", help="write the manifest of a batch (one JSON line per job)")
     r.add_argument("batch")
     r.add_argument("-o", "--output", help="manifest file (default: stdout)")
+    r.add_argument("--url-style", choices=["s3", "https", "presigned"],
+                   help="URL style (default: the one the batch was submitted with)")
 
     w = sub.add_parser("worker", help="run one worker process owning one device")
     w.add_argument("--device", default="cpu", help="cuda:N or cpu")
@@ -129,8 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdfleet")
+    except PackageNotFoundError:
+        from sdfleet import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings = None
     try:
         settings = Settings.from_env()
         logs.configure(settings.log_format, settings.log_level)
@@ -140,31 +181,68 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _closed_stdout()
+    except Exception as exc:
+        # Redis going away mid-command (after the first check passed): one line, not a traceback.
+        if _is_connection_error(exc) and settings is not None:
+            from sdfleet.settings import redis_address
+
+            print(f"sdfleet: lost Redis at {redis_address(settings.redis_url)} (REDIS_URL): "
+                  f"{' '.join(str(exc).split())[:200]}; check that it is running", file=sys.stderr)
+            return 1
+        raise
+
+
+def _closed_stdout() -> int:
+    # The reader went away (``sdfleet results X | head``): nothing left to say and no one to say it to.
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import redis
+    from kombu.exceptions import OperationalError
+
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError))
 
 
 # --- producer commands ------------------------------------------------------------------------------
 
 def _services(settings: Settings):
     from sdfleet.queue import make_app
-    from sdfleet.redisconn import connect
+    from sdfleet.redisconn import check_reachable, connect
     from sdfleet.state import JobStore
+
+    check_reachable(settings.redis_url)  # one line naming REDIS_URL, instead of half a minute of retries
 
     return JobStore(connect(settings.redis_url)), make_app(settings)
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from producer.reader import read_file
+    from producer.status import unserved
     from producer.submit import submit
     from sdfleet.errors import InvalidFile
-    from sdfleet.storage import StorageFactory
+    from sdfleet.storage import StorageFactory, check_location
 
+    if args.webhook_secret:
+        # Secrets stay out of Redis: a per-batch secret would have to be stored where anyone who reads Redis
+        # could forge webhooks with it, and a rotation could never reach the batches that carry it.
+        raise ConfigError("--webhook-secret is not accepted: webhooks are signed by the webhook worker with "
+                          "its own SDFLEET_WEBHOOK_SECRET (and SDFLEET_WEBHOOK_PREVIOUS_SECRETS while rotating); "
+                          "set it there and leave the flag out")
     defaults: dict[str, Any] = {k: getattr(args, k) for k in
                                 ("width", "height", "steps", "guidance_scale", "seed", "negative_prompt", "model",
                                  "webhook") if getattr(args, k) is not None}
     if args.webhook_events:
         defaults["webhook_events"] = tuple(e.strip() for e in args.webhook_events.split(",") if e.strip())
-    if args.webhook_secret:
-        settings = Settings.from_env(webhook_secret=args.webhook_secret)
     # Flags are validated like a job, so a bad flag is reported once and by name.
     from sdfleet.jobs import parse_job
 
@@ -173,24 +251,36 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     except InvalidJob as exc:
         flag = "--" + (exc.field or "").replace("_scale", "").replace("_", "-")
         raise InvalidJob(exc.reason, field=flag) from None
+    out = args.out or settings.out
+    try:
+        check_location(out)
+    except SdfleetError as exc:
+        raise InvalidJob(str(exc), field="--out") from None
+    if args.url_ttl < 1 or args.url_ttl > 7 * 24 * 3600:
+        raise InvalidJob("use 1 to 604800 seconds (S3 presigns for at most 7 days)", field="--url-ttl")
     result = read_file(args.file, defaults)
     _check_webhook_urls(result, defaults, settings)  # URL policy: http(s), no private addresses
+    name = "standard input" if args.file == "-" else args.file
     if result.errors and not args.skip_invalid:
-        raise InvalidFile(args.file, result.errors)
+        raise InvalidFile(name, result.errors)
     for err in result.errors:
         print(f"skipped {err}", file=sys.stderr)
     if not result.jobs:
-        raise InvalidJob(f"{args.file} holds no jobs; nothing was enqueued")
+        raise InvalidJob(f"{name} holds no jobs; nothing was enqueued")
     store, app = _services(settings)
-    out = args.out or settings.out
-    if not (out.startswith("file://") or out.startswith("s3://")):
-        raise InvalidJob(f"{out!r} is not a storage location; use file://DIR or s3://bucket/prefix", field="--out")
     res = submit([spec for _, spec in result.jobs], store=store, app=app,
                  storage=StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries),
-                 default_out=out, batch_name=args.batch, webhook_secret=settings.webhook_secret)
+                 default_out=out, batch_name=args.batch, replace=args.replace,
+                 webhook_secret=settings.webhook_secret, url_style=args.url_style, url_ttl_s=args.url_ttl,
+                 lease_s=settings.submission_lease_s)
     print(res.batch_id)
-    print(f"{res.enqueued} enqueued, {res.skipped_done} already done, {res.skipped_pending} already pending"
-          f" ({res.total} in batch)", file=sys.stderr)
+    replaced = f", {res.replaced} replaced" if res.replaced else ""
+    print(f"{res.enqueued} enqueued{replaced}, {res.skipped_done} already done, {res.skipped_pending} already "
+          f"pending ({res.total} in batch)", file=sys.stderr)
+    for queue in unserved(store, res.queues):
+        print(f"sdfleet: warning: no live worker serves queue {queue}; its jobs wait until one starts "
+              f"(sdfleet worker --model {queue.removeprefix('sdfleet.gen.')} or the model's directory)",
+              file=sys.stderr)
     if args.wait:
         return _wait(store, res.batch_id, None)
     return 0
@@ -203,6 +293,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     st = batch_status(store, args.batch)
     if args.json:
         print(json.dumps(st, indent=1))
+    elif st.get("submitting") and not st["total"]:
+        print(f"batch {st['batch_id']}: submission in progress (nothing is recorded until it commits)")
     else:
         c = st["counts"]
         state = "complete" if st["complete"] else "in progress"
@@ -212,31 +304,42 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
+    if args.timeout is not None and not args.timeout >= 0:
+        raise ConfigError("--timeout must be a number of seconds >= 0")
     store, _ = _services(settings)
     return _wait(store, args.batch, args.timeout)
 
 
 def _wait(store: Any, batch_id: str, timeout: float | None) -> int:
-    from producer.status import wait_for_batch
+    from producer.status import describe, wait_for_batch
 
     st = wait_for_batch(store, batch_id, timeout=timeout, progress=True)
     c = st["counts"]
-    print(f"batch {batch_id}: {c['succeeded']} succeeded, {c['failed']} failed, {c['cancelled']} cancelled "
-          f"of {st['total']}", file=sys.stderr)
+    print(describe(st, st.get("idle_queues", ())), file=sys.stderr)
     return 0 if st["complete"] and c["succeeded"] == st["total"] else 1
 
 
 def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     from producer.status import manifest_lines
+    from sdfleet.events import url_style_of
+    from sdfleet.storage import StorageFactory
 
     store, _ = _services(settings)
-    lines = manifest_lines(store, args.batch)
+    style, ttl = url_style_of(store.r, args.batch)
+    storage = StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries)
+    lines = manifest_lines(store, args.batch,
+                           public_url=lambda u: storage.public_url(u, args.url_style or style, ttl))
+    text = "".join(json.dumps(line) + "\n" for line in lines)
     if args.output:
-        Path(args.output).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        try:
+            Path(args.output).write_text(text)
+        except OSError as exc:
+            raise ConfigError(f"-o {args.output}: cannot write there ({exc.strerror}); choose a writable path") \
+                from None
         print(f"{len(lines)} lines written to {args.output}", file=sys.stderr)
     else:
-        for line in lines:
-            print(json.dumps(line))
+        sys.stdout.write(text)
+        sys.stdout.flush()
     return 0
 
 
@@ -430,6 +533,7 @@ def cmd_webhook_worker(args: argparse.Namespace, settings: Settings) -> int:
     if not 1 <= args.threads <= 256:
         raise ConfigError("--threads must be 1..256")
     parse_secrets(settings.webhook_secret)  # a malformed list is an error now, not at the first delivery
+    parse_secrets(settings.webhook_previous_secrets, name="SDFLEET_WEBHOOK_PREVIOUS_SECRETS")
     return run_webhook_worker(settings, threads=args.threads, worker_id=args.worker_id)
 
 

@@ -84,3 +84,12 @@ class MalformedMessage(SdfleetError):
 
 class WebhookError(SdfleetError):
     """A webhook URL or delivery is not acceptable."""
+
+
+class LeaseLost(SdfleetError):
+    """A submission's lease expired (or another producer took it) before its commit: nothing was recorded."""
+
+    def __init__(self, batch_id: str):
+        self.batch_id = batch_id
+        super().__init__(f"batch '{batch_id}': the submission lease expired before the commit, so nothing was "
+                         "recorded and none of its jobs will run; submit again")

@@ -114,12 +114,16 @@ class Notifier:
         self.r = redis_client
         self.log = log or logs_mod.get("events")
         self.app = app or make_app(settings)
+        self.storage = StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries)
 
     def __call__(self, delivery: Any, status: str, transition: Any) -> None:
-        if not getattr(delivery.spec, "webhook", None):
-            return
+        # Every batch gets its manifest stored when it completes, webhook or not (notify_batch); only
+        # the job event needs a webhook.
+        steps = [("batch", self.notify_batch)]
+        if getattr(delivery.spec, "webhook", None):
+            steps.insert(0, ("job", self.notify_job))
         # The outcome is recorded already: a notification that cannot be enqueued is logged, never raised.
-        for what, step in (("job", self.notify_job), ("batch", self.notify_batch)):
+        for what, step in steps:
             try:
                 step(delivery, status, transition)
             except Exception as exc:
@@ -133,6 +137,10 @@ class Notifier:
         if not (url and event_type and wants(getattr(spec, "webhook_events", None), event_type)):
             return
         fields = self.r.hgetall(keys.job(delivery.job_id))
+        style, ttl = url_style_of(self.r, delivery.batch_id)
+        if style != "s3":
+            for name in ("url", "sidecar_url"):
+                fields[name] = self.storage.public_url(fields.get(name), style, ttl) or ""
         payload = job_event(event_type, delivery.job_id, delivery.batch_id, getattr(spec, "custom_id", None),
                             status, fields, getattr(spec, "seed", None))
         eid = event_id(delivery.job_id, event_type, fields.get(f"{status}_at", ""), url)
@@ -147,11 +155,28 @@ class Notifier:
             outbox.send(self.app, BATCH_TASK, {"batch_id": delivery.batch_id})
 
 
-def _manifest_line(rec: Any) -> dict[str, Any]:
-    # The fields of 'sdfleet results' (producer.status.manifest_lines), plus the sidecar.
-    return {"custom_id": rec.custom_id, "job_id": rec.job_id, "status": rec.status, "url": rec.url,
-            "sidecar_url": rec.fields.get("sidecar_url") or None, "seed": rec.spec.get("seed"),
-            "width": rec.spec.get("width"), "height": rec.spec.get("height"), "error": rec.error}
+MANIFEST_FIELDS = ("custom_id", "job_id", "status", "url", "sidecar_url", "prompt", "negative_prompt", "seed",
+                   "width", "height", "steps", "guidance_scale", "model", "error")
+
+
+def manifest_line(rec: Any, public_url: Any = None) -> dict[str, Any]:
+    """One manifest line (``sdfleet results`` and the stored manifest): the job, its URLs and what made it.
+
+    ``public_url``: renders a recorded URL in the batch's URL style (see StorageFactory.public_url).
+    """
+    render = public_url or (lambda u: u)
+    spec = rec.spec
+    return {"custom_id": rec.custom_id, "job_id": rec.job_id, "status": rec.status, "url": render(rec.url),
+            "sidecar_url": render(rec.fields.get("sidecar_url") or None), "prompt": spec.get("prompt"),
+            "negative_prompt": spec.get("negative_prompt") or "", "seed": spec.get("seed"),
+            "width": spec.get("width"), "height": spec.get("height"), "steps": spec.get("steps"),
+            "guidance_scale": spec.get("guidance_scale"), "model": spec.get("model"), "error": rec.error}
+
+
+def url_style_of(r: redis.Redis, batch_id: str) -> tuple[str, int]:
+    """The batch's URL style for manifests and webhooks ('s3', 'https', 'presigned') and presigned TTL."""
+    style, ttl = r.hmget(keys.batch(batch_id), "url_style", "url_ttl_s")
+    return style or "s3", int(ttl or 7 * 24 * 3600)
 
 
 def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: StorageFactory, batch_id: str,
@@ -165,11 +190,16 @@ def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: Sto
     if not completed_at:
         log.info("batch reopened before its completion was announced; skipped")
         return []
+    style, ttl = url_style_of(r, batch_id)
+
+    def render(url: str | None) -> str | None:
+        return storage.public_url(url, style, ttl)
+
     lines: list[dict[str, Any]] = []
     outs: list[str] = []
     endpoints: list[str] = []
     for rec in store.iter_batch_jobs(batch_id):
-        lines.append(_manifest_line(rec))
+        lines.append(manifest_line(rec, render))
         out = rec.spec.get("out")
         if out and out not in outs:
             outs.append(out)
@@ -184,7 +214,7 @@ def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: Sto
         except StorageError as exc:  # already retried; announce the batch anyway ('sdfleet results' still works)
             log.error("manifest not stored", location=out, error=str(exc))
             continue
-        manifest_url = manifest_url or url
+        manifest_url = manifest_url or render(url)
     counts = store.counts(batch_id)
     payload = batch_event(batch_id, counts, int(meta.get("total", 0) or 0), manifest_url, completed_at)
     sent = []

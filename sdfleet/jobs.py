@@ -12,6 +12,7 @@ import json
 import math
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,22 +25,31 @@ MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
-EVENTS = ("job.succeeded", "job.failed", "batch.completed")
+EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "batch.completed")
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Every pattern is used with fullmatch: '$' would also match before a final newline ("tiny\n").
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MODEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_S3_OUT = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?")
+_HTTP_URL = re.compile(r"https?://[^/\s]+\S*")
+# Built-in model names a worker accepts, and the queue each one serves (a directory serves its basename).
+BUILTIN_MODELS = {"tiny": "tiny", "null": "null", "medium": "sd3.5-medium", "large": "sd3.5-large"}
+# Letters that render as nothing although Unicode files them as letters or symbols (Hangul fillers, the
+# blank Braille pattern): a prompt made only of these is as empty as one of zero-width spaces.
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 # How to fix each field, appended to the error message.
 _FIX = {
-    "prompt": f"give a non-empty text of at most {MAX_PROMPT_CHARS} characters",
+    "prompt": f"give a text with at least one visible character, at most {MAX_PROMPT_CHARS} characters",
     "negative_prompt": f"give a text of at most {MAX_PROMPT_CHARS} characters, or leave it out",
     "width": f"use a whole number, a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE} (e.g. 1024)",
     "height": f"use a whole number, a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE} (e.g. 1024)",
     "steps": f"use a whole number from 1 to {MAX_STEPS} (e.g. 28)",
     "guidance_scale": f"use a finite number from 0 to {MAX_GUIDANCE:g} (e.g. 4.5)",
     "seed": f"use a whole number from 0 to {MAX_SEED}, or leave it out for a random (recorded) seed",
-    "model": "use a model name such as 'tiny' or the name a worker serves (letters, digits, '.', '_', '-')",
+    "model": "use the name or directory the worker was given ('tiny', 'large', /models/sd3.5-large); "
+             "the queue is its lower-cased basename (letters, digits, '.', '_', '-')",
     "custom_id": "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
     "out": "use file://DIR or s3://bucket/prefix",
     "webhook": "use an http:// or https:// URL",
@@ -70,7 +80,10 @@ class JobSpec(BaseModel):
     def _prompt(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("is empty")
-        return _text(v)
+        v = _text(v)
+        if not any(_visible(c) for c in v):
+            raise ValueError("has no visible character (only spaces, zero-width or format characters)")
+        return v
 
     @field_validator("negative_prompt")
     @classmethod
@@ -114,30 +127,35 @@ class JobSpec(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if not _MODEL.match(v):
-            raise ValueError(f"{v[:40]!r} is not a model name")
-        return v
+        try:
+            return model_name_for(v)
+        except InvalidJob as exc:
+            raise ValueError(exc.reason) from None
 
     @field_validator("custom_id")
     @classmethod
     def _custom_id(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        if not _SAFE_ID.match(v) or ".." in v:
+        if not _SAFE_ID.fullmatch(v) or ".." in v:
             raise ValueError(f"{v[:40]!r} is not safe in an object key (path-like or unusual characters)")
         return v
 
     @field_validator("out")
     @classmethod
     def _out(cls, v: str | None) -> str | None:
-        if v is not None and not (v.startswith("file://") and len(v) > 7 or re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,62}(/|$)", v)):
+        if v is None:
+            return v
+        if _CONTROL.search(v) or "\n" in v or "\r" in v or "\t" in v:
+            raise ValueError(f"{v[:60]!r} contains control characters")
+        if not (v.startswith("file://") and len(v) > 7 or _S3_OUT.fullmatch(v)):
             raise ValueError(f"{v[:60]!r} is not a storage location")
         return v
 
     @field_validator("webhook")
     @classmethod
     def _webhook(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+        if v is not None and not _HTTP_URL.fullmatch(v):
             raise ValueError(f"{v[:60]!r} is not an http(s) URL")
         return v
 
@@ -191,7 +209,33 @@ def _text(v: str) -> str:
         raise ValueError(f"has {len(v)} characters, more than {MAX_PROMPT_CHARS}")
     if _CONTROL.search(v):
         raise ValueError("contains control characters (e.g. NUL)")
+    # A lone surrogate ("\ud800" in JSON) is no character at all: it cannot be stored as UTF-8.
+    if any("\ud800" <= c <= "\udfff" for c in v):
+        raise ValueError("contains a lone surrogate (an unpaired \\ud800-\\udfff escape); write the character itself")
     return v
+
+
+def _visible(c: str) -> bool:
+    return unicodedata.category(c)[0] in "LNPS" and c not in _BLANK_GLYPHS
+
+
+def model_name_for(value: str) -> str:
+    """The queue's model name for what a worker was given: a built-in name or a model directory.
+
+    ``tiny`` and ``null`` are themselves, ``medium`` and ``large`` (random-weight SD3.5) serve
+    ``sd3.5-medium`` and ``sd3.5-large``, and a directory such as ``/models/SD3.5-Large/`` serves its basename,
+    lower-cased (``sd3.5-large``). Raises InvalidJob (field ``model``) for anything that gives no valid name.
+    """
+    if not isinstance(value, str) or not value or _CONTROL.search(value) or any(c.isspace() for c in value):
+        raise InvalidJob(f"{str(value)[:40]!r} is not a model name or directory (empty, spaces or control "
+                         "characters)", field="model")
+    if value in BUILTIN_MODELS:
+        return BUILTIN_MODELS[value]
+    base = value.rstrip("/").rsplit("/", 1)[-1].lower() if "/" in value else value.lower()
+    if base in ("", ".", "..") or not _MODEL.fullmatch(base):
+        raise InvalidJob(f"{value[:60]!r} gives no valid model name (the lower-cased basename must be 1-64 "
+                         "letters, digits, '.', '_' or '-', starting with a letter or digit)", field="model")
+    return base
 
 
 FIELDS = tuple(JobSpec.model_fields)

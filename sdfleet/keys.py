@@ -110,3 +110,21 @@ def queue_lists(model: str) -> list[str]:
 
 
 SCHEDULER_STATE = f"{PREFIX}:scheduler"  # hash with a TTL: pool -> JSON of the scheduler's last decision
+
+
+def submission(batch_id: str) -> str:
+    """String with a TTL: the token of the producer submitting to this batch now (its lease).
+
+    While it exists, a worker holds a message it cannot start yet (its record is not committed) instead of
+    dropping it; once it is gone, such a message names no job that will ever exist and is dropped.
+    """
+    return f"{PREFIX}:batch:{batch_id}:submitting"
+
+
+def submission_staging(batch_id: str, token: str) -> str:
+    """List of the job records one submission will commit (JSON, in submission order); gone after the commit."""
+    return f"{PREFIX}:batch:{batch_id}:staging:{token}"
+
+
+# A staging list outlives its lease long enough to be committed, and no longer.
+SUBMISSION_STAGING_TTL_S = 3600

@@ -40,6 +40,39 @@ def connect(url: str, *, decode_responses: bool = True, single_connection: bool 
     )
 
 
+def check_reachable(url: str, timeout: float = 3.0) -> None:
+    """Raise BrokerUnavailable, in one line naming REDIS_URL and the address tried, if Redis does not answer.
+
+    Commands are retried for about half a minute (see :func:`connect`); a CLI asked by a person fails fast.
+    """
+    from sdfleet.settings import redis_address
+
+    where = redis_address(url)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(f"Redis at {where} (REDIS_URL) refused the credentials ({exc}); "
+                                "fix the user or password in REDIS_URL") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        text = str(exc)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            raise BrokerUnavailable(
+                f"TLS verification of Redis at {where} (REDIS_URL) failed ({_short(text)}); no CA option is set, "
+                "so the system CA store was used: add ?ssl_ca_certs=/path/to/ca.pem to REDIS_URL") from None
+        raise BrokerUnavailable(f"cannot reach Redis at {where} (REDIS_URL): {_short(text)}; start Redis "
+                                "there or set REDIS_URL to a running one") from None
+    except redis.RedisError as exc:
+        raise BrokerUnavailable(f"Redis at {where} (REDIS_URL) answered with an error: {_short(str(exc))}") from None
+
+
+def _short(text: str) -> str:
+    return " ".join(text.split())[:200]
+
+
 def ping(url: str, timeout: float = 1.0) -> bool:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from sdfleet import keys
-from sdfleet.errors import BatchNotFound
+from sdfleet.errors import BatchNotFound, LeaseLost
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -159,6 +159,9 @@ class JobStore:
         self.r = client
         self._transition = client.register_script(_TRANSITION)
         self._release = client.register_script(_RELEASE)
+        self._commit = client.register_script(_COMMIT)
+        self._renew = client.register_script(_RENEW)
+        self._release_lease = client.register_script(_RELEASE_LEASE)
 
     # --- transitions -----------------------------------------------------------------------------
 
@@ -279,6 +282,52 @@ class JobStore:
                 n += 1
         return n
 
+    # --- submission: a lease, a staging list, one atomic commit ------------------------------------------
+
+    def acquire_submission(self, batch_id: str, token: str, lease_s: float) -> bool:
+        """Take the batch's submission lease; False while another producer holds it."""
+        return bool(self.r.set(keys.submission(batch_id), token, nx=True, px=int(lease_s * 1000)))
+
+    def renew_submission(self, batch_id: str, token: str, lease_s: float) -> bool:
+        """Extend our lease; False when it is no longer ours (it expired: this submission must not commit)."""
+        return bool(self._renew(keys=[keys.submission(batch_id)], args=[token, int(lease_s * 1000)]))
+
+    def release_submission(self, batch_id: str, token: str) -> None:
+        """Give the lease back and drop the staged records (a submission that stopped before its commit)."""
+        self._release_lease(keys=[keys.submission(batch_id), keys.submission_staging(batch_id, token)],
+                            args=[token])
+
+    def submission_in_progress(self, batch_id: str) -> bool:
+        return bool(self.r.exists(keys.submission(batch_id)))
+
+    def stage(self, batch_id: str, token: str, records: Sequence[StagedJob]) -> None:
+        """Append records to this submission's staging list (invisible to everything until the commit)."""
+        if not records:
+            return
+        key = keys.submission_staging(batch_id, token)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(key, *[json.dumps({"j": x.job_id, "c": x.custom_id, "s": x.spec_json, "m": x.mode},
+                                     separators=(",", ":")) for x in records])
+        pipe.expire(key, keys.SUBMISSION_STAGING_TTL_S)
+        pipe.execute()
+
+    def commit_submission(self, batch_id: str, token: str, *, name: str,
+                          meta: dict[str, str] | None = None) -> CommitResult:
+        """Make every staged record, the custom-id map, the job list, the counts, ``total`` and the TTLs
+        visible at once (one script), if the lease is still ``token``'s; then delete the lease.
+
+        Raises LeaseLost when the lease expired or another producer holds it: nothing was committed.
+        """
+        args: list[Any] = [token, f"{time.time():.6f}", keys.RECORD_TTL_S, batch_id, name, len(meta or {})]
+        for k, v in (meta or {}).items():
+            args += [k, v]
+        out = self._commit(keys=[keys.submission(batch_id), keys.submission_staging(batch_id, token),
+                                 keys.batch(batch_id), keys.batch_jobs(batch_id), keys.batch_counts(batch_id),
+                                 keys.batch_custom_ids(batch_id), keys.BATCHES], args=args)
+        if int(out[0]) != 1:
+            raise LeaseLost(batch_id)
+        return CommitResult(added=int(out[1]), requeued=int(out[2]), skipped=int(out[3]), total=int(out[4]))
+
 
 def _str(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -287,3 +336,90 @@ def _str(value: str | bytes) -> str:
 def _record(job_id: str, data: dict[str, str]) -> JobRecord:
     spec = json.loads(data.get("spec", "{}"))
     return JobRecord(job_id, data.get("batch", ""), data.get("custom_id", ""), data.get("status", ""), spec, data)
+
+
+# --- submission commit ------------------------------------------------------------------------------------
+# KEYS: 1 lease, 2 staging list, 3 batch hash, 4 batch job list, 5 counts, 6 custom-id map, 7 batch index.
+# ARGV: token, now, record TTL, batch id, batch name, number of meta pairs, then the pairs.
+# Staged records (JSON): j job id, c custom id, s spec (JSON), m mode: 'new' (no record yet), 'requeue'
+# (a failed or cancelled job runs again), 'replace' (a job whose parameters changed; any status but running).
+# Returns {1, added, requeued, skipped, total}, or {0} when the lease is not the caller's (nothing written).
+_COMMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
+local now, ttl, batch = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local added, requeued, skipped = 0, 0, 0
+local new_ids = {}
+for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local rec = cjson.decode(raw)
+  local jkey = 'sdfleet:job:' .. rec.j
+  local cur = redis.call('HGET', jkey, 'status')
+  if rec.m == 'new' then
+    if cur then
+      skipped = skipped + 1
+    else
+      redis.call('HSET', jkey, 'status', 'queued', 'batch', batch, 'custom_id', rec.c, 'spec', rec.s,
+                 'created_at', now, 'queued_at', now, 'attempts', 0, 'charged', 0)
+      redis.call('EXPIRE', jkey, ttl)
+      redis.call('HSET', KEYS[6], rec.c, rec.j)
+      new_ids[#new_ids + 1] = rec.j
+      added = added + 1
+    end
+  elseif cur and cur ~= 'running' and (rec.m == 'replace' or cur == 'failed' or cur == 'cancelled') then
+    redis.call('HSET', jkey, 'status', 'queued', 'spec', rec.s, 'queued_at', now, 'attempts', 0, 'charged', 0,
+               'error', '')
+    if rec.m == 'replace' then redis.call('HDEL', jkey, 'url', 'sidecar_url') end
+    redis.call('EXPIRE', jkey, ttl)
+    if cur ~= 'queued' then
+      redis.call('HINCRBY', KEYS[5], cur, -1)
+      redis.call('HINCRBY', KEYS[5], 'queued', 1)
+    end
+    requeued = requeued + 1
+  else
+    skipped = skipped + 1
+  end
+end
+for i = 1, #new_ids, 4000 do
+  redis.call('RPUSH', KEYS[4], unpack(new_ids, i, math.min(i + 3999, #new_ids)))
+end
+if added > 0 then redis.call('HINCRBY', KEYS[5], 'queued', added) end
+redis.call('HSETNX', KEYS[3], 'created_at', now)
+redis.call('HSET', KEYS[3], 'batch_id', batch, 'name', ARGV[5], 'updated_at', now)
+local n = tonumber(ARGV[6])
+for i = 7, 6 + 2 * n, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+if added + requeued > 0 then redis.call('HDEL', KEYS[3], 'completed_at', 'cancelled_at') end
+redis.call('ZADD', KEYS[7], 'NX', now, batch)
+local total = redis.call('HLEN', KEYS[6])
+redis.call('HSET', KEYS[3], 'total', total)
+for k = 3, 6 do redis.call('EXPIRE', KEYS[k], ttl) end
+redis.call('DEL', KEYS[2], KEYS[1])
+return {1, added, requeued, skipped, total}
+"""
+# KEYS[1] lease; ARGV token, milliseconds. Extends the lease only if it is still the caller's.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+# KEYS[1] lease, KEYS[2] staging list; ARGV token. Drops the staging list; deletes the lease if it is ours.
+_RELEASE_LEASE = """
+redis.call('DEL', KEYS[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class StagedJob:
+    """One job of a submission, staged until the commit. ``mode``: 'new', 'requeue' or 'replace'."""
+
+    job_id: str
+    custom_id: str
+    spec_json: str
+    mode: str = "new"
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    added: int
+    requeued: int
+    skipped: int
+    total: int

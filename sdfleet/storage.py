@@ -7,12 +7,13 @@ object instead of adding a second one.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
@@ -29,6 +30,40 @@ def normalize_out(out: str) -> str:
         path = out[len("file://"):]
         return "file://" + str(Path(path).expanduser().resolve())
     return out.rstrip("/")
+
+
+# S3's bucket naming rules (3-63 lower-case letters, digits, '.', '-'; no IP-address look-alikes).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_LIKE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
+# Where a file:// location may not point: kernel and device trees take no images.
+_SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+URL_STYLES = ("s3", "https", "presigned")
+
+
+def check_location(out: str) -> str:
+    """Check a storage location's form (no I/O) and return it; StorageError naming the fix otherwise."""
+    fix = "use file://DIR or s3://bucket/prefix"
+    if not isinstance(out, str) or any(ord(c) < 32 or ord(c) == 127 for c in out):
+        raise StorageError(f"{str(out)[:80]!r} contains control characters; {fix}")
+    if out.startswith("file://"):
+        path = out[len("file://"):]
+        if not path:
+            raise StorageError(f"{out!r} names no directory; {fix}")
+        resolved = str(Path(path).expanduser().resolve())
+        for d in _SYSTEM_DIRS:
+            if resolved == d or resolved.startswith(d + "/"):
+                raise StorageError(f"{out[:80]!r} is inside {d}, a system directory that takes no files; "
+                                   "choose a directory of your own, e.g. file://./outputs")
+        return out
+    if out.startswith("s3://"):
+        bucket, _, prefix = out[len("s3://"):].partition("/")
+        if not _BUCKET.fullmatch(bucket) or ".." in bucket or _IP_LIKE.fullmatch(bucket):
+            raise StorageError(f"{bucket[:70]!r} is not a valid S3 bucket name (3-63 lower-case letters, digits, "
+                               "'.' or '-', starting and ending with a letter or digit); e.g. s3://my-images/run1")
+        if any(p in (".", "..") for p in prefix.split("/")):
+            raise StorageError(f"{out[:80]!r}: the prefix may not contain '.' or '..' parts; e.g. s3://bucket/run1")
+        return out
+    raise StorageError(f"{out[:80]!r} is not a storage location; {fix}")
 
 
 class Storage(ABC):
@@ -203,6 +238,27 @@ class StorageFactory:
 
     def __post_init__(self) -> None:
         self._cache: dict[str, Storage] = {}
+
+    def public_url(self, url: str | None, style: str = "s3", ttl_s: int = 7 * 24 * 3600) -> str | None:
+        """``url`` (as a worker recorded it) in the batch's URL style, for manifests and webhooks.
+
+        ``s3``: as recorded (s3://bucket/key). ``https``: the object's HTTPS address (path style at a custom
+        endpoint, virtual-host style on AWS), for public or CDN-fronted buckets. ``presigned``: an HTTPS URL
+        anyone can GET for ``ttl_s`` seconds, signed locally with this process's credentials.
+        file:// URLs are returned as they are in every style.
+        """
+        if not url or not url.startswith("s3://") or style == "s3":
+            return url
+        bucket, _, key = url[len("s3://"):].partition("/")
+        if style == "https":
+            if self.endpoint_url:
+                return f"{self.endpoint_url.rstrip('/')}/{bucket}/{quote(key)}"
+            return f"https://{bucket}.s3.{self.region}.amazonaws.com/{quote(key)}"
+        if style == "presigned":
+            client = self.get(f"s3://{bucket}").client  # type: ignore[attr-defined]
+            return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                 ExpiresIn=int(ttl_s))
+        raise StorageError(f"unknown URL style {style!r}; use one of {', '.join(URL_STYLES)}")
 
     def get(self, location: str) -> Storage:
         if location not in self._cache:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from producer.reader import parse_lines, read_lines
 from sdfleet.errors import InvalidJob
-from sdfleet.jobs import JobSpec, parse_job
+from sdfleet.jobs import JobSpec, model_name_for, parse_job
 
 
 def err(data, **kw) -> InvalidJob:
@@ -43,7 +43,16 @@ def err(data, **kw) -> InvalidJob:
     ({"prompt": "a", "custom_id": "a/b"}, "custom_id", "not safe"),
     ({"prompt": "a", "custom_id": ".hidden"}, "custom_id", "not safe"),
     ({"prompt": "a", "custom_id": "a..b"}, "custom_id", "not safe"),
-    ({"prompt": "a", "model": "../x"}, "model", "not a model name"),
+    ({"prompt": "a", "model": "bad!name"}, "model", "no valid model name"),
+    ({"prompt": "a", "model": "tiny\n"}, "model", "control characters"),
+    ({"prompt": "a", "model": "/"}, "model", "no valid model name"),
+    ({"prompt": "a", "custom_id": "nl\n"}, "custom_id", "not safe"),
+    ({"prompt": "\u200b\u2060\ufeff"}, "prompt", "no visible character"),
+    ({"prompt": "\u3164\u2800 "}, "prompt", "no visible character"),
+    ({"prompt": "x\ud800"}, "prompt", "lone surrogate"),
+    ({"prompt": "a", "out": "s3://Bad_Bucket!/x"}, "out", "not a storage location"),
+    ({"prompt": "a", "out": "s3://bucket/x\n"}, "out", "control characters"),
+    ({"prompt": "a", "webhook": "https://example.com/h\n"}, "webhook", "not an http"),
     ({"prompt": "a", "webhook": "ftp://example.com/x"}, "webhook", "not an http"),
     ({"prompt": "a", "webhook": "javascript:alert(1)"}, "webhook", "not an http"),
     ({"prompt": "a", "out": "/tmp/x"}, "out", "not a storage location"),
@@ -126,3 +135,41 @@ def test_spec_is_frozen():
     spec = JobSpec(prompt="a")
     with pytest.raises(ValidationError):
         spec.prompt = "b"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("given, queue_model", [
+    ("tiny", "tiny"), ("null", "null"), ("medium", "sd3.5-medium"), ("large", "sd3.5-large"),
+    ("/models/sd3.5-large", "sd3.5-large"), ("/models/SD3.5-Large/", "sd3.5-large"), ("sd3.5-large", "sd3.5-large"),
+    ("./weights/my_model.v2", "my_model.v2"),
+])
+def test_model_name_for_maps_what_the_worker_was_given(given, queue_model):
+    assert model_name_for(given) == queue_model
+    assert parse_job({"prompt": "a", "model": given}).model == queue_model
+
+
+@pytest.mark.parametrize("given", ["", "tiny\n", "a b", "/", "..", "/models/bad!", "x" * 65, "\x00"])
+def test_model_name_for_refuses_what_names_no_queue(given):
+    with pytest.raises(InvalidJob) as info:
+        model_name_for(given)
+    assert info.value.field == "model"
+
+
+@pytest.mark.parametrize("line, field, words", [
+    ('{"prompt": "a", "custom_id": "../../x", "custom_id": "ok1"}', "custom_id", "appears twice"),
+    ('{"prompt": "a", "prompt": "b"}', "prompt", "appears twice"),
+    ('{"prompt": "a", "webhook_events": [' + "[" * 20 + "]" * 20 + "]}", None, "nested more than"),
+    ("[" * 1000 + "]" * 1000, None, "nested"),
+    ('{"prompt": "' + "[" * 50 + '"}', None, None),  # brackets inside a string are text, not nesting
+])
+def test_reader_depth_limit_and_duplicate_keys(line, field, words):
+    res = parse_lines([line], "jsonl", {})
+    if words is None:
+        assert not res.errors and res.jobs[0][1].prompt == "[" * 50
+        return
+    (e,) = res.errors
+    assert e.line == 1 and e.field == field and words in str(e)
+
+
+def test_plain_text_lines_get_line_number_custom_ids():
+    res = parse_lines(["a cat", "", "a dog"], "text", {})
+    assert [(n, s.custom_id) for n, s in res.jobs] == [(1, "line-000001"), (3, "line-000003")]

@@ -43,10 +43,41 @@ class Target:
         return host if self.port == default else f"{host}:{self.port}"
 
 
+# NAT64 prefixes (RFC 6052 well-known, RFC 8215 local-use): the last 32 bits are the IPv4 address reached.
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address reaches through a translation or tunnel form, if it is one.
+
+    IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), 6to4 (2002:AABB:CCDD::/16), Teredo
+    (2001::/32, client address inverted in the last 32 bits) and NAT64 (64:ff9b::/96, 64:ff9b:1::/48).
+    """
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    packed = int(ip)
+    if any(ip in net for net in _NAT64) or (packed >> 32 == 0 and packed > 1):
+        return ipaddress.IPv4Address(packed & 0xFFFFFFFF)
+    return None
+
+
 def refused_reason(ip: IPAddress) -> str | None:
-    """Why ``ip`` is not a public unicast address, or None when it is."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return refused_reason(ip.ipv4_mapped)
+    """Why ``ip`` is not a public unicast address, or None when it is.
+
+    An IPv6 address that embeds an IPv4 one is judged by both: 6to4 for 127.0.0.1 reaches 127.0.0.1.
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = embedded_ipv4(ip)
+        if inner is not None:
+            reason = refused_reason(inner)
+            if reason:
+                return f"{reason} (embedded in {ip})"
+            if ip.ipv4_mapped is not None:
+                return None
     for attr, what in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
                        ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
                        ("is_private", "private"), ("is_reserved", "reserved")):

@@ -4,13 +4,25 @@
 list) and this one is dead. Anything else (other statuses, timeouts, refused connections, names that do
 not resolve): retried after the next step of ``Settings.webhook_schedule`` with jitter, or later if the
 receiver's Retry-After asks for it; after the last step the delivery is dead. Secrets are never logged.
+
+Signing: with the secrets this webhook worker is configured with, never with anything read from Redis:
+SDFLEET_WEBHOOK_SECRET, plus SDFLEET_WEBHOOK_PREVIOUS_SECRETS during a rotation window (one signature per
+secret, space separated, per Standard Webhooks). A restart with a new secret signs every later delivery,
+of old batches too, with the new one.
+
+Isolation: at most ``Settings.webhook_per_host`` deliveries to one receiver host are in flight in this
+process. A delivery whose host is at its cap does not wait for a slot in its thread: it goes back to the
+due set for DEFER_S seconds (not counted as an attempt), so a receiver that hangs holds at most its share
+of the threads and every other receiver keeps its pace.
 """
 
 from __future__ import annotations
 
 import random
 import socket
+import threading
 import time
+from collections import Counter
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -22,10 +34,12 @@ from sdfleet import keys
 from sdfleet.errors import ConfigError, WebhookError
 from sdfleet.settings import Settings
 from sdfleet.webhooks import outbox
-from sdfleet.webhooks.policy import target_for
+from sdfleet.webhooks.policy import split_url, target_for
 from sdfleet.webhooks.signing import parse_secrets, signed_headers
 
-DELIVERED, RETRY, DEAD = "delivered", "retry", "dead"
+DELIVERED, RETRY, DEAD, DEFERRED = "delivered", "retry", "dead", "deferred"
+# A delivery whose receiver host is at its cap goes back to the due set for this long (not an attempt).
+DEFER_S = 0.25
 JITTER = 0.25  # each scheduled delay is scaled by a random factor in [1 - JITTER, 1 + JITTER]
 MAX_RETRY_AFTER_S = 24 * 3600
 _SNIPPET_BYTES = 512
@@ -68,7 +82,12 @@ class Sender:
         self.r = redis_client
         self.app = app
         self.log = log
-        self.default_secrets = parse_secrets(settings.webhook_secret)
+        self.default_secrets = parse_secrets(settings.webhook_secret) + [
+            s for s in parse_secrets(settings.webhook_previous_secrets, name="SDFLEET_WEBHOOK_PREVIOUS_SECRETS")
+            if s not in parse_secrets(settings.webhook_secret)]
+        self.per_host = settings.webhook_per_host
+        self._in_flight: Counter[str] = Counter()
+        self._slots = threading.Lock()
         # No proxies from the environment (they would bypass the address pinning), no redirects (a 3xx
         # could point anywhere, internal addresses included).
         self.http = http or httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False, trust_env=False,
@@ -78,16 +97,40 @@ class Sender:
         self.http.close()
 
     def secrets_for(self, delivery: dict[str, Any]) -> list[str]:
-        """The batch's own secret(s) (``submit --webhook-secret``), else SDFLEET_WEBHOOK_SECRET."""
-        batch_id = delivery.get("batch_id")
-        if batch_id:
-            own = self.r.hget(keys.batch(batch_id), "webhook_secret")
-            if own:
-                return parse_secrets(own, name=f"webhook secret of batch {batch_id}")
+        """The secrets every delivery is signed with: the current one first, then the previous ones."""
         return self.default_secrets
 
+    def _take_slot(self, host: str) -> bool:
+        with self._slots:
+            if self._in_flight[host] >= self.per_host:
+                return False
+            self._in_flight[host] += 1
+            return True
+
+    def _give_slot(self, host: str) -> None:
+        with self._slots:
+            self._in_flight[host] -= 1
+            if self._in_flight[host] <= 0:
+                del self._in_flight[host]
+
     def deliver(self, delivery: dict[str, Any]) -> str:
-        """Make one attempt; schedule the next or bury the delivery. Returns DELIVERED, RETRY or DEAD."""
+        """Make one attempt unless its receiver host is at its cap (then DEFERRED: back in the due set shortly).
+
+        Returns DELIVERED, RETRY, DEAD or DEFERRED.
+        """
+        try:
+            host = split_url(delivery["url"])[1].lower()
+        except WebhookError:
+            host = ""
+        if not self._take_slot(host):
+            outbox.schedule(self.r, delivery, time.time() + DEFER_S * random.uniform(1.0, 1.5))
+            return DEFERRED
+        try:
+            return self._attempt(delivery)
+        finally:
+            self._give_slot(host)
+
+    def _attempt(self, delivery: dict[str, Any]) -> str:
         log = self.log.bind(webhook_id=delivery.get("id"), event_type=delivery.get("type"), job_id=delivery.get("job_id"),
                             batch_id=delivery.get("batch_id"), attempt=int(delivery.get("attempt", 0)) + 1,
                             endpoint=outbox.url_hash(delivery["url"]))
