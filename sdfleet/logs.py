@@ -1,14 +1,22 @@
-"""Structured logging: structlog with bound ids, JSON when not on a terminal, readable on one."""
+"""Structured logging: structlog with bound ids, JSON when not on a terminal, readable on one.
+
+Every line goes through structlog, Celery's own and Python warnings included: the standard library's root
+logger gets a handler whose formatter is structlog's, so a line from kombu or a ``DeprecationWarning`` comes
+out as the same JSON object as ours, with the process's ids (``bind_process``: worker id, device) added.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
+from typing import Any
 
 import structlog
 
 _START = time.monotonic()
+_PROCESS: dict[str, Any] = {}
 
 
 def _elapsed(_logger, _name, event_dict):
@@ -16,26 +24,84 @@ def _elapsed(_logger, _name, event_dict):
     return event_dict
 
 
+def _process_ids(_logger, _name, event_dict):
+    for k, v in _PROCESS.items():
+        event_dict.setdefault(k, v)
+    return event_dict
+
+
+def bind_process(**ids: Any) -> None:
+    """Ids every line of this process carries, from every thread (worker id, device)."""
+    _PROCESS.update({k: v for k, v in ids.items() if v is not None})
+
+
 def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
-    """Configure structlog once per process. ``fmt``: auto (JSON unless stderr is a TTY), json, console."""
+    """Configure structlog and the standard library's logging once per process.
+
+    ``fmt``: auto (JSON unless the stream is a TTY), json, console.
+    """
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _elapsed,
+        _process_ids,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _elapsed,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+    # The standard library's records (Celery, kombu, warnings) rendered by structlog too.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info,
+                    renderer]))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    numeric = logging.getLevelName(level.upper())
+    root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+    logging.captureWarnings(True)
 
 
 def get(name: str | None = None, **bound):
     log = structlog.get_logger(name) if name else structlog.get_logger()
     return log.bind(**bound) if bound else log
+
+
+class Throttled:
+    """A repeated error logged once per ``interval_s`` with how many times it happened meanwhile.
+
+    For loops that retry (Redis refusing writes, a store down): a line per try would be tens of thousands
+    of tracebacks a minute.
+    """
+
+    def __init__(self, log: Any, interval_s: float = 10.0):
+        self.log = log
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, fields)
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._count[event] = self._count.get(event, 0) + 1
+            if now - self._last.get(event, -1e18) < self.interval_s:
+                return
+            self._last[event] = now
+            count, self._count[event] = self._count[event], 0
+        getattr(self.log, level)(event, repeated=count, **fields)

@@ -1,40 +1,47 @@
 """The worker process: one Celery worker (solo pool) owning one device and one engine.
 
-Boot order: configure logs, pin the device, load the engine and warm it up, then start consuming.
-Messages are claimed by :mod:`worker.consumer` and go through :mod:`worker.intake` (batching),
-:mod:`worker.runner` (engine) and :mod:`worker.postprocess` (storage, outcome). SIGTERM drains: claiming
-stops, the batch in progress finishes, its uploads complete and are acknowledged, unstarted messages go
-back to the queue.
+Boot order: configure logs, claim the GPU (its lock, its NVML identity), load the engine and warm it up, then
+start consuming. Messages arrive through the task Strategy of :mod:`worker.consumer` and go through
+:mod:`worker.intake` (batching), the engine thread (:mod:`worker.engine_thread`, :mod:`worker.runner`) and
+:mod:`worker.postprocess` (storage, outcome). Beside them: the heartbeat (with the worker's state, for
+``sdfleet workers`` and the scheduler), the reclaim sweep (one worker at a time), metrics, the stall watchdog.
+SIGTERM drains (see :mod:`worker.consumer`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import redis
 
 from sdfleet import keys
 from sdfleet import logs as logs_mod
 from sdfleet.errors import MalformedMessage
 from sdfleet.events import Notifier
-from sdfleet.jobs import BatchKey, parse_job
-from sdfleet.queue import make_app
+from sdfleet.jobs import BatchKey, model_name_for, parse_job
+from sdfleet.queue import GENERATE_TASK, make_app
 from sdfleet.redisconn import connect
 from sdfleet.settings import Settings
 from sdfleet.state import TERMINAL, JobStore
 from sdfleet.storage import StorageFactory
-from sdfleet.unacked import BulkQueue
 from worker.consumer import GenerationConsumer, GenerationStep
 from worker.engine.base import Engine
-from worker.intake import AckQueue, Batcher, Delivery, message_body
+from worker.engine_thread import EngineThread, ServiceTimes
+from worker.intake import Batcher, Delivery, LoopCalls
 from worker.postprocess import PostProcessor
 from worker.runner import BatchRunner
 
-#: seconds the event loop waits for a Redis reply before treating the connection as lost
-LOOP_REPLY_TIMEOUT_S = 10.0
+#: exit code of a worker whose engine call hung (its supervisor restarts it)
+EXIT_STALLED = 3
+#: exit code of a worker that found its heartbeat had expired (its work was handed to others meanwhile)
+EXIT_FENCED = 75
 
 
 @dataclass(frozen=True)
@@ -50,63 +57,144 @@ class WorkerOptions:
     #: shapes to run once at boot (so the first real batch is not the slow one)
     warmup: tuple[BatchKey, ...] = ()
     engine_extra: dict[str, Any] = field(default_factory=dict)
-    #: serve this model name's queue (default: the engine's model name)
+    #: serve this model name's queue (default: derived from --model)
     queue_model: str | None = None
+    metrics_port: int | None = None
+    #: append one JSON line per engine run (its timeline) to this file
+    timeline: str | None = None
+
+
+class Settler:
+    """What the engine and post-processing threads tell the loop: carried out on the loop thread."""
+
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+
+    def _put(self, fn: Any, *args: Any) -> None:
+        self.ctx.loop.put(fn, *args)
+
+    def wake(self) -> None:
+        self._put(lambda: None)
+
+    def started(self, deliveries: list[Delivery]) -> None:
+        self._put(self.ctx.consumer.on_started, deliveries)
+
+    def finished(self, d: Delivery, status: str, **info: Any) -> None:
+        if self.ctx.metrics is not None and status in ("succeeded", "failed", "cancelled"):
+            self.ctx.metrics.job_finished(status)
+        self._put(self.ctx.consumer.on_finished, d, status, info)
+
+    def handback(self, deliveries: list[Delivery]) -> None:
+        if self.ctx.metrics is not None:
+            for _ in deliveries:
+                self.ctx.metrics.job_finished("requeued")
+        self._put(self.ctx.consumer.on_handback, deliveries)
+
+    def retry_later(self, deliveries: list[Delivery], exc: BaseException) -> None:
+        self._put(self.ctx.consumer.on_retry_later, deliveries, exc)
+
+    def defer(self, d: Delivery) -> None:
+        self._put(self.ctx.consumer.on_defer, d)
+
+    def engine_time(self, key: BatchKey, images: int, seconds: float) -> None:
+        per = self.ctx.service.observe(key, images, seconds)
+        try:
+            self.ctx.redis.hset(keys.service_times(self.ctx.served_model),
+                                keys.bucket_of(key.width, key.height, key.steps), f"{per:.4f}")
+        except redis.RedisError:
+            pass
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.batch_ran(images, seconds, key.steps, images)
+
+    def timeline(self, run: dict[str, Any]) -> None:
+        path = self.ctx.options.timeline
+        if path:
+            with self.ctx.timeline_lock, open(path, "a") as f:
+                f.write(json.dumps(run) + "\n")
 
 
 class WorkerContext:
-    """What the consumer, the runner and post-processing share: one per process."""
+    """What the consumer, the engine thread and post-processing share: one per process."""
 
-    def __init__(self, settings: Settings, options: WorkerOptions, engine: Engine, log: Any):
+    def __init__(self, settings: Settings, options: WorkerOptions, engine: Engine, log: Any, *,
+                 served_model: str, queue: str, gpu: Any = None, metrics: Any = None):
         self.settings = settings
         self.options = options
         self.engine = engine
         self.worker_id = options.worker_id
         self.log = log
+        self.served_model = served_model
+        self.queue = queue
+        self.gpu = gpu
+        self.metrics = metrics
+        self.state = "booting"
+        self.fenced = False
         self.redis = connect(settings.redis_url)
-        # The event loop's own connection (claims and job starts, several round trips per batch): the claim and start scripts must not be re-sent after a lost reply (they
-        # would claim or count twice); a connection error restarts the consumer instead, which hands back
-        # whatever this worker holds. The timeout turns a half-open connection into such an error.
-        self.loop_redis = connect(settings.redis_url, single_connection=True, retries=False,
-                                  socket_timeout=LOOP_REPLY_TIMEOUT_S)
         self.store = JobStore(self.redis)
-        self.acks = AckQueue()
+        self.loop = LoopCalls()
         self.batcher = Batcher(options.max_batch, options.max_wait_ms)
-        self.storage = StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries)
+        self.service = ServiceTimes()
+        self.timeline_lock = threading.Lock()
+        self.settler = Settler(self)
         self.notifier = Notifier(settings, self.redis, log)
-        self.post = PostProcessor(store=self.store, storage=self.storage, acks=self.acks, worker_id=self.worker_id,
-                                  engine_info=engine.describe(), on_finished=self.notifier, log=log,
-                                  threads=options.post_threads)
-        self.runner = BatchRunner(engine=engine, store=JobStore(self.loop_redis), post=self.post, acks=self.acks,
+        storage = StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries)
+        self.post = PostProcessor(store=self.store, storage=storage, settle=self.settler, worker_id=self.worker_id,
+                                  engine_info=engine.describe(), notifier=self.notifier, log=log,
+                                  threads=options.post_threads, permanent_tries=settings.storage_permanent_tries,
+                                  retry_cap_s=settings.storage_retry_cap_s)
+        self.runner = BatchRunner(engine=engine, store=self.store, post=self.post, settle=self.settler,
                                   worker_id=self.worker_id, max_attempts=settings.max_job_crashes, log=log,
                                   on_oom=_empty_cuda_cache)
+        self.engine_thread = EngineThread(self.runner.run, self.settler.wake, self.service, log)
+        self.consumer = GenerationConsumer(self)
 
-    def reclaim_own(self) -> None:
-        """Hand back what this worker id holds but is not working on (a previous life, a lost connection)."""
-        from scheduler.janitor import reclaim_worker
-
-        reclaim_worker(self.redis, self.store, make_app(self.settings), self.worker_id, self.log)
-
-    def malformed(self, payload: Any, exc: MalformedMessage) -> None:
-        """A claimed message that is not a valid job: fail the job it names, if any; never raise."""
-        job_id = None
-        try:
-            kwargs = message_body(payload)[1]
-            job_id = kwargs.get("job_id") if isinstance(kwargs, dict) else None
-        except Exception:
-            pass
-        log = self.log.bind(job_id=job_id if isinstance(job_id, str) else None)
-        rec = self.store.job(job_id) if isinstance(job_id, str) and len(job_id) <= 64 else None
-        if rec is not None and rec.status not in TERMINAL:
+    def malformed(self, job_id: str | None, batch_id: str | None, exc: MalformedMessage) -> None:
+        """A message that is not a valid job: fail the job it names, only if the record says that job belongs
+        to the batch the message names (a forged message may fail only a job of its own batch)."""
+        log = self.log.bind(job_id=job_id, batch_id=batch_id)
+        rec = self.store.job(job_id) if job_id else None
+        if rec is not None and rec.status not in TERMINAL and batch_id and rec.batch_id == batch_id:
             tr = self.store.fail(job_id, f"malformed message: {exc}")
             log.error("malformed message; job failed", error=str(exc))
             if tr.applied:
                 # The stored spec was validated at submit time; the notifier reads its webhook fields.
-                delivery = Delivery(job_id, rec.batch_id, parse_job(rec.spec), time.monotonic(),
-                                    ack=lambda: None, reject=lambda requeue: None)
-                self.notifier(delivery, "failed", tr)
+                self.notifier(Delivery(job_id, rec.batch_id, parse_job(rec.spec), time.monotonic()), "failed", tr)
         else:
             log.error("malformed message dropped", error=str(exc))
+
+    def check_engine(self) -> None:
+        """The watchdog (on the loop's tick): a batch far past its expected time means a hung engine call."""
+        overdue = self.engine_thread.overdue(self.settings.stall_multiple, self.settings.stall_floor_s)
+        if overdue is None:
+            return
+        self.state = "stalled"
+        self.heartbeat.beat()
+        waited = time.monotonic() - overdue.started
+        self.log.error("engine call hung; handing its batch back and exiting", waited_s=round(waited, 1),
+                       expected_s=overdue.expected_s, jobs=[d.job_id for d in overdue.deliveries])
+        for d in overdue.deliveries:
+            try:
+                # The attempt stays counted: a job that hangs the engine every time ends as poison.
+                self.store.requeue(d.job_id, run=d.extra.get("run", ""))
+            except redis.RedisError:
+                pass
+        channel = next((d.message.channel for d in overdue.deliveries if d.message is not None), None)
+        if channel is not None:
+            # Every unacknowledged message of this worker back to the head of its queue (kombu's own restore).
+            channel.qos.restore_unacked()
+        try:
+            self.redis.delete(keys.worker_held(self.worker_id))
+        except redis.RedisError:
+            pass
+        logs_mod.get().info("worker exiting", exit_code=EXIT_STALLED)
+        os._exit(EXIT_STALLED)
+
+    def fence(self) -> None:
+        """The heartbeat had expired: the sweep may have handed this worker's jobs to others. Stop at once;
+        whatever this worker still finishes is refused by the run checks, and its supervisor restarts it."""
+        self.fenced = True
+        self.log.error("heartbeat had expired (stalled or cut off); this worker's jobs may run elsewhere; exiting")
+        os._exit(EXIT_FENCED)
 
 
 def _empty_cuda_cache() -> None:
@@ -120,22 +208,55 @@ def _empty_cuda_cache() -> None:
 
 
 class Heartbeat(threading.Thread):
+    """The worker's heartbeat hash (with a TTL) and liveness file. A beat that finds the hash gone means this
+    worker was taken for dead meanwhile: it fences itself."""
+
     def __init__(self, ctx: WorkerContext, interval: float, ttl: float):
         super().__init__(name="heartbeat", daemon=True)
         self.ctx, self.interval, self.ttl = ctx, interval, ttl
         self.stop_event = threading.Event()
+        self.beats = 0
+        self.r = connect(ctx.settings.redis_url)
+
+    def info(self) -> dict[str, str]:
+        ctx = self.ctx
+        running = ctx.engine_thread.running
+        gpu = {k: str(v) for k, v in ctx.gpu.sample().items()} if ctx.gpu is not None else {}
+        return {
+            "worker_id": ctx.worker_id, "pid": str(os.getpid()), "host": socket.gethostname(),
+            "hostname": f"sdfleet@{ctx.worker_id}", "model": ctx.served_model, "queue": ctx.queue,
+            "device": ctx.options.device, "state": ctx.state,
+            "current_run": running.deliveries[0].extra.get("run", "") if running and running.deliveries else "",
+            "current_batch_size": str(len(running.deliveries)) if running else "0",
+            "images_per_s": f"{ctx.engine_thread.images_per_s():.4f}", "last_beat": f"{time.time():.3f}",
+            "max_batch": str(ctx.options.max_batch), "buffered": str(len(ctx.batcher)),
+            "batches": str(ctx.runner.batches_run),
+            **{k: str(v) for k, v in ctx.engine.describe().items() if k not in ("device", "model")},
+            "engine_model": str(ctx.engine.describe().get("model", "")),
+            **getattr(ctx, "gpu_identity", {}), **gpu,
+        }
 
     def beat(self) -> None:
         ctx = self.ctx
-        info = {"worker_id": ctx.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
-                "last_beat": f"{time.time():.3f}", "batches": ctx.runner.batches_run,
-                "buffered": len(ctx.batcher), **{k: str(v) for k, v in ctx.engine.describe().items()},
-                **gpu_memory(ctx.options.device)}
-        pipe = ctx.redis.pipeline(transaction=False)
+        if ctx.state not in ("stalled", "draining", "booting"):
+            ctx.state = "busy" if ctx.engine_thread.running else "idle"
+        info = self.info()
+        pipe = self.r.pipeline(transaction=False)
         pipe.hset(keys.worker(ctx.worker_id), mapping=info)
         pipe.pexpire(keys.worker(ctx.worker_id), int(self.ttl * 1000))
         pipe.sadd(keys.WORKERS, ctx.worker_id)
-        pipe.execute()
+        created = pipe.execute()[0]
+        if self.beats and created >= len(info):  # every field new: the hash had expired
+            ctx.fence()
+        self.beats += 1
+        if ctx.metrics is not None:
+            ctx.metrics.set_state(ctx.state)
+            ctx.metrics.set_queue_depth(len(ctx.batcher))
+        if ctx.settings.health_file:
+            tmp = ctx.settings.health_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"state": ctx.state, "last_beat": time.time(), "worker_id": ctx.worker_id}, f)
+            os.replace(tmp, ctx.settings.health_file)
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
@@ -145,77 +266,112 @@ class Heartbeat(threading.Thread):
                 self.ctx.log.warning("heartbeat failed", error=repr(exc))
 
 
-def gpu_memory(device: str) -> dict[str, str]:
-    if not device.startswith("cuda"):
-        return {}
-    try:
-        import pynvml
+class SweepThread(threading.Thread):
+    """This worker's turn at the fleet's reclaim sweep (under a Redis lock, so one worker sweeps at a time)."""
 
-        pynvml.nvmlInit()
-        index = int(device.split(":")[1]) if ":" in device else 0
-        mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-        return {"gpu_mem_used_mib": str(mem.used // 2**20), "gpu_mem_total_mib": str(mem.total // 2**20)}
-    except Exception:
-        return {}
+    def __init__(self, ctx: WorkerContext, app: Any):
+        super().__init__(name="sweep", daemon=True)
+        from scheduler.janitor import housekeeping_for
+        from sdfleet.reclaim import Sweeper
+
+        s = ctx.settings
+        r = connect(s.redis_url)
+        self.ctx = ctx
+        self.stop_event = threading.Event()
+        self.sweeper = Sweeper(r, app, s, ctx.log, holder=ctx.worker_id, grace_s=2 * s.heartbeat_ttl + 1,
+                               lock_ttl_s=max(30.0, 3 * s.sweep_interval_s),
+                               housekeeping=housekeeping_for(s, r, ctx.log))
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.ctx.settings.sweep_interval_s):
+            try:
+                self.sweeper.run_once()
+            except Exception as exc:  # Redis away: the next round tries again
+                self.ctx.log.warning("reclaim sweep failed", error=repr(exc))
 
 
 def run_worker(settings: Settings, options: WorkerOptions) -> int:
     """Boot and run a worker until it is told to stop; returns the process exit code."""
-    import sys
+    from celery import signals
 
+    from worker.devices import GpuProbe, lock_gpu, resolve_device
     from worker.engine.registry import build_engine
 
-    # The event-loop thread does many short socket calls; with the default 5 ms switch interval each one
-    # can wait that long for the GIL behind a post-processing thread (a convoy). 0.5 ms keeps it moving.
-    sys.setswitchinterval(0.0005)
-
-    if options.device.startswith("cuda"):
-        # One process, one GPU: pin it before any CUDA context exists.
-        index = options.device.split(":")[1] if ":" in options.device else "0"
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", index)
-        options = WorkerOptions(**{**options.__dict__, "device": "cuda:0"})
+    # Before any CUDA context exists: this process sees exactly the GPU it owns (N indexes an inherited
+    # CUDA_VISIBLE_DEVICES list), and a lock per GPU keeps a second worker off it.
+    assignment = resolve_device(options.device, os.environ)
+    gpu_lock = lock_gpu(assignment.uuid, settings.gpu_lock_dir, device=options.device) if assignment.is_gpu else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = assignment.cuda_visible_devices
+    options = replace(options, device=assignment.torch_device)
     worker_id = options.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    options = WorkerOptions(**{**options.__dict__, "worker_id": worker_id})
-    log = logs_mod.get("worker", worker_id=worker_id, device=options.device)
+    options = replace(options, worker_id=worker_id)
+    logs_mod.bind_process(worker_id=worker_id, device=assignment.spec)
+    log = logs_mod.get("worker")
+    # Celery must not configure logging: ours (structlog, JSON off a terminal) already covers its loggers.
+    signals.setup_logging.connect(lambda **kw: None, weak=False)
+
+    served = options.queue_model or model_name_for(options.model)
+    queue = keys.queue_for_model(served)
     t0 = time.perf_counter()
     engine = build_engine(options.model, device=options.device, precision=options.precision, log=log,
                           **options.engine_extra)
     engine.load()
     if options.warmup:
         engine.warmup(options.warmup)
-    queue = keys.queue_for_model(options.queue_model or engine.model_name)
     log.info("engine ready", boot_s=round(time.perf_counter() - t0, 3), queue=queue, **engine.describe())
 
-    app = make_app(settings)
-    ctx = WorkerContext(settings, options, engine, log)
-    # Prefetch: a full batch being filled, one running, one being uploaded.
-    consumer = GenerationConsumer(ctx, BulkQueue(ctx.loop_redis, queue, keys.worker_held(worker_id)),
-                                  prefetch=max(2, options.max_batch * 3))
+    metrics = None
+    if options.metrics_port is not None:
+        from sdfleet.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(worker_id, served, gpu_uuid=assignment.uuid or "")
+        port = metrics.serve(options.metrics_port)
+        log.info("metrics served", port=port)
+    # Prefetch: a full batch being filled, one in the engine, one waiting for it, one being stored.
+    prefetch = max(2, options.max_batch * 4)
+    app = make_app(settings, prefetch=prefetch)
+    ctx = WorkerContext(settings, options, engine, log, served_model=served, queue=queue,
+                        gpu=GpuProbe(assignment.uuid, log=log) if assignment.is_gpu else None, metrics=metrics)
+    ctx.gpu_identity = {k: v for k, v in assignment.describe().items() if k != "device"}
+    app.tasks[GENERATE_TASK].Strategy = ctx.consumer.strategy
     app.steps["consumer"].add(GenerationStep)
-    ctx.reclaim_own()  # a previous process with this worker id may have died holding work
-    heartbeat = Heartbeat(ctx, settings.heartbeat_interval, settings.heartbeat_ttl)
-    heartbeat.beat()
-    heartbeat.start()
+    ctx.heartbeat = Heartbeat(ctx, settings.heartbeat_interval, settings.heartbeat_ttl)
+    ctx.state = "idle"
+    ctx.heartbeat.beat()
+    ctx.heartbeat.start()
+    ctx.engine_thread.start()
+    sweep = SweepThread(ctx, app)
+    sweep.start()
+
     worker = app.Worker(
-        hostname=f"sdfleet@{worker_id}", pool="solo", concurrency=1,
-        # Celery itself consumes no queue here (selected, then excluded): GenerationStep claims this one.
-        queues=[queue], exclude_queues=[queue], generation_consumer=consumer,
-        without_mingle=True, without_gossip=True, without_heartbeat=True,
-        loglevel=settings.log_level.upper(), quiet=True,
+        hostname=f"sdfleet@{worker_id}", pool="solo", concurrency=1, queues=[queue],
+        generation_consumer=ctx.consumer, without_mingle=True, without_gossip=True, without_heartbeat=False,
+        loglevel=settings.log_level.upper(), quiet=True, send_events=True,
     )
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _draining(**_: Any) -> None:
+        ctx.state = "draining"
+
     try:
         worker.start()
     finally:
-        # Drain first (normally Celery's shutdown has done it already): the heartbeat must go on until the
-        # uploads are done, or the janitor would hand back jobs this worker is still finishing.
-        consumer.stop()
-        heartbeat.stop_event.set()
+        ctx.state = "draining"
+        ctx.consumer.stop()
+        sweep.stop_event.set()
+        ctx.heartbeat.stop_event.set()
+        ctx.engine_thread.stop()
         ctx.post.shutdown()
         try:
-            # Unstarted messages went back to the queue when the consumer stopped: nothing is held now.
-            ctx.redis.delete(keys.worker(worker_id), keys.worker_held(worker_id))
+            ctx.redis.delete(keys.worker(worker_id))
             ctx.redis.srem(keys.WORKERS, worker_id)
+            # kombu restored this channel's unacknowledged messages when Celery closed it; a message it could
+            # not restore (Redis away) is held by no live worker, so the sweep restores it as an orphan.
+            ctx.redis.delete(keys.worker_held(worker_id))
         except Exception:
             pass
+        if gpu_lock is not None:
+            gpu_lock.release()
         log.info("worker stopped", batches=ctx.runner.batches_run)
+        sys.stdout.flush()
     return worker.exitcode or 0

@@ -1,19 +1,18 @@
-"""Turning claimed queue messages into batches.
+"""Turning received Celery messages into batches.
 
-The worker's consumer (:mod:`worker.consumer`) decodes each claimed Celery message here and puts the
-delivery in a buffer instead of executing it. Deliveries are grouped by their :class:`~sdfleet.jobs.BatchKey`;
-a group runs as one engine batch when it reaches ``max_batch`` or when its oldest delivery has waited
-``max_wait_ms``. Keys are never mixed, the group holding the oldest delivery runs first, and within a
-group deliveries run oldest first.
+The worker's task Strategy (:mod:`worker.consumer`) decodes each message of the generation task here and
+puts the delivery in a buffer instead of executing it. Deliveries are grouped by their
+:class:`~sdfleet.jobs.BatchKey`; a group runs as one engine batch when it reaches ``max_batch`` or when its
+oldest delivery has waited ``max_wait_ms``. Keys are never mixed, the group holding the oldest delivery
+runs first, and within a group deliveries run oldest first.
 
-Everything here runs on the worker's event-loop thread (solo pool): acknowledgements requested by the
-post-processing threads are queued and performed there, never from another thread.
+The buffer lives on the worker's event-loop thread. Everything that touches the message (acknowledging it,
+handing it back, Celery events) is done there too: other threads ask for it through :class:`LoopCalls`.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import os
 import queue
 import time
 from collections import OrderedDict
@@ -23,20 +22,25 @@ from typing import Any
 
 from sdfleet.errors import InvalidJob, MalformedMessage
 from sdfleet.jobs import BatchKey, JobSpec, parse_job
-from sdfleet.queue import GENERATE_TASK
 
 
-@dataclass
+@dataclass(eq=False)
 class Delivery:
-    """One received message: a job to run, and how to acknowledge it."""
+    """One received message: a job to run, and how to settle its message (on the loop thread)."""
 
     job_id: str
     batch_id: str
     spec: JobSpec
     received_at: float
-    ack: Callable[[], Any]
-    reject: Callable[[bool], Any]
+    #: the Celery request (events, inspect); None in unit tests
+    request: Any = None
+    #: the kombu message; None in unit tests
+    message: Any = None
     attempts: int = 0
+    #: set once the message is acknowledged or handed back
+    settled: bool = False
+    #: not runnable before this monotonic time (a submission not yet committed)
+    not_before: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -44,48 +48,31 @@ class Delivery:
         return self.spec.key
 
 
-def message_body(payload: Any) -> Any:
-    """The body ([args, kwargs, embed]) of a Celery protocol-2 message of the generate task, decoded.
-
-    ``payload`` is the message as it sits on the queue, parsed from JSON: ``headers``, ``properties``
-    (``body_encoding``), ``content-type`` and ``body``. MalformedMessage if it is not such a message.
-    """
-    if not isinstance(payload, dict):
-        raise MalformedMessage("not a message object")
-    headers = payload.get("headers")
-    task = headers.get("task") if isinstance(headers, dict) else None
-    if task != GENERATE_TASK:
-        raise MalformedMessage(f"not a {GENERATE_TASK} message (task {str(task)[:60]!r})")
-    if payload.get("content-type") != "application/json":
-        raise MalformedMessage(f"content type {str(payload.get('content-type'))[:40]!r}, not application/json")
-    properties = payload.get("properties")
-    encoding = properties.get("body_encoding") if isinstance(properties, dict) else None
-    body = payload.get("body")
-    try:
-        if encoding == "base64":
-            body = base64.b64decode(body, validate=True)
-        elif encoding is not None:
-            raise ValueError(f"unknown body encoding {str(encoding)[:20]!r}")
-        return json.loads(body)
-    except (ValueError, TypeError) as exc:  # (binascii.Error is a ValueError)
-        raise MalformedMessage(f"undecodable body: {exc}") from None
-
-
-def decode(payload: Any) -> tuple[str, str, JobSpec]:
-    """(job_id, batch_id, spec) from a queued Celery protocol-2 message; MalformedMessage if it is not one of ours."""
-    body = message_body(payload)
+def decode_body(body: Any) -> tuple[str, str, JobSpec]:
+    """(job_id, batch_id, spec) from a decoded protocol-2 body ``[args, kwargs, embed]``."""
     if not (isinstance(body, (list, tuple)) and len(body) == 3 and isinstance(body[1], dict)):
         raise MalformedMessage("body is not a Celery protocol-2 [args, kwargs, embed] triple")
     kwargs = body[1]
     job_id, batch_id, spec = kwargs.get("job_id"), kwargs.get("batch_id"), kwargs.get("spec")
     if not isinstance(job_id, str) or not job_id or len(job_id) > 64:
         raise MalformedMessage("missing or invalid job_id")
-    if not isinstance(batch_id, str) or not batch_id:
+    if not isinstance(batch_id, str) or not batch_id or len(batch_id) > 64:
         raise MalformedMessage("missing or invalid batch_id")
     try:
         return job_id, batch_id, parse_job(spec)
     except InvalidJob as exc:
         raise MalformedMessage(f"job {job_id}: invalid spec: {exc}") from None
+
+
+def named_ids(body: Any) -> tuple[str | None, str | None]:
+    """The job and batch ids a (possibly malformed) body names, if any."""
+    try:
+        kwargs = body[1]
+        job_id, batch_id = kwargs.get("job_id"), kwargs.get("batch_id")
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return None, None
+    ok = lambda v: v if isinstance(v, str) and 0 < len(v) <= 64 else None  # noqa: E731
+    return ok(job_id), ok(batch_id)
 
 
 class Batcher:
@@ -98,54 +85,105 @@ class Batcher:
         self.groups: OrderedDict[BatchKey, list[Delivery]] = OrderedDict()
 
     def add(self, delivery: Delivery) -> None:
-        self.groups.setdefault(delivery.key, []).append(delivery)
+        group = self.groups.setdefault(delivery.key, [])
+        group.append(delivery)
+        group.sort(key=lambda d: d.received_at)
 
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
 
-    def ready(self, *, force: bool = False) -> list[tuple[BatchKey, list[Delivery]]]:
-        """Pop the groups that should run now, oldest first: full ones, expired ones (or all, if forced)."""
-        now = self.clock()
+    def __iter__(self):
+        for group in self.groups.values():
+            yield from group
+
+    def remove(self, job_ids: set[str]) -> list[Delivery]:
+        """Take the deliveries of ``job_ids`` out of the buffer (revoked jobs)."""
         out = []
-        for key, group in sorted(self.groups.items(), key=lambda kv: kv[1][0].received_at):
-            while len(group) >= self.max_batch:
-                out.append((key, group[:self.max_batch]))
-                del group[:self.max_batch]
-            if group and (force or now - group[0].received_at >= self.max_wait):
-                out.append((key, list(group)))
-                group.clear()
-        for key in [k for k, g in self.groups.items() if not g]:
+        for key in list(self.groups):
+            keep = []
+            for d in self.groups[key]:
+                (out if d.job_id in job_ids else keep).append(d)
+            if keep:
+                self.groups[key] = keep
+            else:
+                del self.groups[key]
+        return out
+
+    def _due(self, group: list[Delivery], now: float, force: bool) -> list[Delivery]:
+        runnable = [d for d in group if d.not_before <= now]
+        if len(runnable) >= self.max_batch:
+            return runnable[:self.max_batch]
+        if runnable and (force or now - runnable[0].received_at >= self.max_wait):
+            return runnable
+        return []
+
+    def pop_ready(self, *, force: bool = False) -> tuple[BatchKey, list[Delivery]] | None:
+        """The due group (full, or its oldest has waited max wait) holding the oldest delivery; None if none."""
+        now = self.clock()
+        best = None
+        for key, group in self.groups.items():
+            due = self._due(group, now, force)
+            if due and (best is None or due[0].received_at < best[1][0].received_at):
+                best = (key, due)
+        if best is None:
+            return None
+        key, due = best
+        taken = {id(d) for d in due}
+        rest = [d for d in self.groups[key] if id(d) not in taken]
+        if rest:
+            self.groups[key] = rest
+        else:
             del self.groups[key]
-        out.sort(key=lambda kv: kv[1][0].received_at)
+        return key, due
+
+    def ready(self, *, force: bool = False) -> list[tuple[BatchKey, list[Delivery]]]:
+        """Pop every group that is due now (all of them if forced), in the order they should run."""
+        out = []
+        while (nxt := self.pop_ready(force=force)) is not None:
+            out.append(nxt)
         return out
 
     def next_deadline(self) -> float | None:
-        if not self.groups:
-            return None
-        return min(g[0].received_at for g in self.groups.values()) + self.max_wait
+        times = []
+        for group in self.groups.values():
+            runnable = [d for d in group if d.not_before <= self.clock()]
+            if runnable:
+                times.append(runnable[0].received_at + self.max_wait)
+            times += [d.not_before for d in group if d.not_before > self.clock()]
+        return min(times) if times else None
 
 
-class AckQueue:
-    """Acknowledgements requested from any thread, carried out on the event-loop thread.
+class LoopCalls:
+    """Calls requested from any thread, carried out on the event-loop thread.
 
-    ``on_put`` (set by the consumer) wakes the event loop: an acknowledgement frees prefetch room. It is
-    called once per round of requests, not once per request.
+    A request writes a byte to a pipe the loop watches, so the loop wakes at once even while it sleeps in
+    poll() (kombu's hub would otherwise look at its ready queue only after the poll times out).
     """
 
     def __init__(self) -> None:
         self._q: queue.SimpleQueue[tuple[Callable[..., Any], tuple]] = queue.SimpleQueue()
-        self.on_put: Callable[[], Any] | None = None
+        self.rfd, self.wfd = os.pipe()
+        os.set_blocking(self.rfd, False)
+        os.set_blocking(self.wfd, False)
         self._signalled = False
 
     def put(self, fn: Callable[..., Any], *args: Any) -> None:
         self._q.put((fn, args))
-        if self.on_put is not None and not self._signalled:
+        if not self._signalled:
             self._signalled = True
-            self.on_put()
+            try:
+                os.write(self.wfd, b"x")
+            except (BlockingIOError, OSError):  # the pipe is full: the loop is awake already
+                pass
 
     def drain(self) -> int:
         # Cleared before draining: a request put after this point signals again, so none waits unseen.
         self._signalled = False
+        try:
+            while os.read(self.rfd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
         n = 0
         while True:
             try:
@@ -154,3 +192,10 @@ class AckQueue:
                 return n
             fn(*args)
             n += 1
+
+    def close(self) -> None:
+        for fd in (self.rfd, self.wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -26,9 +26,10 @@ import numpy as np
 from PIL import Image
 
 from sdfleet.errors import StorageError
-from sdfleet.storage import StorageFactory, object_key
+from sdfleet.storage import StorageFactory, object_key, staged_key
 
-# What the child reports per job: (STORED, fields to record), (STORAGE_FAILED, why) or (FAILED, why, trace).
+# What the child reports per job: (STORED, fields to record), (STORAGE_FAILED, why, permanent) or
+# (FAILED, why, trace).
 STORED, STORAGE_FAILED, FAILED = "stored", "storage failed", "failed"
 
 
@@ -55,13 +56,25 @@ class ObjectWriter:
         return pool
 
     def write(self, jobs: list[dict[str, Any]], images: list[np.ndarray]) -> list[tuple]:
-        """Encode and store each job's PNG and sidecar; per job, what :func:`_write_run` reports.
+        """Encode and store each job's PNG and sidecar under its run's staged names; per job, what
+        :func:`_write_run` reports.
 
         Raises BrokenProcessPool if the child died meanwhile (a fresh one is started for the next call).
         """
+        return self._call(_write_run, jobs, images)
+
+    def promote(self, moves: list[tuple[str, str, str]]) -> list[str | None]:
+        """(location, staged key, final key) triples: promote each; per triple None or why it failed."""
+        return self._call(_promote, moves, False)
+
+    def discard(self, moves: list[tuple[str, str, str]]) -> list[str | None]:
+        """Delete the staged objects of runs that did not get to record their outcome."""
+        return self._call(_promote, moves, True)
+
+    def _call(self, fn: Any, *args: Any) -> Any:
         pool = self._pool
         try:
-            return pool.submit(_write_run, jobs, images).result()
+            return pool.submit(fn, *args).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:
@@ -104,13 +117,13 @@ def _write_run(jobs: list[dict[str, Any]], images: list[np.ndarray]) -> list[tup
         if job["out"] in down:
             # Jobs are stored one after the other: without this, an outage would cost every job of the run
             # its whole retry budget before any of them went back to the queue.
-            out.append((STORAGE_FAILED, f"not attempted: {down[job['out']]}"))
+            out.append((STORAGE_FAILED, f"not attempted: {down[job['out']]}", False))
             continue
         try:
             out.append((STORED, _write(job, image)))
         except StorageError as exc:
             down[job["out"]] = str(exc)
-            out.append((STORAGE_FAILED, str(exc)))
+            out.append((STORAGE_FAILED, str(exc), exc.permanent))
         except Exception as exc:  # encoding bugs etc.: the worker records the failure, never ends silently
             out.append((FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=5)))
     return out
@@ -122,7 +135,12 @@ def _write(job: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
     storage = _FACTORY.get(job["out"])
     png = encode_png(image)
     t1 = time.perf_counter()
-    url = storage.put(object_key(job["batch_id"], job["custom_id"], ".png"), png, "image/png")
+    png_key = object_key(job["batch_id"], job["custom_id"], ".png")
+    json_key = object_key(job["batch_id"], job["custom_id"], ".json")
+    # Written under the run's own names; the outcome recorded in Redis decides which run's objects become
+    # the job's (see worker.postprocess).
+    storage.put(staged_key(png_key, job["engine_run"]), png, "image/png")
+    url = storage.url(png_key)
     timings = {**job["timings"], "encode_png_s": t1 - t0, "upload_s": time.perf_counter() - t1}
     timings = {k: round(v, 6) for k, v in timings.items()}
     height, width = int(image.shape[0]), int(image.shape[1])
@@ -133,7 +151,22 @@ def _write(job: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
         "image": url, "width": width, "height": height, "finished_at": time.time(),
     }
     # No indent: json's C encoder only runs without one (the indented form was a third of the CPU).
-    sidecar_url = storage.put(object_key(job["batch_id"], job["custom_id"], ".json"), json.dumps(sidecar).encode(),
-                              "application/json")
+    storage.put(staged_key(json_key, job["engine_run"]), json.dumps(sidecar).encode(), "application/json")
+    sidecar_url = storage.url(json_key)
+    staged = [[job["out"], staged_key(png_key, job["engine_run"]), png_key],
+              [job["out"], staged_key(json_key, job["engine_run"]), json_key]]
     return {"url": url, "sidecar_url": sidecar_url, "timings": json.dumps(timings), "width": width,
-            "height": height}
+            "height": height, "staged": json.dumps(staged)}
+
+
+def _promote(moves: list[tuple[str, str, str]], discard: bool) -> list[str | None]:
+    assert _FACTORY is not None
+    out: list[str | None] = []
+    for location, staged, final in moves:
+        try:
+            storage = _FACTORY.get(location)
+            storage.discard(staged) if discard else storage.promote(staged, final)
+            out.append(None)
+        except StorageError as exc:
+            out.append(str(exc))
+    return out

@@ -1,24 +1,32 @@
-"""Running one group of deliveries: claim each job, run the engine, hand images to post-processing.
+"""Running one group of deliveries (on the engine thread): claim each job, run the engine, hand images on.
 
-Claiming is a compare-and-set (queued|running -> running) that counts an attempt: a job already
-finished elsewhere is acknowledged and skipped, a cancelled one never runs, and one that has been
-started too many times without finishing (it keeps killing workers) is failed instead of looping.
-An out-of-memory error splits the batch in halves and retries them; any other engine error is
-isolated by running the jobs one by one, so one bad job cannot fail its batch mates.
+Claiming is a compare-and-set (queued|running -> running) that counts an attempt and names the engine run
+that now owns the job: a job already finished elsewhere is skipped (its outcome re-announced), a cancelled one
+never runs, and one started too many times without finishing (it keeps killing workers) is failed instead of
+looping. A message whose job is not recorded yet, while its submission is still being committed, is held
+and tried again shortly. An out-of-memory error splits the batch in halves and retries them; any other
+engine error is isolated by running the jobs one by one, so one bad job cannot fail its batch mates.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import redis
+
+from sdfleet import keys
 from sdfleet.jobs import BatchKey
-from sdfleet.state import JobStore
+from sdfleet.state import JobStore, Transition
 from worker.engine.base import Engine, GenerationRequest
-from worker.intake import AckQueue, Delivery
+from worker.intake import Delivery
 from worker.postprocess import PostProcessor
+
+#: a message of a submission still being committed is tried again after this many seconds
+DEFER_S = 0.25
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -33,12 +41,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class BatchRunner:
-    def __init__(self, *, engine: Engine, store: JobStore, post: PostProcessor, acks: AckQueue, worker_id: str,
+    def __init__(self, *, engine: Engine, store: JobStore, post: PostProcessor, settle: Any, worker_id: str,
                  max_attempts: int, log: Any, on_oom: Callable[[], None] | None = None):
         self.engine = engine
         self.store = store
         self.post = post
-        self.acks = acks
+        self.settle = settle
         self.worker_id = worker_id
         self.max_attempts = max_attempts
         self.log = log
@@ -48,58 +56,88 @@ class BatchRunner:
         self._in_engine: list[str] = []
 
     def run(self, key: BatchKey, deliveries: Sequence[Delivery]) -> None:
-        if self._in_engine:
-            # The previous run has left the engine: if the worker dies from now on, it is not that run's
-            # doing. (Its jobs may still be uploading; counting their attempt would fail innocent jobs as
-            # poison when a poison job keeps killing workers right after them.)
-            self.store.release_attempts(self._in_engine, self.worker_id)
-            self._in_engine = []
-        claimed = self._claim(deliveries)
+        try:
+            if self._in_engine:
+                # The previous run has left the engine: if the worker dies from now on, it is not that run's
+                # doing. (Its jobs may still be uploading; counting their attempt would fail innocent jobs as
+                # poison when a poison job keeps killing workers right after them.)
+                self.store.release_attempts(self._in_engine, self.worker_id)
+                self._in_engine = []
+            run_id = f"{self.worker_id}:{self.batches_run + 1}"
+            claimed = self._claim(deliveries, run_id)
+        except redis.RedisError as exc:
+            # Redis refusing writes (OOM, READONLY) or away: keep the jobs and try again with backoff; handing
+            # the messages back would only bring them straight back (a hot loop).
+            self.settle.retry_later(list(deliveries), exc)
+            return
         if not claimed:
             return
         self.batches_run += 1
-        run_id = f"{self.worker_id}:{self.batches_run}"
         for d in claimed:
             d.extra["run"] = run_id
         log = self.log.bind(key=str(key), size=len(claimed), run=run_id)
+        self.settle.started(claimed)
         t0 = time.perf_counter()
         self._in_engine = [d.job_id for d in claimed]
-        self._generate(key, claimed, log)
-        log.info("batch ran", batch_s=round(time.perf_counter() - t0, 4),
-                 jobs=[d.job_id for d in claimed][:16])
+        timeline = {"run": run_id, "key": str(key), "size": len(claimed), "jobs": [d.job_id for d in claimed],
+                    "t_dispatch": min(d.extra.get("dispatched_at", time.time()) for d in claimed),
+                    "t_engine_start": time.time()}
+        self._generate(key, claimed, log, timeline)
+        log.info("batch ran", batch_s=round(time.perf_counter() - t0, 4), jobs=[d.job_id for d in claimed][:16])
 
-    def _claim(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+    def _committing(self, batch_id: str) -> bool:
+        """True while the batch's submission is being committed (its records are not visible yet)."""
+        return bool(self.store.r.exists(keys.submission(batch_id)))
+
+    def _claim(self, deliveries: Sequence[Delivery], run_id: str) -> list[Delivery]:
         # One round trip: each job starts only if its record names this batch and holds this spec, so a
         # forged or stale message never runs.
         transitions = self.store.start_many(
             [d.job_id for d in deliveries], self.worker_id, self.max_attempts,
-            expect=[(d.batch_id, d.spec.model_dump_json()) for d in deliveries])
+            expect=[(d.batch_id, d.spec.model_dump_json()) for d in deliveries], run=run_id)
         claimed = []
         now = time.time()
         for d, tr in zip(deliveries, transitions):
-            if not tr.previous or tr.mismatch == "batch":
-                self.log.error("message names no known job; dropped (forged or expired)", job_id=d.job_id,
-                               batch_id=d.batch_id)
+            if (not tr.previous or tr.previous in ("failed", "cancelled")) and self._committing(d.batch_id):
+                d.not_before = time.monotonic() + DEFER_S
+                self.settle.defer(d)
+            elif not tr.previous or tr.mismatch == "batch":
+                self.log.error("message names no known job; dropped (forged, expired or an aborted submission)",
+                               job_id=d.job_id, batch_id=d.batch_id)
+                self.settle.finished(d, "dropped")
             elif tr.mismatch:
                 self.log.error("message disagrees with the job record; dropped (forged or tampered)",
                                job_id=d.job_id, batch_id=d.batch_id)
+                self.settle.finished(d, "dropped")
             elif tr.poisoned:
                 self.log.error("job failed as poison", job_id=d.job_id, batch_id=d.batch_id, attempts=tr.attempts)
-                self.post.on_finished(d, "failed", tr)
+                self.post.notifier(d, "failed", tr)
+                self.settle.finished(d, "failed", error="poison")
             elif not tr.applied:
                 self.log.info("job not runnable; skipped", job_id=d.job_id, batch_id=d.batch_id, status=tr.previous)
                 if tr.previous in ("succeeded", "failed"):
-                    self.post.reannounce(d, tr.previous)
+                    self.reannounce(d, tr.previous)
+                self.settle.finished(d, "cancelled" if tr.previous == "cancelled" else "skipped",
+                                     previous=tr.previous)
             else:
                 d.attempts = tr.attempts
                 d.extra["queued_at"] = tr.queued_at
                 d.extra["started_at"] = now
                 claimed.append(d)
-                continue
-            self.acks.put(d.ack)
         return claimed
 
-    def _generate(self, key: BatchKey, group: list[Delivery], log: Any) -> None:
+    def reannounce(self, d: Delivery, status: str) -> None:
+        """Finish what a worker that died after recording an outcome left undone: promote its staged objects
+        (if it had not) and announce the outcome. Event ids derive from the outcome: none is sent twice."""
+        rec = self.store.job(d.job_id)
+        if rec is None:
+            return
+        if status == "succeeded" and rec.fields.get("promoted") != "1" and rec.fields.get("staged"):
+            self.post.promote([(d, json.loads(rec.fields["staged"]))])
+        completed = bool(self.store.r.hexists(keys.batch(d.batch_id), "completed_at"))
+        self.post.notifier(d, status, Transition(False, status, completed, 0))
+
+    def _generate(self, key: BatchKey, group: list[Delivery], log: Any, timeline: dict[str, Any]) -> None:
         requests = [GenerationRequest(d.job_id, d.spec.prompt, d.spec.negative_prompt, d.spec.seed) for d in group]
         try:
             result = self.engine.generate(key, requests)
@@ -108,18 +146,19 @@ class BatchRunner:
                 log.warning("out of memory; splitting the batch in halves", size=len(group))
                 self.on_oom()
                 half = len(group) // 2
-                self._generate(key, group[:half], log)
-                self._generate(key, group[half:], log)
+                self._generate(key, group[:half], log, dict(timeline))
+                self._generate(key, group[half:], log, dict(timeline))
                 return
             if len(group) > 1:
                 log.warning("engine error; retrying the jobs one by one", error=repr(exc))
                 for d in group:
-                    self._generate(key, [d], log)
+                    self._generate(key, [d], log, dict(timeline))
                 return
             reason = "out of memory even alone" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"
             log.error("engine failed for job", job_id=group[0].job_id, error=reason,
                       trace=traceback.format_exc(limit=5))
             self.post.finish_failed(group[0], f"engine error: {reason}")
             return
+        timeline.update({"t_engine_end": time.time(), "size": len(group), "jobs": [d.job_id for d in group]})
         # Not waited for here: the device-to-host copy may still run while the next batch starts.
-        self.post.submit_group(group, result)
+        self.post.submit_group(group, result, timeline)

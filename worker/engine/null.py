@@ -16,11 +16,14 @@ class NullEngine(Engine):
     model_name = "null"
     precision = "none"
 
-    def __init__(self, delay_s: float = 0.0, side: int = 8, crash_prompt: str | None = None):
+    def __init__(self, delay_s: float = 0.0, side: int = 8, crash_prompt: str | None = None,
+                 hang_prompt: str | None = None):
         self.delay_s = delay_s
         self.side = side
-        # For crash-safety tests: a job with this prompt kills the process, as a segfaulting kernel would.
+        # For crash-safety tests: a job with this prompt kills the process, as a segfaulting kernel would,
+        # and one with ``hang_prompt`` never returns, as a hung CUDA call would.
         self.crash_prompt = crash_prompt
+        self.hang_prompt = hang_prompt
 
     def load(self) -> None:
         pass
@@ -29,6 +32,9 @@ class NullEngine(Engine):
         t0 = time.perf_counter()
         if self.crash_prompt is not None and any(r.prompt == self.crash_prompt for r in requests):
             os._exit(137)
+        if self.hang_prompt is not None and any(r.prompt == self.hang_prompt for r in requests):
+            while True:
+                time.sleep(3600)
         if self.delay_s:
             time.sleep(self.delay_s)
         # The seed decides the pixel value, so tests can still tell jobs apart.

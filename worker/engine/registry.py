@@ -11,7 +11,8 @@ def build_engine(model: str, *, device: str, precision: str, log: Any = None, **
     if model == "null":
         from worker.engine.null import NullEngine
 
-        return NullEngine(delay_s=float(extra.get("null_delay_s", 0.0)), crash_prompt=extra.get("null_crash_prompt"))
+        return NullEngine(delay_s=float(extra.get("null_delay_s", 0.0)), crash_prompt=extra.get("null_crash_prompt"),
+                          hang_prompt=extra.get("null_hang_prompt"))
     from worker.engine.diffusers_engine import DiffusersEngine, EngineOptions
 
     allowed = {k: v for k, v in extra.items() if k in EngineOptions.__dataclass_fields__}
