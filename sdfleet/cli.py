@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Test hooks for the null engine (queue benchmarks, crash-safety tests); hidden from --help.
     w.add_argument("--null-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     w.add_argument("--null-crash-prompt", default=None, help=argparse.SUPPRESS)
+    w.add_argument("--null-hang-prompt", default=None, help=argparse.SUPPRESS)
+    w.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (0: a free one; default: none)")
+    w.add_argument("--timeline", default=None, metavar="FILE",
+                   help="append one JSON line per engine run (engine, copy, store, ack times) to FILE")
+
+    hc = sub.add_parser("health", help="liveness check of a worker (exit 0 alive, 1 stalled or silent)",
+                        description="Reads the worker's liveness file (SDFLEET_HEALTH_FILE or --file): exit 1 "
+                                    "when the worker reports 'stalled' or has not written it for --max-age-s.")
+    hc.add_argument("--file", default=None, help="liveness file (default: SDFLEET_HEALTH_FILE)")
+    hc.add_argument("--max-age-s", type=float, default=30.0, help="older than this counts as silent (default 30)")
 
     q = sub.add_parser("quantize", help="write the FP8 transformer (weights + scales) for fast cold starts",
                        description="Quantize SRC's transformer to FP8 and write DST (safetensors + JSON). SRC: a "
@@ -155,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=256)
     d.add_argument("--steps", type=int, default=8)
     _add_webhook_parsers(sub)
+    _add_fleet_parsers(sub)
     return p
 
 
@@ -344,9 +356,11 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    store, _ = _services(settings)
-    n = store.cancel_batch(args.batch)
-    print(f"{n} queued job(s) cancelled; running jobs finish", file=sys.stderr)
+    from sdfleet.cancel import cancel_batch
+
+    store, app = _services(settings)
+    n = cancel_batch(settings, store, app, args.batch)
+    print(f"{n} queued job(s) cancelled and revoked; running jobs finish", file=sys.stderr)
     return 0
 
 
@@ -372,7 +386,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--max-wait-ms must be >= 0")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise ConfigError(f"--device {args.device!r}: use cpu or cuda:N")
-    extra: dict[str, Any] = {"null_delay_s": args.null_delay_ms / 1000.0, "null_crash_prompt": args.null_crash_prompt}
+    extra: dict[str, Any] = {"null_delay_s": args.null_delay_ms / 1000.0, "null_crash_prompt": args.null_crash_prompt,
+                             "null_hang_prompt": args.null_hang_prompt}
     if args.fp8_weights:
         extra["fp8_weights"] = args.fp8_weights
     switches = {name: False for name in ("fp8_linears", "fused_quant", "fp8_attention")
@@ -384,8 +399,29 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     opts = WorkerOptions(model=args.model, device=args.device, precision=args.precision, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, worker_id=args.worker_id or "",
                          post_threads=args.post_threads, engine_extra=extra,
-                         warmup=tuple(parse_shape(w, args.model) for w in args.warmup))
+                         warmup=tuple(parse_shape(w, args.model) for w in args.warmup),
+                         metrics_port=args.metrics_port if args.metrics_port is not None else settings.metrics_port,
+                         timeline=args.timeline)
     return run_worker(settings, opts)
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    path = args.file or settings.health_file
+    if not path:
+        raise ConfigError("sdfleet health: give --file or set SDFLEET_HEALTH_FILE (the worker writes it)")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"unhealthy: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
+    age = time.time() - float(state.get("last_beat", 0))
+    if state.get("state") == "stalled" or age > args.max_age_s:
+        print(f"unhealthy: worker {state.get('worker_id')} {state.get('state')}, last beat {age:.1f} s ago",
+              file=sys.stderr)
+        return 1
+    print(f"ok: worker {state.get('worker_id')} {state.get('state')}, last beat {age:.1f} s ago")
+    return 0
 
 
 def cmd_quantize(args: argparse.Namespace, settings: Settings) -> int:
@@ -431,7 +467,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS = {
     "submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "results": cmd_results, "cancel": cmd_cancel,
-    "worker": cmd_worker, "demo": cmd_demo, "janitor": cmd_janitor, "quantize": cmd_quantize,
+    "worker": cmd_worker, "demo": cmd_demo, "janitor": cmd_janitor, "quantize": cmd_quantize, "health": cmd_health,
     "make-model": cmd_make_model,
 }
 
@@ -460,6 +496,8 @@ def _add_webhook_parsers(sub: Any) -> None:
     ww = sub.add_parser("webhook-worker", help="run the webhook sender (its own queue; no GPU)")
     ww.add_argument("--threads", type=int, default=8, help="concurrent deliveries (default 8)")
     ww.add_argument("--worker-id")
+    ww.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0: a free port; "
+                                                    "default SDFLEET_METRICS_PORT, else none)")
 
 
 def _check_webhook_urls(result: Any, defaults: dict[str, Any], settings: Settings) -> None:
@@ -534,10 +572,142 @@ def cmd_webhook_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--threads must be 1..256")
     parse_secrets(settings.webhook_secret)  # a malformed list is an error now, not at the first delivery
     parse_secrets(settings.webhook_previous_secrets, name="SDFLEET_WEBHOOK_PREVIOUS_SECRETS")
-    return run_webhook_worker(settings, threads=args.threads, worker_id=args.worker_id)
+    return run_webhook_worker(settings, threads=args.threads, worker_id=args.worker_id,
+                              metrics_port=_metrics_port(args, settings))
 
 
 COMMANDS.update({"webhooks": cmd_webhooks, "webhook-worker": cmd_webhook_worker})
+
+# --- scaling and views ------------------------------------------------------------------------------
+
+FLEET_EPILOG = """\
+examples:
+  sdfleet scheduler --driver local --model tiny --min-workers 0 --max-workers 2 --cooldown-s 5 --metrics-port 9200
+  sdfleet scheduler --driver local --model /models/sd3.5-large --max-workers 8 --worker-args "--max-batch 4"
+  sdfleet scheduler --model sd3.5-large --max-workers 1000 --metrics-port 9200   # KEDA reads /scale/sd3.5-large
+"""
+
+
+def _add_fleet_parsers(sub: Any) -> None:
+    from sdfleet.settings import DEFAULT_SCALE_COOLDOWN_S, DEFAULT_TARGET_DRAIN_S
+
+    sc = sub.add_parser("scheduler", help="size each worker pool to its backlog (local processes or KEDA)",
+                        epilog=FLEET_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sc.add_argument("--driver", choices=["local", "none"], default="none",
+                    help="local: start and drain 'sdfleet worker' processes here; none: only publish the "
+                         "desired counts (Kubernetes: KEDA's metrics-api trigger reads /scale/<pool>)")
+    sc.add_argument("--model", action="append", default=[], dest="models",
+                    help="pool to manage (repeatable; a local SD3.5 directory or tiny/null); default: every "
+                         "pool with a queue or a live worker (--driver none only)")
+    sc.add_argument("--min-workers", type=int, default=0)
+    sc.add_argument("--max-workers", type=int, default=1)
+    sc.add_argument("--target-drain-s", type=float, default=None,
+                    help=f"size a pool to work off its backlog in this time (default SDFLEET_SCALE_TARGET_DRAIN_S, "
+                         f"{DEFAULT_TARGET_DRAIN_S:g})")
+    sc.add_argument("--cooldown-s", type=float, default=None,
+                    help=f"shrink only after the need stayed lower this long (default SDFLEET_SCALE_COOLDOWN_S, "
+                         f"{DEFAULT_SCALE_COOLDOWN_S:g})")
+    sc.add_argument("--max-batch", type=int, default=4, help="jobs per worker batch (caps workers per job)")
+    sc.add_argument("--interval", type=float, default=2.0, help="seconds between decisions")
+    sc.add_argument("--metrics-port", type=int, help="serve /metrics and /scale/<pool> here (0: a free port)")
+    sc.add_argument("--worker-args", default="", help="extra flags for each local worker, e.g. \"--max-batch 8\"")
+    sc.add_argument("--worker-metrics-port-base", type=int,
+                    help="local worker i gets --metrics-port BASE+i")
+    sc.add_argument("--drain-timeout-s", type=float, default=600.0,
+                    help="at exit, wait this long for local workers to drain (never killed)")
+    sc.add_argument("--once", action="store_true", help="one decision, then exit")
+
+    wk = sub.add_parser("workers", help="list live workers (heartbeats)")
+    wk.add_argument("--json", action="store_true", help="one JSON object a line per live worker")
+    tp = sub.add_parser("top", help="live view of workers, pools and batches")
+    tp.add_argument("--interval", type=float, default=1.0)
+    tp.add_argument("--once", action="store_true", help="print one frame and exit")
+    tp.add_argument("--batches", type=int, default=8, help="recent batches shown")
+
+    sm = sub.add_parser("simulate", help="discrete-event simulation of the autoscaler on an arrival trace")
+    sm.add_argument("--trace", choices=["bursty-day", "steady", "overnight", "all"], default="all")
+    sm.add_argument("--jobs", type=int, default=1_000_000, help="jobs in the trace (default 1,000,000)")
+    sm.add_argument("--max-workers", type=int, default=1000)
+    sm.add_argument("--min-workers", type=int, default=0)
+    sm.add_argument("--target-drain-s", type=float, default=DEFAULT_TARGET_DRAIN_S)
+    sm.add_argument("--cooldown-s", type=float, default=DEFAULT_SCALE_COOLDOWN_S)
+    sm.add_argument("--max-batch", type=int, default=4)
+    sm.add_argument("--model", default="large", choices=["large", "medium"],
+                    help="service times of this engine (docs/PERFORMANCE.md)")
+    sm.add_argument("--cold-start-s", type=float, default=60.0, help="pod start + model load + warm-up")
+    sm.add_argument("--tick-s", type=float, default=15.0, help="seconds between scheduler decisions")
+    sm.add_argument("--seed", type=int, default=1)
+    sm.add_argument("--json", action="store_true")
+
+
+def _metrics_port(args: argparse.Namespace, settings: Settings) -> int | None:
+    port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--metrics-port {port}: use 0..65535 (0 picks a free port)")
+    return port
+
+
+def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
+    import shlex
+
+    from scheduler.policy import PoolConfig
+    from scheduler.service import run_scheduler
+
+    if args.driver == "local" and len(args.models) != 1:
+        raise ConfigError("--driver local: give exactly one --model (tiny, null or a local SD3.5 directory)")
+    if args.interval <= 0:
+        raise ConfigError("--interval must be > 0")
+    config = PoolConfig(min_workers=args.min_workers, max_workers=args.max_workers,
+                        target_drain_s=args.target_drain_s or settings.scale_target_drain_s,
+                        cooldown_s=settings.scale_cooldown_s if args.cooldown_s is None else args.cooldown_s,
+                        max_batch=args.max_batch)
+    try:
+        worker_args = shlex.split(args.worker_args)
+    except ValueError as exc:
+        raise ConfigError(f"--worker-args {args.worker_args!r}: {exc}") from None
+    return run_scheduler(settings, config=config, driver=args.driver, models=args.models, interval=args.interval,
+                         metrics_port=_metrics_port(args, settings), worker_args=worker_args,
+                         worker_metrics_port_base=args.worker_metrics_port_base,
+                         drain_timeout_s=args.drain_timeout_s, once=args.once, log=logs.get("scheduler"))
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    from scheduler.observe import live_workers, worker_row
+    from sdfleet.redisconn import connect
+
+    rows = [worker_row(w) for w in live_workers(connect(settings.redis_url))]
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(f"{row['id']:<40} {row['pool']:<16} {row['device']:<8} {row['state']:<9} "
+                  f"batch {row['current_batch']}  {row['images_per_s'] or 0:.2f} img/s")
+    if not args.json:
+        print(f"{len(rows)} live worker(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
+    from scheduler.top import run_top
+    from sdfleet.redisconn import connect
+
+    return run_top(connect(settings.redis_url), interval=args.interval, once=args.once, batches=args.batches)
+
+
+def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from scheduler.policy import PoolConfig
+    from scheduler.simulate import run_simulations
+
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be >= 1")
+    config = PoolConfig(min_workers=args.min_workers, max_workers=args.max_workers,
+                        target_drain_s=args.target_drain_s, cooldown_s=args.cooldown_s, max_batch=args.max_batch)
+    config.check()
+    return run_simulations(config, trace=args.trace, jobs=args.jobs, model=args.model,
+                           cold_start_s=args.cold_start_s, tick_s=args.tick_s, seed=args.seed, as_json=args.json)
+
+
+COMMANDS.update({"scheduler": cmd_scheduler, "workers": cmd_workers, "top": cmd_top, "simulate": cmd_simulate})
 
 if __name__ == "__main__":
     sys.exit(main())

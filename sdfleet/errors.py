@@ -61,7 +61,15 @@ class BatchNotFound(SdfleetError):
 
 
 class StorageError(SdfleetError):
-    """Storing or reading an object failed (after retries where they apply)."""
+    """Storing or reading an object failed (after retries where they apply).
+
+    ``permanent``: the error cannot clear by waiting (no such bucket, access denied, not a directory), so a
+    job meeting it is failed after a few tries instead of waiting for the store to come back.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class BrokerUnavailable(SdfleetError):

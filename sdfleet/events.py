@@ -32,7 +32,8 @@ from sdfleet.storage import StorageFactory
 from sdfleet.webhooks import outbox
 
 JOB_SUCCEEDED, JOB_FAILED, BATCH_COMPLETED = "job.succeeded", "job.failed", "batch.completed"
-JOB_EVENTS = {"succeeded": JOB_SUCCEEDED, "failed": JOB_FAILED}
+JOB_CANCELLED = "job.cancelled"
+JOB_EVENTS = {"succeeded": JOB_SUCCEEDED, "failed": JOB_FAILED, "cancelled": JOB_CANCELLED}
 BATCH_TASK = "sdfleet.webhook.batch_completed"
 MANIFEST_KEY = "{batch_id}/manifest.jsonl"
 

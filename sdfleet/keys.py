@@ -97,16 +97,12 @@ def bucket_of(width: int, height: int, steps: int) -> str:
     return f"{width}x{height}:{steps}"
 
 
-# kombu's Redis transport keeps a message of priority p > 0 in its own list, ``queue + PRIORITY_SEP + p``
-# (its default priority steps are 0, 3, 6, 9; priority 0 is the plain list).
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (3, 6, 9)
-
-
 def queue_lists(model: str) -> list[str]:
-    """Every Redis list that may hold queued messages of ``model``'s queue, the plain list first."""
-    q = queue_for_model(model)
-    return [q] + [f"{q}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
+    """Every Redis list that may hold queued messages of ``model``'s queue, the plain list first (kombu's
+    layout of priorities, known only to :mod:`sdfleet.broker`)."""
+    from sdfleet import broker
+
+    return broker.queue_lists(queue_for_model(model))
 
 
 SCHEDULER_STATE = f"{PREFIX}:scheduler"  # hash with a TTL: pool -> JSON of the scheduler's last decision

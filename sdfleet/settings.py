@@ -108,6 +108,20 @@ class Settings(BaseModel):
     log_format: str = "auto"
     log_level: str = "info"
     upload_retries: int = Field(8, ge=0)
+    # Worker: a store error that waiting cannot fix (no such bucket, access denied) fails the job after this
+    # many tries; transient ones are retried with backoff up to storage_retry_cap_s between tries.
+    storage_permanent_tries: int = Field(5, ge=1, le=100)
+    storage_retry_cap_s: float = Field(30.0, gt=0)
+    # Worker: a batch running longer than stall_multiple x its expected time (never less than stall_floor_s)
+    # is stalled: handed back, and the worker exits non-zero for its supervisor to restart it.
+    stall_multiple: float = Field(5.0, ge=1.0)
+    stall_floor_s: float = Field(300.0, gt=0)
+    # Worker: how long SIGTERM waits for the batch in the engine and its storing before handing back.
+    drain_timeout_s: float = Field(600.0, gt=0)
+    # Workers: how often one of them (under a Redis lock) reclaims the work of dead workers.
+    sweep_interval_s: float = Field(5.0, gt=0)
+    # Worker: liveness file for a supervisor's probe (``sdfleet health``); empty: none.
+    health_file: str = ""
     # Prometheus /metrics of a long-running role (worker, scheduler, webhook worker) when its
     # --metrics-port is not given; None: no metrics server. 0 picks a free port (logged at start).
     metrics_port: int | None = Field(None, ge=0, le=65535)

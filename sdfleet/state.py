@@ -25,8 +25,9 @@ STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 # The same transition for each job in KEYS. ARGV: new status, allowed-from (comma list), now, max attempts
-# (0: no counting), then per job: the batch id and the spec (JSON) its record must hold ('': not checked),
-# the number of field/value pairs to set, then the pairs. The spec is compared as decoded JSON, as Python
+# (0: no counting), then per job: the batch id, the spec (JSON) and the engine run its record must hold
+# ('': not checked), the number of field/value pairs to set, then the pairs. The run check fences a worker
+# that stalled and lost the job to another run: its outcome is refused, however late it arrives. The spec is compared as decoded JSON, as Python
 # compares dicts, so two serializers of the same spec agree.
 # Returns per job (flattened) {applied (1/0, or 2 when failed as poison), previous status ('' for no
 # record), batch completed (1/0), attempts, queued_at, the checked field that did not match ('' if none)}.
@@ -51,8 +52,8 @@ end
 local out = {}
 local a = 5
 for k = 1, #KEYS do
-  local want_batch, want_spec = ARGV[a], ARGV[a + 1]
-  local first, last = a + 3, a + 2 + 2 * tonumber(ARGV[a + 2])
+  local want_batch, want_spec, want_run = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local first, last = a + 4, a + 3 + 2 * tonumber(ARGV[a + 3])
   a = last + 1
   local cur = redis.call('HGET', KEYS[k], 'status')
   local queued_at = redis.call('HGET', KEYS[k], 'queued_at') or ''
@@ -61,6 +62,8 @@ for k = 1, #KEYS do
     mismatch = 'batch'
   elseif cur and want_spec ~= '' and not same_json(redis.call('HGET', KEYS[k], 'spec'), want_spec) then
     mismatch = 'spec'
+  elseif cur and want_run ~= '' and redis.call('HGET', KEYS[k], 'run') ~= want_run then
+    mismatch = 'run'
   end
   if not cur then
     for _, v in ipairs({0, '', 0, 0, '', ''}) do out[#out + 1] = v end
@@ -129,7 +132,7 @@ class Transition:
     batch_completed: bool
     attempts: int
     poisoned: bool = False
-    #: 'batch' or 'spec' when the record did not hold what the caller expected (nothing was changed)
+    #: 'batch', 'spec' or 'run' when the record did not hold what the caller expected (nothing was changed)
     mismatch: str = ""
     queued_at: float = 0.0
 
@@ -171,20 +174,23 @@ class JobStore:
 
     def transition_many(self, items: Sequence[tuple[str, dict[str, Any]]], to: str, allowed: Sequence[str], *,
                         count_attempt: int = 0,
-                        expect: Sequence[tuple[str, str]] | None = None) -> list[Transition]:
+                        expect: Sequence[tuple[str, str]] | None = None,
+                        runs: Sequence[str] | None = None) -> list[Transition]:
         """The same transition for many jobs in one round trip (atomic as a whole; in chunks if many).
 
         ``expect``: per job, the (batch id, spec as JSON) its record must hold for the transition to apply;
-        a job whose record differs is left untouched and reported with ``mismatch``.
+        ``runs``: per job, the engine run that must own it. A job whose record differs is left untouched and
+        reported with ``mismatch``.
         """
         now = f"{time.time():.6f}"
         out: list[Transition] = []
         for i in range(0, len(items), _TRANSITION_CHUNK):
             chunk = items[i:i + _TRANSITION_CHUNK]
             checks = expect[i:i + _TRANSITION_CHUNK] if expect is not None else [("", "")] * len(chunk)
+            owners = runs[i:i + _TRANSITION_CHUNK] if runs is not None else [""] * len(chunk)
             args: list[Any] = [to, ",".join(allowed), now, count_attempt]
-            for (_, fields), (batch_id, spec_json) in zip(chunk, checks):
-                args += [batch_id, spec_json, len(fields)]
+            for (_, fields), (batch_id, spec_json), run in zip(chunk, checks, owners):
+                args += [batch_id, spec_json, run, len(fields)]
                 for name, value in fields.items():
                     args += [name, value if isinstance(value, str) else json.dumps(value)]
             flat = self._transition(keys=[keys.job(job_id) for job_id, _ in chunk], args=args)
@@ -199,10 +205,13 @@ class JobStore:
         return self.start_many([job_id], worker_id, max_attempts)[0]
 
     def start_many(self, job_ids: Sequence[str], worker_id: str, max_attempts: int, *,
-                   expect: Sequence[tuple[str, str]] | None = None) -> list[Transition]:
-        """:meth:`start` for many jobs in one round trip; ``expect`` as for :meth:`transition_many`."""
-        return self.transition_many([(j, {"worker": worker_id}) for j in job_ids], RUNNING, (QUEUED, RUNNING),
-                                    count_attempt=max_attempts, expect=expect)
+                   expect: Sequence[tuple[str, str]] | None = None, run: str = "") -> list[Transition]:
+        """:meth:`start` for many jobs in one round trip; ``expect`` as for :meth:`transition_many`.
+
+        ``run`` names the engine run that now owns the jobs: only it may record their outcome.
+        """
+        return self.transition_many([(j, {"worker": worker_id, "run": run}) for j in job_ids], RUNNING,
+                                    (QUEUED, RUNNING), count_attempt=max_attempts, expect=expect)
 
     def succeed(self, job_id: str, **fields: Any) -> Transition:
         return self.transition(job_id, SUCCEEDED, (RUNNING,), error="", **fields)
@@ -210,13 +219,13 @@ class JobStore:
     def fail(self, job_id: str, error: str, **fields: Any) -> Transition:
         return self.transition(job_id, FAILED, (QUEUED, RUNNING), error=error, **fields)
 
-    def requeue(self, job_id: str, *, uncount_attempt: bool = False) -> Transition:
-        """running -> queued: hand a job back (storage outage, janitor) without recording an outcome.
+    def requeue(self, job_id: str, *, uncount_attempt: bool = False, run: str = "") -> Transition:
+        """running -> queued: hand a job back (drain, hung engine) without recording an outcome.
 
         ``uncount_attempt``: the attempt ended cleanly (nothing crashed), so it must not count towards
-        the poison-pill limit.
+        the poison-pill limit. ``run``: only if this run still owns the job.
         """
-        tr = self.transition(job_id, QUEUED, (RUNNING,))
+        tr = self.transition_many([(job_id, {})], QUEUED, (RUNNING,), runs=[run])[0]
         if tr.applied and uncount_attempt:
             key = keys.job(job_id)
             attempts, charged = self.r.hmget(key, "attempts", "charged")
@@ -239,6 +248,15 @@ class JobStore:
         if not job_ids:
             return 0
         return int(self._release(keys=[keys.job(j) for j in job_ids], args=[worker_id]))
+
+    def mark_promoted(self, job_ids: Sequence[str]) -> None:
+        """Note that the recorded run's staged objects are now the jobs' objects (see worker.postprocess)."""
+        if not job_ids:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for j in job_ids:
+            pipe.hset(keys.job(j), "promoted", "1")
+        pipe.execute()
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -271,16 +289,6 @@ class JobStore:
             for rec in self.jobs(ids[i:i + chunk]):
                 if rec is not None:
                     yield rec
-
-    def cancel_batch(self, batch_id: str) -> int:
-        """Cancel every queued job of the batch; returns how many were cancelled. Running jobs finish."""
-        self.batch(batch_id)
-        self.r.hset(keys.batch(batch_id), "cancelled_at", f"{time.time():.6f}")
-        n = 0
-        for rec in self.iter_batch_jobs(batch_id):
-            if rec.status == QUEUED and self.transition(rec.job_id, CANCELLED, (QUEUED,)).applied:
-                n += 1
-        return n
 
     # --- submission: a lease, a staging list, one atomic commit ------------------------------------------
 

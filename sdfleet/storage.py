@@ -6,6 +6,7 @@ object instead of adding a second one.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -15,13 +16,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from sdfleet.errors import StorageError
 
 
 def object_key(batch_id: str, custom_id: str, suffix: str) -> str:
     return f"{batch_id}/{custom_id}{suffix}"
+
+
+def staged_key(key: str, run: str) -> str:
+    """Where engine run ``run`` writes ``key`` first. The run that owns the job promotes it to ``key`` after
+    recording the outcome, so a worker that stalled and lost the job can never overwrite a finished object.
+    Hidden (a leading dot), like the partial files of interrupted writes."""
+    parent, _, name = key.rpartition("/")
+    token = re.sub(r"[^A-Za-z0-9._-]", "_", run)
+    return f"{parent}/.run-{token}-{name}" if parent else f".run-{token}-{name}"
+
+
+# errno values that waiting does not fix: the job fails after a few tries with the storage's own message.
+_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
+                     errno.EINVAL}
+# S3 error codes of the same kind.
+_PERMANENT_S3 = {"NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId",
+                 "SignatureDoesNotMatch", "InvalidBucketName", "AccountProblem", "InvalidObjectState"}
+
+
+def _s3_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+def _s3_permanent(exc: BaseException) -> bool:
+    return _s3_code(exc) in _PERMANENT_S3
 
 
 def normalize_out(out: str) -> str:
@@ -70,6 +97,15 @@ class Storage(ABC):
     location: str
 
     @abstractmethod
+    def promote(self, staged: str, key: str) -> None:
+        """Make the object at ``staged`` the object at ``key`` (atomically where the store allows); a no-op
+        when ``staged`` is gone and ``key`` exists (promoted already)."""
+
+    @abstractmethod
+    def discard(self, key: str) -> None:
+        """Delete ``key`` if it exists."""
+
+    @abstractmethod
     def put(self, key: str, data: bytes, content_type: str) -> str:
         """Store ``data`` under ``key``; return its URL. Raises StorageError when it could not be stored."""
 
@@ -115,16 +151,43 @@ class FileStorage(Storage):
             tmp = f"{parent}/.tmp-{os.getpid()}-{threading.get_ident()}-{name}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+            except OSError:
+                # A full disk or a vanished directory: leave no partial file behind.
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
         except OSError as exc:
             self._made.discard(parent)
-            raise StorageError(f"cannot write {path}: {exc}") from exc
+            raise StorageError(f"cannot write {path}: {exc}", permanent=exc.errno in _PERMANENT_ERRNOS) from exc
         return self.url(key)
+
+    def promote(self, staged: str, key: str) -> None:
+        src, dst = self._path(staged), self._path(key)
+        try:
+            os.replace(src, dst)  # atomic on one file system: a reader sees the old object or the new one
+        except FileNotFoundError:
+            if not os.path.isfile(dst):
+                raise StorageError(f"cannot promote {src}: it is gone and {dst} does not exist") from None
+        except OSError as exc:
+            raise StorageError(f"cannot promote {src} to {dst}: {exc}",
+                               permanent=exc.errno in _PERMANENT_ERRNOS) from exc
+
+    def discard(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot delete {self._path(key)}: {exc}") from exc
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
@@ -139,7 +202,8 @@ class FileStorage(Storage):
         base = self.root / prefix if prefix else self.root
         if not base.exists():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+        # Hidden names are partial writes (.tmp-*) and staged objects of engine runs (.run-*), never results.
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
 
     def check(self) -> None:
         try:
@@ -173,7 +237,8 @@ class S3Storage(Storage):
         self._retry = retry(
             reraise=True, stop=stop_after_attempt(retries + 1),
             wait=wait_exponential_jitter(initial=0.2, max=10),
-            retry=retry_if_exception_type(Exception),
+            # An error that waiting cannot fix goes straight to the caller (which fails the job after a few tries).
+            retry=retry_if_exception(lambda exc: not _s3_permanent(exc)),
         )
 
     def _key(self, key: str) -> str:
@@ -186,8 +251,32 @@ class S3Storage(Storage):
         try:
             self._retry(_put)()
         except Exception as exc:  # botocore raises many unrelated classes; all mean "not stored"
-            raise StorageError(f"cannot store s3://{self.bucket}/{self._key(key)}: {exc}") from exc
+            raise StorageError(f"cannot store s3://{self.bucket}/{self._key(key)}: {exc}",
+                               permanent=_s3_permanent(exc)) from exc
         return self.url(key)
+
+    def promote(self, staged: str, key: str) -> None:
+        # S3 has no rename: a server-side copy, then the staged object is deleted. A reader sees the old object
+        # or the whole new one (S3 PUT/COPY are atomic per object).
+        src, dst = self._key(staged), self._key(key)
+
+        def _copy() -> None:
+            self.client.copy_object(Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src})
+
+        try:
+            self._retry(_copy)()
+        except Exception as exc:
+            if _s3_code(exc) in ("NoSuchKey", "404") and self.exists(key):
+                return  # promoted already by an earlier attempt
+            raise StorageError(f"cannot promote s3://{self.bucket}/{src}: {exc}", permanent=_s3_permanent(exc)) from exc
+        self.discard(staged)
+
+    def discard(self, key: str) -> None:
+        try:
+            self._retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))()
+        except Exception as exc:
+            raise StorageError(f"cannot delete s3://{self.bucket}/{self._key(key)}: {exc}",
+                               permanent=_s3_permanent(exc)) from exc
 
     def exists(self, key: str) -> bool:
         try:
@@ -211,6 +300,8 @@ class S3Storage(Storage):
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
                 k = obj["Key"]
+                if k.rsplit("/", 1)[-1].startswith("."):  # staged objects of engine runs, never results
+                    continue
                 out.append(k[len(self.prefix) + 1:] if self.prefix else k)
         return sorted(out)
 

@@ -47,8 +47,11 @@ def poll_interval(schedule: tuple[float, ...]) -> float:
     return min(1.0, max(0.02, min(schedule, default=4.0) / 4))
 
 
-def register_tasks(app: Celery, settings: Settings, r: redis.Redis, log: Any) -> Sender:
+def register_tasks(app: Celery, settings: Settings, r: redis.Redis, log: Any, metrics: Any = None) -> Sender:
     from sdfleet.events import BATCH_TASK, complete_batch
+    from sdfleet.metrics import WebhookMetrics
+
+    metrics = metrics or WebhookMetrics()
 
     sender = Sender(settings, r, app, log)
     storage = StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries)
@@ -58,12 +61,15 @@ def register_tasks(app: Celery, settings: Settings, r: redis.Redis, log: Any) ->
         if not (isinstance(delivery, dict) and all(isinstance(delivery.get(k), str) for k in ("id", "url", "body"))):
             ref = delivery.get("id") if isinstance(delivery, dict) else type(delivery).__name__
             log.error("malformed webhook delivery dropped", ref=str(ref)[:80])
+            metrics.delivery("malformed")
             return "malformed"
         try:
-            return sender.deliver(delivery)
+            outcome = sender.deliver(delivery)
         except Exception as exc:  # a bug or Redis hiccup: keep the delivery on the retry schedule
             log.exception("webhook attempt crashed", webhook_id=delivery.get("id"))
-            return sender.retry_later(delivery, f"sender error: {type(exc).__name__}", None, None, log)
+            outcome = sender.retry_later(delivery, f"sender error: {type(exc).__name__}", None, None, log)
+        metrics.delivery(outcome)
+        return outcome
 
     # Redis hiccups retry the batch task with Celery's countdown: short delays, well inside the visibility
     # timeout, so the held message is not redelivered meanwhile (unlike hours-long webhook retries).
@@ -76,23 +82,26 @@ def register_tasks(app: Celery, settings: Settings, r: redis.Redis, log: Any) ->
     return sender
 
 
-def run_webhook_worker(settings: Settings, *, threads: int = 8, worker_id: str | None = None) -> int:
+def run_webhook_worker(settings: Settings, *, threads: int = 8, worker_id: str | None = None,
+                       metrics_port: int | None = None) -> int:
     """Consume the webhook queue until told to stop (SIGTERM: finish the attempts in flight, then exit)."""
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     # httpx logs every request's full URL at INFO; a receiver's URL may carry a token in its path or query.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     log = logs_mod.get("webhooks", worker_id=worker_id)
-    from sdfleet import transport
-
-    transport.install()  # an unreadable item on the queue is dropped with a log line, not fatal
     app = make_app(settings, prefetch=1)
     r = connect(settings.redis_url)
-    sender = register_tasks(app, settings, r, log)
+    from sdfleet.metrics import WebhookMetrics
+
+    metrics = WebhookMetrics(dead_letters=lambda: r.llen(keys.WEBHOOK_DEAD))
+    if metrics_port is not None:
+        metrics_port = metrics.serve(metrics_port)
+    sender = register_tasks(app, settings, r, log, metrics)
     mover = RetryMover(r, app, log, poll_interval(settings.webhook_schedule))
     mover.start()
     log.info("webhook worker ready", queue=keys.WEBHOOK_QUEUE, threads=threads,
              schedule=list(settings.webhook_schedule), signing_secrets=len(sender.default_secrets),
-             allow_private=settings.webhook_allow_private)
+             allow_private=settings.webhook_allow_private, metrics_port=metrics_port)
     worker = app.Worker(
         hostname=f"sdfleet-webhooks@{worker_id}", pool="threads", concurrency=threads,
         queues=[keys.WEBHOOK_QUEUE], without_mingle=True, without_gossip=True, without_heartbeat=True,
