@@ -535,8 +535,9 @@ def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
     if args.webhooks_command == "new-secret":
         print(new_secret())
         return 0
-    from sdfleet.redisconn import connect
+    from sdfleet.redisconn import check_reachable, connect
 
+    check_reachable(settings.redis_url)
     r = connect(settings.redis_url)
     if args.webhooks_command == "list-failed":
         entries = outbox.dead(r)

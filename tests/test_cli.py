@@ -3,12 +3,18 @@ resubmission, cancel, status and results."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from sdfleet import keys
+from sdfleet.events import MANIFEST_FIELDS
+from sdfleet.redisconn import free_port
+from tests.conftest import ROOT, run_cli
 
 QUEUE = "sdfleet.gen.tiny"
 
@@ -67,7 +73,7 @@ def test_unwritable_out_is_an_error_before_anything_is_written(tmp_path, env, r)
     f = write(tmp_path, "p.txt", "a cat\n")
     blocker = write(tmp_path, "file", "x")
     res = run_cli(["submit", str(f), "--out", f"file://{blocker}/sub"], env)
-    assert res.returncode == 1 and "cannot write there" in res.stderr
+    assert res.returncode == 2 and "cannot write there" in res.stderr and "--out" in res.stderr
     assert r.llen(QUEUE) == 0
 
 
@@ -76,7 +82,7 @@ def test_unreachable_s3_out(tmp_path, env, r):
     e = {**env, "SDFLEET_S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
          "AWS_SECRET_ACCESS_KEY": "x", "SDFLEET_UPLOAD_RETRIES": "0"}
     res = run_cli(["submit", str(f), "--out", "s3://nobucket/prefix"], e, timeout=180)
-    assert res.returncode == 1 and "not reachable" in res.stderr
+    assert res.returncode == 2 and "not reachable" in res.stderr and "SDFLEET_S3_ENDPOINT_URL" in res.stderr
     assert r.llen(QUEUE) == 0
 
 
@@ -122,7 +128,7 @@ def test_cancel_marks_queued_jobs_and_results_manifest(tmp_path, env, r):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(x["custom_id"], x["status"], x["seed"]) for x in rows] == [("c0", "cancelled", 0), ("c1", "cancelled", 1),
                                                                         ("c2", "cancelled", 2)]
-    assert set(rows[0]) == {"custom_id", "job_id", "status", "url", "seed", "width", "height", "error"}
+    assert tuple(rows[0]) == MANIFEST_FIELDS and rows[0]["prompt"] == "p0" and rows[0]["sidecar_url"] is None
     # Resubmitting a cancelled batch re-queues its jobs.
     res = run_cli(["submit", str(f), "--batch", "cx"], env)
     assert "3 enqueued" in res.stderr
@@ -131,3 +137,174 @@ def test_cancel_marks_queued_jobs_and_results_manifest(tmp_path, env, r):
 def test_help_has_examples(env):
     res = run_cli(["--help"], env)
     assert res.returncode == 0 and "examples:" in res.stdout and "exit codes" in res.stdout
+
+
+def test_out_problems_are_usage_errors_with_our_message(tmp_path, env, r):
+    f = write(tmp_path, "p.txt", "a cat\n")
+    for out, words in (("s3://Bad_Bucket!/x", "not a valid S3 bucket name"), ("file:///proc/x", "system directory"),
+                       ("s3://ab/x", "not a valid S3 bucket name"), ("s3://bucket/../x", "'..'"),
+                       ("ftp://x", "not a storage location")):
+        res = run_cli(["submit", str(f), "--out", out], env)
+        assert res.returncode == 2, (out, res.stderr)
+        assert words in res.stderr and "--out" in res.stderr and "regex" not in res.stderr, (out, res.stderr)
+    line = write(tmp_path, "j.jsonl", json.dumps({"prompt": "a", "out": "s3://Bad_Bucket!/x"}) + "\n")
+    res = run_cli(["submit", str(line)], env)
+    assert res.returncode == 2 and "line 1, field 'out'" in res.stderr
+    assert r.dbsize() == 0
+
+
+@pytest.mark.parametrize("url, words", [
+    ("redis:///", "no valid host"), ("redis://127.0.0.1:6379/abc", "'abc' is not a number"), ("", "is empty"),
+    ("unix:///tmp/redis.sock", "not redis or rediss"), ("redis://127.0.0.1/0", "no port"),
+    ("redis://127.0.0.1:6379/0?db=3", "unknown option 'db'"), ("http://127.0.0.1:6379/0", "not redis or rediss"),
+])
+def test_redis_url_is_parsed_strictly(tmp_path, env, r, url, words):
+    f = write(tmp_path, "p.txt", "a cat\n")
+    res = run_cli(["submit", str(f)], {**env, "REDIS_URL": url})
+    assert res.returncode == 2 and "REDIS_URL" in res.stderr and words in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and r.dbsize() == 0
+
+
+def test_redis_down_is_one_line_naming_redis_url(tmp_path, env):
+    f = write(tmp_path, "p.txt", "a cat\n")
+    port = free_port()  # nothing listens there
+    e = {**env, "REDIS_URL": f"redis://user:s3cret@127.0.0.1:{port}/0"}
+    for args in (["submit", str(f)], ["status", "x"], ["wait", "x"], ["results", "x"], ["webhooks", "list-failed"]):
+        res = run_cli(args, e, timeout=60)
+        assert res.returncode == 1, (args, res.stderr)
+        assert res.stderr.count("\n") == 1 and "REDIS_URL" in res.stderr and f"127.0.0.1:{port}" in res.stderr, res.stderr
+        assert "s3cret" not in res.stderr
+
+
+def test_closed_stdout_pipe_exits_quietly(tmp_path, env, r):
+    f = write(tmp_path, "p.txt", "".join(f"prompt number {i}\n" for i in range(3000)))
+    assert run_cli(["submit", str(f), "--batch", "pipe"], env).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "results", "pipe"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()  # like '| head -1': read one line, then close the pipe
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 0 and err == "", err
+    assert json.loads(first)["custom_id"] == "line-000001"
+
+
+def test_version_and_submit_from_stdin(tmp_path, env, r):
+    res = run_cli(["--version"], env)
+    assert res.returncode == 0 and res.stdout.startswith("sdfleet ") and res.stdout.split()[1][0].isdigit()
+    res = run_cli(["submit", "-", "--batch", "stdin-text"], env, input="a cat\na dog\n")
+    assert res.returncode == 0, res.stderr
+    assert r.hget(keys.batch_custom_ids("stdin-text"), "line-000002")
+    res = run_cli(["submit", "-", "--batch", "stdin-jsonl"], env, input='{"prompt": "a", "custom_id": "x1"}\n')
+    assert res.returncode == 0 and r.hget(keys.batch_custom_ids("stdin-jsonl"), "x1"), res.stderr
+    res = run_cli(["submit", "-"], env, input='{"prompt": ""}\n')
+    assert res.returncode == 2 and "standard input: 1 invalid line" in res.stderr
+
+
+def test_help_shows_every_default(env):
+    from sdfleet.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = []
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if (action.option_strings and action.help is not argparse.SUPPRESS
+                    and action.default not in (None, False, [], argparse.SUPPRESS)
+                    and "default" not in sub._get_formatter()._expand_help(action)):
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert missing == []
+    text = run_cli(["submit", "--help"], env).stdout
+    for words in ("(default: 1024)", "(default: 28)", "(default: 4.5)", "(default: tiny)", "(default: s3)",
+                  "'-' reads standard input", "/models/sd3.5-large"):
+        assert words in text, words
+
+
+def test_wait_timeout_reports_what_is_still_queued_and_that_no_worker_listens(tmp_path, env, r):
+    f = write(tmp_path, "p.txt", "".join(f"p{i}\n" for i in range(5)))
+    res = run_cli(["submit", str(f), "--batch", "nobody"], env)
+    assert res.returncode == 0
+    assert "warning: no live worker serves queue sdfleet.gen.tiny" in res.stderr
+    res = run_cli(["wait", "nobody", "--timeout", "0.5"], env)
+    assert res.returncode == 1
+    assert "5 still queued, 0 running" in res.stderr and "no live worker serves sdfleet.gen.tiny" in res.stderr
+
+
+def test_no_warning_when_a_live_worker_serves_the_queue(tmp_path, env, r):
+    # A live worker's heartbeat as workers write it (keys.worker with its queue, listed in keys.WORKERS); a real
+    # worker process is not needed to tell whether the producer reads it.
+    r.sadd(keys.WORKERS, "w1")
+    r.hset(keys.worker("w1"), mapping={"queue": "sdfleet.gen.sd3.5-large", "worker_id": "w1"})
+    r.pexpire(keys.worker("w1"), 60_000)
+    r.sadd(keys.WORKERS, "gone")  # a dead worker: listed, heartbeat expired
+    f = write(tmp_path, "p.txt", "a cat\n")
+    res = run_cli(["submit", str(f), "--model", "/models/sd3.5-large", "--batch", "served"], env)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    assert r.llen("sdfleet.gen.sd3.5-large") == 1
+    res = run_cli(["submit", str(f), "--model", "large", "--batch", "served2"], env)
+    assert "warning" not in res.stderr and r.llen("sdfleet.gen.sd3.5-large") == 2
+    res = run_cli(["submit", str(f), "--model", "/models/sd3.5-medium", "--batch", "unserved"], env)
+    assert res.returncode == 0 and "no live worker serves queue sdfleet.gen.sd3.5-medium" in res.stderr
+
+
+def test_trailing_newlines_do_not_pass_validators(tmp_path, env, r):
+    f = write(tmp_path, "p.txt", "a cat\n")
+    res = run_cli(["submit", str(f), "--batch", "foo\n"], env)
+    assert res.returncode == 2 and "--batch" in res.stderr
+    for line, field in (({"prompt": "a", "custom_id": "nl\n"}, "custom_id"), ({"prompt": "a", "model": "tiny\n"}, "model"),
+                        ({"prompt": "a", "webhook": "https://example.com/\n"}, "webhook")):
+        j = write(tmp_path, "j.jsonl", json.dumps(line) + "\n")
+        res = run_cli(["submit", str(j)], env)
+        assert res.returncode == 2 and f"field '{field}'" in res.stderr, res.stderr
+    res = run_cli(["submit", str(f), "--model", "tiny\n"], env)
+    assert res.returncode == 2 and "--model" in res.stderr
+    assert r.dbsize() == 0
+    assert not list((tmp_path / "out").glob("**/*\n*")) if (tmp_path / "out").exists() else True
+
+
+def test_resubmission_with_changed_parameters_is_a_conflict_unless_replace(tmp_path, env, r):
+    rows = [{"prompt": f"p{i}", "custom_id": f"c{i}", "seed": i, "steps": 4} for i in range(3)]
+    f = write(tmp_path, "j.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
+    assert run_cli(["submit", str(f), "--batch", "idem"], env).returncode == 0
+    rows[1]["steps"], rows[2]["seed"] = 9, 99
+    f.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    res = run_cli(["submit", str(f), "--batch", "idem"], env)
+    assert res.returncode == 2, res.stderr
+    assert "c1 (steps)" in res.stderr and "c2 (seed)" in res.stderr and "c0" not in res.stderr and "--replace" in res.stderr
+    assert r.llen(QUEUE) == 3 and not r.exists(keys.submission("idem"))
+    res = run_cli(["submit", str(f), "--batch", "idem", "--replace"], env)
+    assert res.returncode == 0 and "2 enqueued, 2 replaced" in res.stderr and "1 already pending" in res.stderr
+    assert r.llen(QUEUE) == 5 and r.hget(keys.batch("idem"), "total") == "3"
+    specs = {x["custom_id"]: x for x in map(json.loads, run_cli(["results", "idem"], env).stdout.splitlines())}
+    assert (specs["c1"]["steps"], specs["c2"]["seed"], specs["c0"]["steps"]) == (9, 99, 4)
+    st = json.loads(run_cli(["status", "idem", "--json"], env).stdout)
+    assert st["counts"]["queued"] == 3 and st["total"] == 3
+
+
+def test_text_resubmission_finds_its_jobs_by_line_and_refuses_changed_flags(tmp_path, env, r):
+    f = write(tmp_path, "p.txt", "".join(f"prompt {i}\n" for i in range(5)))
+    assert run_cli(["submit", str(f), "--batch", "txt"], env).returncode == 0
+    res = run_cli(["submit", str(f), "--batch", "txt"], env)
+    assert "0 enqueued" in res.stderr and "5 already pending" in res.stderr
+    res = run_cli(["submit", str(f), "--batch", "txt", "--steps", "10"], env)
+    assert res.returncode == 2 and "5 job(s)" in res.stderr and "line-000003 (steps)" in res.stderr
+    assert r.hget(keys.batch("txt"), "total") == "5" and r.llen(QUEUE) == 5  # not 10
+    cids = [json.loads(x)["custom_id"] for x in run_cli(["results", "txt"], env).stdout.splitlines()]
+    assert cids == [f"line-{n:06d}" for n in range(1, 6)]
+
+
+def test_webhook_secret_flag_is_refused_and_no_secret_reaches_redis(tmp_path, env, r):
+    from sdfleet.webhooks import new_secret
+
+    secret = new_secret()
+    f = write(tmp_path, "p.txt", "a cat\n")
+    res = run_cli(["submit", str(f), "--webhook-secret", secret], env)
+    assert res.returncode == 2 and "SDFLEET_WEBHOOK_SECRET" in res.stderr and "webhook worker" in res.stderr
+    assert r.dbsize() == 0
+    e = {**env, "SDFLEET_WEBHOOK_SECRET": secret}
+    assert run_cli(["submit", str(f), "--batch", "sec", "--webhook", "https://8.8.8.8/h"], e).returncode == 0
+    dump = json.dumps({k: (r.hgetall(k) if r.type(k) == "hash" else r.dump(k).hex()) for k in r.keys("*")})
+    body = secret.removeprefix("whsec_")
+    assert body not in dump and secret not in dump
+    import hashlib
+
+    assert r.hget(keys.batch("sec"), "webhook_key_id") == hashlib.sha256(secret.encode()).hexdigest()[:16]
