@@ -1,0 +1,162 @@
+"""The local driver for real: `sdfleet scheduler --driver local` starts, drains and restarts `sdfleet worker`
+processes against a real Redis while jobs flow, and no job is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from scheduler.driver import LocalDriver
+from sdfleet import keys
+from sdfleet.logs import get as get_log
+from sdfleet.redisconn import free_port
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float, log: Callable[[], str] = lambda: "") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}\n{log()[-6000:]}")
+
+
+def live(env: dict[str, str]) -> list[dict]:
+    res = run_cli(["workers", "--json"], env)
+    assert res.returncode == 0, res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def scale_doc(port: int, pool: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/scale/{pool}", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_backlog_starts_workers_and_they_drain_to_the_minimum(tmp_path: Path, env: dict[str, str], r) -> None:
+    port = free_port()
+    log_path = tmp_path / "scheduler.log"
+    # Seconds per image as workers would have measured them: 40 jobs = 20 GPU-s, over a 5 s target = 4
+    # workers wanted, capped at --max-workers 2.
+    r.hset(keys.service_times("tiny"), keys.bucket_of(256, 256, 2), 0.5)
+    sched = subprocess.Popen(
+        [sys.executable, "-m", "sdfleet.cli", "scheduler", "--driver", "local", "--model", "tiny",
+         "--min-workers", "0", "--max-workers", "2", "--cooldown-s", "5", "--metrics-port", str(port),
+         "--interval", "0.5", "--target-drain-s", "5", "--worker-args", "--max-batch 2"],
+        env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    log = lambda: log_path.read_text(errors="replace")  # noqa: E731
+    try:
+        wait_for("the scheduler's first decision", lambda: _get(lambda: scale_doc(port, "tiny")), 60, log)
+        assert scale_doc(port, "tiny")["desired"] == 0 and live(env) == [], "no backlog: no worker"
+
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text("".join(json.dumps({"prompt": f"p{i}", "custom_id": f"c{i}", "width": 256, "height": 256,
+                                            "steps": 2, "seed": i}) + "\n" for i in range(40)))
+        assert run_cli(["submit", str(jobs), "--batch", "scale"], env).returncode == 0
+        wait_for("desired 2", lambda: scale_doc(port, "tiny")["desired"] == 2, 30, log)
+        workers = wait_for("two live workers", lambda: (ws := live(env)) and len(ws) == 2 and ws, 180, log)
+        assert {(w["model"], w["device"]) for w in workers} == {("tiny", "cpu")}
+        assert {"id", "model", "device", "state", "current_batch"} <= set(workers[0])
+
+        res = run_cli(["wait", "scale", "--timeout", "240"], env, timeout=300)
+        assert res.returncode == 0, res.stderr + log()[-4000:]
+        wait_for("the pool back at the minimum", lambda: live(env) == [] and scale_doc(port, "tiny")["desired"] == 0,
+                 120, log)
+        assert metric(port, "sdfleet_pool_scale_events_total", pool="tiny", direction="up") >= 1
+        assert metric(port, "sdfleet_pool_scale_events_total", pool="tiny", direction="down") >= 1
+        assert metric(port, "sdfleet_pool_actual_workers", pool="tiny") == 0
+    finally:
+        sched.send_signal(signal.SIGTERM)
+        rc = sched.wait(120)
+    assert rc == 0, log()[-4000:]
+
+    lines = [json.loads(x) for x in run_cli(["results", "scale"], env).stdout.splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == sorted(f"c{i}" for i in range(40))
+    assert all(x["status"] == "succeeded" and Path(x["url"][len("file://"):]).is_file() for x in lines), "a job was lost"
+    events = [json.loads(x) for x in log().splitlines() if x.startswith("{")]
+    drained = [e for e in events if e.get("event") == "worker drained and exited"]
+    assert drained and all(e["exit_code"] == 0 for e in drained), "scale-in must be a drain that exits 0"
+
+
+def _get(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except OSError:
+        return None
+
+
+FAKE_WORKER = textwrap.dedent("""
+    import json, os, signal, sys, time
+    out = os.environ["FAKE_OUT"]
+    args = sys.argv[1:]
+    wid = args[args.index("--worker-id") + 1]
+    with open(os.path.join(out, wid), "w") as f:
+        json.dump({"argv": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}, f)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    while True:
+        time.sleep(0.05)
+""")
+
+
+def test_one_worker_per_visible_gpu_in_an_inherited_list(tmp_path: Path) -> None:
+    # No GPU here: a stand-in for `python -m sdfleet.cli worker` records what the driver gave it.
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.argv = sys.argv[2:]\n"
+                    f"exec({FAKE_WORKER!r})\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    environ = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,GPU-5f2e,7", "FAKE_OUT": str(out)}
+    d = LocalDriver(model="/models/sd3.5-large", max_workers=8, log=get_log("test"), environ=environ,
+                    python=str(fake), metrics_port_base=9300)
+    assert d.pool == "sd3.5-large"
+    assert d.reconcile(8, {}) == (3, 0), "one worker per visible GPU, never more"
+    wait_for("three workers", lambda: len(list(out.iterdir())) == 3, 30)
+    seen = [json.loads(p.read_text()) for p in sorted(out.iterdir())]
+    assert sorted(s["cuda"] for s in seen) == ["3", "7", "GPU-5f2e"]
+    for s in seen:
+        argv = s["argv"]
+        assert argv[argv.index("--device") + 1] == "cuda:0", "a pinned worker sees its GPU as cuda:0"
+        assert argv[argv.index("--model") + 1] == "/models/sd3.5-large"
+    assert sorted(int(s["argv"][s["argv"].index("--metrics-port") + 1]) for s in seen) == [9300, 9301, 9302]
+    # Scale in: idle workers first, with SIGTERM; the exit is a drain (code 0), not a crash.
+    ids = list(d.workers)
+    beats = {ids[0]: {"state": "busy", "current_batch_size": "4"}, ids[1]: {"state": "idle"},
+             ids[2]: {"state": "busy", "current_batch_size": "1"}}
+    assert d.reconcile(1, beats) == (0, 2)
+    assert {w.worker_id for w in d.draining()} == {ids[1], ids[2]}
+    wait_for("two drained", lambda: (d.poll() or True) and len(d.workers) == 1, 30)
+    assert d.restarts == 0
+    # A worker that dies unasked is started again in its slot (reclaiming its jobs is the workers' duty).
+    (survivor,) = d.workers.values()
+    survivor.proc.kill()
+    survivor.proc.wait(10)
+    assert d.reconcile(1, {}) == (1, 0) and d.restarts == 1
+    (replacement,) = d.workers.values()
+    assert replacement.worker_id != survivor.worker_id and replacement.slot.name == survivor.slot.name
+    assert d.stop_all(30) and not d.workers
