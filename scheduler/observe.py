@@ -116,7 +116,7 @@ def worker_pool(info: dict[str, str]) -> str:
 def in_flight(info: dict[str, str]) -> tuple[int, str]:
     """(jobs held, their bucket) from one heartbeat: the batch in the engine plus what it buffers."""
     n = 0
-    for name in ("current_batch_size", "buffered", "prefetched"):
+    for name in ("current_batch_size", "buffered"):
         try:
             n += int(float(info.get(name) or 0))
         except ValueError:
@@ -174,7 +174,7 @@ def worker_row(info: dict[str, str], now: float | None = None) -> dict[str, Any]
         "device": info.get("device", ""), "gpu_uuid": info.get("gpu_uuid", ""), "state": info.get("state", ""),
         "host": info.get("host", ""), "pid": num("pid", int), "current_run": info.get("current_run", ""),
         "current_batch": num("current_batch_size", int) or 0, "max_batch": num("max_batch", int),
-        "images_per_s": num("images_per_s"), "gpu_util": num("gpu_util"),
+        "images_per_s": num("images_per_s"), "gpu_util": num("gpu_util_pct"),
         "beat_age_s": round(now - beat, 3) if beat is not None else None,
     }
 

@@ -80,10 +80,19 @@ class Backlog:
 def backlog(queued_by_bucket: Mapping[str, float], in_flight_by_bucket: Mapping[str, float],
             measured: Mapping[str, float], default_s: float) -> Backlog:
     """Price the queued and the in-flight jobs of each bucket (counts may be estimates, hence floats)."""
+    # A job whose bucket is not known (a heartbeat does not say what it buffers) is priced like the
+    # queued work, else like the measured work, else by the default.
+    queued_n = sum(queued_by_bucket.values())
+    if queued_n > 0:
+        typical = sum(n * price(b, measured, default_s) for b, n in queued_by_bucket.items()) / queued_n
+    elif measured:
+        typical = sum(measured.values()) / len(measured)
+    else:
+        typical = default_s
     seconds = 0.0
     for counts in (queued_by_bucket, in_flight_by_bucket):
         for bucket, n in counts.items():
-            seconds += n * price(bucket, measured, default_s)
+            seconds += n * (price(bucket, measured, default_s) if parse_bucket(bucket) else typical)
     return Backlog(round(sum(queued_by_bucket.values())), round(sum(in_flight_by_bucket.values())), seconds)
 
 

@@ -82,3 +82,10 @@ def test_config_errors_name_the_flag() -> None:
         PoolConfig(min_workers=3, max_workers=2).check()
     with pytest.raises(ConfigError, match="--cooldown-s"):
         PoolConfig(cooldown_s=-1).check()
+
+
+def test_work_of_unknown_bucket_is_priced_like_the_queue() -> None:
+    b = backlog({"512x512:28": 4}, {"unknown": 2}, {"512x512:28": 0.5}, default_s=9.9)
+    assert b.gpu_seconds == pytest.approx(6 * 0.5)
+    assert backlog({}, {"unknown": 2}, {"512x512:28": 0.5}, 9.9).gpu_seconds == pytest.approx(1.0)
+    assert backlog({}, {"unknown": 2}, {}, 9.9).gpu_seconds == pytest.approx(19.8)
