@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from producer.reader import detect_format, parse_lines, read_lines
@@ -89,3 +91,72 @@ def test_jsonl_files_report_every_bad_line(rows, newline, bom):
     assert len(res.jobs) + len(res.errors) == len([ln for ln in lines if ln.strip()])
     ids = [s.custom_id for _, s in res.jobs if s.custom_id is not None]
     assert len(ids) == len(set(ids)), "custom ids are unique within a batch"
+
+
+# --- the whole submit path over raw bytes -------------------------------------------------------------------
+
+raw_lines = st.one_of(
+    st.sampled_from([b'{"prompt": "a red fox", "width": 512, "height": 512}', b"a plain prompt", b""]),
+    st.binary(max_size=80),
+    job_dicts.map(lambda d: json.dumps(d, allow_nan=True).encode()),
+    st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.sampled_from([b'{"prompt": "x\\ud800"}', b'{"prompt": "\\u200b"}', b'{"prompt": "a", "prompt": "b"}',
+                     b"[" * 2000, b'{"prompt": "a", "model": "tiny\\n"}', b'{"prompt": "ok", "custom_id": "nl\\n"}',
+                     b'{"prompt": "a", "webhook": "http://[2002:7f00:1::1]/"}', b"\xef\xbb\xbf{\"prompt\": \"bom\"}"]),
+)
+job_files = st.tuples(st.lists(raw_lines, max_size=6), st.sampled_from([b"\n", b"\r\n"]),
+                      st.sampled_from([".jsonl", ".txt", ".dat"]))
+
+
+def _submit_in_process(path: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from sdfleet.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(["submit", path])
+        except SystemExit as exc:  # argparse; not expected for a file argument
+            rc = exc.code
+    return rc, err.getvalue()
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(job_files)
+def test_submit_over_raw_bytes_exits_0_or_2_and_writes_nothing_on_2(tmp_path, env, r, monkeypatch, case):
+    """Any bytes through the CLI's submit (in this process, so hundreds of files run in seconds): an exception
+    escaping ``main`` is a traceback for the user, so none may; exit 0 or 2 only; exit 2 leaves Redis empty."""
+    lines, newline, suffix = case
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    path = tmp_path / f"jobs{suffix}"
+    path.write_bytes(newline.join(lines))
+    r.flushdb()
+    rc, err = _submit_in_process(str(path))
+    event(f"exit {rc}")
+    assert rc in (0, 2), err
+    if rc == 2:
+        assert r.dbsize() == 0, err
+        assert err.startswith("sdfleet: "), err
+    else:
+        assert any(k.startswith("sdfleet.gen.") for k in r.keys("*")), err  # something was enqueued
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(job_files)
+def test_submit_processes_over_raw_bytes_never_print_a_traceback(env, r, case):
+    """The same through real ``sdfleet submit -`` processes reading standard input (fewer: a process each)."""
+    from tests.conftest import run_cli
+
+    lines, newline, _ = case
+    r.flushdb()
+    res = subprocess.run([sys.executable, "-m", "sdfleet.cli", "submit", "-"], env=env, input=newline.join(lines),
+                         capture_output=True, timeout=120, cwd=run_cli.__globals__["ROOT"])
+    err = res.stderr.decode("utf-8", "replace")
+    assert res.returncode in (0, 2) and "Traceback" not in err, err
+    if res.returncode == 2:
+        assert r.dbsize() == 0, err
