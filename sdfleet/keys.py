@@ -124,3 +124,8 @@ def submission_staging(batch_id: str, token: str) -> str:
 
 # A staging list outlives its lease long enough to be committed, and no longer.
 SUBMISSION_STAGING_TTL_S = 3600
+
+# Set with a TTL by the process that ran housekeeping (state expiry, partial files, batch completion): the
+# fleet's next pass waits until it expires, however many workers sweep in turn.
+HOUSEKEEPING_DUE = f"{PREFIX}:housekeeping:ran"
+HOUSEKEEPING_INTERVAL_S = 30
