@@ -138,6 +138,9 @@ def _wait(cond, timeout: float = 10.0, what: str = "condition"):
     "http://192.168.1.5", "http://172.16.0.1", "http://0.0.0.0", "http://224.0.0.1", "http://100.64.0.1",
     "http://[::ffff:127.0.0.1]/", "http://[fe80::1]/", "http://[fc00::1]/", "http://2130706433/",
     "http://localhost:9000/", "https://240.0.0.1/",
+    # IPv6 forms that reach a refused IPv4 address: 6to4 (2002::/16), Teredo, NAT64, IPv4-compatible
+    "http://[2002:7f00:1::1]/", "http://[2002:a9fe:a9fe::1]/latest", "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/",
+    "http://[64:ff9b::a00:1]/", "http://[64:ff9b:1::7f00:1]/", "http://[::127.0.0.1]/",
 ])
 def test_private_and_special_addresses_refused(url: str) -> None:
     with pytest.raises(WebhookError, match="address|localhost"):
@@ -370,16 +373,14 @@ def test_submit_refuses_private_webhook_urls(wr, wh_redis_url, tmp_path) -> None
 
 
 def test_batch_completed_end_to_end(wr, receiver, webhook_worker, wh_redis_url, tmp_path) -> None:
-    """Real processes: submit (CLI, per-batch secret) -> null GPU worker -> Notifier -> webhook worker -> HTTP."""
+    """Real processes: submit (CLI) -> null GPU worker -> Notifier -> webhook worker -> HTTP."""
     path = f"/batch/{uuid.uuid4().hex}"
-    batch_secret = new_secret()
     out = tmp_path / "out"
     env = _env(wh_redis_url, SDFLEET_OUT=f"file://{out}")
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps({"prompt": f"p{i}", "custom_id": f"c{i}", "model": "null", "width": 256,
                                         "height": 256}) + "\n" for i in range(3)))
-    res = _cli(["submit", str(jobs), "--batch", "whbatch", "--webhook", receiver.url(path),
-                "--webhook-secret", batch_secret], env)
+    res = _cli(["submit", str(jobs), "--batch", "whbatch", "--webhook", receiver.url(path)], env)
     assert res.returncode == 0, res.stderr
     log_path = tmp_path / "gpu-worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "worker", "--model", "null", "--device", "cpu",
@@ -397,9 +398,7 @@ def test_batch_completed_end_to_end(wr, receiver, webhook_worker, wh_redis_url, 
             worker.kill()
     time.sleep(0.5)
     got = receiver.got(path)
-    payloads = [Webhook(batch_secret).verify(g.body, g.headers) for g in got]  # signed with the batch's secret
-    with pytest.raises(WebhookVerificationError):
-        Webhook(NEW).verify(got[0].body, got[0].headers)
+    payloads = [Webhook(NEW).verify(g.body, g.headers) for g in got]  # the webhook worker's own secret
     types = sorted(p["type"] for p in payloads)
     assert types == ["batch.completed", "job.succeeded", "job.succeeded", "job.succeeded"], log_path.read_text()[-2000:]
     assert len({g.headers["webhook-id"] for g in got}) == 4
@@ -409,7 +408,7 @@ def test_batch_completed_end_to_end(wr, receiver, webhook_worker, wh_redis_url, 
     assert data["manifest_url"] == f"file://{out}/whbatch/manifest.jsonl"
     manifest = [json.loads(x) for x in (out / "whbatch" / "manifest.jsonl").read_text().splitlines()]
     assert sorted(m["custom_id"] for m in manifest) == ["c0", "c1", "c2"]
-    assert all(m["status"] == "succeeded" and m["url"] for m in manifest)
+    assert all(m["status"] == "succeeded" and m["url"] and m["sidecar_url"] and m["prompt"] for m in manifest)
     assert {p["data"]["custom_id"] for p in payloads if p["type"] == "job.succeeded"} == {"c0", "c1", "c2"}
 
 
@@ -429,3 +428,133 @@ def test_secrets_never_logged(webhook_worker) -> None:
     assert "webhook worker ready" in text and "webhook delivered" in text
     for secret in (NEW, OLD):
         assert secret not in text and secret[len("whsec_"):] not in text
+
+
+# --- secrets stay out of Redis; rotation -------------------------------------------------------------------
+
+def _private_worker(redis_url: str, log_path: Path, **extra: str) -> subprocess.Popen:
+    env = _env(redis_url, **extra)
+    for name in [k for k, v in extra.items() if v is None]:
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "webhook-worker", "--threads", "4"],
+                            env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while "webhook worker ready" not in log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)  # the consumer starts right after the ready line
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _redis_text(client: redis.Redis) -> str:
+    """Everything stored in Redis, as text (hashes, strings, lists, sets, sorted sets)."""
+    parts = []
+    for k in client.keys("*"):
+        t = client.type(k)
+        value = {"hash": client.hgetall, "string": client.get, "list": lambda x: client.lrange(x, 0, -1),
+                 "set": client.smembers, "zset": lambda x: client.zrange(x, 0, -1)}[t](k)
+        parts.append(f"{k}={value}")
+    return "\n".join(parts)
+
+
+def test_rotation_signs_with_the_configured_secrets_only_and_no_secret_reaches_redis(receiver, tmp_path) -> None:
+    """A batch submitted under secret A; the webhook worker restarts with B (A as previous), then with B alone.
+    Deliveries follow the worker's configuration, not anything stored with the batch."""
+    private = PrivateRedis()  # its own Redis: the module's webhook worker must not take these deliveries
+    client = redis.Redis.from_url(private.url, decode_responses=True)
+    a, b = new_secret(), new_secret()
+    path = f"/rotate/{uuid.uuid4().hex}"
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a red fox\nan owl\na heron\na wren\n")  # one more than is finished: no batch.completed
+    env = _env(private.url, SDFLEET_WEBHOOK_SECRET=a, SDFLEET_OUT=f"file://{tmp_path / 'out'}")
+    res = _cli(["submit", str(jobs), "--batch", "rot", "--webhook", receiver.url(path)], env)
+    assert res.returncode == 0, res.stderr
+    settings = Settings(redis_url=private.url, webhook_allow_private=True)
+    job_ids = client.lrange(keys.batch_jobs("rot"), 0, -1)
+    store = JobStore(client)
+
+    def finish(n: int) -> None:  # job n's outcome recorded as a worker records it, then announced
+        jid = job_ids[n]
+        spec = parse_job(json.loads(client.hget(keys.job(jid), "spec")))
+        store.start(jid, "w1", 3)
+        tr = store.succeed(jid, url=f"file:///x/{jid}.png")
+        Notifier(settings, client)(SimpleNamespace(job_id=jid, batch_id="rot", spec=spec), "succeeded", tr)
+
+    stages = [({"SDFLEET_WEBHOOK_SECRET": a}, [a], [b]),
+              ({"SDFLEET_WEBHOOK_SECRET": b, "SDFLEET_WEBHOOK_PREVIOUS_SECRETS": a}, [b, a], []),
+              ({"SDFLEET_WEBHOOK_SECRET": b}, [b], [a])]  # the window is over: A is gone
+    try:
+        for n, (config, accepted, refused) in enumerate(stages):
+            proc = _private_worker(private.url, tmp_path / f"whw{n}.log", **config)
+            try:
+                finish(n)
+                req = receiver.wait_for(path, n + 1)[n]
+            finally:
+                _stop(proc)
+            assert len(req.headers["webhook-signature"].split(" ")) == len(accepted)
+            for secret in accepted:
+                assert Webhook(secret).verify(req.body, req.headers)["data"]["job_id"] == job_ids[n]
+            for secret in refused:
+                with pytest.raises(WebhookVerificationError):
+                    Webhook(secret).verify(req.body, req.headers)
+        stored = _redis_text(client)
+        for secret in (a, b):
+            assert secret not in stored and secret.removeprefix("whsec_") not in stored
+        assert "webhook_key_id" in client.hgetall(keys.batch("rot"))
+    finally:
+        private.stop()
+
+
+def test_settings_reject_malformed_previous_secrets() -> None:
+    with pytest.raises(ConfigError, match="SDFLEET_WEBHOOK_PREVIOUS_SECRETS"):
+        Settings.from_env({"SDFLEET_WEBHOOK_PREVIOUS_SECRETS": "plaintext"})
+    s = Settings.from_env({"SDFLEET_WEBHOOK_SECRET": NEW, "SDFLEET_WEBHOOK_PREVIOUS_SECRETS": f"{OLD} {NEW}"})
+    assert OLD not in repr(s)
+
+
+# --- one slow receiver cannot stall the others -------------------------------------------------------------
+
+def test_a_hanging_receiver_does_not_delay_another_receivers_webhooks(tmp_path) -> None:
+    """16 deliveries to a receiver that hangs 60 s, then deliveries to another host: each of those arrives
+    within 1 s of being enqueued (4 sender threads, at most 2 per host)."""
+    private = PrivateRedis()
+    client = redis.Redis.from_url(private.url, decode_responses=True)
+    hanging, other = start_receiver("127.0.0.1"), start_receiver("127.0.0.2")  # two hosts
+    hang_path, ok_path = "/hang", "/ok"
+    hanging.delays[hang_path] = 60.0
+    proc = _private_worker(private.url, tmp_path / "whw.log", SDFLEET_WEBHOOK_TIMEOUT="70",
+                           SDFLEET_WEBHOOK_PER_HOST="2")
+    app = make_app(Settings(redis_url=private.url))
+    try:
+        for i in range(16):
+            outbox.publish(app, outbox.new_delivery(event_id=f"msg_h{i}", event_type="job.succeeded",
+                                                    url=hanging.url(hang_path), body="{}", batch_id="b"))
+        hanging.wait_for(hang_path, 2)
+        time.sleep(1.0)  # every thread has met the hanging deliveries by now
+        assert len(hanging.got(hang_path)) == 2, "no more than the per-host cap is in flight"
+        lags = []
+        for i in range(6):
+            sent = time.time()
+            outbox.publish(app, outbox.new_delivery(event_id=f"msg_o{i}", event_type="job.succeeded",
+                                                    url=other.url(ok_path), body="{}", batch_id="b"))
+            got = other.wait_for(ok_path, i + 1, timeout=30)[i]
+            lags.append(got.at - sent)
+            Webhook(NEW).verify(got.body, got.headers)
+        assert max(lags) < 1.0, lags
+        assert len(hanging.got(hang_path)) == 2
+        assert not client.lrange(keys.WEBHOOK_DEAD, 0, -1)  # deferred deliveries are not failed attempts
+    finally:
+        proc.kill()
+        proc.wait(10)
+        for rec in (hanging, other):
+            rec.stop()
+        private.stop()
