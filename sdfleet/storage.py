@@ -330,6 +330,17 @@ class StorageFactory:
     def __post_init__(self) -> None:
         self._cache: dict[str, Storage] = {}
 
+    def _presigner(self):
+        # SigV4 (X-Amz-Signature, at most 7 days): what every S3 region and MinIO accept; botocore would
+        # otherwise presign some endpoints with the legacy scheme.
+        if getattr(self, "_presign_client", None) is None:
+            import boto3
+            from botocore.config import Config
+
+            self._presign_client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                                                config=Config(signature_version="s3v4"))
+        return self._presign_client
+
     def public_url(self, url: str | None, style: str = "s3", ttl_s: int = 7 * 24 * 3600) -> str | None:
         """``url`` (as a worker recorded it) in the batch's URL style, for manifests and webhooks.
 
@@ -346,9 +357,8 @@ class StorageFactory:
                 return f"{self.endpoint_url.rstrip('/')}/{bucket}/{quote(key)}"
             return f"https://{bucket}.s3.{self.region}.amazonaws.com/{quote(key)}"
         if style == "presigned":
-            client = self.get(f"s3://{bucket}").client  # type: ignore[attr-defined]
-            return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                                 ExpiresIn=int(ttl_s))
+            return self._presigner().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                            ExpiresIn=int(ttl_s))
         raise StorageError(f"unknown URL style {style!r}; use one of {', '.join(URL_STYLES)}")
 
     def get(self, location: str) -> Storage:

@@ -308,3 +308,30 @@ def test_webhook_secret_flag_is_refused_and_no_secret_reaches_redis(tmp_path, en
     import hashlib
 
     assert r.hget(keys.batch("sec"), "webhook_key_id") == hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+def test_results_in_each_url_style_and_presigned_urls_fetch_the_object(tmp_path, s3, r):
+    import urllib.request
+
+    env, bucket, client = s3
+    f = write(tmp_path, "p.txt", "a cat\na dog\n")
+    res = run_cli(["submit", str(f), "--batch", "urls", "--out", f"s3://{bucket}/run", "--url-style", "presigned",
+                   "--url-ttl", "600"], env)
+    assert res.returncode == 0, res.stderr
+    endpoint = env["SDFLEET_S3_ENDPOINT_URL"]
+    for jid in r.lrange(keys.batch_jobs("urls"), 0, -1):
+        cid = r.hget(keys.job(jid), "custom_id")
+        client.put_object(Bucket=bucket, Key=f"run/urls/{cid}.png", Body=cid.encode())
+        # The URL a worker records once the object is stored.
+        r.hset(keys.job(jid), mapping={"url": f"s3://{bucket}/run/urls/{cid}.png"})
+    rows = [json.loads(x) for x in run_cli(["results", "urls"], env).stdout.splitlines()]
+    assert [x["custom_id"] for x in rows] == ["line-000001", "line-000002"]
+    for row in rows:
+        assert row["url"].startswith(f"{endpoint}/{bucket}/run/urls/{row['custom_id']}.png?")
+        assert "X-Amz-Signature=" in row["url"] and "X-Amz-Expires=600" in row["url"]
+        with urllib.request.urlopen(row["url"], timeout=10) as resp:  # no credentials needed
+            assert resp.read() == row["custom_id"].encode()
+    https = [json.loads(x)["url"] for x in run_cli(["results", "urls", "--url-style", "https"], env).stdout.splitlines()]
+    assert https == [f"{endpoint}/{bucket}/run/urls/line-00000{n}.png" for n in (1, 2)]
+    plain = [json.loads(x)["url"] for x in run_cli(["results", "urls", "--url-style", "s3"], env).stdout.splitlines()]
+    assert plain == [f"s3://{bucket}/run/urls/line-00000{n}.png" for n in (1, 2)]
