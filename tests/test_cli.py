@@ -335,3 +335,63 @@ def test_results_in_each_url_style_and_presigned_urls_fetch_the_object(tmp_path,
     assert https == [f"{endpoint}/{bucket}/run/urls/line-00000{n}.png" for n in (1, 2)]
     plain = [json.loads(x)["url"] for x in run_cli(["results", "urls", "--url-style", "s3"], env).stdout.splitlines()]
     assert plain == [f"s3://{bucket}/run/urls/line-00000{n}.png" for n in (1, 2)]
+
+
+def test_rediss_without_ca_options_says_the_system_store_was_used(tmp_path, env):
+    """A TLS endpoint whose certificate no system CA signed (self-signed, made here with openssl)."""
+    import shutil
+    import socket
+    import ssl
+    import threading
+
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is needed to make the test certificate"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            try:
+                with ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass  # the client refused our certificate, as it should
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        res = run_cli(["status", "x"], {**env, "REDIS_URL": f"rediss://127.0.0.1:{port}/0"}, timeout=60)
+    finally:
+        stop.set()
+        server.close()
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "TLS verification" in res.stderr and "system CA store" in res.stderr and "ssl_ca_certs" in res.stderr
+
+
+def test_submit_wait_keeps_waiting_and_says_no_worker_is_listening(tmp_path, env, r):
+    import signal
+    import time
+
+    f = write(tmp_path, "p.txt", "a cat\n")
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "submit", str(f), "--batch", "w", "--wait"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not r.exists(keys.batch("w")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2.0)  # several polls of the progress line
+    assert proc.poll() is None, "--wait keeps waiting while no worker serves the queue"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert out.strip() == "w"
+    assert "no worker is listening on sdfleet.gen.tiny" in err and "Traceback" not in err, err
