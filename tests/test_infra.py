@@ -18,6 +18,8 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
@@ -140,8 +142,9 @@ def sdfleet_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def gpu_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fixed GPU workers (one service per GPU); the autoscaled `fleet` service is checked on its own."""
     return {name: svc for name, svc in sdfleet_services(compose).items()
-            if svc["build"]["dockerfile"].endswith("Dockerfile.worker")}
+            if svc["build"]["dockerfile"].endswith("Dockerfile.worker") and "autoscaled" not in svc.get("profiles", [])}
 
 
 def check_settings_env(env: dict[str, Any], where: str) -> None:
@@ -204,10 +207,11 @@ def test_compose_schema_catches_a_misspelt_key() -> None:
 
 def test_compose_has_every_role() -> None:
     services = load_compose()["services"]
-    for name in ("redis", "minio", "createbucket", "scheduler", "webhook-worker"):
+    for name in ("redis", "minio", "createbucket", "janitor", "scheduler", "webhook-worker"):
         assert name in services, f"docker-compose.yml has no {name} service"
-    assert services["scheduler"]["command"] == ["janitor"]
-    assert services["webhook-worker"]["command"] == ["webhook-worker"]
+    assert services["janitor"]["command"] == ["janitor"]
+    assert services["scheduler"]["command"][0] == "scheduler"
+    assert services["webhook-worker"]["command"][0] == "webhook-worker"
     assert len(gpu_services(load_compose())) >= 2, "one GPU worker service per GPU (gpu0, gpu1)"
 
 
@@ -461,8 +465,24 @@ def test_k8s_worker_owns_one_gpu_and_drains() -> None:
     (c,) = spec["containers"]
     for section in ("requests", "limits"):
         assert str(c["resources"][section].get("nvidia.com/gpu")) == "1", f"one GPU per pod ({section})"
-    assert spec["terminationGracePeriodSeconds"] >= 60, "too short to drain a batch on SIGTERM"
-    assert "preStop" not in c.get("lifecycle", {}), "SIGTERM drains; a preStop sleep only delays it"
+    assert "replicas" not in dep["spec"], "KEDA owns the replica count: `replicas` here resets it on every apply"
+    # The grace period covers the longest batch a worker may hold: --max-batch jobs at the largest shape a
+    # job may ask for, priced by the scheduler's own model (x2: attention grows faster than the pixels).
+    from scheduler.policy import default_s_per_image, price
+    from sdfleet.jobs import MAX_SIDE, MAX_STEPS
+
+    args = c["args"]
+    model = PurePosixPath(flag(args, "--model")).name
+    longest = int(flag(args, "--max-batch")) * price(keys.bucket_of(MAX_SIDE, MAX_SIDE, MAX_STEPS), {},
+                                                     default_s_per_image(model)) * 2
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    drain = float(env.get("SDFLEET_DRAIN_TIMEOUT_S") or Settings().drain_timeout_s)
+    assert drain >= longest, f"SDFLEET_DRAIN_TIMEOUT_S {drain} is shorter than the longest batch (~{longest:.0f} s)"
+    assert spec["terminationGracePeriodSeconds"] >= drain + 30, "the pod is killed before the worker's drain ends"
+    pre = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre[:2] == ["/bin/sh", "-c"] and "kill -TERM 1" in pre[2] and "kill -0 1" in pre[2], (
+        "preStop starts the drain (SIGTERM to tini, which forwards it) and waits for the worker to exit")
+    assert flag(args, "--metrics-port") == str(c["ports"][0]["containerPort"])
     assert spec.get("nodeSelector") and any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
     args = c["args"]
     assert args[0] == "worker" and flag(args, "--device") == "cuda:0"
@@ -474,28 +494,73 @@ def test_k8s_worker_owns_one_gpu_and_drains() -> None:
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, "a surge pod needs a spare GPU"
 
 
-def test_keda_scales_the_worker_on_its_queue() -> None:
+def test_keda_scales_the_worker_on_the_schedulers_desired_count() -> None:
     (so,) = k8s_kind("ScaledObject")
     dep = k8s_one("Deployment", "sdfleet-worker")
+    sched = k8s_one("Deployment", "sdfleet-scheduler")
     assert so["apiVersion"] == "keda.sh/v1alpha1"
     spec = so["spec"]
     target = spec["scaleTargetRef"]
     assert target["name"] == dep["metadata"]["name"] and target.get("kind", "Deployment") == "Deployment"
-    args = pod_spec(dep)["containers"][0]["args"]
-    queue = keys.queue_for_model(PurePosixPath(flag(args, "--model") or "tiny").name)
-    triggers = [t for t in spec["triggers"] if t["type"] == "redis"]
-    assert triggers, "no redis trigger"
-    meta = triggers[0]["metadata"]
-    assert meta["listName"] == queue, f"the trigger watches {meta['listName']}, the worker consumes {queue}"
-    max_batch = int(flag(args, "--max-batch") or 4)
-    assert 2 * max_batch <= int(meta["listLength"]) <= 8 * max_batch, "listLength: about 4 x --max-batch per worker"
-    assert isinstance(meta["listLength"], str), "KEDA trigger metadata values are strings"
-    (redis_svc,) = [d for d in k8s_kind("Service") if d["metadata"]["name"] == "redis"]
+    worker_args = pod_spec(dep)["containers"][0]["args"]
+    pool = PurePosixPath(flag(worker_args, "--model") or "tiny").name
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "metrics-api" and trigger.get("metricType", "AverageValue") == "AverageValue"
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values are strings"
+    sched_args = pod_spec(sched)["containers"][0]["args"]
+    (svc,) = [d for d in k8s_kind("Service") if d["metadata"]["name"] == "sdfleet-scheduler"]
     namespace = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())["namespace"]
-    assert meta["address"] == f"{redis_svc['metadata']['name']}.{namespace}.svc.cluster.local:6379"
-    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    port = svc["spec"]["ports"][0]["port"]
+    assert meta["url"] == f"http://sdfleet-scheduler.{namespace}.svc.cluster.local:{port}/scale/{pool}"
+    assert flag(sched_args, "--metrics-port") == str(port)
+    assert pool in [sched_args[i + 1] for i, a in enumerate(sched_args) if a == "--model"], (
+        f"the scheduler does not manage the worker's pool {pool}")
+    assert meta["valueLocation"] == "desired" and meta["targetValue"] == "1", "replicas = the desired count"
+    assert meta["format"] == "json" and meta["activationTargetValue"] == "0", "active on the first wanted worker"
+    assert spec["minReplicaCount"] == 0, "scale to zero is allowed"
+    assert spec["maxReplicaCount"] == int(flag(sched_args, "--max-workers")), "the scheduler and KEDA agree on max"
+    assert flag(sched_args, "--max-batch") == flag(worker_args, "--max-batch")
+    assert flag(sched_args, "--driver") == "none", "on Kubernetes KEDA acts; the scheduler only decides"
+    assert sched["spec"]["replicas"] == 1 and sched["spec"]["strategy"]["type"] == "Recreate"
     down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
-    assert down["stabilizationWindowSeconds"] >= 60, "scale-down must not chase every dip in the backlog"
+    assert down["stabilizationWindowSeconds"] >= 30, "one odd poll must not shrink the pool"
+
+
+def test_the_scheduler_serves_what_keda_reads(env: dict[str, str], r: redis.Redis, tmp_path: Path) -> None:
+    """The scheduler started with the manifest's own arguments answers the trigger's URL with a count."""
+    from sdfleet.redisconn import free_port
+
+    (so,) = k8s_kind("ScaledObject")
+    meta = so["spec"]["triggers"][0]["metadata"]
+    args = list(pod_spec(k8s_one("Deployment", "sdfleet-scheduler"))["containers"][0]["args"])
+    port = free_port()
+    args[args.index("--metrics-port") + 1] = str(port)
+    args[args.index("--interval") + 1] = "0.2"
+    pool = meta["url"].rsplit("/", 1)[1]
+    r.rpush(keys.queue_for_model(pool), "not a celery message")  # one unreadable message still counts as work
+    log = tmp_path / "scheduler.log"
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", *args], env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        doc = None
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/scale/{pool}", timeout=5) as resp:
+                    doc = json.loads(resp.read())
+                break
+            except OSError:
+                proc.poll()
+                assert proc.returncode is None, log.read_text()
+                time.sleep(0.1)
+        assert doc is not None, log.read_text()
+        value = doc
+        for part in meta["valueLocation"].split("."):
+            value = value[part]
+        assert isinstance(value, int) and value == 1, doc
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
 
 
 def test_pdb_covers_the_workers() -> None:
@@ -510,3 +575,139 @@ def test_one_janitor_per_fleet() -> None:
     dep = k8s_one("Deployment", "sdfleet-janitor")
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
     assert pod_spec(dep)["containers"][0]["args"][0] == "janitor"
+
+
+def test_compose_autoscaled_fleet_runs_the_local_driver() -> None:
+    compose = load_compose()
+    fleet = compose["services"]["fleet"]
+    assert fleet["build"]["dockerfile"].endswith("Dockerfile.worker") and fleet["profiles"] == ["autoscaled"]
+    cmd = fleet["command"]
+    assert cmd[0] == "scheduler" and flag(cmd, "--driver") == "local"
+    build_parser().parse_args(cmd)
+    # The driver pins one worker per GPU itself: the container gets every GPU and no CUDA_VISIBLE_DEVICES.
+    (dev,) = fleet["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["count"] == "all" and "CUDA_VISIBLE_DEVICES" not in fleet["environment"]
+    assert duration_s(fleet["stop_grace_period"]) >= 300, "stopping the fleet drains every worker's batch"
+    assert "sdfleet:worker:" not in json.dumps(fleet["healthcheck"]["test"]), "the scheduler has no heartbeat key"
+
+
+# --- infra/monitoring ---------------------------------------------------------------------------------
+
+MONITORING = ROOT / "infra" / "monitoring"
+REQUIRED_ALERTS = {"SdfleetBacklogGrowingWithoutWorkers", "SdfleetWorkerStalled", "SdfleetWebhookDeadLettersRising",
+                   "SdfleetGpuIdleWithQueuedWork"}
+ALERT_SCHEMA = {
+    "type": "object", "required": ["groups"], "additionalProperties": False,
+    "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+        "properties": {"name": {"type": "string"}, "interval": {"type": "string"}, "rules": {"type": "array", "items": {
+            "type": "object", "required": ["alert", "expr", "for", "labels", "annotations"], "additionalProperties": False,
+            "properties": {
+                "alert": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]*$"}, "expr": {"type": "string"},
+                "for": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d))+$"},
+                "labels": {"type": "object", "required": ["severity"],
+                           "properties": {"severity": {"enum": ["critical", "warning", "info"]}}},
+                "annotations": {"type": "object", "required": ["summary", "description"]}}}}}}}},
+}
+DASHBOARD_SCHEMA = {
+    "type": "object", "required": ["title", "uid", "schemaVersion", "panels", "templating"],
+    "properties": {
+        "uid": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"}, "schemaVersion": {"type": "integer", "minimum": 30},
+        "panels": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["id", "type", "title", "gridPos", "targets", "datasource"],
+            "properties": {
+                "id": {"type": "integer"}, "type": {"enum": ["timeseries", "stat", "gauge", "table", "heatmap", "bargauge"]},
+                "gridPos": {"type": "object", "required": ["h", "w", "x", "y"], "properties": {
+                    "w": {"type": "integer", "minimum": 1, "maximum": 24}, "x": {"type": "integer", "minimum": 0, "maximum": 23},
+                    "h": {"type": "integer", "minimum": 1}, "y": {"type": "integer", "minimum": 0}}},
+                "targets": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["expr", "refId"],
+                    "properties": {"expr": {"type": "string", "minLength": 1}, "refId": {"type": "string"}}}}}}},
+    },
+}
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the roles export (sdfleet/metrics.py), parsed from their own /metrics text."""
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sdfleet.metrics import SchedulerMetrics, WebhookMetrics, WorkerMetrics
+
+    class Nvml:  # no GPU here: fixed readings so the GPU families are exported too
+        NVML_TEMPERATURE_GPU = 0
+        nvmlDeviceGetHandleByUUID = staticmethod(lambda u: u)  # noqa: N815
+        nvmlDeviceGetUtilizationRates = staticmethod(lambda h: SimpleNamespace(gpu=1))  # noqa: N815
+        nvmlDeviceGetMemoryInfo = staticmethod(lambda h: SimpleNamespace(used=1, total=2))  # noqa: N815
+        nvmlDeviceGetTemperature = staticmethod(lambda h, s: 1)  # noqa: N815
+        nvmlDeviceGetPowerUsage = staticmethod(lambda h: 1)  # noqa: N815
+
+    sched = SchedulerMetrics()
+    sched.observe("p", queued=1, in_flight=1, backlog_s=1, desired=1, actual=1, busy=1, stalled=0)
+    sched.scale_events.labels("p", "up").inc()
+    sched.restarts.labels("p").inc()
+    names: set[str] = set()
+    for text in (WorkerMetrics("w", "p", "GPU-1", nvml=Nvml()).render(), WebhookMetrics(lambda: 0).render(),
+                 sched.render()):
+        for fam in text_string_to_metric_families(text):
+            names |= {s.name for s in fam.samples}
+    return names
+
+
+def referenced_metrics(text: str) -> set[str]:
+    # (sdfleet_worker_state is also the label of that Enum metric: a name either way.)
+    return set(re.findall(r"\b(sdfleet_[a-z_]+)\b", text))
+
+
+def test_alert_rules_cover_the_failures_and_use_real_metrics() -> None:
+    rules = yaml.safe_load((MONITORING / "alerts.yaml").read_text())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft202012Validator(ALERT_SCHEMA).iter_errors(rules)]
+    assert not errors, errors
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    assert REQUIRED_ALERTS <= set(alerts), f"missing alerts: {REQUIRED_ALERTS - set(alerts)}"
+    exported = exported_metric_names()
+    for name, rule in alerts.items():
+        expr = rule["expr"]
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), name
+        unknown = referenced_metrics(expr) - exported
+        assert not unknown, f"{name} reads metrics no role exports: {unknown}"
+
+
+def test_alert_rules_pass_promtool() -> None:
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus); the schema test above still ran")
+    for args in (["check", "rules", "alerts.yaml"], ["test", "rules", "alerts_test.yaml"]):
+        res = subprocess.run([promtool, *args], cwd=MONITORING, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, f"promtool {' '.join(args)}:\n{res.stdout}{res.stderr}"
+
+
+def test_grafana_dashboard_is_valid_and_uses_real_metrics() -> None:
+    dash = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft202012Validator(DASHBOARD_SCHEMA).iter_errors(dash)]
+    assert not errors, errors
+    panels = dash["panels"]
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
+    cells: set[tuple[int, int]] = set()
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not mine & cells, f"panel {p['title']!r} overlaps another"
+        cells |= mine
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(set(refs)) == len(refs), p["title"]
+    exported = exported_metric_names()
+    used = set()
+    for p in panels:
+        for t in p["targets"]:
+            used |= referenced_metrics(t["expr"])
+    assert not used - exported, f"the dashboard reads metrics no role exports: {used - exported}"
+    for needed in ("sdfleet_pool_backlog_gpu_seconds", "sdfleet_pool_desired_workers", "sdfleet_images_per_second",
+                   "sdfleet_gpu_utilization_ratio", "sdfleet_webhook_dead_letters", "sdfleet_jobs_total"):
+        assert needed in used, f"the dashboard has no panel for {needed}"
