@@ -71,6 +71,7 @@ class Backlog:
     queued: int = 0  # jobs in the queue no worker has taken
     in_flight: int = 0  # jobs workers hold: batching, in the engine, uploading
     gpu_seconds: float = 0.0  # both, priced per bucket
+    busy_workers: int = 0  # workers running a batch now: the demand being served
 
     @property
     def jobs(self) -> int:
@@ -78,7 +79,7 @@ class Backlog:
 
 
 def backlog(queued_by_bucket: Mapping[str, float], in_flight_by_bucket: Mapping[str, float],
-            measured: Mapping[str, float], default_s: float) -> Backlog:
+            measured: Mapping[str, float], default_s: float, busy_workers: int = 0) -> Backlog:
     """Price the queued and the in-flight jobs of each bucket (counts may be estimates, hence floats)."""
     # A job whose bucket is not known (a heartbeat does not say what it buffers) is priced like the
     # queued work, else like the measured work, else by the default.
@@ -93,7 +94,8 @@ def backlog(queued_by_bucket: Mapping[str, float], in_flight_by_bucket: Mapping[
     for counts in (queued_by_bucket, in_flight_by_bucket):
         for bucket, n in counts.items():
             seconds += n * (price(bucket, measured, default_s) if parse_bucket(bucket) else typical)
-    return Backlog(round(sum(queued_by_bucket.values())), round(sum(in_flight_by_bucket.values())), seconds)
+    return Backlog(round(sum(queued_by_bucket.values())), round(sum(in_flight_by_bucket.values())), seconds,
+                   busy_workers)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class PoolConfig:
     max_workers: int = 1
     target_drain_s: float = 300.0
     cooldown_s: float = 300.0
+    #: busy workers are kept at this fraction of the pool, so a steady stream is served as it comes
+    target_utilization: float = 0.9
     #: jobs a worker runs at once: more workers than batches of work cannot finish it sooner
     max_batch: int = 4
 
@@ -118,6 +122,8 @@ class PoolConfig:
             raise ConfigError("--cooldown-s must be >= 0")
         if self.max_batch < 1:
             raise ConfigError("--max-batch must be >= 1")
+        if not 0 < self.target_utilization <= 1:
+            raise ConfigError("--target-utilization must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -141,10 +147,15 @@ class Policy:
         if b.jobs <= 0:
             n = 0
         else:
-            # At least one worker for any work (activation on the first queued job), never more than
-            # there are batches to run.
-            n = max(1, math.ceil(b.gpu_seconds / c.target_drain_s - 1e-9))
-            n = min(n, math.ceil(b.jobs / c.max_batch))
+            # Enough to work the backlog off within the target drain time, and enough that the workers
+            # busy now (the stream being served) stay at the target utilization: sized on the backlog
+            # alone, a pool serving a steady stream would only keep up once a target's worth had queued.
+            # At least one worker for any work (activation on the first queued job); never more than the
+            # busy workers plus one per queued batch.
+            n = max(1, math.ceil(b.gpu_seconds / c.target_drain_s - 1e-9),
+                    math.ceil(b.busy_workers / c.target_utilization - 1e-9))
+            n = min(n, b.busy_workers + math.ceil(b.queued / c.max_batch) if b.busy_workers else
+                    math.ceil(b.jobs / c.max_batch))
         return max(c.min_workers, min(c.max_workers, n))
 
     def resume(self, now: float, actual: int) -> None:

@@ -73,7 +73,8 @@ class Scheduler:
                 managed = len(driver.active()) if hasattr(driver, "active") else len(view.workers)
                 if managed:
                     policy.resume(now, managed)
-            b: Backlog = backlog(view.queued_by_bucket, view.in_flight_by_bucket, view.measured, self.default_s(pool))
+            b: Backlog = backlog(view.queued_by_bucket, view.in_flight_by_bucket, view.measured, self.default_s(pool),
+                                 busy_workers=view.count("busy"))
             d = policy.decide(now, b)
             decisions[pool] = d
             if driver is not None:

@@ -609,6 +609,8 @@ def _add_fleet_parsers(sub: Any) -> None:
                     help=f"shrink only after the need stayed lower this long (default SDFLEET_SCALE_COOLDOWN_S, "
                          f"{DEFAULT_SCALE_COOLDOWN_S:g})")
     sc.add_argument("--max-batch", type=int, default=4, help="jobs per worker batch (caps workers per job)")
+    sc.add_argument("--target-utilization", type=float, default=0.9,
+                    help="keep busy workers at this fraction of the pool (default 0.9)")
     sc.add_argument("--interval", type=float, default=2.0, help="seconds between decisions")
     sc.add_argument("--metrics-port", type=int, help="serve /metrics and /scale/<pool> here (0: a free port)")
     sc.add_argument("--worker-args", default="", help="extra flags for each local worker, e.g. \"--max-batch 8\"")
@@ -633,6 +635,7 @@ def _add_fleet_parsers(sub: Any) -> None:
     sm.add_argument("--target-drain-s", type=float, default=DEFAULT_TARGET_DRAIN_S)
     sm.add_argument("--cooldown-s", type=float, default=DEFAULT_SCALE_COOLDOWN_S)
     sm.add_argument("--max-batch", type=int, default=4)
+    sm.add_argument("--target-utilization", type=float, default=0.9)
     sm.add_argument("--model", default="large", choices=["large", "medium"],
                     help="service times of this engine (docs/PERFORMANCE.md)")
     sm.add_argument("--cold-start-s", type=float, default=60.0, help="pod start + model load + warm-up")
@@ -661,7 +664,7 @@ def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
     config = PoolConfig(min_workers=args.min_workers, max_workers=args.max_workers,
                         target_drain_s=args.target_drain_s or settings.scale_target_drain_s,
                         cooldown_s=settings.scale_cooldown_s if args.cooldown_s is None else args.cooldown_s,
-                        max_batch=args.max_batch)
+                        max_batch=args.max_batch, target_utilization=args.target_utilization)
     try:
         worker_args = shlex.split(args.worker_args)
     except ValueError as exc:
@@ -702,7 +705,8 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     config = PoolConfig(min_workers=args.min_workers, max_workers=args.max_workers,
-                        target_drain_s=args.target_drain_s, cooldown_s=args.cooldown_s, max_batch=args.max_batch)
+                        target_drain_s=args.target_drain_s, cooldown_s=args.cooldown_s, max_batch=args.max_batch,
+                        target_utilization=args.target_utilization)
     config.check()
     return run_simulations(config, trace=args.trace, jobs=args.jobs, model=args.model,
                            cold_start_s=args.cold_start_s, tick_s=args.tick_s, seed=args.seed, as_json=args.json)

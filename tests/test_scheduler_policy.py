@@ -89,3 +89,12 @@ def test_work_of_unknown_bucket_is_priced_like_the_queue() -> None:
     assert b.gpu_seconds == pytest.approx(6 * 0.5)
     assert backlog({}, {"unknown": 2}, {"512x512:28": 0.5}, 9.9).gpu_seconds == pytest.approx(1.0)
     assert backlog({}, {"unknown": 2}, {}, 9.9).gpu_seconds == pytest.approx(19.8)
+
+
+def test_a_steady_stream_is_served_without_a_standing_queue() -> None:
+    # 20 workers busy with single jobs, 3 queued: the backlog alone (69 GPU-s over 300 s) would ask for 1.
+    p = Policy(PoolConfig(max_workers=100, target_drain_s=300, cooldown_s=0, max_batch=4, target_utilization=0.8))
+    d = p.decide(0, Backlog(queued=3, in_flight=20, gpu_seconds=23 * 3.0, busy_workers=20))
+    assert d.desired == 21, "busy workers plus one per queued batch, never fewer than are working"
+    q = Policy(PoolConfig(max_workers=100, target_drain_s=300, cooldown_s=0, max_batch=4, target_utilization=0.8))
+    assert q.decide(0, Backlog(queued=40, in_flight=20, gpu_seconds=60 * 3.0, busy_workers=20)).desired == 25
