@@ -66,3 +66,55 @@ def test_schedule_is_computed_once_per_shape_on_the_host(engine):
     timesteps, sigmas = a
     assert len(timesteps) == 4 and len(sigmas) == 5 and sigmas.device.type == "cpu"
     assert float(sigmas[-1]) == 0.0
+
+
+def test_compile_counters_are_reported_with_the_engine(engine):
+    counters = engine.compile_counters()
+    # On the CPU: no Triton and no CUDA graphs (None: not applicable), and nothing compiled by torch.compile.
+    assert counters == {"triton_compiles": None, "torch_compiles": 0, "graph_captures": None,
+                        "graph_replays": None, "graph_eager_calls": None}
+    described = engine.describe()
+    assert {k: described[k] for k in counters} == counters  # heartbeats carry describe()
+
+
+def test_gpu_seconds_span_denoising_to_decode_only():
+    from worker.engine.diffusers_engine import _gpu_seconds, _phase_seconds
+
+    marks = [0.0, 0.5, 0.75, 2.0, 2.25]  # encode 0-0.5, a 0.25 s wait for the main stream, denoise, decode
+    assert _gpu_seconds(marks) == 1.5
+    assert _phase_seconds(marks)["engine_s"] == 0.5 + 1.25 + 0.25
+
+
+def test_triton_compile_counter_chains_an_earlier_hook(monkeypatch):
+    """Triton cannot run here: a stand-in ``triton.knobs`` module plays its JIT calling the hook."""
+    import sys
+    import types
+
+    from worker.engine import compiles
+
+    calls = []
+    runtime = types.SimpleNamespace(jit_post_compile_hook=lambda **kw: calls.append(kw) or False)
+    fake = types.ModuleType("triton")
+    fake.knobs = types.SimpleNamespace(runtime=runtime)
+    monkeypatch.setitem(sys.modules, "triton", fake)
+    monkeypatch.setattr(compiles, "_installed", None)
+    monkeypatch.setattr(compiles, "_triton_compiles", 0)
+    assert compiles.triton_compiles() is None
+    assert compiles.install_triton_counter() is True
+    assert compiles.install_triton_counter() is True  # once per process: not wrapped twice
+    for i in range(3):
+        runtime.jit_post_compile_hook(key=i, repr="k", fn=None, compile={}, is_manual_warmup=False,
+                                      already_compiled=False)
+    assert compiles.triton_compiles() == 3
+    assert [c["key"] for c in calls] == [0, 1, 2]
+
+
+def test_triton_counter_without_triton(monkeypatch):
+    import sys
+
+    from worker.engine import compiles
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # import fails, as on a machine without Triton
+    monkeypatch.setattr(compiles, "_installed", None)
+    assert compiles.install_triton_counter() is False
+    assert compiles.triton_compiles() is None

@@ -28,6 +28,7 @@ import torch
 
 from sdfleet.errors import EngineError
 from sdfleet.jobs import BatchKey
+from worker.engine import compiles
 from worker.engine.base import Engine, GenerationRequest, GenerationResult
 from worker.engine.models import load_pipeline, resolve_model
 
@@ -46,6 +47,9 @@ class EngineOptions:
     #: image batch-size buckets for CUDA graphs (batches are padded up to a bucket); CUDA only
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     cuda_graphs: bool = True
+    #: return before the device-to-host copy has landed, so the next batch is queued while it runs; off
+    #: (measuring what the overlap is worth) generate() waits for the copy before it returns
+    async_copy: bool = True
 
 
 class DiffusersEngine(Engine):
@@ -68,6 +72,8 @@ class DiffusersEngine(Engine):
         self.precision, self.precision_reason = resolve_precision(self.options.precision, self.device)
         if self.log:
             self.log.info("precision chosen", precision=self.precision, reason=self.precision_reason)
+        if self.device.startswith("cuda"):
+            compiles.install_triton_counter()  # before anything can compile, so boot's compiles count too
         self.model_name, path = resolve_model(self.options.model)
         _quiet_libraries()
         self.pipe = load_pipeline(path, _DTYPES[self.precision], self.device)
@@ -166,9 +172,11 @@ class DiffusersEngine(Engine):
         def finish() -> None:
             copied.synchronize()
             ms = [0.0] + [marks[0].elapsed_time(m) / 1000 for m in marks[1:]]
-            result.timings.update(_phase_seconds(ms), host_submit_s=submitted_s)
+            result.timings.update(_phase_seconds(ms), host_submit_s=submitted_s, gpu_s=_gpu_seconds(ms))
 
         result.pending = finish
+        if not self.options.async_copy:
+            result.wait()
         return result
 
     def _schedule(self, steps: int, latent_h: int, latent_w: int) -> tuple[list[float], torch.Tensor]:
@@ -248,9 +256,22 @@ class DiffusersEngine(Engine):
             return noise.pin_memory().to(self.device, non_blocking=True)
         return noise.to(self.device)
 
+    def compile_counters(self) -> dict[str, int | None]:
+        """What has compiled or been captured in this process so far (None: not applicable here).
+
+        Read before and after a stream of jobs: any increase means work that boot did not cover ran on
+        the critical path. ``graph_eager_calls`` counts transformer steps of shapes without a graph.
+        """
+        graphs = self._graphs
+        return {"triton_compiles": compiles.triton_compiles(), "torch_compiles": compiles.torch_compiles(),
+                "graph_captures": graphs.captures if graphs else (0 if self._graphs_wanted() else None),
+                "graph_replays": graphs.replays if graphs else None,
+                "graph_eager_calls": graphs.eager_calls if graphs else None}
+
     def describe(self) -> dict[str, object]:
+        # The counters ride along (heartbeats carry describe()), so a running worker's compiles can be watched.
         return {"model": self.model_name, "precision": self.precision, "device": self.device,
-                "precision_reason": self.precision_reason}
+                "precision_reason": self.precision_reason, **self.compile_counters()}
 
     def close(self) -> None:
         self.pipe = None
@@ -267,6 +288,18 @@ def _phase_seconds(t: Sequence[float]) -> dict[str, float]:
     encode, denoise, decode = t[1] - t[0], t[3] - t[2], t[4] - t[3]
     return {"encode_s": encode, "denoise_s": denoise, "decode_s": decode, "engine_s": encode + denoise + decode}
 
+
+
+def _gpu_seconds(t: Sequence[float]) -> float:
+    """The main stream's span of a run: from the start of denoising to the end of the VAE decode.
+
+    Summed over runs and divided by wall time, it sees every gap between runs honestly: the span starts
+    only once the stream has both this run's text embeddings and the end of the previous run, so time the
+    main stream waits for the host (a late launch) or for the encode stream (text encoding not hidden
+    behind the previous run) falls between spans and counts as idle. Encoding overlapped with the previous
+    run is not counted twice, and the device-to-host copy (on its own stream) not at all.
+    """
+    return t[4] - t[2]
 
 
 def _quiet_libraries() -> None:

@@ -48,6 +48,8 @@ class CudaGraphRunner:
         self._pool = None
         self.replays = 0
         self.eager_calls = 0
+        #: graphs captured over this runner's life (a capture after boot is a stall on the critical path)
+        self.captures = 0
 
     def bucket(self, rows: int) -> int | None:
         """The smallest bucket holding ``rows``, or None when the batch is larger than every bucket."""
@@ -96,6 +98,7 @@ class CudaGraphRunner:
                     continue
             torch.cuda.synchronize(device)
             self.graphs[key] = _Graph(graph, inputs, out)
+            self.captures += 1
             done.append(key)
             log.info("captured CUDA graph", extra={"bucket": b, "latent_hw": latent_hw, "text_len": text_len})
         return done
