@@ -412,6 +412,50 @@ def test_batch_completed_end_to_end(wr, receiver, webhook_worker, wh_redis_url, 
     assert {p["data"]["custom_id"] for p in payloads if p["type"] == "job.succeeded"} == {"c0", "c1", "c2"}
 
 
+# --- manifests and URL styles ---------------------------------------------------------------------------------
+
+def test_manifest_is_stored_for_a_batch_without_webhooks_and_webhooks_use_the_url_style(
+        wr, receiver, webhook_worker, wh_redis_url, tmp_path) -> None:
+    out = tmp_path / "out"
+    env = _env(wh_redis_url, SDFLEET_OUT=f"file://{out}")
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a red fox\nan owl\n")
+    assert _cli(["submit", str(jobs), "--batch", "plain"], env).returncode == 0
+    path = f"/styled/{uuid.uuid4().hex}"
+    styled = tmp_path / "styled.jsonl"
+    styled.write_text(json.dumps({"prompt": "a heron", "custom_id": "h1"}) + "\n")
+    res = _cli(["submit", str(styled), "--batch", "styled", "--url-style", "https", "--webhook", receiver.url(path)],
+               env)
+    assert res.returncode == 0, res.stderr
+    settings = Settings(redis_url=wh_redis_url, webhook_secret=NEW, webhook_allow_private=True,
+                        s3_endpoint_url="http://objects.example.test:9000")
+    store = JobStore(wr)
+    for batch in ("plain", "styled"):
+        for jid in wr.lrange(keys.batch_jobs(batch), 0, -1):
+            rec = store.job(jid)
+            # The outcome as a worker records it (an S3 URL), then announced by the worker's Notifier.
+            store.start(jid, "w1", 3)
+            tr = store.succeed(jid, url=f"s3://images/{batch}/{rec.custom_id}.png",
+                               sidecar_url=f"s3://images/{batch}/{rec.custom_id}.json")
+            Notifier(settings, wr)(SimpleNamespace(job_id=jid, batch_id=batch, spec=parse_job(rec.spec)),
+                                   "succeeded", tr)
+    manifest = _wait(lambda: (out / "plain" / "manifest.jsonl").exists() and (out / "plain" / "manifest.jsonl"),
+                     timeout=15, what="manifest of a batch without webhooks")
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    assert [(m["custom_id"], m["prompt"], m["url"], m["sidecar_url"]) for m in rows] == [
+        ("line-000001", "a red fox", "s3://images/plain/line-000001.png", "s3://images/plain/line-000001.json"),
+        ("line-000002", "an owl", "s3://images/plain/line-000002.png", "s3://images/plain/line-000002.json")]
+    got = receiver.wait_for(path, 2)  # job.succeeded and batch.completed
+    payloads = {p["type"]: p["data"] for p in (Webhook(NEW).verify(g.body, g.headers) for g in got)}
+    job = payloads["job.succeeded"]
+    assert job["url"] == "http://objects.example.test:9000/images/styled/h1.png"
+    assert job["sidecar_url"] == "http://objects.example.test:9000/images/styled/h1.json"
+    styled_rows = [json.loads(x) for x in (out / "styled" / "manifest.jsonl").read_text().splitlines()]
+    # The webhook worker writes the manifest with its own settings: no S3 endpoint there, so AWS addresses.
+    assert styled_rows[0]["url"] == "https://images.s3.us-east-1.amazonaws.com/styled/h1.png"
+    assert payloads["batch.completed"]["manifest_url"] == f"file://{out}/styled/manifest.jsonl"
+
+
 def test_garbage_on_the_webhook_queue_is_survived(wr, receiver, webhook_worker, wh_redis_url) -> None:
     wr.lpush(keys.WEBHOOK_QUEUE, "not even json")
     outbox.send(make_app(_settings(wh_redis_url)), "sdfleet.webhook.deliver", {"delivery": {"id": "msg_x"}})
@@ -559,46 +603,3 @@ def test_a_hanging_receiver_does_not_delay_another_receivers_webhooks(tmp_path) 
             rec.stop()
         private.stop()
 
-
-# --- manifests and URL styles ---------------------------------------------------------------------------------
-
-def test_manifest_is_stored_for_a_batch_without_webhooks_and_webhooks_use_the_url_style(
-        wr, receiver, webhook_worker, wh_redis_url, tmp_path) -> None:
-    out = tmp_path / "out"
-    env = _env(wh_redis_url, SDFLEET_OUT=f"file://{out}")
-    jobs = tmp_path / "jobs.txt"
-    jobs.write_text("a red fox\nan owl\n")
-    assert _cli(["submit", str(jobs), "--batch", "plain"], env).returncode == 0
-    path = f"/styled/{uuid.uuid4().hex}"
-    styled = tmp_path / "styled.jsonl"
-    styled.write_text(json.dumps({"prompt": "a heron", "custom_id": "h1"}) + "\n")
-    res = _cli(["submit", str(styled), "--batch", "styled", "--url-style", "https", "--webhook", receiver.url(path)],
-               env)
-    assert res.returncode == 0, res.stderr
-    settings = Settings(redis_url=wh_redis_url, webhook_secret=NEW, webhook_allow_private=True,
-                        s3_endpoint_url="http://objects.example.test:9000")
-    store = JobStore(wr)
-    for batch in ("plain", "styled"):
-        for jid in wr.lrange(keys.batch_jobs(batch), 0, -1):
-            rec = store.job(jid)
-            # The outcome as a worker records it (an S3 URL), then announced by the worker's Notifier.
-            store.start(jid, "w1", 3)
-            tr = store.succeed(jid, url=f"s3://images/{batch}/{rec.custom_id}.png",
-                               sidecar_url=f"s3://images/{batch}/{rec.custom_id}.json")
-            Notifier(settings, wr)(SimpleNamespace(job_id=jid, batch_id=batch, spec=parse_job(rec.spec)),
-                                   "succeeded", tr)
-    manifest = _wait(lambda: (out / "plain" / "manifest.jsonl").exists() and (out / "plain" / "manifest.jsonl"),
-                     timeout=15, what="manifest of a batch without webhooks")
-    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
-    assert [(m["custom_id"], m["prompt"], m["url"], m["sidecar_url"]) for m in rows] == [
-        ("line-000001", "a red fox", "s3://images/plain/line-000001.png", "s3://images/plain/line-000001.json"),
-        ("line-000002", "an owl", "s3://images/plain/line-000002.png", "s3://images/plain/line-000002.json")]
-    got = receiver.wait_for(path, 2)  # job.succeeded and batch.completed
-    payloads = {p["type"]: p["data"] for p in (Webhook(NEW).verify(g.body, g.headers) for g in got)}
-    job = payloads["job.succeeded"]
-    assert job["url"] == "http://objects.example.test:9000/images/styled/h1.png"
-    assert job["sidecar_url"] == "http://objects.example.test:9000/images/styled/h1.json"
-    styled_rows = [json.loads(x) for x in (out / "styled" / "manifest.jsonl").read_text().splitlines()]
-    # The webhook worker writes the manifest with its own settings: no S3 endpoint there, so AWS addresses.
-    assert styled_rows[0]["url"] == "https://images.s3.us-east-1.amazonaws.com/styled/h1.png"
-    assert payloads["batch.completed"]["manifest_url"] == f"file://{out}/styled/manifest.jsonl"
