@@ -479,7 +479,8 @@ examples:
   sdfleet webhooks list-failed --json           dead deliveries, one JSON object a line
   sdfleet webhooks replay msg_3f2a... msg_9c1d...  resend those, with the same webhook-id
   sdfleet webhooks replay --all
-  SDFLEET_WEBHOOK_SECRET="whsec_new whsec_old" sdfleet webhook-worker --threads 8
+  SDFLEET_WEBHOOK_SECRET=whsec_new SDFLEET_WEBHOOK_PREVIOUS_SECRETS=whsec_old sdfleet webhook-worker
+                                                rotation window: signed with both, until the old one is removed
 """
 
 
