@@ -61,9 +61,14 @@ def parse_redis_url(url: str) -> str:
         raise ValueError(f"database {unquote(db) or '(none)'!r} is not a number; {example}")
     if parts.fragment:
         raise ValueError(f"has a fragment ('#...'); {example}")
-    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    for name, _ in options:
         if name not in REDIS_URL_OPTIONS:
             raise ValueError(f"unknown option {name!r} (known: {', '.join(sorted(REDIS_URL_OPTIONS))})")
+    if parts.scheme == "rediss" and "ssl_cert_reqs" not in dict(options):
+        # Said out loud so both clients verify: redis-py would use the system CA store, but kombu turns a
+        # rediss:// URL without TLS options into an unverified connection.
+        url += ("&" if parts.query else "?") + "ssl_cert_reqs=required"
     return url
 
 

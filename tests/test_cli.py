@@ -395,3 +395,17 @@ def test_submit_wait_keeps_waiting_and_says_no_worker_is_listening(tmp_path, env
     out, err = proc.communicate(timeout=30)
     assert out.strip() == "w"
     assert "no worker is listening on sdfleet.gen.tiny" in err and "Traceback" not in err, err
+
+
+def test_rediss_urls_verify_in_both_clients():
+    import ssl
+
+    from kombu.utils.url import parse_url
+
+    from sdfleet.settings import Settings
+
+    url = Settings(redis_url="rediss://user:pw@redis.example.test:6380/0").redis_url
+    assert parse_url(url)["ssl"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED  # kombu alone would not verify
+    kept = Settings(redis_url="rediss://h:6380/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=none").redis_url
+    assert kept == "rediss://h:6380/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=none"
+    assert Settings(redis_url="redis://h:6379/0").redis_url == "redis://h:6379/0"
