@@ -32,6 +32,9 @@ from sdfleet.state import JobStore
 RECENT_BATCHES = 200
 #: batches deleted per pass (oldest first)
 DELETE_PER_PASS = 20
+#: job keys given a TTL, and job keys deleted, per pass: ~0.15 s of Redis time each on the 2-core box
+#: (docs/SCALING.md), well inside the sweep lock's 30 s
+JOBS_PER_PASS = 20_000
 JOB_CHUNK = 1000
 
 
@@ -97,45 +100,68 @@ def batch_keys(bid: str) -> list[str]:
     return [keys.batch(bid), keys.batch_jobs(bid), keys.batch_counts(bid), keys.batch_custom_ids(bid)]
 
 
-def mark_expiry(r: redis.Redis, batch_ids: Iterable[str], ttl_s: int, now: float) -> int:
-    """Give each newly completed batch's keys a TTL of ``ttl_s`` from its completion; returns how many."""
+def mark_expiry(r: redis.Redis, batch_ids: Iterable[str], ttl_s: int, now: float,
+                budget: int = JOBS_PER_PASS) -> int:
+    """Give each newly completed batch's keys a TTL of ``ttl_s`` from its completion; returns how many
+    batches were finished. At most ``budget`` job keys per pass: a million-job batch is marked over a few
+    passes (its progress kept in the batch hash), so no pass outlives the sweep lock."""
     marked = 0
     for bid in batch_ids:
-        completed_at, expiry_for = r.hmget(keys.batch(bid), "completed_at", "expiry_for")
+        if budget <= 0:
+            break
+        completed_at, expiry_for, progress = r.hmget(keys.batch(bid), "completed_at", "expiry_for", "expiry_progress")
         if not completed_at or expiry_for == completed_at:
             continue  # open, or marked for this completion already (a reopened batch is marked again)
+        done_for, _, pos_text = (progress or "").partition("|")
+        pos = int(pos_text) if done_for == completed_at and pos_text.isdigit() else 0
         left = max(1, int(float(completed_at) + ttl_s - now))
-        pipe = r.pipeline(transaction=False)
-        for k in batch_keys(bid):
-            pipe.expire(k, left)
-        pipe.execute()
-        for chunk in _chunks(r.lrange(keys.batch_jobs(bid), 0, -1), JOB_CHUNK):
+        ids = r.lrange(keys.batch_jobs(bid), pos, pos + budget - 1)
+        for chunk in _chunks(ids, JOB_CHUNK):
             pipe = r.pipeline(transaction=False)
             for jid in chunk:
                 pipe.expire(keys.job(_text(jid)), left)
             pipe.execute()
+        budget -= len(ids)
+        pos += len(ids)
+        if pos < r.llen(keys.batch_jobs(bid)):
+            r.hset(keys.batch(bid), "expiry_progress", f"{completed_at}|{pos}")
+            continue
+        pipe = r.pipeline(transaction=False)
+        for k in batch_keys(bid):
+            pipe.expire(k, left)
+        pipe.execute()
         # Compare and set: a batch reopened meanwhile keeps its fresh state unmarked.
         r.eval("if redis.call('HGET', KEYS[1], 'completed_at') == ARGV[1] then "
-               "redis.call('HSET', KEYS[1], 'expiry_for', ARGV[1]) end return 0", 1, keys.batch(bid), completed_at)
+               "redis.call('HSET', KEYS[1], 'expiry_for', ARGV[1]) redis.call('HDEL', KEYS[1], 'expiry_progress') "
+               "end return 0", 1, keys.batch(bid), completed_at)
         marked += 1
     return marked
 
 
-def delete_expired(r: redis.Redis, ttl_s: int, now: float, log: Any) -> int:
-    """Delete batches completed more than ``ttl_s`` ago (oldest first, bounded); drop index entries of
-    batches Redis has expired already. Returns how many batches were deleted."""
+def delete_expired(r: redis.Redis, ttl_s: int, now: float, log: Any, budget: int = JOBS_PER_PASS) -> int:
+    """Delete batches completed more than ``ttl_s`` ago (oldest first, at most ``budget`` job keys per pass:
+    a big batch's job list is consumed from its head over several passes); drop index entries of batches
+    Redis has expired already. Returns how many batches were deleted in full."""
     # A batch completes after it is created, so only batches created before now - ttl can be due.
     old = [_text(b) for b in r.zrangebyscore(keys.BATCHES, "-inf", now - ttl_s, start=0, num=DELETE_PER_PASS)]
     deleted = 0
     for bid in old:
+        if budget <= 0:
+            break
         completed_at = r.hget(keys.batch(bid), "completed_at")
         if not r.exists(keys.batch(bid)):
             r.zrem(keys.BATCHES, bid)
             continue
         if not completed_at or float(completed_at) > now - ttl_s:
             continue
-        for chunk in _chunks(r.lrange(keys.batch_jobs(bid), 0, -1), JOB_CHUNK):
+        ids = r.lrange(keys.batch_jobs(bid), 0, budget - 1)
+        for chunk in _chunks(ids, JOB_CHUNK):
             r.unlink(*[keys.job(_text(j)) for j in chunk])
+        budget -= len(ids)
+        if ids:
+            r.ltrim(keys.batch_jobs(bid), len(ids), -1)
+        if r.llen(keys.batch_jobs(bid)):
+            continue  # the rest next pass
         r.unlink(*batch_keys(bid))
         r.zrem(keys.BATCHES, bid)
         log.info("batch state expired", batch_id=bid, completed_at=float(completed_at))

@@ -311,7 +311,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         c = st["counts"]
         state = "complete" if st["complete"] else "in progress"
         print(f"batch {st['batch_id']}: {state}, {st['total']} jobs: " +
-              ", ".join(f"{c[s]} {s}" for s in ("queued", "running", "succeeded", "failed", "cancelled")))
+              ", ".join(f"{c[s]} {s}" for s in ("queued", "running", "storing", "succeeded", "failed", "cancelled")))
     return 0
 
 
@@ -643,6 +643,9 @@ def _add_fleet_parsers(sub: Any) -> None:
     sm.add_argument("--tick-s", type=float, default=15.0, help="seconds between scheduler decisions")
     sm.add_argument("--seed", type=int, default=1)
     sm.add_argument("--json", action="store_true")
+    sm.add_argument("--measure", type=int, metavar="N", default=0,
+                    help="instead: run N jobs through submit, a null-engine worker, webhooks and housekeeping on a "
+                         "private redis-server and print what each costs per job")
 
 
 def _metrics_port(args: argparse.Namespace, settings: Settings) -> int | None:
@@ -703,6 +706,12 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from scheduler.policy import PoolConfig
     from scheduler.simulate import run_simulations
 
+    if args.measure:
+        from scheduler.costs import measure
+
+        print(json.dumps(measure(args.measure, max_batch=args.max_batch, log=lambda m: print(m, file=sys.stderr)),
+                         indent=1))
+        return 0
     if args.jobs < 1:
         raise ConfigError("--jobs must be >= 1")
     config = PoolConfig(min_workers=args.min_workers, max_workers=args.max_workers,

@@ -108,3 +108,24 @@ def test_one_pass_per_interval_across_the_fleet(env, r) -> None:
     assert housekeep(r, JobStore(r), storage, settings, LOG) != {}
     assert housekeep(r, JobStore(r), storage, settings, LOG) == {}, "a second sweeper within the interval skips"
     assert 0 < r.ttl(keys.HOUSEKEEPING_DUE) <= keys.HOUSEKEEPING_INTERVAL_S
+
+
+def test_a_big_batch_is_expired_over_several_bounded_passes(tmp_path, env, r) -> None:
+    from scheduler.housekeeping import delete_expired, mark_expiry
+
+    ids = submit(tmp_path, env, "big", n=25)
+    now = time.time()
+    all_done(r, "big", 25)
+    r.hset(keys.batch("big"), "completed_at", f"{now:.6f}")
+    assert mark_expiry(r, ["big"], 1000, now, budget=10) == 0, "not finished in one pass of 10"
+    assert r.ttl(keys.job(ids[9])) <= 1000 < r.ttl(keys.job(ids[10]))
+    assert mark_expiry(r, ["big"], 1000, now, budget=10) == 0
+    assert mark_expiry(r, ["big"], 1000, now, budget=10) == 1
+    assert all(r.ttl(keys.job(j)) <= 1000 for j in ids) and r.ttl(keys.batch("big")) <= 1000
+    assert mark_expiry(r, ["big"], 1000, now, budget=10) == 0, "marked once"
+    later = now + 5000
+    assert delete_expired(r, 1000, later, LOG, budget=10) == 0
+    assert not r.exists(keys.job(ids[0])) and r.exists(keys.job(ids[10]))
+    assert delete_expired(r, 1000, later, LOG, budget=10) == 0
+    assert delete_expired(r, 1000, later, LOG, budget=10) == 1
+    assert not any(r.exists(keys.job(j)) for j in ids) and not r.exists(keys.batch("big"))
