@@ -350,7 +350,8 @@ def _record(job_id: str, data: dict[str, str]) -> JobRecord:
 # KEYS: 1 lease, 2 staging list, 3 batch hash, 4 batch job list, 5 counts, 6 custom-id map, 7 batch index.
 # ARGV: token, now, record TTL, batch id, batch name, number of meta pairs, then the pairs.
 # Staged records (JSON): j job id, c custom id, s spec (JSON), m mode: 'new' (no record yet), 'requeue'
-# (a failed or cancelled job runs again), 'replace' (a job whose parameters changed; any status but running).
+# (a failed or cancelled job runs again), 'replace' (a job whose parameters changed; not while it is running
+# or storing its objects).
 # Returns {1, added, requeued, skipped, total}, or {0} when the lease is not the caller's (nothing written).
 _COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
@@ -372,7 +373,8 @@ for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
       new_ids[#new_ids + 1] = rec.j
       added = added + 1
     end
-  elseif cur and cur ~= 'running' and (rec.m == 'replace' or cur == 'failed' or cur == 'cancelled') then
+  elseif cur and cur ~= 'running' and cur ~= 'storing' and
+         (rec.m == 'replace' or cur == 'failed' or cur == 'cancelled') then
     redis.call('HSET', jkey, 'status', 'queued', 'spec', rec.s, 'queued_at', now, 'attempts', 0, 'charged', 0,
                'error', '')
     if rec.m == 'replace' then redis.call('HDEL', jkey, 'url', 'sidecar_url') end
