@@ -65,7 +65,7 @@ def describe(st: dict[str, Any], idle_queues: Iterable[str] = ()) -> str:
     text = (f"batch {st['batch_id']}: {c['succeeded']} succeeded, {c['failed']} failed, {c['cancelled']} cancelled "
             f"of {st['total']}")
     if not st["complete"]:
-        text += f"; {c[QUEUED]} still queued, {c[RUNNING]} running"
+        text += f"; {c[QUEUED]} still queued, {c[RUNNING] + c.get('storing', 0)} running"
     idle = sorted(idle_queues)
     if idle and c[QUEUED] and not st["complete"]:
         text += f"; no live worker serves {', '.join(idle)} (start one: sdfleet worker --model <model>)"

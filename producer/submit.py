@@ -46,6 +46,8 @@ CHUNK = 2000
 # The parameters that make a job what it is: a resubmission that changes one of them is a conflict.
 PARAMETERS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "model", "seed")
 SHOWN_CONFLICTS = 20
+# A job in the hands of a worker (running, or storing its objects) cannot be replaced under it.
+IN_FLIGHT = (RUNNING, "storing")
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def _plan(store: JobStore, batch_id: str, specs: Sequence[JobSpec], replace: boo
         changed = changed_parameters(stored, spec)
         if changed and not replace:
             conflicts.append(f"{spec.custom_id} ({', '.join(changed)})")
-        elif changed and status == RUNNING:
+        elif changed and status in IN_FLIGHT:
             conflicts.append(f"{spec.custom_id} (running now; wait for it or cancel the batch first)")
         elif changed:
             plan.run.append((jid, spec.with_seed(), "replace"))
