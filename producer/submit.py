@@ -165,7 +165,7 @@ def submit(
         staged = [StagedJob(jid, spec.custom_id, serialise(spec), mode) for jid, spec, mode in plan.run]
         for i in range(0, len(staged), CHUNK):
             lease.renew()
-            store.stage(batch_id, token, staged[i:i + CHUNK])
+            store.stage(batch_id, token, staged[i:i + CHUNK], lease_s=lease_s)
         for i in range(0, len(staged), CHUNK):
             lease.renew()
             enqueue(app, batch_id, [(x.job_id, x.spec_json, spec.model)

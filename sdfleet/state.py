@@ -297,8 +297,10 @@ class JobStore:
         return bool(self.r.set(keys.submission(batch_id), token, nx=True, px=int(lease_s * 1000)))
 
     def renew_submission(self, batch_id: str, token: str, lease_s: float) -> bool:
-        """Extend our lease; False when it is no longer ours (it expired: this submission must not commit)."""
-        return bool(self._renew(keys=[keys.submission(batch_id)], args=[token, int(lease_s * 1000)]))
+        """Extend our lease (and our staging list with it); False when the lease is no longer ours (it expired:
+        this submission must not commit)."""
+        return bool(self._renew(keys=[keys.submission(batch_id), keys.submission_staging(batch_id, token)],
+                                args=[token, int(lease_s * 1000), int(staging_ttl_s(lease_s) * 1000)]))
 
     def release_submission(self, batch_id: str, token: str) -> None:
         """Give the lease back and drop the staged records (a submission that stopped before its commit)."""
@@ -308,15 +310,19 @@ class JobStore:
     def submission_in_progress(self, batch_id: str) -> bool:
         return bool(self.r.exists(keys.submission(batch_id)))
 
-    def stage(self, batch_id: str, token: str, records: Sequence[StagedJob]) -> None:
-        """Append records to this submission's staging list (invisible to everything until the commit)."""
+    def stage(self, batch_id: str, token: str, records: Sequence[StagedJob], *,
+              lease_s: float = keys.SUBMISSION_STAGING_TTL_S) -> None:
+        """Append records to this submission's staging list (invisible to everything until the commit).
+
+        The list lives a little longer than the lease: a producer killed before its commit leaves it only
+        until then."""
         if not records:
             return
         key = keys.submission_staging(batch_id, token)
         pipe = self.r.pipeline(transaction=False)
         pipe.rpush(key, *[json.dumps({"j": x.job_id, "c": x.custom_id, "s": x.spec_json, "m": x.mode},
                                      separators=(",", ":")) for x in records])
-        pipe.expire(key, keys.SUBMISSION_STAGING_TTL_S)
+        pipe.pexpire(key, int(staging_ttl_s(lease_s) * 1000))
         pipe.execute()
 
     def commit_submission(self, batch_id: str, token: str, *, name: str,
@@ -404,11 +410,18 @@ for k = 3, 6 do redis.call('EXPIRE', KEYS[k], ttl) end
 redis.call('DEL', KEYS[2], KEYS[1])
 return {1, added, requeued, skipped, total}
 """
-# KEYS[1] lease; ARGV token, milliseconds. Extends the lease only if it is still the caller's.
+# KEYS[1] lease, KEYS[2] staging list; ARGV token, lease ms, staging ms. Extends both only if the lease is
+# still the caller's.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
+
+
+def staging_ttl_s(lease_s: float) -> float:
+    """How long a staging list outlives its last renewal: past the lease, so a commit never finds it gone."""
+    return min(2 * lease_s + 30, keys.SUBMISSION_STAGING_TTL_S)
 # KEYS[1] lease, KEYS[2] staging list; ARGV token. Drops the staging list; deletes the lease if it is ours.
 _RELEASE_LEASE = """
 redis.call('DEL', KEYS[2])

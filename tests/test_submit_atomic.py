@@ -19,7 +19,7 @@ import pytest
 from producer.submit import job_id_for
 from sdfleet import keys
 from sdfleet.errors import LeaseLost
-from sdfleet.state import JobStore, StagedJob
+from sdfleet.state import JobStore, StagedJob, staging_ttl_s
 from tests.conftest import ROOT, run_cli
 
 N = 20_000
@@ -78,6 +78,8 @@ def test_sigkill_at_random_points_leaves_all_or_nothing(tmp_path, env, r):
         else:
             assert _recorded(r, batch, N) == 0 and _batch_keys(r, batch) == [], what
             assert messages <= N, what  # published before the kill: they name no job, workers drop them
+            for staging in r.keys(f"sdfleet:batch:{batch}:staging:*"):  # invisible, and gone soon after the lease
+                assert 0 < r.pttl(staging) <= staging_ttl_s(float(LEASE_S)) * 1000, what
         # wait always ends: exit 1 with what is still queued (committed), exit 2 once the lease is gone.
         res = run_cli(["wait", batch, "--timeout", "8"], env, timeout=60)
         assert res.returncode == (1 if committed else 2), (what, res.stderr)
