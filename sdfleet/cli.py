@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "https:// valid for --url-ttl")
     s.add_argument("--url-ttl", type=int, default=7 * 24 * 3600, help="seconds a presigned URL stays valid")
     s.add_argument("--webhook", help="http(s) URL notified when each job and the batch end (default: none)")
-    s.add_argument("--webhook-events", help="comma list of job.succeeded,job.failed,batch.completed "
-                                            "(default: all)")
+    s.add_argument("--webhook-events", help="comma list of job.succeeded,job.failed,job.cancelled,"
+                                            "batch.completed (default: all)")
     s.add_argument("--webhook-secret", help=argparse.SUPPRESS)  # refused with a pointer (secrets stay out of Redis)
     s.add_argument("--skip-invalid", action="store_true", help="submit the valid lines, report the rest")
     s.add_argument("--wait", action="store_true", help="wait for the batch with a progress bar")
