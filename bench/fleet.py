@@ -1,0 +1,570 @@
+"""The whole fleet on one device: a real worker process fed through Redis, against the bare engine.
+
+    python bench/fleet.py --model medium --device cuda:0 --jobs 300       # on the GPU machine
+    python bench/fleet.py --model tiny --device cpu --jobs 24              # anywhere, a few minutes
+
+In order, in one invocation: a private redis-server (from PATH, or Debian's package extracted from ``.deb/``
+by ``.deb/redis-on-device.sh`` where the machine has none); file:// storage on local disk; the model
+directory written by ``sdfleet make-model`` (random weights, kept between calls in --work-dir);
+``sdfleet quantize`` once; then per phase a real ``sdfleet worker`` (FP8 and CUDA graphs captured at boot
+for the mix's shapes on a GPU) fed by ``sdfleet submit`` with a stream of jobs that arrives faster than the
+worker drains it; finally the same batches, with the same compositions, through the bare engine in this
+process, and each fleet image compared with the bare engine's.
+
+Phases: ``fleet`` (the worker as deployed), ``batch1`` (--max-batch 1: what batching is worth) and
+``no-overlap`` (the device-to-host copy and post-processing not overlapped with the next batch: the
+worker's --no-overlap), then ``bare``. --phases picks some (one model per 10-minute device call).
+
+GPU busy fraction: the engine's CUDA events. Each run's ``gpu_s`` is the main stream's span from the start
+of denoising to the end of the VAE decode; their sum over the runs dispatched while jobs were waiting,
+divided by the wall time between the first and the last such dispatch. Gaps between runs (a late host, text
+encoding not hidden behind the previous run, storage back-pressure stalling the engine thread) fall
+outside every span, so they count as idle; the spans of one stream cannot overlap, so nothing counts
+twice. NVML's utilization, sampled at 20 Hz over the same window, is reported beside it as a cross-check.
+
+Writes JSON (--out-json, default bench/results/fleet-<model>-<device>-<date>.json) and a markdown summary
+beside it (.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the issue's mix for SD3.5 (WxH:STEPS:WEIGHT); the tiny model gets the same three keys' shapes scaled down
+MIXES = {"sd35": "1024x1024:28:4,768x1344:28:3,512x512:20:3", "tiny": "384x384:4:4,256x448:4:3,256x256:3:3"}
+PHASES = ("fleet", "batch1", "no-overlap", "bare")
+PROMPTS = ("a lighthouse on a cliff at dusk", "a red fox in fresh snow", "an astronaut riding a horse",
+           "a bowl of ramen, studio light", "a watercolor of a harbor town", "a macro photo of a beetle")
+TIMELINE_KEYS = ("t_dispatch", "t_engine_start", "t_engine_end", "t_d2h_done", "t_encoded", "t_stored", "t_acked")
+
+
+# --- setup ------------------------------------------------------------------------------------------
+
+def start_redis(work: Path):
+    """A private redis-server: from PATH, else Debian's package carried in ``.deb/`` (extracted to /tmp)."""
+    from sdfleet.redisconn import PrivateRedis
+
+    if shutil.which("redis-server") is None and (ROOT / ".deb" / "redis-on-device.sh").is_file():
+        out = subprocess.run(["bash", "-c", 'source .deb/redis-on-device.sh .deb >/dev/null && '
+                              'printf "%s\\n%s\\n" "$PATH" "$LD_LIBRARY_PATH"'], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+        os.environ["PATH"], os.environ["LD_LIBRARY_PATH"] = out[0], out[1] if len(out) > 1 else ""
+    (work / "redis").mkdir(parents=True, exist_ok=True)
+    return PrivateRedis(data_dir=str(work / "redis"))
+
+
+def sdfleet(args: list[str], env: dict[str, str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdfleet.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def checked(proc: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def parse_mix(text: str) -> list[tuple[int, int, int, int]]:
+    mix = []
+    for part in text.split(","):
+        size, steps, weight = part.split(":")
+        w, h = (int(x) for x in size.lower().split("x"))
+        mix.append((w, h, int(steps), int(weight)))
+    return mix
+
+
+def make_jobs(n: int, mix: list[tuple[int, int, int, int]], model: str) -> list[dict[str, Any]]:
+    """``n`` jobs interleaving the mix's keys by weight (so every batch window sees all three), varied seeds."""
+    order = [i for i, (_, _, _, wt) in enumerate(mix) for _ in range(wt)]
+    jobs = []
+    for j in range(n):
+        w, h, steps, _ = mix[order[(j * 7) % len(order)]]
+        jobs.append({"prompt": f"{PROMPTS[j % len(PROMPTS)]}, variation {j}", "width": w, "height": h,
+                     "steps": steps, "guidance_scale": 4.5, "seed": 1000 + 7919 * j % 100003, "model": model,
+                     "custom_id": f"j{j:05d}"})
+    return jobs
+
+
+def worker_flags() -> str:
+    return sdfleet(["worker", "--help"], {**os.environ}, timeout=120).stdout
+
+
+# --- sampling the device ----------------------------------------------------------------------------
+
+class NvmlSampler(threading.Thread):
+    """GPU utilization and the worker's GPU memory at 20 Hz (nothing on a CPU or without NVML)."""
+
+    def __init__(self, device: str):
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, int, int, int]] = []  # (t, util %, device MiB used, pid -> MiB)
+        self.pid: int | None = None
+        self.stop_event = threading.Event()
+        self.handle = None
+        if device.startswith("cuda"):
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                index = int(device.split(":")[1]) if ":" in device else 0
+                self.handle, self.nvml = pynvml.nvmlDeviceGetHandleByIndex(index), pynvml
+            except Exception:
+                self.handle = None
+
+    def run(self) -> None:
+        while self.handle is not None and not self.stop_event.wait(0.05):
+            try:
+                util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+                used = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used // 2**20
+                mine = sum((p.usedGpuMemory or 0) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+                           if p.pid == self.pid) // 2**20
+                self.samples.append((time.time(), util, used, mine))
+            except Exception:
+                pass
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if not self.samples:
+            return {"nvml": None}
+        return {"nvml_util_mean": round(sum(s[1] for s in inside) / len(inside) / 100, 4) if inside else None,
+                "nvml_samples": len(inside),
+                "peak_device_mem_mib": max(s[2] for s in self.samples),
+                "peak_worker_mem_mib": max(s[3] for s in self.samples) or None}
+
+
+# --- one fleet phase --------------------------------------------------------------------------------
+
+def run_phase(name: str, a: argparse.Namespace, ctx: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    import redis
+
+    env, url = ctx["env"], ctx["redis_url"]
+    r = redis.Redis.from_url(url, decode_responses=True)
+    r.flushdb()
+    out_dir = ctx["work"] / f"out-{name}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    timeline = ctx["work"] / f"timeline-{name}.jsonl"
+    timeline.unlink(missing_ok=True)
+    worker_id = f"fleet-bench-{name}"
+    args = ["worker", "--model", str(ctx["model_dir"]), "--device", a.device, "--worker-id", worker_id,
+            "--max-batch", str(a.max_batch), *extra]
+    for w, h, steps, _ in ctx["mix"]:
+        args += ["--warmup", f"{w}x{h}:{steps}"]
+    if a.device.startswith("cuda"):
+        args += ["--precision", "fp8", "--fp8-weights", str(ctx["fp8_dir"])]
+    else:
+        args += ["--precision", "fp32"]
+    if ctx["has_timeline"]:
+        args += ["--timeline", str(timeline)]
+    log_path = ctx["work"] / f"worker-{name}.log"
+    sampler = NvmlSampler(a.device)
+    t_boot = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", *args], env=env, cwd=ROOT,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    sampler.pid = proc.pid
+    sampler.start()
+    hb_key = f"sdfleet:worker:{worker_id}"
+    try:
+        while not r.exists(hb_key):
+            if proc.poll() is not None or time.time() - t_boot > a.boot_timeout:
+                raise SystemExit(f"worker ({name}) did not boot (rc={proc.poll()}):\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.1)
+        boot_s = time.time() - t_boot
+        before = r.hgetall(hb_key)
+        jobs = make_jobs(a.jobs if name == "fleet" else a.ablation_jobs or a.jobs, ctx["mix"], ctx["model_name"])
+        batches = submit_stream(jobs, a.chunks, out_dir, env, name, ctx["work"])
+        t_wait = time.time()
+        from producer.status import batch_status
+        from sdfleet.redisconn import connect
+        from sdfleet.state import JobStore
+
+        store = JobStore(connect(url))
+        done, t_progress = -1, time.time()
+        while True:
+            states = [batch_status(store, b) for b in batches.values()]
+            if all(st["complete"] for st in states):
+                break
+            now_done = sum(st["counts"]["succeeded"] + st["counts"]["failed"] for st in states)
+            if now_done != done:
+                done, t_progress = now_done, time.time()
+            if proc.poll() is not None:
+                raise SystemExit(f"worker ({name}) exited (rc={proc.returncode}):\n{log_path.read_text()[-4000:]}")
+            if time.time() - t_wait > a.stream_timeout or time.time() - t_progress > a.stall_timeout:
+                raise SystemExit(f"phase {name}: {done} of {len(jobs)} jobs done after {time.time() - t_wait:.0f} s "
+                                 f"(none for {time.time() - t_progress:.0f} s); worker log: {log_path}")
+            time.sleep(0.05)
+        t_done = time.time()
+        after = before
+        while time.time() - t_done < 15:  # the first heartbeat after the last job: the counters after the stream
+            hb = r.hgetall(hb_key)
+            if float(hb.get("last_beat", 0)) > t_done:
+                after = hb
+                break
+            time.sleep(0.1)
+        records = {b: {rec.custom_id: rec for rec in store.iter_batch_jobs(b)} for b in batches.values()}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        sampler.stop_event.set()
+    runs = read_timeline(timeline) if timeline.is_file() else []
+    res = summarize(name, jobs, batches, records, out_dir, runs, sampler, before, after)
+    res.update(boot_s=round(boot_s, 2), worker_args=args[1:], worker_exit=proc.returncode,
+               timeline_source="worker --timeline" if runs else "job records (the worker wrote no timeline)")
+    return res
+
+
+def submit_stream(jobs: list[dict], chunks: int, out_dir: Path, env: dict, name: str, work: Path) -> dict[str, str]:
+    """Submit ``jobs`` in ``chunks`` back-to-back ``sdfleet submit`` calls; returns the batch ids."""
+    per = -(-len(jobs) // max(1, chunks))
+    batch_of: dict[str, str] = {}
+    for k in range(0, len(jobs), per):
+        part = jobs[k:k + per]
+        f = work / f"jobs-{name}-{k}.jsonl"
+        f.write_text("".join(json.dumps(j) + "\n" for j in part))
+        proc = checked(sdfleet(["submit", str(f), "--batch", f"{name}-{k}", "--out", f"file://{out_dir}"], env),
+                       "sdfleet submit")
+        batch_id = proc.stdout.strip().splitlines()[0]
+        batch_of.update({j["custom_id"]: batch_id for j in part})
+    return {b: b for b in dict.fromkeys(batch_of.values())}
+
+
+def read_timeline(path: Path) -> list[dict[str, Any]]:
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted(runs, key=lambda x: x.get("t_dispatch") or x.get("t_engine_start") or 0)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def summarize(name: str, jobs: list[dict], batches: dict[str, str], records: dict, out_dir: Path,
+              runs: list[dict], sampler: NvmlSampler, before: dict, after: dict) -> dict[str, Any]:
+    by_id = {j["custom_id"]: j for j in jobs}
+    recs = {cid: rec for per_batch in records.values() for cid, rec in per_batch.items()}
+    side: dict[str, dict] = {}
+    for cid, rec in recs.items():
+        p = out_dir / rec.batch_id / f"{cid}.json"
+        if p.is_file():
+            side[cid] = json.loads(p.read_text())
+    ok = [cid for cid, rec in recs.items() if rec.status == "succeeded"]
+    job_of = {rec.job_id: cid for cid, rec in recs.items()}
+    if not runs:  # no timeline: engine runs from the sidecars, dispatch times from the job records
+        grouped: dict[str, list[str]] = {}
+        for cid, sc in side.items():
+            grouped.setdefault(sc.get("engine_run") or cid, []).append(cid)
+        for run, cids in grouped.items():
+            f = [recs[c].fields for c in cids]
+            gpu = [side[c]["timings"].get("gpu_s") for c in cids]
+            runs.append({"run": run, "size": len(cids), "jobs": [recs[c].job_id for c in cids],
+                         "key": _key(by_id[cids[0]]),
+                         "t_dispatch": min(float(x.get("running_at") or 0) for x in f),
+                         "t_acked": max(float(x.get("succeeded_at") or 0) for x in f),
+                         "gpu_s": sum(gpu) if all(g is not None for g in gpu) else None})
+        runs.sort(key=lambda x: x["t_dispatch"])
+    t_sub = min(float(rec.fields.get("queued_at") or 0) for rec in recs.values())
+    t_first = runs[0].get("t_dispatch") or runs[0].get("t_engine_start")
+    t_last_dispatch = runs[-1].get("t_dispatch") or runs[-1].get("t_engine_start")
+    t_end = max(max(float(rec.fields.get("succeeded_at") or 0) for rec in recs.values()),
+                max((x.get("t_acked") or 0) for x in runs))
+    # Jobs waiting at each dispatch (submitted, not yet in the engine): the window holds only dispatches
+    # made while more work waited, so the GPU had no reason to idle in it.
+    dispatch_of = {}
+    for x in runs:
+        for jid in x.get("jobs", []):
+            dispatch_of[jid] = x.get("t_dispatch") or x.get("t_engine_start")
+    queued = {rec.job_id: float(rec.fields.get("queued_at") or 0) for rec in recs.values()}
+    backlog = [sum(1 for jid, tq in queued.items() if tq <= (x.get("t_dispatch") or 0) < dispatch_of.get(jid, 0))
+               for x in runs]
+    window = [i for i in range(len(runs) - 1) if backlog[i] > 0]
+    busy = None
+    if window:
+        t0 = runs[window[0]].get("t_dispatch")
+        t1 = runs[window[-1] + 1].get("t_dispatch")
+        if all(runs[i].get("gpu_s") is not None for i in window):
+            source, spans = "CUDA events (main stream, denoise start to decode end)", [runs[i]["gpu_s"] for i in window]
+        elif all(runs[i].get("t_engine_start") and runs[i].get("t_engine_end") for i in window):
+            # No CUDA events (CPU): the engine call's host time, which on a CPU is its compute time.
+            source = "engine call host time (no CUDA events)"
+            spans = [runs[i]["t_engine_end"] - runs[i]["t_engine_start"] for i in window]
+        else:
+            source, spans = None, None
+        if spans is not None:
+            busy = {"source": source, "busy_s": round(sum(spans), 3), "wall_s": round(t1 - t0, 3),
+                    "fraction": round(sum(spans) / max(1e-9, t1 - t0), 4), "runs_in_window": len(window),
+                    **sampler.window(t0, t1)}
+    waits = [side[c]["timings"]["queue_wait_s"] for c in side if "queue_wait_s" in side[c].get("timings", {})]
+    sizes = Counter(x.get("size") or len(x.get("jobs", [])) for x in runs)
+    t_ref = t_sub
+    table = []
+    for i, x in enumerate(runs):
+        row = {"run": x.get("run"), "key": x.get("key"), "size": x.get("size"), "backlog": backlog[i],
+               "gpu_s": None if x.get("gpu_s") is None else round(x["gpu_s"], 4)}
+        row.update({k: round(x[k] - t_ref, 4) for k in TIMELINE_KEYS if x.get(k)})
+        table.append(row)
+    # Off the critical path: the engine had started the next run before this one's PNGs were encoded.
+    on_path = [i for i in range(len(runs) - 1) if backlog[i + 1] > 0 and runs[i].get("t_encoded")
+               and (runs[i + 1].get("t_engine_start") or 0) > runs[i]["t_encoded"]]
+    hb_mem = [int(after.get("gpu_mem_used_mib", 0) or 0), int(before.get("gpu_mem_used_mib", 0) or 0)]
+    return {
+        "phase": name, "jobs": len(jobs), "succeeded": len(ok), "failed": len(recs) - len(ok),
+        "engine_runs": len(runs), "images_per_s": round(len(ok) / max(1e-9, t_end - t_first), 4),
+        "images_per_s_from_submit": round(len(ok) / max(1e-9, t_end - t_sub), 4),
+        "wall_s": round(t_end - t_first, 3), "submit_to_first_dispatch_s": round(t_first - t_sub, 3),
+        "gpu_busy": busy, "queue_wait_s": {"p50": _pct(waits, 0.5), "p95": _pct(waits, 0.95), "n": len(waits)},
+        "batch_sizes": dict(sorted(sizes.items())), "last_dispatch_s": round(t_last_dispatch - t_sub, 3),
+        "post_on_critical_path": None if not runs or not runs[0].get("t_encoded") else len(on_path),
+        "compiles": counters(before, after), "heartbeat_peak_device_mem_mib": max(hb_mem) or None,
+        "memory": sampler.window(0, float("inf")), "timeline": table,
+        "_runs": [{"key": x.get("key"), "jobs": [job_of.get(j, j) for j in x.get("jobs", [])]} for x in runs],
+        "_images": {cid: str(out_dir / recs[cid].batch_id / f"{cid}.png") for cid in ok},
+    }
+
+
+def _key(job: dict) -> str:
+    return f"{job['width']}x{job['height']}:{job['steps']}"
+
+
+COUNTERS = ("triton_compiles", "torch_compiles", "graph_captures", "graph_replays", "graph_eager_calls")
+
+
+def counters(before: dict, after: dict) -> dict[str, Any]:
+    """Compile counters from the worker's heartbeats (its engine's describe()): after boot, after the stream."""
+    def val(d: dict, k: str):
+        v = d.get(k)
+        return None if v in (None, "None", "") else int(v)
+
+    out = {k: {"boot": val(before, k), "after_stream": val(after, k)} for k in COUNTERS}
+    for v in out.values():
+        v["during_stream"] = (None if v["boot"] is None or v["after_stream"] is None
+                              else v["after_stream"] - v["boot"])
+    return out
+
+
+# --- the bare engine --------------------------------------------------------------------------------
+
+def run_bare(a: argparse.Namespace, ctx: dict[str, Any], fleet: dict[str, Any], jobs: list[dict]) -> dict[str, Any]:
+    """The fleet phase's engine runs, same compositions and order, through DiffusersEngine back to back."""
+    import numpy as np
+    from PIL import Image
+
+    from sdfleet.jobs import BatchKey
+    from worker.engine.base import GenerationRequest
+    from worker.engine.diffusers_engine import DiffusersEngine, EngineOptions
+
+    cuda = a.device.startswith("cuda")
+    t0 = time.time()
+    engine = DiffusersEngine(EngineOptions(model=str(ctx["model_dir"]), device="cuda:0" if cuda else "cpu",
+                                           precision="fp8" if cuda else "fp32",
+                                           fp8_weights=str(ctx["fp8_dir"]) if cuda else None))
+    if cuda:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", a.device.split(":")[1] if ":" in a.device else "0")
+    engine.load()
+    keys = {(w, h, s): BatchKey(engine.model_name, w, h, s, 4.5) for w, h, s, _ in ctx["mix"]}
+    engine.warmup(list(keys.values()))
+    boot_s = time.time() - t0
+    by_id = {j["custom_id"]: j for j in jobs}
+    plan = []
+    for x in fleet["_runs"]:
+        specs = [by_id[c] for c in x["jobs"] if c in by_id]
+        if specs:
+            s0 = specs[0]
+            plan.append((keys[(s0["width"], s0["height"], s0["steps"])],
+                         [GenerationRequest(s["custom_id"], s["prompt"], "", s["seed"]) for s in specs]))
+    before = engine.compile_counters()
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    images: dict[str, np.ndarray] = {}
+    gpu_s = 0.0
+    t_start = time.time()
+    pending = None
+
+    def collect(item):
+        nonlocal gpu_s
+        reqs, res = item
+        res.wait()
+        gpu_s += res.timings.get("gpu_s", 0.0)
+        images.update({r.job_id: img for r, img in zip(reqs, res.images)})
+
+    # As the worker runs them: the next batch is queued before the previous one's copy is waited for.
+    for key, reqs in plan:
+        res = engine.generate(key, reqs)
+        if pending is not None:
+            collect(pending)
+        pending = (reqs, res)
+    if pending is not None:
+        collect(pending)
+    wall = time.time() - t_start
+    after = engine.compile_counters()
+    diffs = {}
+    for cid, png in fleet["_images"].items():
+        if cid in images:
+            mine = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+            diffs[cid] = int(np.abs(mine - images[cid].astype(np.int16)).max())
+    peak = None
+    if cuda:
+        import torch
+
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    engine.close()
+    return {"phase": "bare", "images": len(images), "engine_runs": len(plan), "wall_s": round(wall, 3),
+            "images_per_s": round(len(images) / max(1e-9, wall), 4), "boot_s": round(boot_s, 2),
+            "gpu_busy": round(gpu_s / wall, 4) if cuda else None, "peak_allocated_gib": peak,
+            "compiles": {k: {"before": before.get(k), "after": after.get(k)} for k in before},
+            "equality": {"compared": len(diffs), "max_pixel_diff": max(diffs.values()) if diffs else None,
+                         "over_1": sorted(c for c, d in diffs.items() if d > 1)[:20]}}
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def markdown(out: dict[str, Any]) -> str:
+    lines = [f"# Fleet bench: {out['model']} on {out['device_name']} ({out['date']})", "",
+             f"`{out['command']}`", "", "| phase | images/s | GPU busy (events) | NVML util | wait p50 / p95 s | "
+             "batch sizes | peak worker MiB | compiles during stream |", "|---|---|---|---|---|---|---|---|"]
+    for name, p in out["phases"].items():
+        if name == "bare":
+            continue
+        b = p.get("gpu_busy") or {}
+        comp = {k: v["during_stream"] for k, v in p["compiles"].items() if v["during_stream"]}
+        lines.append(f"| {name} | {p['images_per_s']} | {b.get('fraction')} | {b.get('nvml_util_mean')} | "
+                     f"{p['queue_wait_s']['p50']} / {p['queue_wait_s']['p95']} | {p['batch_sizes']} | "
+                     f"{(p.get('memory') or {}).get('peak_worker_mem_mib')} | {comp or 'none'} |")
+    for name, why in out.get("skipped", {}).items():
+        lines.append(f"| {name} | skipped: {why} | | | | | | |")
+    bare = out["phases"].get("bare")
+    if bare:
+        lines += ["", f"Bare engine, same runs: {bare['images_per_s']} images/s (GPU busy {bare['gpu_busy']}); "
+                  f"fleet/bare = {out.get('fleet_over_bare')}; image equality: {bare['equality']}"]
+    fleet = out["phases"].get("fleet")
+    if fleet:
+        lines += ["", f"Timeline of the fleet phase (seconds from the first submission; {fleet['timeline_source']}):",
+                  "", "| run | key | size | backlog | gpu_s | " + " | ".join(TIMELINE_KEYS) + " |",
+                  "|" + "---|" * (5 + len(TIMELINE_KEYS))]
+        for row in fleet["timeline"][:40]:
+            lines.append(f"| {row['run']} | {row['key']} | {row['size']} | {row['backlog']} | {row['gpu_s']} | "
+                         + " | ".join(str(row.get(k, "")) for k in TIMELINE_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="medium", choices=["tiny", "medium", "large"])
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--jobs", type=int, default=300)
+    ap.add_argument("--ablation-jobs", type=int, default=None, help="jobs per ablation phase (default --jobs)")
+    ap.add_argument("--max-batch", type=int, default=4)
+    ap.add_argument("--mix", default=None, help="WxH:STEPS:WEIGHT,... (default: the issue's mix; scaled for tiny)")
+    ap.add_argument("--chunks", type=int, default=4, help="sdfleet submit calls the stream is split into")
+    ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument("--work-dir", default="/tmp/sdfleet-fleet-bench",
+                    help="local disk: model directory (kept between calls), FP8 weights, outputs, logs")
+    ap.add_argument("--out-json", default=None)
+    ap.add_argument("--boot-timeout", type=float, default=400)
+    ap.add_argument("--stream-timeout", type=float, default=540)
+    ap.add_argument("--stall-timeout", type=float, default=180, help="give up when no job ends for this long")
+    a = ap.parse_args()
+    phases = [p.strip() for p in a.phases.split(",") if p.strip()]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown or not phases:
+        ap.error(f"--phases: unknown {unknown}; choose from {','.join(PHASES)}")
+    if "bare" in phases and "fleet" not in phases:
+        ap.error("--phases: bare replays the fleet phase's runs; include fleet")
+    cuda = a.device.startswith("cuda")
+    work = Path(a.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    date = time.strftime("%Y-%m-%d")
+    out_json = Path(a.out_json or ROOT / "bench" / "results" / f"fleet-{a.model}-{a.device.split(':')[0]}-{date}.json")
+    t_all = time.time()
+    redis_srv = start_redis(work)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}
+    env.update(REDIS_URL=redis_srv.url, SDFLEET_LOG_FORMAT="json", SDFLEET_CACHE_DIR=str(work / "cache"),
+               PYTHONUNBUFFERED="1")
+    model_name = f"sd3.5-{a.model}-random" if a.model != "tiny" else "tiny-random"
+    model_dir, fp8_dir = work / "models" / model_name, work / "models" / f"{model_name}-fp8"
+    steps: dict[str, Any] = {}
+    t = time.time()
+    made = checked(sdfleet(["make-model", a.model, str(model_dir), "--device", "cuda" if cuda else "cpu"], env,
+                           timeout=900), "sdfleet make-model")
+    steps["make_model"] = {"s": round(time.time() - t, 2), "kept": json.loads(made.stdout).get("kept")}
+    t = time.time()
+    checked(sdfleet(["quantize", str(model_dir), str(fp8_dir), "--device", "cuda" if cuda else "cpu"], env,
+                    timeout=900), "sdfleet quantize")
+    steps["quantize_s"] = round(time.time() - t, 2)
+    helptext = worker_flags()
+    mix = parse_mix(a.mix or MIXES["tiny" if a.model == "tiny" else "sd35"])
+    ctx = {"env": env, "redis_url": redis_srv.url, "work": work, "model_dir": model_dir, "fp8_dir": fp8_dir,
+           "mix": mix, "model_name": model_name, "has_timeline": "--timeline" in helptext}
+    device_name = "cpu"
+    if cuda:
+        import torch
+
+        device_name = torch.cuda.get_device_name(int(a.device.split(":")[1]) if ":" in a.device else 0)
+    out: dict[str, Any] = {
+        "bench": "fleet", "model": a.model, "device": a.device, "device_name": device_name, "date": date,
+        "command": "python bench/fleet.py " + " ".join(sys.argv[1:]), "jobs": a.jobs, "max_batch": a.max_batch,
+        "mix": [{"width": w, "height": h, "steps": s, "weight": wt} for w, h, s, wt in mix], "chunks": a.chunks,
+        "setup": steps, "phases": {}, "skipped": {}}
+    fleet_jobs = make_jobs(a.jobs, mix, model_name)
+    try:
+        for name in phases:
+            if name == "bare":
+                continue
+            extra = {"fleet": [], "batch1": ["--max-batch", "1"], "no-overlap": ["--no-overlap"]}[name]
+            if name == "no-overlap" and "--no-overlap" not in helptext:
+                out["skipped"][name] = "this worker has no --no-overlap switch"
+                continue
+            if name == "batch1":
+                extra = []
+                saved, a.max_batch = a.max_batch, 1
+            print(f"phase {name} ...", file=sys.stderr, flush=True)
+            try:
+                out["phases"][name] = run_phase(name, a, ctx, extra)
+            finally:
+                if name == "batch1":
+                    a.max_batch = saved
+        if "bare" in phases:
+            print("phase bare ...", file=sys.stderr, flush=True)
+            out["phases"]["bare"] = run_bare(a, ctx, out["phases"]["fleet"], fleet_jobs)
+    finally:
+        redis_srv.stop()
+    fleet, bare = out["phases"].get("fleet"), out["phases"].get("bare")
+    if fleet and bare:
+        out["fleet_over_bare"] = round(fleet["images_per_s"] / max(1e-9, bare["images_per_s"]), 4)
+    for p in out["phases"].values():
+        p.pop("_runs", None)
+        p.pop("_images", None)
+    out["total_s"] = round(time.time() - t_all, 1)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(out, indent=1) + "\n")
+    out_json.with_suffix(".md").write_text(markdown(out))
+    print(markdown(out))
+    print(f"wrote {out_json} and {out_json.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
