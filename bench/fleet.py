@@ -375,11 +375,10 @@ def run_bare(a: argparse.Namespace, ctx: dict[str, Any], fleet: dict[str, Any], 
 
     cuda = a.device.startswith("cuda")
     t0 = time.time()
-    engine = DiffusersEngine(EngineOptions(model=str(ctx["model_dir"]), device="cuda:0" if cuda else "cpu",
+    # The worker's engine options, as its CLI builds them for this device (FP8 weights from the same file).
+    engine = DiffusersEngine(EngineOptions(model=str(ctx["model_dir"]), device=a.device,
                                            precision="fp8" if cuda else "fp32",
                                            fp8_weights=str(ctx["fp8_dir"]) if cuda else None))
-    if cuda:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", a.device.split(":")[1] if ":" in a.device else "0")
     engine.load()
     keys = {(w, h, s): BatchKey(engine.model_name, w, h, s, 4.5) for w, h, s, _ in ctx["mix"]}
     engine.warmup(list(keys.values()))
@@ -396,8 +395,8 @@ def run_bare(a: argparse.Namespace, ctx: dict[str, Any], fleet: dict[str, Any], 
     if cuda:
         import torch
 
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(a.device)
+        torch.cuda.reset_peak_memory_stats(a.device)
     images: dict[str, np.ndarray] = {}
     gpu_s = 0.0
     t_start = time.time()
@@ -429,7 +428,7 @@ def run_bare(a: argparse.Namespace, ctx: dict[str, Any], fleet: dict[str, Any], 
     if cuda:
         import torch
 
-        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peak = round(torch.cuda.max_memory_allocated(a.device) / 2**30, 2)
     engine.close()
     return {"phase": "bare", "images": len(images), "engine_runs": len(plan), "wall_s": round(wall, 3),
             "images_per_s": round(len(images) / max(1e-9, wall), 4), "boot_s": round(boot_s, 2),
