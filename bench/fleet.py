@@ -505,6 +505,14 @@ def main() -> int:
     model_name = f"sd3.5-{a.model}-random" if a.model != "tiny" else "tiny-random"
     model_dir, fp8_dir = work / "models" / model_name, work / "models" / f"{model_name}-fp8"
     steps: dict[str, Any] = {}
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device {a.device}: no CUDA device here; use --device cpu")
+    for other in (work / "models").glob("*"):
+        if other.is_dir() and other.name not in (model_dir.name, fp8_dir.name):
+            shutil.rmtree(other)  # one model's directory at a time: Large alone is 27 GB of the device's disk
     t = time.time()
     made = checked(sdfleet(["make-model", a.model, str(model_dir), "--device", "cuda" if cuda else "cpu"], env,
                            timeout=900), "sdfleet make-model")
@@ -528,6 +536,18 @@ def main() -> int:
         "mix": [{"width": w, "height": h, "steps": s, "weight": wt} for w, h, s, wt in mix], "chunks": a.chunks,
         "setup": steps, "phases": {}, "skipped": {}}
     fleet_jobs = make_jobs(a.jobs, mix, model_name)
+
+    def write(complete: bool) -> None:
+        # After every phase too: a call cut short by its time limit still leaves the phases it finished.
+        fleet, bare = out["phases"].get("fleet"), out["phases"].get("bare")
+        if fleet and bare:
+            out["fleet_over_bare"] = round(fleet["images_per_s"] / max(1e-9, bare["images_per_s"]), 4)
+        doc = {**out, "complete": complete, "total_s": round(time.time() - t_all, 1),
+               "phases": {k: {f: v for f, v in p.items() if not f.startswith("_")} for k, p in out["phases"].items()}}
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(doc, indent=1) + "\n")
+        out_json.with_suffix(".md").write_text(markdown(doc))
+
     try:
         for name in phases:
             if name == "bare":
@@ -545,22 +565,14 @@ def main() -> int:
             finally:
                 if name == "batch1":
                     a.max_batch = saved
+            write(False)
         if "bare" in phases:
             print("phase bare ...", file=sys.stderr, flush=True)
             out["phases"]["bare"] = run_bare(a, ctx, out["phases"]["fleet"], fleet_jobs)
     finally:
         redis_srv.stop()
-    fleet, bare = out["phases"].get("fleet"), out["phases"].get("bare")
-    if fleet and bare:
-        out["fleet_over_bare"] = round(fleet["images_per_s"] / max(1e-9, bare["images_per_s"]), 4)
-    for p in out["phases"].values():
-        p.pop("_runs", None)
-        p.pop("_images", None)
-    out["total_s"] = round(time.time() - t_all, 1)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(out, indent=1) + "\n")
-    out_json.with_suffix(".md").write_text(markdown(out))
-    print(markdown(out))
+    write(True)
+    print(out_json.with_suffix(".md").read_text())
     print(f"wrote {out_json} and {out_json.with_suffix('.md')}", file=sys.stderr)
     return 0
 
