@@ -118,3 +118,14 @@ def test_triton_counter_without_triton(monkeypatch):
     monkeypatch.setattr(compiles, "_installed", None)
     assert compiles.install_triton_counter() is False
     assert compiles.triton_compiles() is None
+
+
+def test_pipeline_loads_without_the_transformer_it_will_replace(cache_dir, monkeypatch):
+    """With --fp8-weights the BF16 transformer is never read (the FP8 one from the file takes its place)."""
+    from worker.engine.models import load_pipeline, resolve_model
+
+    monkeypatch.setenv("SDFLEET_CACHE_DIR", str(cache_dir))
+    _, path = resolve_model("tiny")
+    pipe = load_pipeline(path, torch.float32, "cpu", without=("transformer",))
+    assert pipe.transformer is None
+    assert pipe.text_encoder_3 is not None and pipe.vae is not None and pipe.vae_scale_factor == 8

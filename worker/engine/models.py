@@ -128,9 +128,10 @@ def resolve_model(model: str) -> tuple[str, Path]:
     return path.name, path
 
 
-def load_pipeline(path: Path, dtype: torch.dtype, device: str):
+def load_pipeline(path: Path, dtype: torch.dtype, device: str, without: tuple[str, ...] = ()):
+    """The pipeline from a diffusers directory; components named in ``without`` are not read (left None)."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, **{name: None for name in without})
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
