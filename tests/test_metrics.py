@@ -152,3 +152,63 @@ def test_scheduler_metrics_and_json_routes() -> None:
         scrape(server.port, "/scale")
     assert err.value.code == 404
     server.close()
+
+
+# --- the real processes -------------------------------------------------------------------------------
+
+def _wait_scrape(port: int, ok, timeout: float = 60.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    last: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            last = samples(scrape(port))
+            if ok(last):
+                return last
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"/metrics on {port} never satisfied the check; last: {sorted(last)[:40]}")
+
+
+def test_a_worker_process_serves_its_metrics(tmp_path, env, start_worker) -> None:
+    from sdfleet.redisconn import free_port
+    from tests.conftest import run_cli
+
+    port = free_port()
+    w = start_worker("--metrics-port", str(port), "--max-batch", "4", model="null")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"prompt": f"p{i}", "model": "null", "width": 256, "height": 256,
+                                        "steps": 3}) + "\n" for i in range(12)))
+    assert run_cli(["submit", str(jobs), "--batch", "m", "--wait"], env, timeout=120).returncode == 0, w.log()[-3000:]
+    p = _wait_scrape(port, lambda s: any(n == "sdfleet_jobs_total" and ("outcome", "succeeded") in ls and v == 12
+                                         for (n, ls), v in s.items()))
+    assert value(p, "sdfleet_jobs_total", outcome="succeeded", worker=w.worker_id, pool="null") == 12
+    assert value(p, "sdfleet_images_total", worker=w.worker_id) == 12
+    assert value(p, "sdfleet_batch_size_sum", worker=w.worker_id) == 12
+    assert value(p, "sdfleet_batch_size_count", worker=w.worker_id) >= 3, "at most 4 jobs per engine run"
+    assert value(p, "sdfleet_step_seconds_count", worker=w.worker_id) >= 3
+    assert value(p, "sdfleet_worker_state", sdfleet_worker_state="booting") == 0, "booted"
+    assert not any(n.startswith("sdfleet_gpu_") for n, _ in p), "a CPU worker has no GPU samples"
+
+
+def test_the_webhook_worker_serves_its_metrics(env, r) -> None:
+    import subprocess
+    import sys
+
+    from sdfleet import keys
+    from sdfleet.redisconn import free_port
+    from tests.conftest import ROOT
+
+    port = free_port()
+    r.rpush(keys.WEBHOOK_DEAD, json.dumps({"id": "msg_1"}), json.dumps({"id": "msg_2"}))
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "webhook-worker", "--metrics-port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        p = _wait_scrape(port, lambda s: ("sdfleet_webhook_dead_letters", ()) in s)
+        assert p[("sdfleet_webhook_dead_letters", ())] == 2
+        assert value(p, "sdfleet_webhook_deliveries_total", outcome="delivered") == 0
+    finally:
+        proc.terminate()
+        proc.wait(60)
