@@ -149,8 +149,11 @@ class NvmlSampler(threading.Thread):
 
 # --- one fleet phase --------------------------------------------------------------------------------
 
-def run_phase(name: str, a: argparse.Namespace, ctx: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+def run_phase(name: str, a: argparse.Namespace, ctx: dict[str, Any], max_batch: int,
+              extra: list[str]) -> dict[str, Any]:
     import redis
+
+    from sdfleet import keys
 
     env, url = ctx["env"], ctx["redis_url"]
     r = redis.Redis.from_url(url, decode_responses=True)
@@ -161,7 +164,7 @@ def run_phase(name: str, a: argparse.Namespace, ctx: dict[str, Any], extra: list
     timeline.unlink(missing_ok=True)
     worker_id = f"fleet-bench-{name}"
     args = ["worker", "--model", str(ctx["model_dir"]), "--device", a.device, "--worker-id", worker_id,
-            "--max-batch", str(a.max_batch), *extra]
+            "--max-batch", str(max_batch), *extra]
     for w, h, steps, _ in ctx["mix"]:
         args += ["--warmup", f"{w}x{h}:{steps}"]
     if a.device.startswith("cuda"):
@@ -177,7 +180,7 @@ def run_phase(name: str, a: argparse.Namespace, ctx: dict[str, Any], extra: list
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     sampler.pid = proc.pid
     sampler.start()
-    hb_key = f"sdfleet:worker:{worker_id}"
+    hb_key = keys.worker(worker_id)
     try:
         while not r.exists(hb_key):
             if proc.poll() is not None or time.time() - t_boot > a.boot_timeout:
@@ -482,6 +485,10 @@ def main() -> int:
     ap.add_argument("--work-dir", default="/tmp/sdfleet-fleet-bench",
                     help="local disk: model directory (kept between calls), FP8 weights, outputs, logs")
     ap.add_argument("--out-json", default=None)
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="write the model directory and its FP8 weights into --work-dir, then stop (a later call "
+                         "on the same machine keeps both)")
+    ap.add_argument("--requantize", action="store_true", help="quantize again even if --work-dir holds FP8 weights")
     ap.add_argument("--boot-timeout", type=float, default=400)
     ap.add_argument("--stream-timeout", type=float, default=540)
     ap.add_argument("--stall-timeout", type=float, default=180, help="give up when no job ends for this long")
@@ -518,9 +525,16 @@ def main() -> int:
                            timeout=900), "sdfleet make-model")
     steps["make_model"] = {"s": round(time.time() - t, 2), "kept": json.loads(made.stdout).get("kept")}
     t = time.time()
-    checked(sdfleet(["quantize", str(model_dir), str(fp8_dir), "--device", "cuda" if cuda else "cpu"], env,
-                    timeout=900), "sdfleet quantize")
-    steps["quantize_s"] = round(time.time() - t, 2)
+    if steps["make_model"]["kept"] and (fp8_dir / "fp8_transformer.json").is_file() and not a.requantize:
+        steps["quantize"] = "kept from an earlier call on these weights"
+    else:
+        checked(sdfleet(["quantize", str(model_dir), str(fp8_dir), "--device", "cuda" if cuda else "cpu"], env,
+                        timeout=900), "sdfleet quantize")
+        steps["quantize_s"] = round(time.time() - t, 2)
+    if a.prepare_only:
+        redis_srv.stop()
+        print(json.dumps(steps))
+        return 0
     helptext = worker_flags()
     mix = parse_mix(a.mix or MIXES["tiny" if a.model == "tiny" else "sd35"])
     ctx = {"env": env, "redis_url": redis_srv.url, "work": work, "model_dir": model_dir, "fp8_dir": fp8_dir,
@@ -552,19 +566,12 @@ def main() -> int:
         for name in phases:
             if name == "bare":
                 continue
-            extra = {"fleet": [], "batch1": ["--max-batch", "1"], "no-overlap": ["--no-overlap"]}[name]
             if name == "no-overlap" and "--no-overlap" not in helptext:
                 out["skipped"][name] = "this worker has no --no-overlap switch"
                 continue
-            if name == "batch1":
-                extra = []
-                saved, a.max_batch = a.max_batch, 1
             print(f"phase {name} ...", file=sys.stderr, flush=True)
-            try:
-                out["phases"][name] = run_phase(name, a, ctx, extra)
-            finally:
-                if name == "batch1":
-                    a.max_batch = saved
+            out["phases"][name] = run_phase(name, a, ctx, 1 if name == "batch1" else a.max_batch,
+                                            ["--no-overlap"] if name == "no-overlap" else [])
             write(False)
         if "bare" in phases:
             print("phase bare ...", file=sys.stderr, flush=True)

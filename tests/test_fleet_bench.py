@@ -64,3 +64,19 @@ def test_timeline_waits_busy_fraction_and_counters(report):
     assert report["phases"]["batch1"]["batch_sizes"] == {"1": JOBS}
     assert "no-overlap" in report["phases"] or "no-overlap" in report["skipped"]
     assert "fleet/bare" in report["_markdown"] and "| fleet |" in report["_markdown"]
+
+
+def test_prepare_only_writes_the_model_once_and_quantizes_once(tmp_path):
+    cmd = [sys.executable, "bench/fleet.py", "--model", "tiny", "--device", "cpu", "--work-dir", str(tmp_path),
+           "--prepare-only"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    steps = json.loads(first.stdout.strip().splitlines()[-1])
+    assert steps["make_model"]["kept"] is False and "quantize_s" in steps
+    models = tmp_path / "models"
+    assert (models / "tiny-random" / "model_index.json").is_file()
+    assert (models / "tiny-random-fp8" / "fp8_transformer.json").is_file()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = json.loads(again.stdout.strip().splitlines()[-1])
+    assert steps["make_model"]["kept"] is True and steps["quantize"].startswith("kept")
