@@ -311,7 +311,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         c = st["counts"]
         state = "complete" if st["complete"] else "in progress"
         print(f"batch {st['batch_id']}: {state}, {st['total']} jobs: " +
-              ", ".join(f"{c[s]} {s}" for s in ("queued", "running", "succeeded", "failed", "cancelled")))
+              ", ".join(f"{c[s]} {s}" for s in ("queued", "running", "storing", "succeeded", "failed", "cancelled")))
     return 0
 
 

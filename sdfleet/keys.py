@@ -47,6 +47,12 @@ def worker_held(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}:held"
 
 
+def worker_reclaimed(worker_id: str) -> str:
+    """Set (with a TTL) by the sweep that handed a dead worker's jobs back: that worker, if it was only stalled
+    and comes back, must not go on as if it still held them."""
+    return f"{PREFIX}:worker:{worker_id}:reclaimed"
+
+
 WORKERS = f"{PREFIX}:workers"  # set of worker ids ever seen (the janitor walks it)
 
 WEBHOOK_DEAD = f"{PREFIX}:webhooks:dead"  # list of failed deliveries (JSON)

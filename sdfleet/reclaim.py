@@ -24,7 +24,7 @@ import redis
 
 from sdfleet import broker, keys
 from sdfleet.jobs import parse_job
-from sdfleet.state import QUEUED, RUNNING, JobStore
+from sdfleet.state import QUEUED, RUNNING, STORING, JobStore
 
 
 def held(r: redis.Redis, worker_id: str) -> dict[str, str]:
@@ -116,6 +116,7 @@ class Sweeper:
         from producer.submit import enqueue
 
         entries = held(self.r, worker_id)
+        self.r.set(keys.worker_reclaimed(worker_id), f"{time.time():.3f}", ex=3600)
         restored = reenqueued = 0
         for job_id, tag in sorted(entries.items()):
             if self.r.exists(keys.worker(worker_id)):
@@ -125,7 +126,7 @@ class Sweeper:
                 continue
             # No message left (acknowledged, or restored already by kombu); a job not ended needs one.
             rec = self.store.job(job_id)
-            if rec is not None and rec.status in (QUEUED, RUNNING) and rec.fields.get("worker") in (worker_id, None, ""):
+            if rec is not None and rec.status in (QUEUED, RUNNING, STORING) and rec.fields.get("worker") in (worker_id, None, ""):
                 enqueue(self.app, rec.batch_id, [(job_id, parse_job(rec.spec))])
                 reenqueued += 1
         if entries:

@@ -3,7 +3,8 @@
 Every status change goes through one Lua script, so two workers (a redelivered message, a reclaimed
 job) can never both record an outcome, and the per-batch counters always add up to the batch total.
 
-Statuses: queued -> running -> succeeded | failed; queued -> cancelled; failed | cancelled -> queued
+Statuses: queued -> running -> storing -> succeeded; queued | running -> failed; queued -> cancelled;
+failed | cancelled -> queued
 (resubmission). ``running -> running`` is a restart after a crash and counts an attempt.
 """
 
@@ -21,7 +22,10 @@ from sdfleet import keys
 from sdfleet.errors import BatchNotFound, LeaseLost
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+# running -> storing: an engine run has stored the job's objects under its own staged names and won the job;
+# whoever finishes promoting those objects records storing -> succeeded (see worker.postprocess).
+STORING = "storing"
+STATUSES = (QUEUED, RUNNING, STORING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 # The same transition for each job in KEYS. ARGV: new status, allowed-from (comma list), now, max attempts
@@ -248,15 +252,6 @@ class JobStore:
         if not job_ids:
             return 0
         return int(self._release(keys=[keys.job(j) for j in job_ids], args=[worker_id]))
-
-    def mark_promoted(self, job_ids: Sequence[str]) -> None:
-        """Note that the recorded run's staged objects are now the jobs' objects (see worker.postprocess)."""
-        if not job_ids:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for j in job_ids:
-            pipe.hset(keys.job(j), "promoted", "1")
-        pipe.execute()
 
     # --- reads -----------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ class Clock:
 
 def d(clock, n, width=512, steps=4):
     spec = parse_job({"prompt": f"p{n}", "width": width, "height": 512, "steps": steps, "seed": n})
-    return Delivery(f"j{n}", "b", spec, clock(), ack=lambda: None, reject=lambda requeue: None)
+    return Delivery(f"j{n}", "b", spec, clock())
 
 
 def test_full_group_flushes_immediately_and_keys_never_mix():

@@ -99,7 +99,7 @@ def _sigkill_mid_batch(tmp_path, env, r, start_worker, receiver, secret, hooks):
     a.stop(signal.SIGKILL)
     start_worker("--max-batch", "4", model="null", env_extra=hooks)
     wait_until(lambda: counts(r, "kill").get("succeeded", 0) == 24, 60, "all jobs to succeed")
-    assert counts(r, "kill") == {"queued": 0, "running": 0, "succeeded": 24}
+    assert {k: v for k, v in counts(r, "kill").items() if v} == {"succeeded": 24}
     # (manifest.jsonl is written by the webhook worker once the batch has completed)
     expected = sorted(f"p{i}{ext}" for i in range(24) for ext in (".json", ".png"))
     assert [o for o in objects(env, "kill") if o != "manifest.jsonl"] == expected
@@ -143,7 +143,7 @@ def test_poison_job_fails_after_killing_three_workers(tmp_path, env, r, start_wo
             break  # this worker survived: the poison job no longer reaches it
     assert deaths == 3
     wait_until(lambda: counts(r, "poison").get("succeeded", 0) == 3 and counts(r, "poison").get("failed") == 1,
-               30, "the batch to end")
+               30, f"the batch to end ({counts(r, 'poison')}, {[r.hgetall('sdfleet:job:' + j) for j in r.lrange('sdfleet:batch:poison:jobs', 0, -1)]} q={r.lrange('sdfleet.gen.null', 0, -1)} unacked={r.hkeys('unacked')} held={[(k, r.hgetall(k)) for k in r.keys('sdfleet:worker:*:held')]} marks={r.keys('sdfleet:worker:*')})")
     bad = r.hget("sdfleet:batch:poison:custom", "bad")
     rec = r.hgetall(f"sdfleet:job:{bad}")
     assert rec["status"] == "failed" and "poison" in rec["error"] and "3 times" in rec["error"]
@@ -190,7 +190,7 @@ def test_redis_restart_mid_run_loses_nothing(tmp_path, env, start_worker, janito
         server = PrivateRedis(appendonly=True, port=port, data_dir=str(data))
         wait_until(lambda: counts(rr, "rr").get("succeeded", 0) == 40, 120, "all jobs after the restart")
         assert w.proc.poll() is None, "the worker survived the restart"
-        assert counts(rr, "rr") == {"queued": 0, "running": 0, "succeeded": 40}
+        assert {k: v for k, v in counts(rr, "rr").items() if v} == {"succeeded": 40}
         assert objects(e, "rr") == sorted(f"p{i}{ext}" for i in range(40) for ext in (".json", ".png"))
         # A producer reconnects too.
         g = jsonl(tmp_path, null_jobs(2, prefix="after"), "after.jsonl")

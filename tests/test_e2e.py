@@ -109,11 +109,13 @@ def test_malformed_messages_fail_only_their_job(tmp_path, env, r, start_worker):
     app = make_app(Settings(redis_url=env["REDIS_URL"]))
     app.send_task(GENERATE_TASK, kwargs={"job_id": victim, "batch_id": "mal", "spec": {"prompt": "x", "width": 7}},
                   queue="sdfleet.gen.null")
-    app.send_task(GENERATE_TASK, kwargs={"job_id": "nope", "batch_id": "mal", "spec": {"prompt": "x"}},
+    app.send_task(GENERATE_TASK, kwargs={"job_id": "nope", "batch_id": "mal", "spec": {"prompt": "x", "model": "null"}},
+                  queue="sdfleet.gen.null")
+    # A forged message for a model this worker does not serve is refused, never run.
+    app.send_task(GENERATE_TASK, kwargs={"job_id": victim, "batch_id": "mal", "spec": {"prompt": "x", "model": "tiny"}},
                   queue="sdfleet.gen.null")
     app.send_task(GENERATE_TASK, args=("garbage",), queue="sdfleet.gen.null")
     app.send_task("some.other.task", kwargs={}, queue="sdfleet.gen.null")
-    r.lpush("sdfleet.gen.null", "not even json")
     r.lpush("sdfleet.gen.null", json.dumps({"body": "!!!", "headers": {"task": GENERATE_TASK, "id": "zz"},
                                             "content-type": "application/json", "content-encoding": "utf-8",
                                             "properties": {"delivery_tag": "t1", "body_encoding": "base64",
@@ -131,6 +133,23 @@ def test_malformed_messages_fail_only_their_job(tmp_path, env, r, start_worker):
     assert w.proc.poll() is None
     log = w.log()
     assert "malformed message" in log and "message names no known job" in log
+    assert "message for another model refused" in log
+
+
+def test_a_non_json_item_on_the_queue_costs_one_restart_and_nothing_else(tmp_path, env, r, start_worker):
+    """kombu's Redis transport decodes what it pops before any public hook sees it, so an item that is not JSON
+    (pushed by hand) ends the worker: it drains, exits non-zero for its supervisor to restart it, and the item
+    is gone. Nothing else is lost: a job queued behind it runs on the next worker."""
+    f = jsonl(tmp_path, [{"prompt": "behind", "custom_id": "b", "model": "null", "width": 256, "height": 256}])
+    assert run_cli(["submit", str(f), "--batch", "junk"], env).returncode == 0
+    r.rpush("sdfleet.gen.null", "not even json")  # next in line
+    w = start_worker(model="null", wait=False)
+    assert w.proc.wait(60) != 0
+    assert "Unrecoverable error" in w.log()
+    assert b"not even json" not in (r.lrange("sdfleet.gen.null", 0, -1) or [])
+    start_worker(model="null")
+    res = run_cli(["wait", "junk", "--timeout", "60"], env, timeout=90)
+    assert res.returncode == 0, res.stderr
 
 
 def _cpu_seconds(pid: int) -> float:

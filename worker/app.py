@@ -40,8 +40,6 @@ from worker.runner import BatchRunner
 
 #: exit code of a worker whose engine call hung (its supervisor restarts it)
 EXIT_STALLED = 3
-#: exit code of a worker that found its heartbeat had expired (its work was handed to others meanwhile)
-EXIT_FENCED = 75
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,6 @@ class WorkerContext:
         self.gpu = gpu
         self.metrics = metrics
         self.state = "booting"
-        self.fenced = False
         self.redis = connect(settings.redis_url)
         self.store = JobStore(self.redis)
         self.loop = LoopCalls()
@@ -189,12 +186,14 @@ class WorkerContext:
         logs_mod.get().info("worker exiting", exit_code=EXIT_STALLED)
         os._exit(EXIT_STALLED)
 
-    def fence(self) -> None:
-        """The heartbeat had expired: the sweep may have handed this worker's jobs to others. Stop at once;
-        whatever this worker still finishes is refused by the run checks, and its supervisor restarts it."""
-        self.fenced = True
-        self.log.error("heartbeat had expired (stalled or cut off); this worker's jobs may run elsewhere; exiting")
-        os._exit(EXIT_FENCED)
+    def reclaimed_meanwhile(self) -> None:
+        """A sweep took this worker for dead (it stalled, or Redis was away longer than the heartbeat TTL) and
+        handed its jobs back. It goes on: what it still finishes for those jobs is refused by the run checks
+        (its staged objects are dropped, the other run's are kept), so nothing it writes can overwrite a
+        finished job; at worst some work is done twice."""
+        self.log.warning("this worker was taken for dead meanwhile and its jobs handed back; its late results "
+                         "for them will be refused")
+        self.redis.delete(keys.worker_reclaimed(self.worker_id))
 
 
 def _empty_cuda_cache() -> None:
@@ -208,8 +207,7 @@ def _empty_cuda_cache() -> None:
 
 
 class Heartbeat(threading.Thread):
-    """The worker's heartbeat hash (with a TTL) and liveness file. A beat that finds the hash gone means this
-    worker was taken for dead meanwhile: it fences itself."""
+    """The worker's heartbeat hash (with a TTL) and liveness file."""
 
     def __init__(self, ctx: WorkerContext, interval: float, ttl: float):
         super().__init__(name="heartbeat", daemon=True)
@@ -242,12 +240,12 @@ class Heartbeat(threading.Thread):
             ctx.state = "busy" if ctx.engine_thread.running else "idle"
         info = self.info()
         pipe = self.r.pipeline(transaction=False)
+        pipe.exists(keys.worker_reclaimed(ctx.worker_id))
         pipe.hset(keys.worker(ctx.worker_id), mapping=info)
         pipe.pexpire(keys.worker(ctx.worker_id), int(self.ttl * 1000))
         pipe.sadd(keys.WORKERS, ctx.worker_id)
-        created = pipe.execute()[0]
-        if self.beats and created >= len(info):  # every field new: the hash had expired
-            ctx.fence()
+        if pipe.execute()[0]:  # a sweep took this worker for dead and handed its jobs back
+            ctx.reclaimed_meanwhile()
         self.beats += 1
         if ctx.metrics is not None:
             ctx.metrics.set_state(ctx.state)
@@ -336,11 +334,16 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
     app.tasks[GENERATE_TASK].Strategy = ctx.consumer.strategy
     app.steps["consumer"].add(GenerationStep)
     ctx.heartbeat = Heartbeat(ctx, settings.heartbeat_interval, settings.heartbeat_ttl)
+    sweep = SweepThread(ctx, app)
+    # A previous process under this worker id may have died holding work: hand it back now, not after the
+    # heartbeat TTL. Its reclaim mark belongs to that life, not to this one.
+    if ctx.redis.exists(keys.worker_held(worker_id)):
+        sweep.sweeper.reclaim_worker(worker_id)
+    ctx.redis.delete(keys.worker_reclaimed(worker_id))
     ctx.state = "idle"
     ctx.heartbeat.beat()
     ctx.heartbeat.start()
     ctx.engine_thread.start()
-    sweep = SweepThread(ctx, app)
     sweep.start()
 
     worker = app.Worker(

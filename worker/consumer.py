@@ -222,7 +222,7 @@ class GenerationConsumer:
             self.ctx.loop.drain()
             ctx = self.ctx
             while (not self.draining and ctx.engine_thread.can_take()
-                   and ctx.post.backlog() <= ctx.post.threads and not ctx.fenced):
+                   and ctx.post.backlog() <= ctx.post.threads):
                 nxt = ctx.batcher.pop_ready()
                 if nxt is None:
                     break

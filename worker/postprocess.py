@@ -201,6 +201,7 @@ class PostProcessor:
                     self._fail(d, f"post-processing failed: {report[1]}")
                     settled.add(d.job_id)
                 else:
+                    d.extra["url"] = report[1]["url"]
                     stored.append((d, {**report[1], "run": d.extra.get("run", ""), "error": ""}))
             todo = waiting
             if todo and not self._sleep(backoff.next()):
@@ -228,14 +229,16 @@ class PostProcessor:
                     raise
 
     def _record(self, stored: list[tuple[Delivery, dict[str, Any]]], settled: set[str]) -> None:
+        # running -> storing, only for jobs this run still owns: the first run to get here wins the job, and
+        # its staged objects become the job's objects (whoever finishes promoting them).
         transitions = self._redis_retry(lambda: self.store.transition_many(
-            [(d.job_id, fields) for d, fields in stored], "succeeded", ("running",),
+            [(d.job_id, fields) for d, fields in stored], "storing", ("running",),
             runs=[d.extra.get("run", "") for d, _ in stored]))
         won = [(d, fields) for (d, fields), tr in zip(stored, transitions) if tr.applied]
         lost = [(d, fields, tr) for (d, fields), tr in zip(stored, transitions) if not tr.applied]
         if lost:
-            # Another run owns these jobs now (this worker stalled and they were handed back) or they ended
-            # elsewhere: this run's staged objects are dropped, the finished ones are never touched.
+            # Another run owns these jobs now (this worker stalled and they were handed back) or won them
+            # first: this run's staged objects are dropped; the winner's are never touched.
             moves = [tuple(m) for _, fields, _ in lost for m in json.loads(fields["staged"])]
             try:
                 self.writer.discard(moves)
@@ -247,15 +250,15 @@ class PostProcessor:
                 self.settle.finished(d, "skipped", previous=tr.previous)
                 settled.add(d.job_id)
         if won:
-            self.promote([(d, json.loads(fields["staged"])) for d, fields in won])
-            for (d, fields), tr in zip(won, [tr for tr in transitions if tr.applied]):
-                self.log.info("job succeeded", job_id=d.job_id, batch_id=d.batch_id, url=fields["url"])
-                self.notifier(d, "succeeded", tr)
-                self.settle.finished(d, "succeeded", url=fields["url"])
+            self.complete([(d, json.loads(fields["staged"])) for d, fields in won])
+            for d, _ in won:
                 settled.add(d.job_id)
 
-    def promote(self, items: list[tuple[Delivery, list[list[str]]]]) -> None:
-        """Promote recorded runs' staged objects to the jobs' keys, retrying while the store is down."""
+    def complete(self, items: list[tuple[Delivery, list[list[str]]]]) -> None:
+        """Promote the winning runs' staged objects to the jobs' keys (retrying while the store is down), then
+        record storing -> succeeded, announce and settle. Also finishes what a worker that died in between
+        left (the runner calls it for a redelivered job found ``storing``): promoting the same staged objects
+        again is harmless."""
         backoff = Backoff(0.5, self.retry_cap_s)
         todo = items
         while todo:
@@ -264,16 +267,25 @@ class PostProcessor:
                 errors = self.writer.promote(moves)
             except BrokenProcessPool:
                 continue
-            failed = {i // 2 for i, err in enumerate(errors) if err}
-            done = [d.job_id for i, (d, _) in enumerate(todo) if i not in failed]
+            bad = {i for i, (_, staged) in enumerate(todo)
+                   if any(errors[sum(len(s) for _, s in todo[:i]) + k] for k in range(len(staged)))}
+            done = [d for i, (d, _) in enumerate(todo) if i not in bad]
             if done:
-                self._redis_retry(lambda: self.store.mark_promoted(done))
-            if failed:
+                transitions = self._redis_retry(lambda: self.store.transition_many(
+                    [(d.job_id, {}) for d in done], "succeeded", ("storing",)))
+                for d, tr in zip(done, transitions):
+                    rec_url = d.extra.get("url")
+                    if tr.applied or tr.previous == "succeeded":
+                        self.log.info("job succeeded", job_id=d.job_id, batch_id=d.batch_id, url=rec_url)
+                        self.notifier(d, "succeeded", tr)
+                    self.settle.finished(d, "succeeded" if tr.applied else "skipped", url=rec_url,
+                                         previous=tr.previous)
+            if bad:
                 self._storage_log.error("could not promote stored objects; retrying",
                                         errors=[e for e in errors if e][:3])
-            todo = [item for i, item in enumerate(todo) if i in failed]
+            todo = [item for i, item in enumerate(todo) if i in bad]
             if todo and not self._sleep(backoff.next()):
-                # Left unacknowledged: the message is redelivered and the next worker promotes (runner).
+                # Left unacknowledged: the message is redelivered and that worker finishes the promotion.
                 raise RuntimeError("store down while promoting at drain")
 
     def _fail(self, d: Delivery, error: str) -> None:

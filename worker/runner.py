@@ -90,6 +90,10 @@ class BatchRunner:
         return bool(self.store.r.exists(keys.submission(batch_id)))
 
     def _claim(self, deliveries: Sequence[Delivery], run_id: str) -> list[Delivery]:
+        # Which batches are still being committed, looked up BEFORE the claim: the commit writes the records and
+        # drops the lease in one script, so a lease seen here means a record missing or different below may
+        # still arrive (the message is held), and no lease means the records below are final (dropped if bad).
+        committing = {b for b in {d.batch_id for d in deliveries} if self._committing(b)}
         # One round trip: each job starts only if its record names this batch and holds this spec, so a
         # forged or stale message never runs.
         transitions = self.store.start_many(
@@ -98,7 +102,9 @@ class BatchRunner:
         claimed = []
         now = time.time()
         for d, tr in zip(deliveries, transitions):
-            if (not tr.previous or tr.previous in ("failed", "cancelled")) and self._committing(d.batch_id):
+            if d.batch_id in committing and (not tr.applied and tr.previous != "storing"):
+                # Not yet recorded, a resubmission of a failed/cancelled job, or a --replace whose new spec is
+                # not committed yet: try again shortly.
                 d.not_before = time.monotonic() + DEFER_S
                 self.settle.defer(d)
             elif not tr.previous or tr.mismatch == "batch":
@@ -113,6 +119,9 @@ class BatchRunner:
                 self.log.error("job failed as poison", job_id=d.job_id, batch_id=d.batch_id, attempts=tr.attempts)
                 self.post.notifier(d, "failed", tr)
                 self.settle.finished(d, "failed", error="poison")
+            elif not tr.applied and tr.previous == "storing":
+                # A run stored this job and won it, then its worker died before promoting: finish that.
+                self.finish_storing(d)
             elif not tr.applied:
                 self.log.info("job not runnable; skipped", job_id=d.job_id, batch_id=d.batch_id, status=tr.previous)
                 if tr.previous in ("succeeded", "failed"):
@@ -127,15 +136,18 @@ class BatchRunner:
         return claimed
 
     def reannounce(self, d: Delivery, status: str) -> None:
-        """Finish what a worker that died after recording an outcome left undone: promote its staged objects
-        (if it had not) and announce the outcome. Event ids derive from the outcome: none is sent twice."""
-        rec = self.store.job(d.job_id)
-        if rec is None:
-            return
-        if status == "succeeded" and rec.fields.get("promoted") != "1" and rec.fields.get("staged"):
-            self.post.promote([(d, json.loads(rec.fields["staged"]))])
+        """Announce an outcome recorded by a worker that may have died before announcing it. Event ids derive
+        from the outcome: none is sent twice."""
         completed = bool(self.store.r.hexists(keys.batch(d.batch_id), "completed_at"))
         self.post.notifier(d, status, Transition(False, status, completed, 0))
+
+    def finish_storing(self, d: Delivery) -> None:
+        rec = self.store.job(d.job_id)
+        staged = json.loads(rec.fields.get("staged") or "[]") if rec is not None else []
+        d.extra["url"] = rec.fields.get("url") if rec is not None else None
+        self.log.warning("finishing a job whose worker died while promoting its objects", job_id=d.job_id,
+                         run=rec.fields.get("run") if rec is not None else None)
+        self.post.complete([(d, staged)])
 
     def _generate(self, key: BatchKey, group: list[Delivery], log: Any, timeline: dict[str, Any]) -> None:
         requests = [GenerationRequest(d.job_id, d.spec.prompt, d.spec.negative_prompt, d.spec.seed) for d in group]
