@@ -67,11 +67,18 @@ def test_bf16_weights_and_a_complete_directory_is_kept(tmp_path):
 
 
 def test_refuses_a_directory_it_did_not_write(tmp_path):
-    from sdfleet.errors import EngineError
+    from sdfleet.errors import ConfigError
 
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(EngineError, match="not a model directory written here"):
+    with pytest.raises(ConfigError, match="not a model directory written here"):
         write_model_dir("tiny", tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_cli_refuses_a_foreign_directory_as_a_usage_error(env, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run_cli(["make-model", "tiny", str(tmp_path)], env, timeout=300)
+    assert proc.returncode == 2 and f"DIR {tmp_path}: exists and is not a model directory" in proc.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sdfleet.errors import EngineError
+from sdfleet.errors import ConfigError
 
 MODELS = ("tiny", "medium", "large")
 #: written last, so a directory with it is complete (an interrupted write is redone)
@@ -63,15 +63,16 @@ def write_model_dir(name: str, dst: str | os.PathLike, *, dtype: torch.dtype = t
     written again from scratch.
     """
     if name not in MODELS:
-        raise EngineError(f"model {name!r}: choose one of {', '.join(MODELS)}")
+        raise ConfigError(f"model {name!r}: choose one of {', '.join(MODELS)}")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise EngineError(f"dtype {dtype}: use bfloat16, float16 or float32")
+        raise ConfigError(f"dtype {dtype}: use bfloat16, float16 or float32")
     dst = Path(dst)
     if is_complete(dst) and not overwrite:
         return {"model": name, "dst": str(dst), "kept": True, "parts": {}}
     if dst.exists():
         if dst.is_file() or (any(dst.iterdir()) and not _looks_like_ours(dst)):
-            raise EngineError(f"{dst}: exists and is not a model directory written here; pick an empty or new path")
+            raise ConfigError(f"DIR {dst}: exists and is not a model directory written here; give an empty or new "
+                              "directory (nothing in it was touched)")
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     _quiet()
