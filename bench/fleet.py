@@ -317,6 +317,10 @@ def summarize(name: str, jobs: list[dict], batches: dict[str, str], records: dic
             busy = {"source": source, "busy_s": round(sum(spans), 3), "wall_s": round(t1 - t0, 3),
                     "fraction": round(sum(spans) / max(1e-9, t1 - t0), 4), "runs_in_window": len(window),
                     **sampler.window(t0, t1)}
+    # Host time between one engine call's return and the next one's start, while jobs waited: the engine
+    # thread's share of a gap (the GPU idles only once this outlasts the work already queued on it).
+    gaps = [runs[i + 1]["t_engine_start"] - runs[i]["t_engine_end"] for i in window
+            if runs[i + 1].get("t_engine_start") and runs[i].get("t_engine_end")]
     waits = [side[c]["timings"]["queue_wait_s"] for c in side if "queue_wait_s" in side[c].get("timings", {})]
     sizes = Counter(x.get("size") or len(x.get("jobs", [])) for x in runs)
     t_ref = t_sub
@@ -335,7 +339,9 @@ def summarize(name: str, jobs: list[dict], batches: dict[str, str], records: dic
         "engine_runs": len(runs), "images_per_s": round(len(ok) / max(1e-9, t_end - t_first), 4),
         "images_per_s_from_submit": round(len(ok) / max(1e-9, t_end - t_sub), 4),
         "wall_s": round(t_end - t_first, 3), "submit_to_first_dispatch_s": round(t_first - t_sub, 3),
-        "gpu_busy": busy, "queue_wait_s": {"p50": _pct(waits, 0.5), "p95": _pct(waits, 0.95), "n": len(waits)},
+        "gpu_busy": busy, "host_gap_s": {"p50": _pct(gaps, 0.5), "p95": _pct(gaps, 0.95),
+                                          "max": max(gaps) if gaps else None, "n": len(gaps)},
+        "queue_wait_s": {"p50": _pct(waits, 0.5), "p95": _pct(waits, 0.95), "n": len(waits)},
         "batch_sizes": dict(sorted(sizes.items())), "last_dispatch_s": round(t_last_dispatch - t_sub, 3),
         "post_on_critical_path": None if not runs or not runs[0].get("t_encoded") else len(on_path),
         "compiles": counters(before, after), "heartbeat_peak_device_mem_mib": max(hb_mem) or None,
