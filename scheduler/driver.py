@@ -30,6 +30,8 @@ CPU_MODELS = ("tiny", "null")
 QUICK_CRASH_S = 30.0
 QUICK_CRASHES = 3
 RESTART_BACKOFF_S = 30.0
+# A drained worker that has not reported booted within this long is signalled anyway.
+BOOT_LIMIT_S = 900.0
 # Order in which workers are picked to drain: idle ones lose nothing, booting ones lose only boot time.
 DRAIN_ORDER = {"idle": 0, "": 1, "booting": 2, "stalled": 3, "busy": 4, "draining": 5}
 
@@ -67,6 +69,7 @@ class LocalWorker:
     proc: subprocess.Popen
     started: float
     draining: bool = False
+    signalled: bool = False  # SIGTERM sent (deferred while the worker boots)
 
 
 @dataclass
@@ -147,9 +150,16 @@ class LocalDriver:
     def reconcile(self, desired: int, heartbeats: Mapping[str, Mapping[str, str]]) -> tuple[int, int]:
         """Start or drain workers towards ``desired``; returns (started, drained) now."""
         self.poll()
+        self._signal_booted(heartbeats)
         desired = min(desired, len(self.slots))
         active = self.active()
         started = drained = 0
+        if len(active) < desired:
+            # A worker told to go while it booted, and not signalled yet, simply stays.
+            for w in [w for w in self.draining() if not w.signalled][: desired - len(active)]:
+                w.draining = False
+                active.append(w)
+                self.log.info("worker kept (drain cancelled before it started)", worker_id=w.worker_id)
         if len(active) < desired:
             busy_slots = {w.slot.name for w in self.workers.values()}
             now = self.clock()
@@ -165,9 +175,16 @@ class LocalDriver:
                 return DRAIN_ORDER.get(state, 1), size, -w.started
 
             for w in sorted(active, key=order)[: len(active) - desired]:
-                self.drain(w)
+                self.drain(w, booted=w.worker_id in heartbeats and heartbeats[w.worker_id].get("state") != "booting")
                 drained += 1
         return started, drained
+
+    def _signal_booted(self, heartbeats: Mapping[str, Mapping[str, str]]) -> None:
+        now = self.clock()
+        for w in self.draining():
+            beat = heartbeats.get(w.worker_id)
+            if not w.signalled and ((beat and beat.get("state") != "booting") or now - w.started > BOOT_LIMIT_S):
+                self._terminate(w)
 
     def start(self, slot: Slot) -> LocalWorker:
         worker_id = f"{os.uname().nodename}-{self.pool}-{slot.name.replace(':', '')}-{uuid.uuid4().hex[:6]}"
@@ -183,21 +200,32 @@ class LocalDriver:
         self.log.info("worker started", worker_id=worker_id, slot=slot.name, device=slot.device, pid=proc.pid)
         return w
 
-    def drain(self, w: LocalWorker) -> None:
-        """SIGTERM: the worker stops consuming, finishes its batch, hands back the rest and exits 0."""
+    def drain(self, w: LocalWorker, booted: bool = True) -> None:
+        """SIGTERM: the worker stops consuming, finishes its batch, hands back the rest and exits 0.
+
+        A worker still booting (no heartbeat, or state booting) gets the signal once it is up: before its
+        handlers are installed SIGTERM would end it with -15 instead of a drain; it holds no job meanwhile.
+        """
         if w.draining:
             return
         w.draining = True
+        self.log.info("worker draining", worker_id=w.worker_id, slot=w.slot.name, deferred=not booted)
+        if booted:
+            self._terminate(w)
+
+    def _terminate(self, w: LocalWorker) -> None:
+        w.signalled = True
         try:
             w.proc.send_signal(signal.SIGTERM)
         except ProcessLookupError:
             pass
-        self.log.info("worker draining", worker_id=w.worker_id, slot=w.slot.name)
 
     def stop_all(self, timeout_s: float) -> bool:
         """Drain every worker and wait up to ``timeout_s`` for them to exit; True if all did."""
-        for w in self.active():
-            self.drain(w)
+        for w in list(self.workers.values()):
+            w.draining = True
+            if not w.signalled:
+                self._terminate(w)
         deadline = self.clock() + timeout_s
         while self.workers and self.clock() < deadline:
             self.poll()

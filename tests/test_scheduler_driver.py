@@ -61,9 +61,9 @@ def scale_doc(port: int, pool: str) -> dict:
 def test_backlog_starts_workers_and_they_drain_to_the_minimum(tmp_path: Path, env: dict[str, str], r) -> None:
     port = free_port()
     log_path = tmp_path / "scheduler.log"
-    # Seconds per image as workers would have measured them: 40 jobs = 20 GPU-s, over a 5 s target = 4
+    # Seconds per image as workers would have measured them: 60 jobs = 30 GPU-s, over a 5 s target = 6
     # workers wanted, capped at --max-workers 2.
-    r.hset(keys.service_times("tiny"), keys.bucket_of(256, 256, 2), 0.5)
+    r.hset(keys.service_times("tiny"), keys.bucket_of(256, 256, 4), 0.5)
     sched = subprocess.Popen(
         [sys.executable, "-m", "sdfleet.cli", "scheduler", "--driver", "local", "--model", "tiny",
          "--min-workers", "0", "--max-workers", "2", "--cooldown-s", "5", "--metrics-port", str(port),
@@ -76,12 +76,20 @@ def test_backlog_starts_workers_and_they_drain_to_the_minimum(tmp_path: Path, en
 
         jobs = tmp_path / "jobs.jsonl"
         jobs.write_text("".join(json.dumps({"prompt": f"p{i}", "custom_id": f"c{i}", "width": 256, "height": 256,
-                                            "steps": 2, "seed": i}) + "\n" for i in range(40)))
+                                            "steps": 4, "seed": i}) + "\n" for i in range(60)))
         assert run_cli(["submit", str(jobs), "--batch", "scale"], env).returncode == 0
         wait_for("desired 2", lambda: scale_doc(port, "tiny")["desired"] == 2, 30, log)
-        workers = wait_for("two live workers", lambda: (ws := live(env)) and len(ws) == 2 and ws, 180, log)
-        assert {(w["model"], w["device"]) for w in workers} == {("tiny", "cpu")}
-        assert {"id", "model", "device", "state", "current_batch"} <= set(workers[0])
+        # Both workers' heartbeats show up while the backlog lasts (on two shared cores the first may finish
+        # its share before the second has booted, so they are collected over time).
+        seen: dict[str, dict] = {}
+
+        def both_seen() -> bool:
+            seen.update({w["id"]: w for w in live(env)})
+            return len(seen) >= 2
+
+        wait_for("two workers", both_seen, 180, log)
+        assert {(w["model"], w["device"]) for w in seen.values()} == {("tiny", "cpu")}
+        assert {"id", "model", "device", "state", "current_batch"} <= set(next(iter(seen.values())))
 
         res = run_cli(["wait", "scale", "--timeout", "240"], env, timeout=300)
         assert res.returncode == 0, res.stderr + log()[-4000:]
@@ -96,7 +104,7 @@ def test_backlog_starts_workers_and_they_drain_to_the_minimum(tmp_path: Path, en
     assert rc == 0, log()[-4000:]
 
     lines = [json.loads(x) for x in run_cli(["results", "scale"], env).stdout.splitlines()]
-    assert sorted(x["custom_id"] for x in lines) == sorted(f"c{i}" for i in range(40))
+    assert sorted(x["custom_id"] for x in lines) == sorted(f"c{i}" for i in range(60))
     assert all(x["status"] == "succeeded" and Path(x["url"][len("file://"):]).is_file() for x in lines), "a job was lost"
     events = [json.loads(x) for x in log().splitlines() if x.startswith("{")]
     drained = [e for e in events if e.get("event") == "worker drained and exited"]
@@ -160,3 +168,26 @@ def test_one_worker_per_visible_gpu_in_an_inherited_list(tmp_path: Path) -> None
     (replacement,) = d.workers.values()
     assert replacement.worker_id != survivor.worker_id and replacement.slot.name == survivor.slot.name
     assert d.stop_all(30) and not d.workers
+
+
+def test_a_booting_worker_is_signalled_only_once_it_is_up(tmp_path: Path) -> None:
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.argv = sys.argv[2:]\nexec({FAKE_WORKER!r})\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    d = LocalDriver(model="tiny", max_workers=2, log=get_log("test"), environ={**os.environ, "FAKE_OUT": str(out)},
+                    python=str(fake))
+    assert d.reconcile(2, {}) == (2, 0)
+    a, b = d.workers
+    assert d.reconcile(0, {}) == (0, 2), "both told to go"
+    assert all(w.draining and not w.signalled for w in d.workers.values()), "no heartbeat yet: SIGTERM deferred"
+    # Wanted again before it was up: the drain is cancelled, no new process.
+    assert d.reconcile(1, {}) == (0, 0) and len(d.active()) == 1
+    (kept,) = d.active()
+    gone = a if kept.worker_id == b else b
+    d.reconcile(1, {gone: {"state": "idle"}})
+    assert d.workers[gone].signalled, "signalled once its heartbeat says it is up"
+    wait_for("the drained one exits 0", lambda: d.poll() and gone not in d.workers, 30)
+    assert d.restarts == 0
+    assert d.stop_all(30)
