@@ -152,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "download. A complete DIR is kept (use --overwrite to write it again).")
     mm.add_argument("name", choices=["tiny", "medium", "large"])
     mm.add_argument("dir")
-    mm.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    mm.add_argument("--device", default="cpu", help="where the random weights are made: cpu or cuda (faster)")
+    mm.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                    help="dtype of the weights written (default: bf16)")
+    mm.add_argument("--device", default="cpu",
+                    help="where the random weights are made: cpu or cuda, much faster (default: cpu)")
     mm.add_argument("--overwrite", action="store_true")
     mm.add_argument("--seed", type=int, default=0)
 
