@@ -58,6 +58,11 @@ class Scheduler:
     status: dict[str, PoolStatus] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     restarts_seen: dict[str, int] = field(default_factory=dict)
+    #: pool -> its own limits (the other settings as ``config``); pools not named use ``config``
+    pool_configs: Mapping[str, PoolConfig] = field(default_factory=dict)
+
+    def config_for(self, pool: str) -> PoolConfig:
+        return self.pool_configs.get(pool, self.config)
 
     def tick(self, now: float | None = None) -> dict[str, Decision]:
         now = time.time() if now is None else now
@@ -69,7 +74,7 @@ class Scheduler:
             driver = self.drivers.get(pool)
             policy = self.policies.get(pool)
             if policy is None:
-                policy = self.policies[pool] = Policy(self.config)
+                policy = self.policies[pool] = Policy(self.config_for(pool))
                 managed = len(driver.active()) if hasattr(driver, "active") else len(view.workers)
                 if managed:
                     policy.resume(now, managed)
@@ -117,26 +122,50 @@ class Scheduler:
             s = self.status.get(pool)
             if s is None and self.pools is None:
                 # Not seen yet (no queue, no worker): nothing to do, which KEDA reads as zero replicas.
-                return {"pool": pool, "desired": self.config.min_workers, "reason": "no queue or worker yet"}
+                return {"pool": pool, "desired": self.config_for(pool).min_workers, "reason": "no queue or worker yet"}
             return s.doc() if s is not None else None
+
+
+def parse_pool_limits(specs: list[str], base: PoolConfig) -> dict[str, PoolConfig]:
+    """``["sd3.5-large=0:8", ...]`` -> pool -> ``base`` with those min and max workers."""
+    import dataclasses
+
+    from sdfleet.errors import ConfigError
+
+    out = {}
+    for spec in specs:
+        try:
+            pool, limits = spec.split("=", 1)
+            lo, hi = (int(x) for x in limits.split(":"))
+        except ValueError:
+            raise ConfigError(f"--pool {spec!r}: expected POOL=MIN:MAX, e.g. sd3.5-large=0:8") from None
+        cfg = dataclasses.replace(base, min_workers=lo, max_workers=hi)
+        try:
+            cfg.check()
+        except ConfigError as exc:
+            raise ConfigError(f"--pool {spec!r}: {exc}") from None
+        out[pool.strip()] = cfg
+    return out
 
 
 def run_scheduler(settings: Any, *, config: PoolConfig, driver: str, models: list[str], interval: float,
                   metrics_port: int | None, worker_args: list[str], worker_metrics_port_base: int | None,
-                  drain_timeout_s: float, once: bool, log: Any) -> int:
+                  drain_timeout_s: float, once: bool, log: Any, pool_limits: list[str] = ()) -> int:
     from scheduler.driver import LocalDriver, pool_name
     from sdfleet.redisconn import connect
 
     config.check()
+    pool_configs = parse_pool_limits(list(pool_limits), config)
     r = connect(settings.redis_url)
     drivers: dict[str, Any] = {}
     if driver == "local":
         for model in models:
-            d = LocalDriver(model=model, max_workers=config.max_workers, log=log.bind(pool=pool_name(model)),
+            limit = pool_configs.get(pool_name(model), config).max_workers
+            d = LocalDriver(model=model, max_workers=limit, log=log.bind(pool=pool_name(model)),
                             worker_args=worker_args, metrics_port_base=worker_metrics_port_base)
             drivers[d.pool] = d
     pools = [pool_name(m) for m in models] or None
-    sched = Scheduler(r, config, log, pools=pools, drivers=drivers)
+    sched = Scheduler(r, config, log, pools=pools, drivers=drivers, pool_configs=pool_configs)
     server = None
     port = metrics_port if metrics_port is not None else settings.metrics_port
     if port is not None:

@@ -605,6 +605,8 @@ def _add_fleet_parsers(sub: Any) -> None:
                          "pool with a queue or a live worker (--driver none only)")
     sc.add_argument("--min-workers", type=int, default=0)
     sc.add_argument("--max-workers", type=int, default=1)
+    sc.add_argument("--pool", action="append", default=[], metavar="POOL=MIN:MAX", dest="pool_limits",
+                    help="min and max workers of one pool, overriding --min-workers/--max-workers (repeatable)")
     sc.add_argument("--target-drain-s", type=float, default=None,
                     help=f"size a pool to work off its backlog in this time (default SDFLEET_SCALE_TARGET_DRAIN_S, "
                          f"{DEFAULT_TARGET_DRAIN_S:g})")
@@ -678,7 +680,8 @@ def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> int:
     return run_scheduler(settings, config=config, driver=args.driver, models=args.models, interval=args.interval,
                          metrics_port=_metrics_port(args, settings), worker_args=worker_args,
                          worker_metrics_port_base=args.worker_metrics_port_base,
-                         drain_timeout_s=args.drain_timeout_s, once=args.once, log=logs.get("scheduler"))
+                         drain_timeout_s=args.drain_timeout_s, once=args.once, log=logs.get("scheduler"),
+                         pool_limits=args.pool_limits)
 
 
 def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:

@@ -87,3 +87,25 @@ def test_workers_json_one_line_per_live_worker(env, r) -> None:
     assert [row["id"] for row in rows] == ["w1", "w2"]
     assert rows[1]["state"] == "stalled" and rows[1]["device"] == "cuda:0" and rows[1]["gpu_util"] == 97
     assert rows[0]["model"] == "tiny" and rows[0]["current_batch"] == 3 and rows[0]["pool"] == "tiny"
+
+
+def test_min_and_max_per_pool(tmp_path, env, r) -> None:
+    import pytest
+
+    from scheduler.service import parse_pool_limits
+    from sdfleet.errors import ConfigError
+
+    submit(tmp_path, env, "b2", 40, 256, 4)
+    r.hset(keys.service_times("tiny"), "256x256:4", 10.0)
+    base = PoolConfig(min_workers=0, max_workers=50, target_drain_s=10, cooldown_s=0, max_batch=1)
+    limits = parse_pool_limits(["tiny=2:3", "idle-pool=1:4"], base)
+    sched = Scheduler(r, base, get_log("t"), pools=["tiny", "idle-pool"], pool_configs=limits)
+    d = sched.tick()
+    assert d["tiny"].desired == 3, "the pool's own max, not --max-workers"
+    assert d["idle-pool"].desired == 1, "the pool's own min with nothing queued"
+    with pytest.raises(ConfigError, match="POOL=MIN:MAX"):
+        parse_pool_limits(["tiny"], base)
+    with pytest.raises(ConfigError, match="--max-workers"):
+        parse_pool_limits(["tiny=5:2"], base)
+    res = run_cli(["scheduler", "--pool", "tiny=5:2", "--once"], env)
+    assert res.returncode == 2 and "--pool" in res.stderr
