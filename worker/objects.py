@@ -112,17 +112,20 @@ def _exit_with(parent: int) -> None:
 
 def _write_run(jobs: list[dict[str, Any]], images: list[np.ndarray]) -> list[tuple]:
     out: list[tuple] = []
-    down: dict[str, str] = {}  # location -> why, once it failed (after its retries) for a job of this run
+    # location -> (why, permanent), once it failed (after its retries) for a job of this run
+    down: dict[str, tuple[str, bool]] = {}
     for job, image in zip(jobs, images):
         if job["out"] in down:
             # Jobs are stored one after the other: without this, an outage would cost every job of the run
-            # its whole retry budget before any of them went back to the queue.
-            out.append((STORAGE_FAILED, f"not attempted: {down[job['out']]}", False))
+            # its whole retry budget before any of them went back to the queue. A permanent error counts a
+            # try for each of them too, or the run's jobs would fail one at a time, each after its own tries.
+            why, permanent = down[job["out"]]
+            out.append((STORAGE_FAILED, f"not attempted: {why}", permanent))
             continue
         try:
             out.append((STORED, _write(job, image)))
         except StorageError as exc:
-            down[job["out"]] = str(exc)
+            down[job["out"]] = (str(exc), exc.permanent)
             out.append((STORAGE_FAILED, str(exc), exc.permanent))
         except Exception as exc:  # encoding bugs etc.: the worker records the failure, never ends silently
             out.append((FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=5)))
