@@ -20,7 +20,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check sdfleet producer worker scheduler bench tests
 
 bench-queue: $(VENV)/.installed
-	$(PY) bench/queue.py
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

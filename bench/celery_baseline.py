@@ -1,4 +1,4 @@
-"""A plain Celery task on the same Redis, for bench/queue.py's baseline: record start time, nothing else."""
+"""A plain Celery task on the same Redis, for bench/throughput.py's baseline: record start time, nothing else."""
 
 from __future__ import annotations
 

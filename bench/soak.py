@@ -34,6 +34,7 @@ import redis  # noqa: E402
 from standardwebhooks import Webhook  # noqa: E402
 
 from producer.submit import submit  # noqa: E402
+from sdfleet import broker  # noqa: E402
 from sdfleet.jobs import parse_job  # noqa: E402
 from sdfleet.queue import make_app  # noqa: E402
 from sdfleet.redisconn import PrivateRedis  # noqa: E402
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=20.0, help="null engine time per batch")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
+    ap.add_argument("--janitor", action="store_true",
+                    help="also run 'sdfleet janitor' (by default the workers' own sweep reclaims dead workers' jobs)")
     args = ap.parse_args()
 
     rs = PrivateRedis()
@@ -61,7 +64,7 @@ def main() -> None:
     receiver = start_receiver()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}
     env.update({"REDIS_URL": rs.url, "SDFLEET_OUT": f"file://{out_dir}", "SDFLEET_LOG_LEVEL": "warning",
-                "SDFLEET_HEARTBEAT_INTERVAL": "0.5", "SDFLEET_HEARTBEAT_TTL": "2",
+                "SDFLEET_HEARTBEAT_INTERVAL": "0.5", "SDFLEET_HEARTBEAT_TTL": "2", "SDFLEET_SWEEP_INTERVAL_S": "1",
                 "SDFLEET_WEBHOOK_SECRET": secret, "SDFLEET_WEBHOOK_ALLOW_PRIVATE": "1",
                 "SDFLEET_WEBHOOK_SCHEDULE": "0.5,1,2,4"})
     logs = open(Path(out_dir) / "processes.log", "w")
@@ -74,7 +77,7 @@ def main() -> None:
         return spawn("worker", "--model", "null", "--max-batch", str(args.max_batch), "--max-wait-ms", "20",
                      "--null-delay-ms", str(args.delay_ms), "--worker-id", f"soak-{uuid.uuid4().hex[:6]}")
 
-    helpers = [spawn("janitor", "--interval", "0.5"), spawn("webhook-worker", "--threads", "8")]
+    helpers = [spawn("webhook-worker", "--threads", "8")] + ([spawn("janitor", "--interval", "0.5")] if args.janitor else [])
     workers = [worker() for _ in range(args.workers)]
     r = redis.Redis.from_url(rs.url, decode_responses=True)
     store = JobStore(r)
@@ -109,13 +112,16 @@ def main() -> None:
     stuck = [rec for rec in store.iter_batch_jobs("soak") if rec.status not in ("succeeded", "failed", "cancelled")]
     for rec in stuck[:5]:  # what a lost job looked like, for the report
         print(json.dumps({"stuck": rec.job_id, "status": rec.status, "attempts": rec.fields.get("attempts"),
-                          "worker": rec.fields.get("worker"), "unacked": r.hlen("unacked"),
+                          "worker": rec.fields.get("worker"), "unacknowledged": broker.unacked_count(r),
                           "queued_msgs": r.llen("sdfleet.gen.null"),
                           "held_by": [w for w in r.smembers("sdfleet:workers")
-                                      if r.sismember(f"sdfleet:worker:{w}:held", rec.job_id)]}), flush=True)
+                                      if r.hexists(f"sdfleet:worker:{w}:held", rec.job_id)]}), flush=True)
     entries = list((Path(out_dir) / "soak").iterdir())
     # A worker killed mid-write leaves its hidden temp file (never renamed into place): not an object.
     temp_left = [p for p in entries if p.name.startswith(".tmp-")]
+    # Staged objects of runs that lost their job or were killed before promoting (hidden; swept later).
+    staged_left = [p for p in entries if p.name.startswith(".run-")]
+    temp_left += staged_left
     files = Counter(p.stem for p in entries if p.suffix in (".png", ".json") and p not in temp_left)
     duplicated = sum(1 for n in files.values() if n > 2)  # a stem is png + json; anything else is wrong
     stray = [p.name for p in entries if p.suffix not in (".png", ".json", ".jsonl") and p not in temp_left]
@@ -141,7 +147,9 @@ def main() -> None:
         "lost": res.total - counts["succeeded"] - counts["failed"] - counts["cancelled"],
         "duplicated_objects": duplicated + len(stray), "objects": sum(files.values()),
         "jobs_without_both_objects": sum(1 for i in range(res.total) if files.get(f"s{i}", 0) != 2),
-        "temp_files_left_by_killed_writes": len(temp_left),
+        "temp_files_left_by_killed_writes": len(temp_left) - len(staged_left),
+        "staged_files_left_by_killed_runs": len(staged_left),
+        "janitor_process": args.janitor,
         "workers": args.workers, "kills": kills, "elapsed_s": round(elapsed, 1),
         "jobs_per_s": round(res.total / elapsed, 1),
         "webhooks_received": len(receiver.got("/hook")), "webhooks_verified": verified, "webhooks_bad_signature": bad,

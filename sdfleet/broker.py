@@ -137,4 +137,14 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-TRANSPORT = f"{__name__}:Transport"
+def install() -> None:
+    """Serve ``redis://`` and ``rediss://`` URLs in this process with :class:`Transport`.
+
+    Through kombu's public alias table rather than Celery's ``broker_transport`` setting, so a connection's URL
+    stays ``redis://...``: Flower reads queue lengths only from a URL with that scheme. Called when the app
+    is made, before any connection resolves the alias (kombu caches what it resolved).
+    """
+    from kombu import transport
+
+    for scheme in ("redis", "rediss"):
+        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"

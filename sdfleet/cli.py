@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--null-hang-prompt", default=None, help=argparse.SUPPRESS)
     w.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0: a free one; default: none)")
+    w.add_argument("--no-overlap", action="store_true",
+                   help="run, copy and store one batch at a time (to measure what the overlap is worth)")
     w.add_argument("--timeline", default=None, metavar="FILE",
                    help="append one JSON line per engine run (engine, copy, store, ack times) to FILE")
 
@@ -398,12 +400,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         extra["fp8_switches"] = switches
     if args.no_cuda_graphs:
         extra["cuda_graphs"] = False
+    if args.no_overlap:
+        extra["async_copy"] = False
     opts = WorkerOptions(model=args.model, device=args.device, precision=args.precision, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, worker_id=args.worker_id or "",
                          post_threads=args.post_threads, engine_extra=extra,
                          warmup=tuple(parse_shape(w, args.model) for w in args.warmup),
                          metrics_port=args.metrics_port if args.metrics_port is not None else settings.metrics_port,
-                         timeline=args.timeline)
+                         timeline=args.timeline, overlap=not args.no_overlap)
     return run_worker(settings, opts)
 
 

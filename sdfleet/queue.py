@@ -25,9 +25,9 @@ WEBHOOK_TASK = "sdfleet.webhook.deliver"
 def make_app(settings: Settings, *, prefetch: int = 1) -> Celery:
     from sdfleet import broker
 
+    broker.install()
     app = Celery("sdfleet", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
-        broker_transport=broker.TRANSPORT,
         task_serializer="json",
         accept_content=["json"],
         task_acks_late=True,

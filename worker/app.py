@@ -60,6 +60,9 @@ class WorkerOptions:
     metrics_port: int | None = None
     #: append one JSON line per engine run (its timeline) to this file
     timeline: str | None = None
+    #: overlap the next batch with this one's device-to-host copy and storing (off: one thing at a time, to
+    #: measure what the overlap is worth)
+    overlap: bool = True
 
 
 class Settler:
@@ -215,6 +218,8 @@ class Heartbeat(threading.Thread):
         self.stop_event = threading.Event()
         self.beats = 0
         self.r = connect(ctx.settings.redis_url)
+        # Redis away or refusing writes: one line per interval with a count, not one per beat.
+        self._errors = logs_mod.Throttled(ctx.log, 10.0)
 
     def info(self) -> dict[str, str]:
         ctx = self.ctx
@@ -261,7 +266,7 @@ class Heartbeat(threading.Thread):
             try:
                 self.beat()
             except Exception as exc:  # Redis restarting: keep beating once it is back
-                self.ctx.log.warning("heartbeat failed", error=repr(exc))
+                self._errors.warning("heartbeat failed", error=repr(exc))
 
 
 class SweepThread(threading.Thread):
@@ -276,6 +281,7 @@ class SweepThread(threading.Thread):
         r = connect(s.redis_url)
         self.ctx = ctx
         self.stop_event = threading.Event()
+        self._errors = logs_mod.Throttled(ctx.log, 10.0)
         self.sweeper = Sweeper(r, app, s, ctx.log, holder=ctx.worker_id, grace_s=2 * s.heartbeat_ttl + 1,
                                lock_ttl_s=max(30.0, 3 * s.sweep_interval_s),
                                housekeeping=housekeeping_for(s, r, ctx.log))
@@ -285,7 +291,7 @@ class SweepThread(threading.Thread):
             try:
                 self.sweeper.run_once()
             except Exception as exc:  # Redis away: the next round tries again
-                self.ctx.log.warning("reclaim sweep failed", error=repr(exc))
+                self._errors.warning("reclaim sweep failed", error=repr(exc))
 
 
 def run_worker(settings: Settings, options: WorkerOptions) -> int:
@@ -315,7 +321,9 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
                           **options.engine_extra)
     engine.load()
     if options.warmup:
-        engine.warmup(options.warmup)
+        # On a GPU also at the full batch size, so the first full batch allocates nothing new mid-stream.
+        sizes = sorted({1, options.max_batch}) if options.device.startswith("cuda") else [1]
+        engine.warmup(options.warmup, batch_sizes=sizes)
     log.info("engine ready", boot_s=round(time.perf_counter() - t0, 3), queue=queue, **engine.describe())
 
     metrics = None

@@ -59,6 +59,10 @@ class GenerationConsumer:
         self._retry = Backoff(0.5, 30.0)
         self._retry_log = Throttled(ctx.log, 10.0)
         self._pumping = False
+        # Writes to this worker's held hash, gathered and sent in one round trip per loop turn.
+        self._held_add: dict[str, str] = {}
+        self._held_del: set[str] = set()
+        self._held_flush_due = False
 
     # --- the task Strategy (Celery calls it with each message of the generation task) ---------------
 
@@ -91,8 +95,9 @@ class GenerationConsumer:
             return self._ack_message(message, job_id)
         request = make_request()
         d = Delivery(job_id, batch_id, spec, time.monotonic(), request=request, message=message)
-        # Recorded before anything else can happen to it: if this worker dies, the sweep hands it back.
-        ctx.redis.hset(keys.worker_held(ctx.worker_id), job_id, message.delivery_tag)
+        # Noted for the held hash (written at the end of this loop turn, before any batch can start): if this
+        # worker dies, the sweep hands it back; dying before the write leaves an orphan the sweep restores too.
+        self._held(job_id, message.delivery_tag)
         worker_state.task_reserved(request)
         request.send_event("task-received", name=request.name, args=request.argsrepr, kwargs=request.kwargsrepr,
                            root_id=request.root_id, parent_id=request.parent_id, retries=0)
@@ -117,7 +122,41 @@ class GenerationConsumer:
             self.log.warning("could not acknowledge a message", job_id=job_id, error=repr(exc))
             return
         if job_id:
-            self.ctx.redis.hdel(keys.worker_held(self.ctx.worker_id), job_id)
+            self._held(job_id, None)
+
+    def _held(self, job_id: str, tag: str | None) -> None:
+        if tag is None:
+            self._held_add.pop(job_id, None)
+            self._held_del.add(job_id)
+        else:
+            self._held_del.discard(job_id)
+            self._held_add[job_id] = tag
+        if not self._held_flush_due and self.hub is not None:
+            self._held_flush_due = True
+            self.hub.call_soon(self.flush_held)
+
+    def flush_held(self) -> None:
+        self._held_flush_due = False
+        add, self._held_add = self._held_add, {}
+        drop, self._held_del = self._held_del, set()
+        if not add and not drop:
+            return
+        key = keys.worker_held(self.ctx.worker_id)
+        pipe = self.ctx.redis.pipeline(transaction=False)
+        if add:
+            pipe.hset(key, mapping=add)
+        if drop:
+            pipe.hdel(key, *drop)
+        try:
+            pipe.execute()
+        except Exception as exc:  # Redis away or refusing writes: keep them for the next turn
+            for j, t in add.items():
+                self._held_add.setdefault(j, t)
+            self._held_del |= drop - set(self._held_add)
+            self._retry_log.warning("could not update the held hash; retrying", error=repr(exc))
+            if self.hub is not None and not self._held_flush_due:
+                self._held_flush_due = True
+                self.hub.call_later(1.0, self.flush_held)
 
     # --- settling (these run on the loop thread; other threads call them through ctx.loop) ----------
 
@@ -137,7 +176,7 @@ class GenerationConsumer:
                 except Exception as exc:  # a closed channel: kombu redelivers it anyway
                     self.log.warning("could not hand a message back", job_id=d.job_id, error=repr(exc))
                     return
-                self.ctx.redis.hdel(keys.worker_held(self.ctx.worker_id), d.job_id)
+                self._held(d.job_id, None)
 
     def on_started(self, deliveries: Sequence[Delivery]) -> None:
         now = time.time()
@@ -222,11 +261,13 @@ class GenerationConsumer:
             self.ctx.loop.drain()
             ctx = self.ctx
             while (not self.draining and ctx.engine_thread.can_take()
-                   and ctx.post.backlog() <= ctx.post.threads):
+                   and ctx.post.backlog() <= ctx.post.threads
+                   and (ctx.options.overlap or (ctx.engine_thread.idle() and ctx.post.backlog() == 0))):
                 nxt = ctx.batcher.pop_ready()
                 if nxt is None:
                     break
                 key, group = nxt
+                self.flush_held()  # every job of a batch is in the held hash before its claim
                 now = time.time()
                 for d in group:
                     d.extra["dispatched_at"] = now
@@ -289,6 +330,10 @@ class GenerationConsumer:
             time.sleep(0.02)
         ctx.post.wait(timeout=max(1.0, deadline - time.monotonic()))
         ctx.loop.drain()
+        try:
+            self.flush_held()
+        except Exception as exc:
+            self.log.warning("could not update the held hash at stop", error=repr(exc))
         unstarted = list(ctx.batcher) + (waiting[1] if waiting else [])
         ctx.batcher.groups.clear()
         if unstarted:

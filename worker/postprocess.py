@@ -271,7 +271,7 @@ class PostProcessor:
                    if any(errors[sum(len(s) for _, s in todo[:i]) + k] for k in range(len(staged)))}
             done = [d for i, (d, _) in enumerate(todo) if i not in bad]
             if done:
-                transitions = self._redis_retry(lambda: self.store.transition_many(
+                transitions = self._redis_retry(lambda done=done: self.store.transition_many(
                     [(d.job_id, {}) for d in done], "succeeded", ("storing",)))
                 for d, tr in zip(done, transitions):
                     rec_url = d.extra.get("url")

@@ -1,31 +1,28 @@
 """Queue throughput and latency with the null engine (no model), next to plain Celery tasks.
 
-    python bench/queue.py [--jobs 4000] [--out bench/results/queue-cpu.json]
+    python bench/throughput.py [--jobs 4000] [--out bench/results/queue-cpu.json]
 
 Runs on a private redis-server (never touches your Redis). For batch 1 and 8 with one worker, and batch 8 with two worker processes, it measures:
   - submit: seconds to validate + record + enqueue N jobs (the `sdfleet submit` path),
   - drain: N jobs pre-queued, one `sdfleet worker --model null` started; jobs/s from its first start to
     its last stored result (the worker side alone),
   - live: N jobs submitted while the worker runs; jobs/s from the first enqueue to the last done, and
-    p50/p99 of enqueue-to-start latency (queued_at -> running_at, from the job records).
+    p50/p99 of enqueue-to-start latency (queued_at -> running_at, from the job records);
+  - idle: one job at a time to an idle worker (every 100 ms): p50/p99 of enqueue-to-start.
 Baseline: a plain Celery no-op task (acks_late, solo pool) on the same Redis in the same run.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# This file is named like the standard library's queue module: keep its folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import redis
 
@@ -101,10 +98,21 @@ def run_sdfleet(url: str, n: int, batch: int, out: str, workers: int = 1) -> dic
         wait_done(store, f"live{batch}", n)
         q, s, e = job_times(store, f"live{batch}")
         lat = [b - a for a, b in zip(q, s)]
+        # Idle: one job at a time, the worker waiting for it.
+        idle = []
+        for i in range(40):
+            one = [parse_job({"prompt": f"idle {i}", "model": "null", "width": 512, "height": 512, "steps": 4})]
+            submit(one, store=store, app=app, storage=StorageFactory(), default_out=out, batch_name=f"idle{batch}-{i}")
+            wait_done(store, f"idle{batch}-{i}", 1)
+            iq, is_, _ = job_times(store, f"idle{batch}-{i}")
+            idle.append(is_[0] - iq[0])
+            time.sleep(0.1)
         return {"batch": batch, "workers": workers, "jobs": n, "submit_s": round(submit_s, 3), "submit_jobs_per_s": round(n / submit_s),
                 "drain_jobs_per_s": round(drain, 1), "live_jobs_per_s": round(n / (max(e) - t1), 1),
                 "enqueue_to_start_p50_ms": round(pct(lat, 0.5) * 1000, 2),
-                "enqueue_to_start_p99_ms": round(pct(lat, 0.99) * 1000, 2)}
+                "enqueue_to_start_p99_ms": round(pct(lat, 0.99) * 1000, 2),
+                "idle_enqueue_to_start_p50_ms": round(pct(idle, 0.5) * 1000, 2),
+                "idle_enqueue_to_start_p99_ms": round(pct(idle, 0.99) * 1000, 2)}
     finally:
         for proc in procs:
             proc.terminate()
@@ -158,13 +166,13 @@ def run_celery(url: str, n: int, prefetch: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=4000)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "queue-cpu.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput-cpu.json"))
     args = ap.parse_args()
     redis_server = PrivateRedis()
     out_dir = tempfile.mkdtemp(prefix="sdfleet-bench-")
-    results = {"bench": "queue", "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
+    results = {"bench": "throughput", "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
                f"{os.cpu_count()} cores", "python": platform.python_version(),
-               "command": f"python bench/queue.py --jobs {args.jobs}", "sdfleet": [], "celery_plain": []}
+               "command": f"python bench/throughput.py --jobs {args.jobs}", "sdfleet": [], "celery_plain": []}
     try:
         for b, workers in ((1, 1), (8, 1), (8, 2)):
             res = run_sdfleet(redis_server.url, args.jobs, b, f"file://{out_dir}", workers)
