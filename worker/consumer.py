@@ -120,7 +120,8 @@ class GenerationConsumer:
                 message.ack()
         except Exception as exc:  # a channel closed by a lost connection: kombu redelivers the message
             self.log.warning("could not acknowledge a message", job_id=job_id, error=repr(exc))
-            return
+        # Not held any more either way: if kombu could not restore it (Redis refusing writes), the sweep
+        # restores it as an orphan instead of leaving it to the visibility timeout.
         if job_id:
             self._held(job_id, None)
 
@@ -173,9 +174,8 @@ class GenerationConsumer:
             else:
                 try:
                     d.message.reject(requeue=True)
-                except Exception as exc:  # a closed channel: kombu redelivers it anyway
+                except Exception as exc:  # a closed channel: kombu redelivers it (or the sweep, see above)
                     self.log.warning("could not hand a message back", job_id=d.job_id, error=repr(exc))
-                    return
                 self._held(d.job_id, None)
 
     def on_started(self, deliveries: Sequence[Delivery]) -> None:
@@ -237,6 +237,7 @@ class GenerationConsumer:
     def start(self, hub: Any) -> None:
         self.hub = hub
         self.draining = False
+        self.ctx.post.resume()
         hub.add_reader(self.ctx.loop.rfd, self._on_wake)
         self._tick = hub.call_repeatedly(TICK_S, self._on_tick)
         hub.call_soon(self.pump)
@@ -330,12 +331,16 @@ class GenerationConsumer:
             time.sleep(0.02)
         ctx.post.wait(timeout=max(1.0, deadline - time.monotonic()))
         ctx.loop.drain()
+        unstarted = list(ctx.batcher) + (waiting[1] if waiting else [])
+        ctx.batcher.groups.clear()
+        for d in unstarted:
+            # Left to kombu (below); if its restore fails (Redis refusing writes), the sweep restores them
+            # as orphans, which it does only for messages no live worker holds.
+            self._held(d.job_id, None)
         try:
             self.flush_held()
         except Exception as exc:
             self.log.warning("could not update the held hash at stop", error=repr(exc))
-        unstarted = list(ctx.batcher) + (waiting[1] if waiting else [])
-        ctx.batcher.groups.clear()
         if unstarted:
             # Left unacknowledged on purpose: kombu restores this channel's unacknowledged messages to the
             # head of their queue when the channel closes (and the sweep does if this process dies first).

@@ -46,7 +46,8 @@ class Backoff:
         self.first, self.cap, self.n = first, cap, 0
 
     def next(self) -> float:
-        wait = min(self.cap, self.first * (2 ** self.n))
+        # (the exponent capped: a float overflows past 2**1023, about a thousand tries)
+        wait = min(self.cap, self.first * (2 ** min(self.n, 64)))
         self.n += 1
         return wait
 
@@ -106,6 +107,13 @@ class PostProcessor:
                 fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()) + 5)
             except Exception:
                 return
+
+    def resume(self) -> None:
+        """Undo :meth:`wait` when the drain was not the end: Celery's consumer restarts after a lost
+        connection. Left as they were, retries would never wait again (a busy loop) and would give up once
+        the old drain deadline passed (handing back jobs whose images are held)."""
+        self.give_up_at = None
+        self._wake.clear()
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
