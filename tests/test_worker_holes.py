@@ -249,12 +249,17 @@ def test_redis_oom_is_backed_off_with_throttled_logs_and_no_rerenders(tmp_path, 
         ours = [x for x in about_it if "logger" not in x]  # (Celery's and kombu's lines name their logger)
         libraries = [x for x in about_it if "logger" in x]
         shown = "\n".join(json.dumps(x)[:300] for x in about_it[:40])
-        # The worker's own: one line per kind of error per throttling interval, with how often it repeated.
-        assert len(ours) <= 6, f"{len(ours)} of the worker's own lines about a 10 s outage:\n{shown}"
-        assert all("repeated" in x for x in ours), f"a repeated error logged without its count:\n{shown}"
+        # The worker's own: one line per kind of error per throttling interval, with how often it repeated;
+        # and at most a line or two per message it held (an acknowledgement or hand-back that failed).
+        repeating = [x for x in ours if "job_id" not in x]
+        assert len(repeating) <= 6, f"{len(repeating)} of the worker's own lines about a 10 s outage:\n{shown}"
+        assert all("repeated" in x for x in repeating), f"a repeated error logged without its count:\n{shown}"
+        assert len(ours) - len(repeating) <= 2 * 16, f"per-message lines beyond the prefetch (16):\n{shown}"
         # Celery's and kombu's: no hot loop (the old one logged 23,385 errors in 16 s). Not yet a few lines
-        # either: kombu logs its binding refresh failing, with a traceback, once a second.
-        assert len(libraries) <= 25, f"{len(libraries)} library lines about a 10 s outage:\n{shown}"
+        # either: kombu logs its binding refresh failing, with a traceback, once a second; and when the outage
+        # starts between a recorded outcome and its acknowledgement, the acknowledgement fails and Celery's
+        # consumer reconnects in a loop, about 7 lines a second.
+        assert len(libraries) <= 120, f"{len(libraries)} library lines about a 10 s outage:\n{shown}"
         ran = engine_runs(w)
         assert sorted(ran) == sorted(job_ids(rr, "oom").values())
         assert sum(ran.values()) <= n + 16, f"jobs re-rendered during the outage: {sum(ran.values())} renders"
@@ -450,12 +455,54 @@ def test_hung_engine_call_is_reported_stalled_and_the_worker_exits_3(tmp_path, e
     hung_batch = set(hung["jobs"])
     assert job_ids(r, "hung")["hang"] in hung_batch
     assert all(r.hget(keys.job(j), "status") == "queued" for j in hung_batch), "the hung batch handed back"
+    # ... and every message of what it held is back in the queue (not left for the sweep to find as lost).
+    queued = broker.queued_job_ids(r, NULL_QUEUE)
+    assert sorted(queued) == sorted(set(queued)) and set(queued) == set(job_ids(r, "hung").values()), \
+        {c: (j in queued, j in gen_messages_unacked(r)) for c, j in job_ids(r, "hung").items()}
     # A second worker (whose engine does not hang on it) finishes every job, the hung batch's included.
     b = spawn("--max-batch", "4")
     wait_until(lambda: counts(r, "hung") == {"succeeded": 9}, 90, lambda: f"every job: {counts(r, 'hung')}")
     for j in job_ids(r, "hung").values():
         assert r.hget(keys.job(j), "attempts") == ("2" if j in hung_batch else "1")
     assert engine_runs(b) == {j: 1 for j in job_ids(r, "hung").values()}
+
+
+def test_a_job_that_hangs_every_engine_fails_as_poison_and_its_batch_mates_do_not(tmp_path, env, r, spawn):
+    """The hung job keeps hanging every worker it reaches: after the poison cap it fails, and the jobs that
+    merely shared its batch must still succeed."""
+    rows = [{"prompt": "hang", "custom_id": "hang", "model": "null", "width": 256, "height": 256}, *null_jobs(3)]
+    assert run_cli(["submit", str(jsonl(tmp_path, rows)), "--batch", "poison"], env).returncode == 0
+    e = {"SDFLEET_STALL_FLOOR_S": "2"}
+    hang = job_ids(r, "poison")["hang"]
+    exits = []
+    for _ in range(6):
+        w = spawn("--max-batch", "4", "--null-hang-prompt", "hang", env_extra=e)
+        wait_until(lambda w=w: w.proc.poll() is not None or r.hget(keys.job(hang), "status") == "failed", 60,
+                   "the worker to hang, or the job to fail")
+        if w.proc.poll() is None:
+            break  # this worker survived: nothing hangs it any more
+        exits.append(w.proc.wait())
+    wait_until(lambda: not counts(r, "poison").get("queued") and not counts(r, "poison").get("running"), 60,
+               lambda: f"the batch to end: {counts(r, 'poison')}")
+    recs = records(r, "poison")
+    assert recs["hang"]["status"] == "failed" and "poison" in recs["hang"]["error"], recs["hang"]
+    assert exits == [3, 3, 3], exits
+    assert {c: recs[c]["status"] for c in ("p0", "p1", "p2")} == dict.fromkeys(("p0", "p1", "p2"), "succeeded"), \
+        {c: (recs[c]["status"], recs[c].get("error")) for c in recs}
+
+
+@pytest.mark.xfail(strict=True, reason="the hung job's own message is in no queue after the stalled worker exits "
+                   "(restored neither by kombu nor left in unacked); the sweep re-enqueues it only once the queue "
+                   "has drained and the job has waited 2 x heartbeat TTL + 1 s")
+def test_a_stalled_worker_hands_back_every_message_it_held(tmp_path, env, r, spawn):
+    rows = [{"prompt": "hang", "custom_id": "hang", "model": "null", "width": 256, "height": 256}, *null_jobs(3)]
+    assert run_cli(["submit", str(jsonl(tmp_path, rows)), "--batch", "back"], env).returncode == 0
+    w = spawn("--max-batch", "4", "--null-hang-prompt", "hang", env_extra={"SDFLEET_STALL_FLOOR_S": "2"})
+    assert w.proc.wait(60) == 3
+    queued = broker.queued_job_ids(r, NULL_QUEUE)
+    where = {c: ("queue" if j in queued else "unacked" if j in gen_messages_unacked(r) else "nowhere")
+             for c, j in job_ids(r, "back").items()}
+    assert set(where.values()) == {"queue"}, where
 
 
 # --- 6. a dead worker's jobs, with no janitor ---------------------------------------------------------------
