@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sdfleet.errors import ConfigError, EngineError
+from tests.fp8_cpu import cpu_fp8_linear
 from worker.engine.fp8 import (
     DEFAULT_BF16_LAYERS,
     LAYER_TYPES,
@@ -83,6 +84,7 @@ def test_all_bf16_blocks_reproduce_diffusers(tiny, fused):
             assert rel(oc - c, rc - c) < 0.02
 
 
+@cpu_fp8_linear
 @pytest.mark.parametrize("fused", [True, False])
 def test_fp8_blocks_close_to_bf16(tiny, fused):
     xs, c, temb = block_inputs()
@@ -94,6 +96,7 @@ def test_fp8_blocks_close_to_bf16(tiny, fused):
         assert torch.isfinite(ox).all()
 
 
+@cpu_fp8_linear
 @pytest.mark.parametrize("opts", [Fp8Options(), Fp8Options(fused_quant=False), Fp8Options(bf16_layers=frozenset())])
 def test_converted_model_matches_unquantized(tiny, x, ref, opts):
     m = apply_fp8(copy.deepcopy(tiny), opts)
@@ -104,6 +107,7 @@ def test_converted_model_matches_unquantized(tiny, x, ref, opts):
     assert weight_bytes(m) < weight_bytes(tiny)
 
 
+@cpu_fp8_linear
 def test_fused_and_unfused_agree(tiny, x):
     m = apply_fp8(copy.deepcopy(tiny), Fp8Options())
     a = run(m, x)
@@ -112,6 +116,7 @@ def test_fused_and_unfused_agree(tiny, x):
     assert rel(a, b) < 0.02
 
 
+@cpu_fp8_linear
 def test_deferred_residual_is_the_same_sum(tiny, x):
     # every block but the last hands its image stream on as x + gate * y for the next block's norm to add
     m = apply_fp8(copy.deepcopy(tiny), Fp8Options())
@@ -138,6 +143,7 @@ def test_deferred_residual_is_the_same_sum(tiny, x):
     assert torch.equal(pending + 1, full + 1) and torch.equal(1 + pending, full + 1)
 
 
+@cpu_fp8_linear
 def test_one_adaln_gemm_for_all_blocks(tiny, x):
     """The model's AdaLN bank: every block's modulation from one linear, the blocks' own outputs unchanged."""
     for opts in (Fp8Options(), Fp8Options(bf16_layers=DEFAULT_BF16_LAYERS | {"adaln"})):
@@ -214,6 +220,7 @@ def test_convert_twice_is_refused(tiny):
         apply_fp8(m, Fp8Options())
 
 
+@cpu_fp8_linear
 def test_serialize_round_trip_without_requantizing(tiny, x, tmp_path, monkeypatch):
     m = apply_fp8(copy.deepcopy(tiny), Fp8Options(bf16_layers=frozenset({"adaln", "proj_out"})))
     want = run(m, x)
@@ -299,6 +306,7 @@ def test_position_table_cut_gives_the_same_positions(tiny, side):
     assert weight_bytes(cut) < weight_bytes(full)
 
 
+@cpu_fp8_linear
 def test_position_table_cut_refuses_larger_images_and_survives_serialization(tiny, x, tmp_path):
     opts = Fp8Options(max_image_side=256)  # 32 latent patches: the fixture's 32 x 32 latents just fit
     m = apply_fp8(copy.deepcopy(tiny), opts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.fp8_cpu import cpu_fp8_linear
 from worker.engine.fp8.linear import Fp8Linear
 from worker.engine.fp8.quant import (
     E4M3_MAX,
@@ -67,6 +68,7 @@ def test_weight_scales_per_output_channel(gen):
     assert rel(w8.float() * s[:, None], w) < E4M3_EPS
 
 
+@cpu_fp8_linear
 @pytest.mark.parametrize("m,k,n", [(5, 32, 48), (333, 256, 96), (2, 1536, 64)])
 def test_fp8_linear_vs_float64(gen, m, k, n):
     lin = torch.nn.Linear(k, n).to(torch.bfloat16)
@@ -86,6 +88,7 @@ def test_fp8_linear_vs_float64(gen, m, k, n):
     assert torch.isfinite(y).all()
 
 
+@cpu_fp8_linear
 def test_fp8_linear_fused_qkv_equals_separate(gen):
     lins = [torch.nn.Linear(64, 32).to(torch.bfloat16) for _ in range(3)]
     x = torch.randn(10, 64, generator=gen).bfloat16()
@@ -94,6 +97,7 @@ def test_fp8_linear_fused_qkv_equals_separate(gen):
     assert torch.equal(fused, parts)
 
 
+@cpu_fp8_linear
 def test_fp8_linear_accepts_prequantized_input(gen):
     lin = torch.nn.Linear(64, 32).to(torch.bfloat16)
     x = torch.randn(3, 7, 64, generator=gen).bfloat16()
