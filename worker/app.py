@@ -178,13 +178,12 @@ class WorkerContext:
                 self.store.requeue(d.job_id, run=d.extra.get("run", ""))
             except redis.RedisError:
                 pass
-        channel = next((d.message.channel for d in overdue.deliveries if d.message is not None), None)
-        if channel is not None:
-            # Every unacknowledged message of this worker back to the head of its queue (kombu's own restore).
-            channel.qos.restore_unacked()
+        # Its messages stay unacknowledged and in its held hash: once its heartbeat (marked stalled above)
+        # expires, the sweep restores them from another process. Restored from here, the first one would go
+        # straight to this process's own blocked BRPOP (its prefetch has room) and be lost when it exits.
         try:
-            self.redis.delete(keys.worker_held(self.worker_id))
-        except redis.RedisError:
+            self.consumer.flush_held()
+        except Exception:
             pass
         logs_mod.get().info("worker exiting", exit_code=EXIT_STALLED)
         os._exit(EXIT_STALLED)
