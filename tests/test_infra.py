@@ -353,8 +353,10 @@ def test_worker_healthcheck_reads_the_heartbeat(redis_base_url: str) -> None:
     worker_id = f"infra-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(redis_url)
     assert run_heartbeat_check(code, redis_url, worker_id) == 1, "no heartbeat must be unhealthy"
-    client.hset(keys.worker(worker_id), mapping={"worker_id": worker_id})
+    client.hset(keys.worker(worker_id), mapping={"worker_id": worker_id, "state": "busy"})
     assert run_heartbeat_check(code, redis_url, worker_id) == 0, "a live heartbeat must be healthy"
+    client.hset(keys.worker(worker_id), "state", "stalled")  # a hung engine call (the worker then exits 3)
+    assert run_heartbeat_check(code, redis_url, worker_id) == 1, "a stalled worker must be unhealthy"
     client.delete(keys.worker(worker_id))
     with socket.socket() as s:  # a port nothing listens on: Redis down is not the worker's fault
         s.bind(("127.0.0.1", 0))

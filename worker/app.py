@@ -242,6 +242,13 @@ class Heartbeat(threading.Thread):
         ctx = self.ctx
         if ctx.state not in ("stalled", "draining", "booting"):
             ctx.state = "busy" if ctx.engine_thread.running else "idle"
+        if ctx.settings.health_file:
+            # Written first, whatever Redis does: a supervisor should restart a stalled worker, not every
+            # worker while Redis restarts.
+            tmp = ctx.settings.health_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"state": ctx.state, "last_beat": time.time(), "worker_id": ctx.worker_id}, f)
+            os.replace(tmp, ctx.settings.health_file)
         info = self.info()
         pipe = self.r.pipeline(transaction=False)
         pipe.exists(keys.worker_reclaimed(ctx.worker_id))
@@ -254,11 +261,6 @@ class Heartbeat(threading.Thread):
         if ctx.metrics is not None:
             ctx.metrics.set_state(ctx.state)
             ctx.metrics.set_queue_depth(len(ctx.batcher))
-        if ctx.settings.health_file:
-            tmp = ctx.settings.health_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"state": ctx.state, "last_beat": time.time(), "worker_id": ctx.worker_id}, f)
-            os.replace(tmp, ctx.settings.health_file)
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
