@@ -1,0 +1,131 @@
+"""Breaks of the producer side found by attacking it with the CLI, real Redis and real processes.
+
+Each test states the input, what happens today and what should happen; each fails until its break is fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+from standardwebhooks import Webhook
+
+from producer.submit import job_id_for
+from sdfleet import keys
+from sdfleet.jobs import parse_job
+from sdfleet.queue import make_app
+from sdfleet.redisconn import PrivateRedis
+from sdfleet.settings import Settings
+from sdfleet.webhooks import outbox
+from sdfleet.webhooks.signing import new_secret
+from tests.conftest import ROOT, run_cli
+from tests.webhook_receiver import start_receiver
+
+SECRET = new_secret()
+
+
+def _queued(r: redis.Redis, model: str) -> int:
+    return int(r.llen(keys.queue_for_model(model)))
+
+
+# --- 1. a derived custom_id that collides with one given on another line ---------------------------------
+
+def test_a_given_custom_id_equal_to_another_lines_derived_one_is_rejected(tmp_path, env, r) -> None:
+    """Line 1 has no custom_id, so it gets 'j' + its content hash; line 2 gives that very id with another
+    prompt. Today: exit 0, "1 enqueued (1 in batch)": line 2's job silently never exists, and two messages
+    for one job id sit in the queue. Should: exit 2 naming line 2 and the custom_id, nothing enqueued (as for
+    two lines that give the same custom_id)."""
+    derived = "j" + parse_job({"prompt": "a", "model": "null"}).identity()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "custom_id": derived}) + "\n")
+    p = run_cli(["submit", str(jobs), "--batch", "collide", "--model", "null"], env)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    assert derived in p.stderr and "line 2" in p.stderr, p.stderr
+    assert not r.exists(keys.batch("collide")) and _queued(r, "null") == 0
+
+
+def test_a_given_custom_id_equal_to_a_repeat_suffix_is_rejected(tmp_path, env, r) -> None:
+    """Two identical lines without custom_id get 'jHASH' and 'jHASH-2'; a third line that gives 'jHASH-2' with
+    another prompt is dropped the same way (exit 0, 2 of 3 jobs exist). Should: exit 2, nothing enqueued."""
+    derived = "j" + parse_job({"prompt": "a", "model": "null"}).identity()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(x) + "\n" for x in
+                            ({"prompt": "a"}, {"prompt": "a"}, {"prompt": "c", "custom_id": f"{derived}-2"})))
+    p = run_cli(["submit", str(jobs), "--batch", "collide2", "--model", "null"], env)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert not r.exists(keys.batch("collide2")) and _queued(r, "null") == 0
+
+
+# --- 2. TLS options on a plain redis:// URL ---------------------------------------------------------------
+
+def test_tls_options_on_a_plain_redis_url_are_a_configuration_error(tmp_path, env, redis_url) -> None:
+    """REDIS_URL=redis://host:6379/12?ssl_ca_certs=/ca.pem passes the strict parser (the option is known), then
+    redis-py raises TypeError (unexpected keyword 'ssl_ca_certs'): a traceback and exit 1. Should: exit 2, one
+    line naming REDIS_URL and the fix (TLS options need rediss://)."""
+    for option in ("ssl_ca_certs=/etc/ssl/certs/ca-certificates.crt", "ssl_cert_reqs=required"):
+        p = run_cli(["status", "nosuchbatch"], {**env, "REDIS_URL": f"{redis_url}?{option}"})
+        assert p.returncode == 2, (option, p.returncode, p.stderr[-600:])
+        assert "Traceback" not in p.stderr and "REDIS_URL" in p.stderr, p.stderr[-600:]
+        assert "rediss" in p.stderr, p.stderr[-600:]
+
+
+# --- 3. per-host isolation keyed by the URL's spelling, not by the receiver ----------------------------------
+
+def _webhook_worker(redis_url: str, log_path: Path, threads: int = 4) -> subprocess.Popen:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}
+    e.update({"REDIS_URL": redis_url, "SDFLEET_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
+              "SDFLEET_WEBHOOK_SECRET": SECRET, "SDFLEET_WEBHOOK_ALLOW_PRIVATE": "1",
+              "SDFLEET_WEBHOOK_TIMEOUT": "70", "SDFLEET_WEBHOOK_PER_HOST": "2"})
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "webhook-worker", "--threads", str(threads)],
+                            env=e, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while "webhook worker ready" not in log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)  # the consumer starts right after the ready line
+    return proc
+
+
+def test_one_receiver_spelled_several_ways_cannot_take_every_sender_thread(tmp_path) -> None:
+    """The per-host cap counts URL host strings. One hanging receiver reached as 127.0.0.1, 2130706433,
+    0x7f000001 and 127.1 (one address, four spellings; with wildcard DNS, any number of names) gets 2 slots
+    per spelling: all 4 threads hang and another receiver's webhook waits for the 60 s hang. Should: the cap
+    applies to the receiver (the resolved address), so the other receiver's webhook arrives within 1 s."""
+    private = PrivateRedis()
+    hanging, other = start_receiver("127.0.0.1"), start_receiver("127.0.0.2")
+    hanging.delays["/hang"] = 60.0
+    port = hanging.server.server_address[1]
+    proc = _webhook_worker(private.url, tmp_path / "whw.log")
+    app = make_app(Settings(redis_url=private.url))
+    try:
+        spellings = ("127.0.0.1", "2130706433", "0x7f000001", "127.1")
+        for i in range(16):
+            url = f"http://{spellings[i % len(spellings)]}:{port}/hang"
+            outbox.publish(app, outbox.new_delivery(event_id=f"msg_h{i}", event_type="job.succeeded", url=url,
+                                                    body="{}", batch_id="b"))
+        hanging.wait_for("/hang", 2)
+        time.sleep(1.5)  # every thread has met the hanging deliveries by now
+        sent = time.time()
+        outbox.publish(app, outbox.new_delivery(event_id="msg_ok", event_type="job.succeeded",
+                                                url=other.url("/ok"), body="{}", batch_id="b"))
+        held = len(hanging.got("/hang"))
+        try:
+            got = other.wait_for("/ok", 1, timeout=10)[0]
+        except AssertionError:
+            raise AssertionError(f"the other receiver got nothing in 10 s; the hanging one holds {held} "
+                                 "deliveries (cap 2)") from None
+        Webhook(SECRET).verify(got.body, got.headers)
+        assert got.at - sent < 1.0, got.at - sent
+        assert len(hanging.got("/hang")) <= 2, "one receiver holds no more than the per-host cap"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        for rec in (hanging, other):
+            rec.stop()
+        private.stop()
