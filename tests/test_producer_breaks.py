@@ -15,7 +15,6 @@ from pathlib import Path
 import redis
 from standardwebhooks import Webhook
 
-from producer.submit import job_id_for
 from sdfleet import keys
 from sdfleet.jobs import parse_job
 from sdfleet.queue import make_app
