@@ -118,3 +118,50 @@ def test_a_reopened_batch_keeps_its_finished_jobs(tmp_path, env, r, start_worker
     assert batch_ttl > 3600
     assert r.ttl(keys.job(ids["c0"])) >= batch_ttl - 60, \
         "a finished job of the open batch expires long before the batch"
+
+
+def _scheduler(env: dict[str, str], log: Path, *args: str):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "scheduler", "--driver", "local", "--model", "null",
+                             "--interval", "0.5", *args], env=env, cwd=ROOT, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_a_restarted_scheduler_adopts_the_workers_of_the_one_that_died(tmp_path, env, r) -> None:
+    """The local driver starts workers in their own sessions, so they outlive a scheduler that is killed
+    (OOM, kill -9, a crash). The next scheduler knows nothing of them: it starts a worker per wanted slot on
+    top of them (on a GPU host, a second process for a GPU that one already owns) and never drains the
+    orphans, which then run forever whatever the backlog. --max-workers 1 must mean one worker."""
+    import signal
+
+    limits = ("--min-workers", "1", "--max-workers", "1", "--cooldown-s", "0")
+    first = _scheduler(env, tmp_path / "s1.log", *limits)
+    second = None
+    try:
+        _wait(lambda: any(w.get("state") == "idle" for w in obs.live_workers(r)), what="the first worker")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = _scheduler(env, tmp_path / "s2.log", *limits)
+        start = time.time()
+        _wait(lambda: json.loads(r.hget(keys.SCHEDULER_STATE, "null") or '{"at": 0}')["at"] > start + 1,
+              what="the second scheduler's decisions")
+        try:
+            _wait(lambda: len(obs.live_workers(r)) >= 2, timeout=30)
+        except AssertionError:
+            pass  # it adopted the running worker (or started none beside it)
+        live = obs.live_workers(r)
+        assert len(live) <= 1, f"--max-workers 1, yet {len(live)} workers: {[w['worker_id'] for w in live]}"
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(60)
+        for w in obs.live_workers(r):  # the orphans the killed scheduler left: drain them
+            try:
+                os.kill(int(w["pid"]), signal.SIGTERM)
+            except (ProcessLookupError, KeyError, ValueError):
+                pass
