@@ -128,3 +128,41 @@ def test_one_receiver_spelled_several_ways_cannot_take_every_sender_thread(tmp_p
         for rec in (hanging, other):
             rec.stop()
         private.stop()
+
+
+# --- 4. an unbounded input is read whole into memory ---------------------------------------------------------
+
+def _limit_memory() -> None:
+    import resource
+
+    # 1.5 GB of address space: plenty for the CLI and a real job file, not for reading without a bound.
+    resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
+
+
+def test_an_endless_input_is_refused_without_reading_it_whole(tmp_path, env, r) -> None:
+    """``sdfleet submit /dev/zero`` (or an endless pipe to ``submit -``, or a multi-GB file) is read whole with
+    read_bytes() before the first line is checked: a MemoryError traceback, exit 1 (or the OOM killer without
+    a limit). Should: the file is read line by line with a bound on its size, and exit 2 names the file and
+    the limit, nothing written."""
+    p = subprocess.run([sys.executable, "-m", "sdfleet.cli", "submit", "/dev/zero", "--batch", "zero",
+                        "--model", "null"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       preexec_fn=_limit_memory)
+    assert p.returncode == 2, (p.returncode, p.stderr[-800:])
+    assert "Traceback" not in p.stderr and "MemoryError" not in p.stderr, p.stderr[-800:]
+    assert not r.exists(keys.batch("zero")) and _queued(r, "null") == 0
+
+
+# --- 5. terminal escapes from a job file reach the terminal ------------------------------------------------
+
+def test_escape_sequences_in_a_job_files_field_names_are_not_echoed_raw(tmp_path, env, r) -> None:
+    """A job file (from a customer, say) whose field name is ESC ] 0 ; ... BEL ESC [ 2 J: the error line prints
+    the name raw (``field '\\x1b]0;pwned\\x07\\x1b[2J'``), so the file retitles and clears the operator's
+    terminal (or erases the error lines above it). Values are shown with repr; field names should be too:
+    no ESC or BEL byte on stderr."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"\\u001b]0;pwned\\u0007\\u001b[2J": 1, "prompt": "a"}\n'
+                    '{"prompt": "a", "\\u001b[1A\\u001b[2K": 1, "\\u001b[1A\\u001b[2K": 2}\n')
+    p = run_cli(["submit", str(jobs), "--batch", "esc", "--model", "null"], env)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "\x1b" not in p.stderr and "\x07" not in p.stderr, repr(p.stderr)
+    assert "line 1" in p.stderr and "line 2" in p.stderr
