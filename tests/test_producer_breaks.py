@@ -166,3 +166,51 @@ def test_escape_sequences_in_a_job_files_field_names_are_not_echoed_raw(tmp_path
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert "\x1b" not in p.stderr and "\x07" not in p.stderr, repr(p.stderr)
     assert "line 1" in p.stderr and "line 2" in p.stderr
+
+
+# --- 6. URL edge cases ---------------------------------------------------------------------------------------
+
+def test_https_urls_of_a_bucket_with_dots_verify_against_aws_certificates() -> None:
+    """``--url-style https`` on AWS builds virtual-host URLs: for a bucket named ``my.images`` that is
+    ``https://my.images.s3.us-east-1.amazonaws.com/...``, which AWS's ``*.s3.us-east-1.amazonaws.com``
+    certificate does not cover (a wildcard spans one label), so every consumer's TLS check fails. Should:
+    path style (``https://s3.us-east-1.amazonaws.com/my.images/...``) for bucket names with a dot.
+    (The URL is computed locally: no S3 is involved.)"""
+    from urllib.parse import urlsplit
+
+    from sdfleet.storage import StorageFactory
+
+    url = StorageFactory(None, "us-east-1").public_url("s3://my.images/batch/c1.png", "https")
+    host = urlsplit(url).hostname
+    suffix = ".s3.us-east-1.amazonaws.com"
+    assert not (host.endswith(suffix) and "." in host[:-len(suffix)]), url
+
+
+def test_a_file_url_with_a_host_is_not_a_relative_directory(tmp_path, env, r) -> None:
+    """``--out file://localhost/DIR`` (the RFC 8089 spelling of file:///DIR) is taken as the relative path
+    ``localhost/DIR`` under the producer's working directory: the submit succeeds and creates
+    ./localhost/DIR. Should: the local host's DIR (or exit 2 refusing a file URL with a host), never a
+    directory named after the host."""
+    target = tmp_path / "images"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a cat\n")
+    p = run_cli(["submit", str(jobs), "--batch", "loc", "--model", "null", "--out", f"file://localhost{target}"],
+                env, cwd=cwd)
+    assert not (cwd / "localhost").exists(), "a directory named after the URL's host was created"
+    if p.returncode == 0:
+        spec = json.loads(r.hget(keys.job(r.hget(keys.batch_custom_ids("loc"), "line-000001")), "spec"))
+        assert spec["out"] == f"file://{target}", spec["out"]
+    else:
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+
+
+def test_an_upper_case_url_scheme_is_an_http_url(tmp_path, env, r) -> None:
+    """URL schemes are case-insensitive (RFC 3986 3.1), and the send-time check lower-cases them, but
+    ``--webhook HTTPS://example.com/hook`` is refused at submit: "is not an http(s) URL", exit 2."""
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a cat\n")
+    p = run_cli(["submit", str(jobs), "--batch", "up", "--model", "null", "--webhook", "HTTPS://example.com/hook"],
+                env)
+    assert p.returncode == 0, p.stderr
