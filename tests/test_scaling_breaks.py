@@ -165,3 +165,29 @@ def test_a_restarted_scheduler_adopts_the_workers_of_the_one_that_died(tmp_path,
                 os.kill(int(w["pid"]), signal.SIGTERM)
             except (ProcessLookupError, KeyError, ValueError):
                 pass
+
+
+def test_a_job_held_by_a_killed_worker_is_finished_by_the_scheduled_pool(tmp_path, env, r) -> None:
+    """The operator's command from the issue (--min-workers 0, --cooldown-s 5) with no janitor: every worker
+    runs the reclaim sweep, so the jobs a SIGKILLed worker held come back only through a live worker. The
+    scheduler restarts the crashed one, and must keep a worker until those jobs have run: every job of the
+    batch ends."""
+    import signal
+
+    _submit(tmp_path, env, "held", [f"p{i}" for i in range(8)])
+    sched = _scheduler(env, tmp_path / "s.log", "--min-workers", "0", "--max-workers", "1", "--cooldown-s", "5",
+                       "--worker-args", "--null-delay-ms 1500 --max-batch 4")
+    try:
+        store = JobStore(r)
+        _wait(lambda: store.counts("held").get("running", 0) > 0, what="a batch in the engine")
+        (victim,) = [w for w in obs.live_workers(r) if w.get("state") == "busy"] or [obs.live_workers(r)[0]]
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        try:
+            _wait(lambda: store.counts("held").get("succeeded", 0) == 8, timeout=120)
+        except AssertionError:
+            pass
+        counts = store.counts("held")
+        assert counts.get("succeeded", 0) == 8, f"jobs left behind by the killed worker: {counts}"
+    finally:
+        sched.send_signal(signal.SIGTERM)
+        sched.wait(120)
