@@ -62,6 +62,7 @@ def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info,
                     renderer]))
+    handler.addFilter(_RepeatFilter(10.0))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -69,6 +70,33 @@ def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
     numeric = logging.getLevelName(level.upper())
     root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
     logging.captureWarnings(True)
+
+
+class _RepeatFilter(logging.Filter):
+    """The standard library's repeated records (kombu's and Celery's, in a Redis outage: one traceback a
+    second) let through once per ``interval_s`` per logger and message, with how many were held back."""
+
+    def __init__(self, interval_s: float):
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg)[:200])
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -1e18) < self.interval_s:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            held = self._held.pop(key, 0)
+        if held:
+            record.msg = f"{record.msg} (and {held} more like it in the last {self.interval_s:g} s)"
+        return True
 
 
 def get(name: str | None = None, **bound):

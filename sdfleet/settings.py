@@ -115,7 +115,9 @@ class Settings(BaseModel):
     upload_retries: int = Field(8, ge=0)
     # Worker: a store error that waiting cannot fix (no such bucket, access denied) fails the job after this
     # many tries; transient ones are retried with backoff up to storage_retry_cap_s between tries.
-    storage_permanent_tries: int = Field(5, ge=1, le=100)
+    # (8 tries with the backoff below span about a minute: a directory made read-only for a few seconds
+    # survives, a missing bucket fails within a minute)
+    storage_permanent_tries: int = Field(8, ge=1, le=100)
     storage_retry_cap_s: float = Field(30.0, gt=0)
     # Worker: a batch running longer than stall_multiple x its expected time (never less than stall_floor_s)
     # is stalled: handed back, and the worker exits non-zero for its supervisor to restart it.

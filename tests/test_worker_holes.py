@@ -463,9 +463,6 @@ def test_hung_engine_call_is_reported_stalled_and_the_worker_exits_3(tmp_path, e
     assert engine_runs(b) == {j: 1 for j in job_ids(r, "hung").values()}
 
 
-@pytest.mark.xfail(strict=True, reason="the batch mates are failed as poison with it: a handed-back batch forms "
-                   "again as one batch, every start charges every job of it, and nothing runs a job whose earlier "
-                   "start never finished on its own (worker/runner.py _claim, state.py charged)")
 def test_a_job_that_hangs_every_engine_fails_as_poison_and_its_batch_mates_do_not(tmp_path, env, r, spawn):
     """The hung job keeps hanging every worker it reaches: after the poison cap it fails, and the jobs that
     merely shared its batch must still succeed."""
@@ -621,8 +618,6 @@ def test_every_line_of_a_worker_is_json_with_its_worker_id(tmp_path, env, spawn)
 CELERY_BANNER = ("", "worker: Warm shutdown (MainProcess)")
 
 
-@pytest.mark.xfail(strict=True, reason="Celery's warm-shutdown handler writes 'worker: Warm shutdown (MainProcess)' "
-                   "straight to the stdout file descriptor (celery/apps/worker.py, _shutdown_handler -> safe_say)")
 def test_sigterm_writes_no_line_that_is_not_json(env, spawn):
     w = spawn("--max-batch", "2")
     assert w.stop(signal.SIGTERM, timeout=60) == 0

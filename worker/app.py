@@ -365,6 +365,23 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
     def _draining(**_: Any) -> None:
         ctx.state = "draining"
 
+    @signals.worker_ready.connect(weak=False)
+    def _json_sigterm(**_: Any) -> None:
+        # Celery's own SIGTERM handler writes a bare "worker: Warm shutdown" line to stdout; this one does what
+        # it does (a warm shutdown through Celery's public state flag) and logs it as JSON like every other line.
+        from celery import platforms
+        from celery.worker import state as celery_state
+
+        def on_sigterm(*_args: Any) -> None:
+            log.info("warm shutdown requested", signal="SIGTERM")
+            try:
+                signals.worker_shutting_down.send(sender=f"sdfleet@{worker_id}", sig="SIGTERM", how="Warm",
+                                                  exitcode=0)
+            finally:
+                celery_state.should_stop = 0
+
+        platforms.signals["SIGTERM"] = on_sigterm
+
     try:
         worker.start()
     finally:

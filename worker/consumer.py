@@ -314,8 +314,14 @@ class GenerationConsumer:
             else:  # revoked while running elsewhere: not this worker's to settle; hand its copy back
                 self.ctx.batcher.add(d)
 
-    def stop(self) -> None:
-        """Drain: start no new batch, let the engine and post-processing finish what they have, then settle."""
+    def stop(self, *, restarting: bool = False) -> None:
+        """Drain: start no new batch, let the engine and post-processing finish what they have, then settle.
+
+        ``restarting``: Celery is only restarting its consumer after a lost connection. Then nothing is waited
+        for (the loop must get back to reconnecting): the engine and post-processing go on, their outcomes are
+        recorded, and the messages of this channel come back through kombu (a redelivered finished job is
+        acknowledged without running again).
+        """
         if self.hub is None:
             return
         ctx = self.ctx
@@ -325,11 +331,12 @@ class GenerationConsumer:
                 timer.cancel()
         self._deadline = self._tick = None
         waiting = ctx.engine_thread.take_back()
-        deadline = time.monotonic() + ctx.settings.drain_timeout_s
+        deadline = time.monotonic() + (0.0 if restarting else ctx.settings.drain_timeout_s)
         while not ctx.engine_thread.idle() and time.monotonic() < deadline:
             ctx.loop.drain()
             time.sleep(0.02)
-        ctx.post.wait(timeout=max(1.0, deadline - time.monotonic()))
+        if not restarting:
+            ctx.post.wait(timeout=max(1.0, deadline - time.monotonic()))
         ctx.loop.drain()
         unstarted = list(ctx.batcher) + (waiting[1] if waiting else [])
         ctx.batcher.groups.clear()
@@ -377,7 +384,12 @@ class GenerationStep(bootsteps.StartStopStep):
 
     def stop(self, c):
         if self.consumer is not None:
-            self.consumer.stop()
+            # The worker's own blueprint still runs while Celery restarts the consumer after a lost connection;
+            # at a shutdown it has left RUN already.
+            restarting = getattr(getattr(c, "controller", None), "blueprint", None) is not None and \
+                c.controller.blueprint.state == bootsteps.RUN
+            self.consumer.stop(restarting=restarting)
 
     def shutdown(self, c):
-        self.stop(c)
+        if self.consumer is not None:
+            self.consumer.stop()

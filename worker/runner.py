@@ -56,6 +56,32 @@ class BatchRunner:
         self._in_engine: list[str] = []
 
     def run(self, key: BatchKey, deliveries: Sequence[Delivery]) -> None:
+        """Run a group. Jobs whose last start never left an engine (their worker died or hung with them
+        inside) run alone, each in an engine run of its own: a poison job then charges only itself, and its
+        batch mates are not failed with it."""
+        if len(deliveries) > 1:
+            try:
+                suspects = self._suspects(deliveries)
+            except redis.RedisError as exc:
+                self.settle.retry_later(list(deliveries), exc)
+                return
+            if suspects:
+                rest = [d for d in deliveries if d.job_id not in suspects]
+                if rest:
+                    self._run(key, rest)
+                for d in deliveries:
+                    if d.job_id in suspects:
+                        self._run(key, [d])
+                return
+        self._run(key, deliveries)
+
+    def _suspects(self, deliveries: Sequence[Delivery]) -> set[str]:
+        pipe = self.store.r.pipeline(transaction=False)
+        for d in deliveries:
+            pipe.hget(keys.job(d.job_id), "charged")
+        return {d.job_id for d, charged in zip(deliveries, pipe.execute()) if int(charged or 0) > 0}
+
+    def _run(self, key: BatchKey, deliveries: Sequence[Delivery]) -> None:
         try:
             if self._in_engine:
                 # The previous run has left the engine: if the worker dies from now on, it is not that run's
