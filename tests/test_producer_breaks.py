@@ -214,3 +214,36 @@ def test_an_upper_case_url_scheme_is_an_http_url(tmp_path, env, r) -> None:
     p = run_cli(["submit", str(jobs), "--batch", "up", "--model", "null", "--webhook", "HTTPS://example.com/hook"],
                 env)
     assert p.returncode == 0, p.stderr
+
+
+# --- 7. --out problems that escape as tracebacks or blame another field -----------------------------------
+
+def test_an_out_directory_that_is_a_symlink_loop_is_a_usage_error(tmp_path, env, r) -> None:
+    """``--out file://DIR/loop1`` where loop1 -> loop2 -> loop1: Path.resolve() raises RuntimeError ("Symlink
+    loop"), a traceback, exit 1. Should: exit 2 naming --out and the fix, nothing written."""
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a cat\n")
+    p = run_cli(["submit", str(jobs), "--batch", "loop", "--model", "null", "--out", f"file://{tmp_path}/loop1"],
+                env)
+    assert p.returncode == 2, (p.returncode, p.stderr[-600:])
+    assert "Traceback" not in p.stderr and "--out" in p.stderr, p.stderr[-600:]
+    assert not r.exists(keys.batch("loop"))
+
+
+def test_a_non_utf8_byte_in_out_or_webhook_is_reported_against_that_flag(tmp_path, env, r) -> None:
+    """``--out file:///tmp/x<0xff>`` or ``--webhook http://example.com/<0xff>`` (argv bytes that are not UTF-8)
+    are refused with exit 2, but the message blames "field 'custom_id line-000001': cannot be serialised
+    (... UnicodeEncodeError ...)": a field the user never set. Should: name --out / --webhook (as a
+    non-UTF-8 --negative-prompt already does)."""
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a cat\n")
+    bad = os.fsdecode(b"\xff")  # how Python hands a non-UTF-8 argv byte to the program
+    for flag, value in (("--out", f"file://{tmp_path}/x{bad}"), ("--webhook", f"http://example.com/{bad}")):
+        p = subprocess.run([os.fsencode(sys.executable), b"-m", b"sdfleet.cli", b"submit", os.fsencode(str(jobs)),
+                            b"--batch", b"bytes", b"--model", b"null", os.fsencode(flag), os.fsencode(value)],
+                           env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert p.returncode == 2, (flag, p.returncode, p.stderr)
+        assert flag in p.stderr and "custom_id" not in p.stderr, (flag, p.stderr)
+    assert not r.exists(keys.batch("bytes"))
