@@ -74,6 +74,18 @@ def test_tls_options_on_a_plain_redis_url_are_a_configuration_error(tmp_path, en
         assert "rediss" in p.stderr, p.stderr[-600:]
 
 
+def test_an_unknown_tls_option_value_is_a_configuration_error(tmp_path, env, redis_url) -> None:
+    """The parser checks option names, not values: REDIS_URL=rediss://host:6379/12?ssl_cert_reqs=bogus (or
+    ssl_check_hostname=maybe) passes, and the command fails later with exit 1 ("answered with an error:
+    Invalid SSL Certificate Requirements Flag: bogus", or a connection timeout). Should: exit 2, naming
+    REDIS_URL, the option and its allowed values (none, optional, required; true or false)."""
+    base = redis_url.replace("redis://", "rediss://", 1)
+    for option in ("ssl_cert_reqs=bogus", "ssl_check_hostname=maybe"):
+        p = run_cli(["status", "nosuchbatch"], {**env, "REDIS_URL": f"{base}?{option}"}, timeout=60)
+        assert p.returncode == 2, (option, p.returncode, p.stderr[-600:])
+        assert "REDIS_URL" in p.stderr and option.split("=")[0] in p.stderr, p.stderr[-600:]
+
+
 # --- 3. per-host isolation keyed by the URL's spelling, not by the receiver ----------------------------------
 
 def _webhook_worker(redis_url: str, log_path: Path, threads: int = 4) -> subprocess.Popen:
