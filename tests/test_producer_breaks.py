@@ -259,3 +259,37 @@ def test_a_non_utf8_byte_in_out_or_webhook_is_reported_against_that_flag(tmp_pat
         assert p.returncode == 2, (flag, p.returncode, p.stderr)
         assert flag in p.stderr and "custom_id" not in p.stderr, (flag, p.stderr)
     assert not r.exists(keys.batch("bytes"))
+
+
+# --- 8. resubmitting a cancelled batch ------------------------------------------------------------------------
+
+def test_resubmitting_a_cancelled_batch_runs_its_jobs(tmp_path, env, r, start_worker) -> None:
+    """README: resubmitting to the same --batch runs again the jobs that were cancelled. Today: ``sdfleet cancel``
+    revokes the job ids; a live worker keeps them in Celery's revoked set, the resubmission reuses the same
+    job ids (derived from batch and custom_id), prints "5 enqueued", and the worker cancels all 5 again:
+    "0 succeeded, 5 cancelled of 5". Should: the resubmitted jobs run and succeed.
+    (The worker is paused with SIGSTOP only so that the jobs are still queued when they are cancelled.)"""
+    import signal
+
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(f"prompt {i}\n" for i in range(5)))
+    w = start_worker(model="null")
+    w.proc.send_signal(signal.SIGSTOP)
+    try:
+        p = run_cli(["submit", str(jobs), "--batch", "cr", "--model", "null"], env)
+        assert p.returncode == 0, p.stderr
+        p = run_cli(["cancel", "cr"], env)
+        assert p.returncode == 0, p.stderr
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+    st = {}
+    for _ in range(100):  # the worker drops the cancelled messages
+        st = json.loads(run_cli(["status", "cr", "--json"], env).stdout)
+        if st["counts"]["cancelled"] == 5 and not r.llen(keys.queue_for_model("null")):
+            break
+        time.sleep(0.2)
+    assert st["counts"]["cancelled"] == 5, st
+    p = run_cli(["submit", str(jobs), "--batch", "cr", "--model", "null"], env)
+    assert p.returncode == 0 and "5 enqueued" in p.stderr, p.stderr
+    p = run_cli(["wait", "cr", "--timeout", "60"], env)
+    assert p.returncode == 0, (p.stderr[-400:], w.log()[-2000:])
