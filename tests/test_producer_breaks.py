@@ -293,3 +293,79 @@ def test_resubmitting_a_cancelled_batch_runs_its_jobs(tmp_path, env, r, start_wo
     assert p.returncode == 0 and "5 enqueued" in p.stderr, p.stderr
     p = run_cli(["wait", "cr", "--timeout", "60"], env)
     assert p.returncode == 0, (p.stderr[-400:], w.log()[-2000:])
+
+
+# --- 9. a receiver that answers one byte at a time ------------------------------------------------------------
+
+def _trickling_receiver(stop_after_s: float = 40.0):
+    """A TCP receiver that reads the request, then answers one header byte a second. Returns (port, result):
+    result['closed_after'] is set to how long after the first byte the client hung up."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    result: dict[str, float] = {}
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        start = time.monotonic()
+        payload = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000
+        try:
+            for byte in payload:
+                conn.sendall(bytes([byte]))
+                time.sleep(1.0)
+                conn.settimeout(0.01)
+                try:
+                    if conn.recv(1) == b"":  # the client hung up
+                        break
+                except (TimeoutError, BlockingIOError):
+                    pass
+                if time.monotonic() - start > stop_after_s:
+                    break
+        except OSError:
+            pass
+        result["closed_after"] = time.monotonic() - start
+        conn.close()
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1], result
+
+
+def test_a_receiver_trickling_its_answer_is_cut_off_at_the_webhook_timeout(tmp_path) -> None:
+    """SDFLEET_WEBHOOK_TIMEOUT is applied per socket read, not to the whole delivery: a receiver that sends
+    its status line and headers one byte a second keeps a sender thread for as long as it likes (here the
+    attempt was still running after 40 s with a 3 s timeout). With the per-host cap bypass above, a few such
+    receivers hold every thread. Should: an attempt ends within about the timeout, whatever the receiver
+    does."""
+    private = PrivateRedis()
+    port, result = _trickling_receiver()
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")}
+    e.update({"REDIS_URL": private.url, "SDFLEET_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
+              "SDFLEET_WEBHOOK_SECRET": SECRET, "SDFLEET_WEBHOOK_ALLOW_PRIVATE": "1", "SDFLEET_WEBHOOK_TIMEOUT": "3"})
+    log_path = tmp_path / "whw.log"
+    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "webhook-worker", "--threads", "2"], env=e,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    app = make_app(Settings(redis_url=private.url))
+    try:
+        deadline = time.monotonic() + 30
+        while "webhook worker ready" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        outbox.publish(app, outbox.new_delivery(event_id="msg_slow", event_type="job.succeeded",
+                                                url=f"http://127.0.0.1:{port}/slow", body="{}", batch_id="b"))
+        deadline = time.monotonic() + 60
+        while "closed_after" not in result and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert result.get("closed_after", 99) < 8.0, result
+    finally:
+        proc.kill()
+        proc.wait(10)
+        private.stop()
