@@ -369,3 +369,31 @@ def test_a_receiver_trickling_its_answer_is_cut_off_at_the_webhook_timeout(tmp_p
         proc.kill()
         proc.wait(10)
         private.stop()
+
+
+# --- 10. a webhook URL with credentials ---------------------------------------------------------------------
+
+def test_credentials_in_a_webhook_url_reach_the_receiver(tmp_path) -> None:
+    """``--webhook https://user:token@hooks.example.com/x`` passes every check, but the sender connects to the
+    pinned address with a URL rebuilt from scheme, address, port and path: the user:token part is dropped,
+    no Authorization header is sent, and a receiver behind basic auth answers 401 until the delivery is
+    dead. Should: send the credentials (Authorization: Basic), or refuse such URLs at submit with exit 2."""
+    import base64
+
+    private = PrivateRedis()
+    rec = start_receiver("127.0.0.1")
+    proc = _webhook_worker(private.url, tmp_path / "whw.log", threads=2)
+    app = make_app(Settings(redis_url=private.url))
+    try:
+        port = rec.server.server_address[1]
+        outbox.publish(app, outbox.new_delivery(event_id="msg_auth", event_type="job.succeeded",
+                                                url=f"http://hook-user:s3cret@127.0.0.1:{port}/auth", body="{}",
+                                                batch_id="b"))
+        got = rec.wait_for("/auth", 1, timeout=15)[0]
+        expected = "Basic " + base64.b64encode(b"hook-user:s3cret").decode()
+        assert got.headers.get("authorization") == expected, got.headers
+    finally:
+        proc.kill()
+        proc.wait(10)
+        rec.stop()
+        private.stop()
