@@ -397,3 +397,20 @@ def test_credentials_in_a_webhook_url_reach_the_receiver(tmp_path) -> None:
         proc.wait(10)
         rec.stop()
         private.stop()
+
+
+# --- 11. a refused submission still creates its --out directory -------------------------------------------
+
+def test_a_refused_resubmission_creates_no_out_directory(tmp_path, env, r) -> None:
+    """A resubmission refused as a conflict (exit 2, "Nothing was enqueued") has already made its --out
+    directory tree: the writability check (mkdir -p and a probe file) runs before the conflict check. The
+    issue asks: exit 2 writes nothing. Should: check conflicts (and the batch's lease) first, or check
+    writability without creating the tree."""
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text(json.dumps({"prompt": "a", "custom_id": "c1", "steps": 4}) + "\n")
+    second.write_text(json.dumps({"prompt": "a", "custom_id": "c1", "steps": 5}) + "\n")
+    assert run_cli(["submit", str(first), "--batch", "refused", "--model", "null"], env).returncode == 0
+    fresh = tmp_path / "fresh" / "images"
+    p = run_cli(["submit", str(second), "--batch", "refused", "--model", "null", "--out", f"file://{fresh}"], env)
+    assert p.returncode == 2 and "c1 (steps)" in p.stderr, p.stderr
+    assert not (tmp_path / "fresh").exists(), "exit 2 created the --out directory"
