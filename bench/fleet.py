@@ -45,6 +45,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from bench import fleet_gpus
+
 ROOT = Path(__file__).resolve().parents[1]
 #: the issue's mix for SD3.5 (WxH:STEPS:WEIGHT); the tiny model gets the same three keys' shapes scaled down
 MIXES = {"sd35": "1024x1024:28:4,768x1344:28:3,512x512:20:3", "tiny": "384x384:4:4,256x448:4:3,256x256:3:3"}
@@ -150,7 +152,9 @@ class NvmlSampler(threading.Thread):
 # --- one fleet phase --------------------------------------------------------------------------------
 
 def run_phase(name: str, a: argparse.Namespace, ctx: dict[str, Any], max_batch: int,
-              extra: list[str]) -> dict[str, Any]:
+              extra: list[str], gpus: int = 1) -> dict[str, Any]:
+    """One phase: ``gpus`` workers (``--device cuda:0`` .. ``cuda:N-1``, or N CPU workers) on one Redis, fed
+    ``gpus`` x the phase's jobs, so each worker runs about as long as one worker does alone."""
     import redis
 
     from sdfleet import keys
@@ -160,35 +164,51 @@ def run_phase(name: str, a: argparse.Namespace, ctx: dict[str, Any], max_batch: 
     r.flushdb()
     out_dir = ctx["work"] / f"out-{name}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    timeline = ctx["work"] / f"timeline-{name}.jsonl"
-    timeline.unlink(missing_ok=True)
-    worker_id = f"fleet-bench-{name}"
-    args = ["worker", "--model", str(ctx["model_dir"]), "--device", a.device, "--worker-id", worker_id,
-            "--max-batch", str(max_batch), *extra]
-    for w, h, steps, _ in ctx["mix"]:
-        args += ["--warmup", f"{w}x{h}:{steps}"]
-    if a.device.startswith("cuda"):
-        args += ["--precision", "fp8", "--fp8-weights", str(ctx["fp8_dir"])]
-    else:
-        args += ["--precision", "fp32"]
-    if ctx["has_timeline"]:
-        args += ["--timeline", str(timeline)]
-    log_path = ctx["work"] / f"worker-{name}.log"
-    sampler = NvmlSampler(a.device)
+    cuda = a.device.startswith("cuda")
+    workers = []
+    for i in range(gpus):
+        # One worker keeps the one-GPU run's names; several get an index each.
+        tag = name if gpus == 1 else f"{name}-w{i}"
+        device = a.device if gpus == 1 or not cuda else f"cuda:{i}"
+        timeline = ctx["work"] / f"timeline-{tag}.jsonl"
+        timeline.unlink(missing_ok=True)
+        worker_id = f"fleet-bench-{tag}"
+        args = ["worker", "--model", str(ctx["model_dir"]), "--device", device, "--worker-id", worker_id,
+                "--max-batch", str(max_batch), *extra]
+        for w, h, steps, _ in ctx["mix"]:
+            args += ["--warmup", f"{w}x{h}:{steps}"]
+        if cuda:
+            args += ["--precision", "fp8", "--fp8-weights", str(ctx["fp8_dir"])]
+        else:
+            args += ["--precision", "fp32"]
+        if ctx["has_timeline"]:
+            args += ["--timeline", str(timeline)]
+        workers.append({"tag": tag, "device": device, "worker_id": worker_id, "args": args, "timeline": timeline,
+                        "log": ctx["work"] / f"worker-{tag}.log", "hb_key": keys.worker(worker_id),
+                        # One worker: the sampler of the one-GPU runs (the worker's own memory too). Several:
+                        # each GPU by the UUID its worker reports, since NVML's indices are not CUDA's.
+                        "sampler": NvmlSampler(device) if gpus == 1 else fleet_gpus.ProbeSampler()})
     t_boot = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", *args], env=env, cwd=ROOT,
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    sampler.pid = proc.pid
-    sampler.start()
-    hb_key = keys.worker(worker_id)
+    for wk in workers:
+        wk["proc"] = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", *wk["args"]], env=env, cwd=ROOT,
+                                      stdout=open(wk["log"], "w"), stderr=subprocess.STDOUT)
+        wk["sampler"].pid = wk["proc"].pid
+        wk["sampler"].start()
     try:
-        while not r.exists(hb_key):
-            if proc.poll() is not None or time.time() - t_boot > a.boot_timeout:
-                raise SystemExit(f"worker ({name}) did not boot (rc={proc.poll()}):\n{log_path.read_text()[-4000:]}")
+        booting = list(workers)
+        while booting:
+            for wk in list(booting):
+                if r.exists(wk["hb_key"]):
+                    wk["boot_s"], wk["before"] = time.time() - t_boot, r.hgetall(wk["hb_key"])
+                    if isinstance(wk["sampler"], fleet_gpus.ProbeSampler):
+                        wk["sampler"].gpu_id = wk["before"].get("gpu_uuid") or None
+                    booting.remove(wk)
+                elif wk["proc"].poll() is not None or time.time() - t_boot > a.boot_timeout:
+                    raise SystemExit(f"worker ({wk['tag']}) did not boot (rc={wk['proc'].poll()}):\n"
+                                     f"{wk['log'].read_text()[-4000:]}")
             time.sleep(0.1)
-        boot_s = time.time() - t_boot
-        before = r.hgetall(hb_key)
-        jobs = make_jobs(a.jobs if name == "fleet" else a.ablation_jobs or a.jobs, ctx["mix"], ctx["model_name"])
+        per = a.jobs if name == "fleet" else a.ablation_jobs or a.jobs
+        jobs = make_jobs(per * gpus, ctx["mix"], ctx["model_name"])
         batches = submit_stream(jobs, a.chunks, out_dir, env, name, ctx["work"])
         t_wait = time.time()
         from producer.status import batch_status
@@ -204,35 +224,82 @@ def run_phase(name: str, a: argparse.Namespace, ctx: dict[str, Any], max_batch: 
             now_done = sum(st["counts"]["succeeded"] + st["counts"]["failed"] for st in states)
             if now_done != done:
                 done, t_progress = now_done, time.time()
-            if proc.poll() is not None:
-                raise SystemExit(f"worker ({name}) exited (rc={proc.returncode}):\n{log_path.read_text()[-4000:]}")
+            for wk in workers:
+                if wk["proc"].poll() is not None:
+                    raise SystemExit(f"worker ({wk['tag']}) exited (rc={wk['proc'].returncode}):\n"
+                                     f"{wk['log'].read_text()[-4000:]}")
             if time.time() - t_wait > a.stream_timeout or time.time() - t_progress > a.stall_timeout:
                 raise SystemExit(f"phase {name}: {done} of {len(jobs)} jobs done after {time.time() - t_wait:.0f} s "
-                                 f"(none for {time.time() - t_progress:.0f} s); worker log: {log_path}")
+                                 f"(none for {time.time() - t_progress:.0f} s); worker logs: "
+                                 f"{', '.join(str(wk['log']) for wk in workers)}")
             time.sleep(0.05)
         t_done = time.time()
-        after = before
-        while time.time() - t_done < 15:  # the first heartbeat after the last job: the counters after the stream
-            hb = r.hgetall(hb_key)
-            if float(hb.get("last_beat", 0)) > t_done:
-                after = hb
-                break
+        for wk in workers:
+            wk["after"] = wk["before"]
+        pending = list(workers)
+        while pending and time.time() - t_done < 15:  # each worker's first heartbeat after the last job
+            for wk in list(pending):
+                hb = r.hgetall(wk["hb_key"])
+                if float(hb.get("last_beat", 0)) > t_done:
+                    wk["after"] = hb
+                    pending.remove(wk)
             time.sleep(0.1)
         records = {b: {rec.custom_id: rec for rec in store.iter_batch_jobs(b)} for b in batches.values()}
+        counts = {b: store.counts(b) for b in batches.values()}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        for wk in workers:
+            if wk["proc"].poll() is None:
+                wk["proc"].send_signal(signal.SIGTERM)
+        for wk in workers:
             try:
-                proc.wait(120)
+                wk["proc"].wait(120)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        sampler.stop_event.set()
-    runs = read_timeline(timeline) if timeline.is_file() else []
-    res = summarize(name, jobs, batches, records, out_dir, runs, sampler, before, after)
-    res.update(boot_s=round(boot_s, 2), worker_args=args[1:], worker_exit=proc.returncode,
-               timeline_source="worker --timeline" if runs else "job records (the worker wrote no timeline)")
-    return res
+                wk["proc"].kill()
+                wk["proc"].wait(10)
+            wk["sampler"].stop_event.set()
+    for wk in workers:
+        wk["runs"] = read_timeline(wk["timeline"]) if wk["timeline"].is_file() else []
+        for x in wk["runs"]:
+            x["worker"] = wk["worker_id"]
+    if gpus == 1:
+        wk = workers[0]
+        res = summarize(name, jobs, batches, records, out_dir, wk["runs"], wk["sampler"], wk["before"], wk["after"])
+        res.update(boot_s=round(wk["boot_s"], 2), worker_args=wk["args"][1:], worker_exit=wk["proc"].returncode,
+                   timeline_source="worker --timeline" if wk["runs"] else "job records (the worker wrote no timeline)")
+        return res
+    return summarize_workers(name, jobs, batches, records, counts, out_dir, workers)
+
+
+def summarize_workers(name: str, jobs: list[dict], batches: dict[str, str], records: dict,
+                      counts: dict[str, dict[str, int]], out_dir: Path, workers: list[dict]) -> dict[str, Any]:
+    """A phase of several workers: each worker summarized on its own jobs and timeline (its GPU's busy fraction
+    and batch sizes), the totals over all of them, and the checks that no job ran on two GPUs."""
+    all_runs = sorted((x for wk in workers for x in wk["runs"]),
+                      key=lambda x: x.get("t_dispatch") or x.get("t_engine_start") or 0)
+    recs = {cid: rec for per_batch in records.values() for cid, rec in per_batch.items()}
+    parts, rows = [], []
+    for wk in workers:
+        mine = {jid for x in wk["runs"] for jid in x.get("jobs", [])}
+        own = {b: {c: rec for c, rec in per.items() if rec.job_id in mine} for b, per in records.items()}
+        own = {b: per for b, per in own.items() if per}
+        if not own:
+            raise SystemExit(f"phase {name}: worker {wk['worker_id']} ran no job (its log: {wk['log']}); with "
+                             f"{len(workers)} workers give each enough jobs (--jobs) to share the stream")
+        p = summarize(name, jobs, batches, own, out_dir, wk["runs"], wk["sampler"], wk["before"], wk["after"],
+                      fleet_wide=(all_runs, recs))
+        parts.append(p)
+        rows.append(fleet_gpus.worker_row(p, wk))
+    total = summarize(name, jobs, batches, records, out_dir, all_runs, fleet_gpus.ProbeSampler(), {}, {},
+                      fleet_wide=(all_runs, recs))
+    fleet_gpus.fleet_totals(total, parts)
+    checks = fleet_gpus.no_job_twice(jobs, records, counts, out_dir, workers)
+    total.update(gpus=len(workers), per_worker=rows, checks=checks,
+                 boot_s=max(r["boot_s"] for r in rows), worker_args=[wk["args"][1:] for wk in workers],
+                 worker_exit=[wk["proc"].returncode for wk in workers],
+                 timeline_source="worker --timeline" if all(wk["runs"] for wk in workers) else "job records",
+                 # The bare engine replays one GPU's share: the first worker's runs, on its GPU.
+                 bare_replays=workers[0]["worker_id"], _runs=parts[0]["_runs"])
+    return total
 
 
 def submit_stream(jobs: list[dict], chunks: int, out_dir: Path, env: dict, name: str, work: Path) -> dict[str, str]:
@@ -263,7 +330,10 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def summarize(name: str, jobs: list[dict], batches: dict[str, str], records: dict, out_dir: Path,
-              runs: list[dict], sampler: NvmlSampler, before: dict, after: dict) -> dict[str, Any]:
+              runs: list[dict], sampler: NvmlSampler, before: dict, after: dict,
+              fleet_wide: tuple[list[dict], dict] | None = None) -> dict[str, Any]:
+    """One worker's phase. ``fleet_wide`` (every worker's runs and records, when several share the queue): the
+    backlog at each of this worker's dispatches counts jobs waiting for any worker, not only its own."""
     by_id = {j["custom_id"]: j for j in jobs}
     recs = {cid: rec for per_batch in records.values() for cid, rec in per_batch.items()}
     side: dict[str, dict] = {}
@@ -293,11 +363,12 @@ def summarize(name: str, jobs: list[dict], batches: dict[str, str], records: dic
                 max((x.get("t_acked") or 0) for x in runs))
     # Jobs waiting at each dispatch (submitted, not yet in the engine): the window holds only dispatches
     # made while more work waited, so the GPU had no reason to idle in it.
+    all_runs, all_recs = fleet_wide or (runs, recs)
     dispatch_of = {}
-    for x in runs:
+    for x in all_runs:
         for jid in x.get("jobs", []):
             dispatch_of[jid] = x.get("t_dispatch") or x.get("t_engine_start")
-    queued = {rec.job_id: float(rec.fields.get("queued_at") or 0) for rec in recs.values()}
+    queued = {rec.job_id: float(rec.fields.get("queued_at") or 0) for rec in all_recs.values()}
     backlog = [sum(1 for jid, tq in queued.items() if tq <= (x.get("t_dispatch") or 0) < dispatch_of.get(jid, 0))
                for x in runs]
     window = [i for i in range(len(runs) - 1) if backlog[i] > 0]
@@ -326,7 +397,8 @@ def summarize(name: str, jobs: list[dict], batches: dict[str, str], records: dic
     t_ref = t_sub
     table = []
     for i, x in enumerate(runs):
-        row = {"run": x.get("run"), "key": x.get("key"), "size": x.get("size"), "backlog": backlog[i],
+        row = {**({"worker": x["worker"]} if fleet_wide else {}),
+               "run": x.get("run"), "key": x.get("key"), "size": x.get("size"), "backlog": backlog[i],
                "gpu_s": None if x.get("gpu_s") is None else round(x["gpu_s"], 4)}
         row.update({k: round(x[k] - t_ref, 4) for k in TIMELINE_KEYS if x.get(k)})
         table.append(row)
@@ -461,12 +533,17 @@ def markdown(out: dict[str, Any]) -> str:
         lines.append(f"| {name} | {p['images_per_s']} | {b.get('fraction')} | {b.get('nvml_util_mean')} | "
                      f"{p['queue_wait_s']['p50']} / {p['queue_wait_s']['p95']} | {p['batch_sizes']} | "
                      f"{(p.get('memory') or {}).get('peak_worker_mem_mib')} | {comp or 'none'} |")
+    if (out.get("gpus") or 1) > 1:
+        lines.append(f"| (every phase: {out['gpus']} workers, one per GPU, on one Redis) | | | | | | | |")
     for name, why in out.get("skipped", {}).items():
         lines.append(f"| {name} | skipped: {why} | | | | | | |")
     bare = out["phases"].get("bare")
     if bare:
         lines += ["", f"Bare engine, same runs: {bare['images_per_s']} images/s (GPU busy {bare['gpu_busy']}); "
                   f"fleet/bare = {out.get('fleet_over_bare')}; image equality: {bare['equality']}"]
+        if out["phases"]["fleet"].get("bare_replays"):
+            lines[-1] += f" (the runs of {out['phases']['fleet']['bare_replays']}, vs that worker's images/s)"
+    lines += fleet_gpus.markdown_lines(out)
     fleet = out["phases"].get("fleet")
     if fleet:
         lines += ["", f"Timeline of the fleet phase (seconds from the first submission; {fleet['timeline_source']}):",
@@ -498,7 +575,15 @@ def main() -> int:
     ap.add_argument("--boot-timeout", type=float, default=400)
     ap.add_argument("--stream-timeout", type=float, default=540)
     ap.add_argument("--stall-timeout", type=float, default=180, help="give up when no job ends for this long")
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="workers per phase, one per GPU (--device cuda:0 .. cuda:N-1; with --device cpu, N CPU "
+                         "workers), on one Redis; the stream is N x --jobs")
+    ap.add_argument("--gpus-compare", default=None, metavar="1,N",
+                    help="run the fleet phase once per count (1 and N GPUs) and report the scaling efficiency")
+    ap.add_argument("--baseline-json", default=None,
+                    help="a one-GPU run's JSON from this bench: the one-GPU images/s for --gpus N's efficiency")
     a = ap.parse_args()
+    counts, baseline = fleet_gpus.check_gpus(ap, a)
     phases = [p.strip() for p in a.phases.split(",") if p.strip()]
     unknown = sorted(set(phases) - set(PHASES))
     if unknown or not phases:
@@ -554,14 +639,18 @@ def main() -> int:
         "bench": "fleet", "model": a.model, "device": a.device, "device_name": device_name, "date": date,
         "command": "python bench/fleet.py " + " ".join(sys.argv[1:]), "jobs": a.jobs, "max_batch": a.max_batch,
         "mix": [{"width": w, "height": h, "steps": s, "weight": wt} for w, h, s, wt in mix], "chunks": a.chunks,
-        "setup": steps, "phases": {}, "skipped": {}}
+        "setup": steps, "gpus": a.gpus, "gpus_compare": counts if a.gpus_compare else None,
+        "baseline": baseline, "phases": {}, "skipped": {}}
     fleet_jobs = make_jobs(a.jobs, mix, model_name)
 
     def write(complete: bool) -> None:
         # After every phase too: a call cut short by its time limit still leaves the phases it finished.
         fleet, bare = out["phases"].get("fleet"), out["phases"].get("bare")
         if fleet and bare:
-            out["fleet_over_bare"] = round(fleet["images_per_s"] / max(1e-9, bare["images_per_s"]), 4)
+            # Several GPUs: the bare engine replayed the first worker's runs, so that worker is the comparison.
+            mine = fleet["per_worker"][0] if fleet.get("per_worker") else fleet
+            out["fleet_over_bare"] = round(mine["images_per_s"] / max(1e-9, bare["images_per_s"]), 4)
+        out["scaling"] = fleet_gpus.scaling(out["phases"], baseline)
         doc = {**out, "complete": complete, "total_s": round(time.time() - t_all, 1),
                "phases": {k: {f: v for f, v in p.items() if not f.startswith("_")} for k, p in out["phases"].items()}}
         out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -575,10 +664,14 @@ def main() -> int:
             if name == "no-overlap" and "--no-overlap" not in helptext:
                 out["skipped"][name] = "this worker has no --no-overlap switch"
                 continue
-            print(f"phase {name} ...", file=sys.stderr, flush=True)
-            out["phases"][name] = run_phase(name, a, ctx, 1 if name == "batch1" else a.max_batch,
-                                            ["--no-overlap"] if name == "no-overlap" else [])
-            write(False)
+            # --gpus-compare runs the fleet phase once per count: "fleet" is one GPU, "fleet-xN" N of them.
+            for gpus in (counts if name == "fleet" else [a.gpus]):
+                key = name if gpus == a.gpus or (name == "fleet" and gpus == 1) else f"{name}-x{gpus}"
+                print(f"phase {key} ({gpus} worker{'s' if gpus > 1 else ''}) ...", file=sys.stderr, flush=True)
+                out["phases"][key] = run_phase(key, a, ctx, 1 if name == "batch1" else a.max_batch,
+                                               ["--no-overlap"] if name == "no-overlap" else [], gpus=gpus)
+                out["phases"][key]["gpus"] = gpus
+                write(False)
         if "bare" in phases:
             print("phase bare ...", file=sys.stderr, flush=True)
             out["phases"]["bare"] = run_bare(a, ctx, out["phases"]["fleet"], fleet_jobs)
