@@ -27,6 +27,7 @@ def report(tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(out.read_text())
     data["_markdown"] = out.with_suffix(".md").read_text()
+    data["_json"] = str(out)
     return data
 
 
@@ -80,3 +81,110 @@ def test_prepare_only_writes_the_model_once_and_quantizes_once(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     steps = json.loads(again.stdout.strip().splitlines()[-1])
     assert steps["make_model"]["kept"] is True and steps["quantize"].startswith("kept")
+
+
+# --- several workers on one Redis (--gpus N): on the CPU, N CPU workers ----------------------------------------
+
+GPU_JOBS = 8
+
+
+def run_bench(work, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "bench/fleet.py", "--model", "tiny", "--device", "cpu", "--work-dir",
+                           str(work), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2500)
+def test_two_workers_share_the_stream_and_no_job_runs_twice(report, tmp_path):
+    out = tmp_path / "two.json"
+    proc = run_bench(tmp_path, "--gpus", "2", "--jobs", str(GPU_JOBS), "--phases", "fleet,bare",
+                     "--baseline-json", report["_json"], "--out-json", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    fleet, bare = data["phases"]["fleet"], data["phases"]["bare"]
+    assert data["gpus"] == fleet["gpus"] == 2
+    assert fleet["succeeded"] == fleet["jobs"] == 2 * GPU_JOBS and fleet["failed"] == 0
+    workers = fleet["per_worker"]
+    assert [w["worker_id"] for w in workers] == ["fleet-bench-fleet-w0", "fleet-bench-fleet-w1"]
+    assert all(w["images"] > 0 and w["images_per_s"] > 0 for w in workers)
+    assert sum(w["images"] for w in workers) == 2 * GPU_JOBS
+    for w in workers:
+        assert sum(int(s) * n for s, n in w["batch_sizes"].items()) == w["images"]
+        assert w["gpu_busy"] is None or 0 < w["gpu_busy"] <= 1.05
+    busy = fleet["gpu_busy"]
+    assert len(busy["per_gpu"]) == 2
+    if all(b is not None for b in busy["per_gpu"]):
+        assert busy["fraction"] == min(busy["per_gpu"])
+    checks = fleet["checks"]
+    assert checks["ok"] is True and checks["objects"] == 2 * 2 * GPU_JOBS
+    assert checks["batch_counts"]["succeeded"] == 2 * GPU_JOBS
+    # The bare engine replays the first worker's runs, and the fleet/bare ratio is that worker's.
+    assert bare["images"] == workers[0]["images"] == bare["equality"]["compared"]
+    assert bare["equality"]["max_pixel_diff"] <= 1
+    assert data["fleet_over_bare"] == round(workers[0]["images_per_s"] / bare["images_per_s"], 4)
+    one = report["phases"]["fleet"]["images_per_s"]
+    scaled = data["scaling"]["fleet"]
+    assert scaled["one_gpu_images_per_s"] == one and scaled["one_gpu_from"] == report["_json"]
+    assert scaled["efficiency"] == round(fleet["images_per_s"] / (2 * one), 4)
+    md = out.with_suffix(".md").read_text()
+    assert "| fleet-bench-fleet-w1 |" in md and "no job on two GPUs: **yes**" in md and "efficiency" in md
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1300)
+def test_gpus_compare_runs_one_and_two_workers_in_one_invocation(tmp_path):
+    out = tmp_path / "compare.json"
+    proc = run_bench(tmp_path, "--gpus-compare", "1,2", "--jobs", "6", "--phases", "fleet", "--out-json", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    one, two = data["phases"]["fleet"], data["phases"]["fleet-x2"]
+    assert (one["gpus"], one["succeeded"], two["gpus"], two["succeeded"]) == (1, 6, 2, 12)
+    assert "per_worker" not in one and len(two["per_worker"]) == 2 and two["checks"]["ok"] is True
+    s = data["scaling"]["fleet-x2"]
+    assert s["efficiency"] == round(two["images_per_s"] / (2 * one["images_per_s"]), 4)
+    assert s["one_gpu_from"].startswith("the fleet phase of this invocation")
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--gpus", "0"], "--gpus 0"),
+    (["--gpus-compare", "2,4"], "--gpus-compare"),
+    (["--gpus", "2", "--gpus-compare", "1,2"], "leave --gpus at 1"),
+    (["--gpus", "2", "--baseline-json", "no-such-file.json"], "--baseline-json no-such-file.json"),
+])
+def test_bad_gpu_flags_exit_2_naming_the_flag(tmp_path, args, said):
+    proc = run_bench(tmp_path, *args, timeout=120)
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "redis").exists()  # refused before anything started
+
+
+def test_no_job_twice_names_each_kind_of_duplicate(tmp_path):
+    from bench.fleet_gpus import no_job_twice
+    from sdfleet.state import JobRecord
+
+    def rec(cid: str, worker: str, run: str, attempts: int = 1, status: str = "succeeded") -> JobRecord:
+        return JobRecord(f"id-{cid}", "b1", cid, status, {},
+                         {"worker": worker, "run": run, "attempts": str(attempts), "status": status})
+
+    records = {"b1": {"a": rec("a", "w0", "w0:1"), "b": rec("b", "w1", "w1:1", attempts=2),
+                      "c": rec("c", "w1", "w1:1"), "d": rec("d", "w0", "w0:1", status="failed")}}
+    folder = tmp_path / "b1"
+    folder.mkdir()
+    for cid in "abcd":
+        (folder / f"{cid}.png").write_bytes(b"")
+        if cid != "c":
+            (folder / f"{cid}.json").write_text("{}")
+    (folder / ".tmp-c.json").write_text("")
+    workers = [{"worker_id": "w0", "runs": [{"run": "w0:1", "jobs": ["id-a", "id-b", "id-d"]}]},
+               {"worker_id": "w1", "runs": [{"run": "w1:1", "jobs": ["id-b", "id-c"]}]}]
+    jobs = [{"custom_id": c} for c in "abcde"]
+    counts = {"b1": {"succeeded": 3, "failed": 1}}
+    got = no_job_twice(jobs, records, counts, tmp_path, workers)
+    assert got["ok"] is False
+    assert got["missing_records"] == ["e"] and got["not_succeeded"] == ["d"]
+    assert got["started_more_than_once"] == ["b"] and got["without_two_objects"] == ["c"]
+    assert got["tmp_files"] == ["b1/.tmp-c.json"] and got["in_two_workers"] == ["b"]
+    assert got["not_once_in_timelines"] == ["b"] and got["record_not_timeline_owner"] == ["b"]
+    clean = {"b1": {c: r for c, r in records["b1"].items() if c == "a"}}
+    ok = no_job_twice([{"custom_id": "a"}], clean, {"b1": {"succeeded": 1}}, tmp_path / "b1" / "..",
+                      [{"worker_id": "w0", "runs": [{"run": "w0:1", "jobs": ["id-a"]}]}])
+    assert ok["stray_objects"] == ["b1/b", "b1/c", "b1/d"] and ok["ok"] is False
