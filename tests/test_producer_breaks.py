@@ -414,3 +414,24 @@ def test_a_refused_resubmission_creates_no_out_directory(tmp_path, env, r) -> No
     p = run_cli(["submit", str(second), "--batch", "refused", "--model", "null", "--out", f"file://{fresh}"], env)
     assert p.returncode == 2 and "c1 (steps)" in p.stderr, p.stderr
     assert not (tmp_path / "fresh").exists(), "exit 2 created the --out directory"
+
+
+# --- 12. presigned results without credentials ----------------------------------------------------------------
+
+def test_presigned_results_without_credentials_are_one_line_not_a_traceback(tmp_path, r, s3, start_worker) -> None:
+    """``sdfleet results BATCH --url-style presigned`` run where no AWS credentials are configured (a consumer's
+    laptop, say): botocore's NoCredentialsError escapes as a traceback, exit 1. Should: one line saying that
+    presigning needs S3 credentials and naming the alternatives (--url-style https or s3), no traceback."""
+    env, bucket, _ = s3
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a cat\n")
+    start_worker(model="null", env_extra=env)
+    p = run_cli(["submit", str(jobs), "--batch", "ps", "--model", "null", "--out", f"s3://{bucket}/run"], env)
+    assert p.returncode == 0, p.stderr
+    assert run_cli(["wait", "ps", "--timeout", "60"], env).returncode == 0
+    bare = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    bare.update({"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                 "AWS_EC2_METADATA_DISABLED": "true"})
+    p = run_cli(["results", "ps", "--url-style", "presigned"], bare)
+    assert "Traceback" not in p.stderr, p.stderr[-800:]
+    assert p.returncode in (1, 2) and "credentials" in p.stderr.lower(), (p.returncode, p.stderr[-800:])
