@@ -2,9 +2,11 @@
 
 Queued work per bucket is estimated from a sample of each queue list: both ends (the next jobs to run and
 the newest), every message when the list is short. Each sampled message's job record says whether it is
-still queued, so cancelled jobs (whose messages stay in the list until a worker drops them) and
-duplicates of finished jobs are not counted, which a raw list length would. The estimate costs a few
-round trips per pool however long the queue is. Work in flight comes from the workers' heartbeats.
+still to run (queued, or running / storing when the reclaim sweep handed a dead worker's message back), so
+cancelled jobs (whose messages stay in the list until a worker drops them) and duplicates of finished jobs
+are not counted, which a raw list length would. The estimate costs a few
+round trips per pool however long the queue is. Work in flight is what workers hold: their heartbeats and
+held hashes, including those of dead workers whose messages the reclaim sweep has not handed back yet.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from sdfleet import broker, keys
 #: messages read from each end of each queue list per observation
 SAMPLE_PER_END = 100
 LIVE_STATES = ("booting", "idle", "busy", "draining", "stalled")
+#: job statuses whose queued message still has work to do
+UNENDED = ("queued", "running", "storing")
 
 
 @dataclass
@@ -86,7 +90,9 @@ def sample_queue(r: redis.Redis, model: str, per_end: int = SAMPLE_PER_END) -> t
     for job_id, _ in parsed:
         pipe.hget(keys.job(job_id), "status")
     statuses = pipe.execute()
-    live = Counter(bucket for (_, bucket), st in zip(parsed, statuses) if _text(st) == "queued")
+    # A message whose job has not ended is work nobody is doing yet: queued, or handed back by the reclaim
+    # sweep while its record still says running or storing (the worker that held it died).
+    live = Counter(bucket for (_, bucket), st in zip(parsed, statuses) if _text(st) in UNENDED)
     scale = total / len(raws)  # unreadable messages count like the readable ones
     return total, sum(live.values()) * scale, {b: n * scale for b, n in live.items()}
 
@@ -138,6 +144,7 @@ def discover_pools(r: redis.Redis, workers: Iterable[dict[str, str]]) -> list[st
 
 def observe(r: redis.Redis, pools: Iterable[str], workers: list[dict[str, str]] | None = None) -> dict[str, PoolView]:
     workers = live_workers(r) if workers is None else workers
+    held = held_in_flight(r, workers)
     views: dict[str, PoolView] = {}
     for pool in pools:
         v = PoolView(pool)
@@ -149,13 +156,50 @@ def observe(r: redis.Redis, pools: Iterable[str], workers: list[dict[str, str]] 
             except ValueError:
                 continue
         v.workers = [w for w in workers if worker_pool(w) == pool]
-        flight: Counter[str] = Counter()
-        for w in v.workers:
-            n, bucket = in_flight(w)
-            flight[bucket] += n
+        flight: Counter[str] = held.get(pool, Counter())
         v.in_flight_by_bucket = {b: float(n) for b, n in flight.items() if n}
         views[pool] = v
     return views
+
+
+def held_in_flight(r: redis.Redis, workers: list[dict[str, str]]) -> dict[str, Counter[str]]:
+    """pool -> bucket -> jobs held by workers, live or dead: a live worker's batch and buffer (its heartbeat,
+    or its held hash when that says more: jobs still storing), and every job not ended in the held hash of a
+    worker whose heartbeat expired. A dead worker's jobs wait for the reclaim sweep; counting them keeps
+    a worker in the pool to run them once they are back in the queue."""
+    out: dict[str, Counter[str]] = {}
+    live = {w.get("worker_id", ""): w for w in workers}
+    ids = sorted(_text(w) for w in r.smembers(keys.WORKERS))
+    pipe = r.pipeline(transaction=False)
+    for wid in ids:
+        if wid in live:
+            pipe.hlen(keys.worker_held(wid))
+        else:
+            pipe.hkeys(keys.worker_held(wid))
+    dead_jobs: list[str] = []
+    held_n: dict[str, int] = {}
+    for wid, reply in zip(ids, pipe.execute()):
+        if wid in live:
+            held_n[wid] = int(reply)
+        else:
+            dead_jobs += [_text(j) for j in reply]
+    for wid, w in live.items():
+        n, bucket = in_flight(w)
+        out.setdefault(worker_pool(w), Counter())[bucket] += max(n, held_n.get(wid, 0))
+    if dead_jobs:
+        pipe = r.pipeline(transaction=False)
+        for jid in dead_jobs:
+            pipe.hmget(keys.job(jid), "status", "spec")
+        for status, spec in pipe.execute():
+            if _text(status) not in UNENDED:
+                continue
+            try:
+                sp = json.loads(spec)
+                pool, bucket = str(sp["model"]), keys.bucket_of(int(sp["width"]), int(sp["height"]), int(sp["steps"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+            out.setdefault(pool, Counter())[bucket] += 1
+    return out
 
 
 def worker_row(info: dict[str, str], now: float | None = None) -> dict[str, Any]:

@@ -4,7 +4,9 @@ Per tick: read the queues and heartbeats (:mod:`scheduler.observe`), price the b
 desired count (:mod:`scheduler.policy`), hand it to the driver (local processes, or nothing on Kubernetes
 where KEDA reads it), export it as Prometheus metrics and as the JSON document KEDA's metrics-api trigger
 reads (``GET /scale/<pool>`` -> ``{"desired": N, ...}``), and record it in Redis for ``sdfleet top``.
-SIGTERM or SIGINT stops the loop; a local driver then drains its workers before the scheduler exits.
+Each tick first runs the fleet's reclaim sweep (:mod:`sdfleet.reclaim`, under its lock), so a dead worker's
+jobs come back even when the pool has scaled to zero. SIGTERM or SIGINT stops the loop; a local driver then
+drains its workers before the scheduler exits.
 """
 
 from __future__ import annotations
@@ -60,12 +62,20 @@ class Scheduler:
     restarts_seen: dict[str, int] = field(default_factory=dict)
     #: pool -> its own limits (the other settings as ``config``); pools not named use ``config``
     pool_configs: Mapping[str, PoolConfig] = field(default_factory=dict)
+    #: the reclaim sweep (``Sweeper.run_once``, under the fleet's lock), run before each observation: with
+    #: ``--min-workers 0`` the pool may have no worker left to hand a dead worker's jobs back
+    sweep: Callable[[], Any] | None = None
 
     def config_for(self, pool: str) -> PoolConfig:
         return self.pool_configs.get(pool, self.config)
 
     def tick(self, now: float | None = None) -> dict[str, Decision]:
         now = time.time() if now is None else now
+        if self.sweep is not None:
+            try:
+                self.sweep()
+            except Exception as exc:  # a failed sweep must not stop the scaling; the next tick sweeps again
+                self.log.warning("sweep failed", error=repr(exc))
         workers = obs.live_workers(self.r)
         pools = self.pools if self.pools is not None else obs.discover_pools(self.r, workers)
         views = obs.observe(self.r, pools, workers)
@@ -165,7 +175,9 @@ def run_scheduler(settings: Any, *, config: PoolConfig, driver: str, models: lis
                             worker_args=worker_args, metrics_port_base=worker_metrics_port_base)
             drivers[d.pool] = d
     pools = [pool_name(m) for m in models] or None
-    sched = Scheduler(r, config, log, pools=pools, drivers=drivers, pool_configs=pool_configs)
+    sweeper = _sweeper(settings, r, log)
+    sched = Scheduler(r, config, log, pools=pools, drivers=drivers, pool_configs=pool_configs,
+                      sweep=sweeper.run_once)
     server = None
     port = metrics_port if metrics_port is not None else settings.metrics_port
     if port is not None:
@@ -195,7 +207,23 @@ def run_scheduler(settings: Any, *, config: PoolConfig, driver: str, models: lis
             stop.wait(interval)
     finally:
         ok = all(d.stop_all(drain_timeout_s) for d in drivers.values())
+        sweeper.close()
         if server is not None:
             server.close()
         log.info("scheduler stopped", workers_drained=ok)
     return 0
+
+
+def _sweeper(settings: Any, r: redis.Redis, log: Any) -> Any:
+    """The reclaim sweep (and housekeeping) every worker runs, for this process: the same lock, so it runs
+    in turn with the workers' and the janitor's."""
+    import os
+    import socket
+
+    from scheduler.janitor import housekeeping_for
+    from sdfleet.queue import make_app
+    from sdfleet.reclaim import Sweeper
+
+    # Long enough that a live worker has recorded what it received (one loop tick), with margin.
+    return Sweeper(r, make_app(settings), settings, log, holder=f"scheduler@{socket.gethostname()}-{os.getpid()}",
+                   grace_s=2 * settings.heartbeat_ttl + 1, housekeeping=housekeeping_for(settings, r, log))
