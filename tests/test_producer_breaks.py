@@ -435,3 +435,20 @@ def test_presigned_results_without_credentials_are_one_line_not_a_traceback(tmp_
     p = run_cli(["results", "ps", "--url-style", "presigned"], bare)
     assert "Traceback" not in p.stderr, p.stderr[-800:]
     assert p.returncode in (1, 2) and "credentials" in p.stderr.lower(), (p.returncode, p.stderr[-800:])
+
+
+# --- 13. the lease is not renewed while the submission is planned and serialised ------------------------------
+
+def test_a_live_producer_keeps_its_lease_however_large_the_submission(tmp_path, env, r) -> None:
+    """The lease is renewed only between staging and publishing chunks; planning (reading the batch's existing
+    jobs) and serialising every job run in between without a renewal, about 46 us a job here. So a producer
+    that is alive and working loses its lease whenever plan + serialise outlast it: 100,000 lines with a 2 s
+    lease always end "the submission lease expired ... submit again" (exit 1), and with the default 30 s lease
+    any file of more than ~650,000 lines can never be submitted, however often it is retried. Should: the
+    lease is renewed throughout, so only a producer that stops working loses it."""
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(f"prompt {i}\n" for i in range(100_000)))
+    p = run_cli(["submit", str(jobs), "--batch", "big", "--model", "null"],
+                {**env, "SDFLEET_SUBMISSION_LEASE_S": "2"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-600:]
+    assert r.hget(keys.batch("big"), "total") == "100000"
