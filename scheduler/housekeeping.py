@@ -7,7 +7,9 @@ sweep lock) and from ``sdfleet janitor``.
 - **Partial files.** A write killed midway leaves a hidden ``.tmp-*`` file next to its object (``file://``
   storage; S3 puts are atomic). Those older than ``partial_file_grace_s`` under the folders of recent
   batches are deleted, and so are staged ``.run-*`` objects of engine runs older than the visibility
-  timeout (their run can no longer promote them: the message has been redelivered by then).
+  timeout (their run can no longer promote them: the message has been redelivered by then), except those
+  of a job still ``storing``: its outcome is recorded and they are its only copy, which its redelivered
+  message promotes.
 - **Batch completion.** A batch whose counts add up to its total but which has no ``completed_at`` (the
   transition that ended it ran before the total was raised, or its announcement was lost) is completed
   here, once, and its batch task (manifest, ``batch.completed``) is queued.
@@ -193,19 +195,67 @@ def sweep_partial_files(r: redis.Redis, storage_factory: Any, batch_ids: Iterabl
     removed = 0
     staged_grace = max(settings.partial_file_grace_s, float(getattr(settings, "visibility_timeout", 0)))
     for bid in batch_ids:
+        keep: Any = None
         for loc in batch_locations(r, bid):
             if not loc.startswith("file://"):
                 continue
             root = getattr(storage_factory.get(loc), "root", None)
             if root is None:
                 continue
+            if keep is None:
+                keep = staged_in_use(r, storage_factory, bid)
             removed += remove_partials(os.path.join(str(root), bid), now, settings.partial_file_grace_s,
-                                       staged_grace, log)
+                                       staged_grace, log, keep=keep)
     return removed
 
 
-def remove_partials(folder: str, now: float, tmp_grace_s: float, staged_grace_s: float, log: Any) -> int:
-    """Delete ``.tmp-*`` files older than ``tmp_grace_s`` and ``.run-*`` older than ``staged_grace_s``."""
+def staged_in_use(r: redis.Redis, storage_factory: Any, bid: str) -> Any:
+    """What of a batch's staged ``.run-*`` files must stay: a job ``storing`` has its outcome recorded and its
+    images only under its run's staged names (the redelivered message promotes them), however old they are.
+
+    Returns a set of paths, or ``ALL`` for an open batch too big to look through in one pass (nothing staged
+    is deleted until its storing jobs have ended). A completed batch, or one with no job storing, keeps none.
+    """
+    import json
+
+    from sdfleet.state import STORING
+
+    completed_at, total = r.hmget(keys.batch(bid), "completed_at", "total")
+    if completed_at or not int(r.hget(keys.batch_counts(bid), STORING) or 0):
+        return set()
+    if int(total or 0) > JOBS_PER_PASS:
+        return ALL
+    keep: set[str] = set()
+    for chunk in _chunks([_text(j) for j in r.lrange(keys.batch_jobs(bid), 0, -1)], JOB_CHUNK):
+        pipe = r.pipeline(transaction=False)
+        for jid in chunk:
+            pipe.hmget(keys.job(jid), "status", "staged")
+        for status, staged in pipe.execute():
+            if _text(status) != STORING:
+                continue
+            try:
+                moves = json.loads(staged or "[]")
+            except ValueError:
+                return ALL  # unreadable: keep everything rather than guess
+            for move in moves:
+                try:
+                    loc, staged_name = move[0], move[1]
+                    root = getattr(storage_factory.get(loc), "root", None)
+                except (TypeError, IndexError, KeyError, ValueError):
+                    return ALL
+                if root is not None:
+                    keep.add(os.path.normpath(os.path.join(str(root), staged_name)))
+    return keep
+
+
+#: :func:`staged_in_use` answer that keeps every staged file of the batch
+ALL = frozenset({"*"})
+
+
+def remove_partials(folder: str, now: float, tmp_grace_s: float, staged_grace_s: float, log: Any,
+                    keep: Any = frozenset()) -> int:
+    """Delete ``.tmp-*`` files older than ``tmp_grace_s`` and ``.run-*`` older than ``staged_grace_s``,
+    except staged files in ``keep`` (paths, or :data:`ALL`)."""
     removed = 0
     for dirpath, _dirs, files in os.walk(folder):
         for name in files:
@@ -213,6 +263,8 @@ def remove_partials(folder: str, now: float, tmp_grace_s: float, staged_grace_s:
             if grace is None:
                 continue
             path = os.path.join(dirpath, name)
+            if name.startswith(".run-") and keep and (keep is ALL or os.path.normpath(path) in keep):
+                continue
             try:
                 if now - os.stat(path).st_mtime < grace:
                     continue
