@@ -452,3 +452,18 @@ def test_a_live_producer_keeps_its_lease_however_large_the_submission(tmp_path, 
                 {**env, "SDFLEET_SUBMISSION_LEASE_S": "2"}, timeout=300)
     assert p.returncode == 0, p.stderr[-600:]
     assert r.hget(keys.batch("big"), "total") == "100000"
+
+
+# --- 14. random weights and real weights on one queue ---------------------------------------------------------
+
+def test_random_weight_builtins_do_not_share_a_queue_with_real_model_directories() -> None:
+    """``--model large`` (SD3.5 Large with random weights: noise) serves ``sdfleet.gen.sd3.5-large``, the queue
+    of ``--model /models/sd3.5-large`` (the real weights), and ``/models/null`` serves the null engine's
+    queue. A test or bench worker started with ``large`` beside the production fleet takes customers' jobs
+    and stores noise, recorded as succeeded. Should: the random-weight built-ins get queue names no model
+    directory can have (or a directory named like a built-in is refused)."""
+    from sdfleet.jobs import model_name_for
+
+    assert model_name_for("large") != model_name_for("/models/sd3.5-large")
+    assert model_name_for("medium") != model_name_for("/models/SD3.5-Medium")
+    assert model_name_for("null") != model_name_for("/models/null")
