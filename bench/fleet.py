@@ -2,6 +2,12 @@
 
     python bench/fleet.py --model medium --device cuda:0 --jobs 300       # on the GPU machine
     python bench/fleet.py --model tiny --device cpu --jobs 24              # anywhere, a few minutes
+    python bench/fleet.py --model medium --device cuda --gpus-compare 1,2 --jobs 60 --phases fleet  # 2 GPUs
+
+``--gpus N``: every phase runs N workers (``--device cuda:0`` .. ``cuda:N-1``; with ``--device cpu``, N CPU
+workers) on the one redis-server, fed N x ``--jobs`` jobs; ``--gpus-compare 1,N`` runs the fleet phase with
+each count (``fleet``, ``fleet-xN``). The report then adds per-worker figures, each GPU's busy fraction, the
+checks that no job ran on two GPUs and the scaling efficiency (``bench/fleet_gpus.py``).
 
 In order, in one invocation: a private redis-server (from PATH, or Debian's package extracted from ``.deb/``
 by ``.deb/redis-on-device.sh`` where the machine has none); file:// storage on local disk; the model
