@@ -119,10 +119,10 @@ def mark_expiry(r: redis.Redis, batch_ids: Iterable[str], ttl_s: int, now: float
         left = max(1, int(float(completed_at) + ttl_s - now))
         ids = r.lrange(keys.batch_jobs(bid), pos, pos + budget - 1)
         for chunk in _chunks(ids, JOB_CHUNK):
-            pipe = r.pipeline(transaction=False)
-            for jid in chunk:
-                pipe.expire(keys.job(_text(jid)), left)
-            pipe.execute()
+            # Only while the batch is still completed as read: a resubmission that reopens it in between
+            # gives its job keys the full TTL (JobStore.commit_submission), and no later chunk undoes that.
+            r.eval(_EXPIRE_IF_COMPLETED, 1 + len(chunk), keys.batch(bid), *[keys.job(_text(j)) for j in chunk],
+                   completed_at, left)
         budget -= len(ids)
         pos += len(ids)
         if pos < r.llen(keys.batch_jobs(bid)):
@@ -138,6 +138,15 @@ def mark_expiry(r: redis.Redis, batch_ids: Iterable[str], ttl_s: int, now: float
                "end return 0", 1, keys.batch(bid), completed_at)
         marked += 1
     return marked
+
+
+# KEYS[1] batch hash, KEYS[2..] job keys; ARGV completed_at as read, TTL. Expires the job keys only if the
+# batch's completed_at is still ARGV[1].
+_EXPIRE_IF_COMPLETED = """
+if redis.call('HGET', KEYS[1], 'completed_at') ~= ARGV[1] then return 0 end
+for k = 2, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+return #KEYS - 1
+"""
 
 
 def delete_expired(r: redis.Redis, ttl_s: int, now: float, log: Any, budget: int = JOBS_PER_PASS) -> int:

@@ -321,13 +321,16 @@ class JobStore:
         pipe.execute()
 
     def commit_submission(self, batch_id: str, token: str, *, name: str,
-                          meta: dict[str, str] | None = None) -> CommitResult:
+                          meta: dict[str, str] | None = None, record_ttl_s: int | None = None) -> CommitResult:
         """Make every staged record, the custom-id map, the job list, the counts, ``total`` and the TTLs
-        visible at once (one script), if the lease is still ``token``'s; then delete the lease.
+        (``record_ttl_s``, the configured ``SDFLEET_RECORD_TTL_S``; default ``keys.RECORD_TTL_S``) visible at
+        once (one script), if the lease is still ``token``'s; then delete the lease. Reopening a completed
+        batch gives every job key of it that TTL again (housekeeping may have shortened them).
 
         Raises LeaseLost when the lease expired or another producer holds it: nothing was committed.
         """
-        args: list[Any] = [token, f"{time.time():.6f}", keys.RECORD_TTL_S, batch_id, name, len(meta or {})]
+        ttl = keys.RECORD_TTL_S if record_ttl_s is None else int(record_ttl_s)
+        args: list[Any] = [token, f"{time.time():.6f}", ttl, batch_id, name, len(meta or {})]
         for k, v in (meta or {}).items():
             args += [k, v]
         out = self._commit(keys=[keys.submission(batch_id), keys.submission_staging(batch_id, token),
@@ -397,7 +400,15 @@ redis.call('HSETNX', KEYS[3], 'created_at', now)
 redis.call('HSET', KEYS[3], 'batch_id', batch, 'name', ARGV[5], 'updated_at', now)
 local n = tonumber(ARGV[6])
 for i = 7, 6 + 2 * n, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-if added + requeued > 0 then redis.call('HDEL', KEYS[3], 'completed_at', 'cancelled_at') end
+if added + requeued > 0 then
+  -- Reopening a completed batch: housekeeping may have given its job keys the short TTL of a finished batch
+  -- (each chunk only while completed_at is unchanged); the open batch's jobs live as long as it again.
+  if redis.call('HEXISTS', KEYS[3], 'completed_at') == 1 then
+    for _, id in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('EXPIRE', 'sdfleet:job:' .. id, ttl) end
+    redis.call('HDEL', KEYS[3], 'expiry_for', 'expiry_progress')
+  end
+  redis.call('HDEL', KEYS[3], 'completed_at', 'cancelled_at')
+end
 redis.call('ZADD', KEYS[7], 'NX', now, batch)
 local total = redis.call('HLEN', KEYS[6])
 redis.call('HSET', KEYS[3], 'total', total)
