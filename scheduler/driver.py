@@ -6,6 +6,11 @@ for the ``tiny`` and ``null`` models. It removes a worker only with SIGTERM, whi
 work, finish the batch, hand back what it buffers, exit 0), choosing idle workers first, and never sends
 anything harder. A worker that exits without being asked to is started again in the same slot.
 
+Workers run in their own sessions, so they outlive a scheduler that is killed. A driver's first reconcile
+adopts the live workers of its pool on this host (from their heartbeats: host, pid, worker id) into the
+slots they occupy: they count as its workers, are drained like its own, and no second worker is started
+beside them.
+
 :class:`ExternalDriver` starts nothing: on Kubernetes, KEDA reads the desired count the scheduler serves.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,11 +68,48 @@ class Slot:
     env: dict[str, str]
 
 
+class AdoptedProcess:
+    """A worker process this driver did not start (a previous scheduler's): signalled and polled by pid.
+
+    Its exit code is not ours to read (it is not our child); ``poll`` says -1 once it has gone. A pid whose
+    command line no longer names the worker id (the pid was reused) counts as gone.
+    """
+
+    def __init__(self, pid: int, worker_id: str):
+        self.pid = pid
+        self.worker_id = worker_id
+        self.returncode: int | None = None
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: not one we started
+            return False
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                return self.worker_id.encode() in f.read()
+        except FileNotFoundError:
+            return False
+        except OSError:  # no /proc here: the pid answered, take it
+            return True
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self.alive():
+            self.returncode = -1
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
 @dataclass
 class LocalWorker:
     worker_id: str
     slot: Slot
-    proc: subprocess.Popen
+    proc: subprocess.Popen | AdoptedProcess
     started: float
     draining: bool = False
     signalled: bool = False  # SIGTERM sent (deferred while the worker boots)
@@ -93,6 +136,7 @@ class LocalDriver:
     clock: Any = time.monotonic
     workers: dict[str, LocalWorker] = field(default_factory=dict)
     restarts: int = 0
+    adopted: bool = False  # the first reconcile has looked for a previous scheduler's workers
 
     def __post_init__(self) -> None:
         env = dict(os.environ if self.environ is None else self.environ)
@@ -149,6 +193,8 @@ class LocalDriver:
 
     def reconcile(self, desired: int, heartbeats: Mapping[str, Mapping[str, str]]) -> tuple[int, int]:
         """Start or drain workers towards ``desired``; returns (started, drained) now."""
+        if not self.adopted:
+            self.adopt(heartbeats)
         self.poll()
         self._signal_booted(heartbeats)
         desired = min(desired, len(self.slots))
@@ -178,6 +224,48 @@ class LocalDriver:
                 self.drain(w, booted=w.worker_id in heartbeats and heartbeats[w.worker_id].get("state") != "booting")
                 drained += 1
         return started, drained
+
+    def adopt(self, heartbeats: Mapping[str, Mapping[str, str]]) -> list[LocalWorker]:
+        """Take over the live workers of this pool on this host that no driver here runs (a killed scheduler's
+        orphans), each into the slot it occupies; returns them. ``heartbeats``: the pool's live workers."""
+        self.adopted = True
+        host = socket.gethostname()
+        taken: list[LocalWorker] = []
+        for wid, beat in sorted(heartbeats.items()):
+            if wid in self.workers or beat.get("host") != host:
+                continue
+            try:
+                pid = int(beat.get("pid") or "")
+            except ValueError:
+                continue
+            proc = AdoptedProcess(pid, wid)
+            if pid == os.getpid() or not proc.alive():
+                continue
+            slot = self._slot_of(wid, beat)
+            if slot is None:
+                self.log.warning("live worker of this pool left alone: no free slot for it", worker_id=wid, pid=pid)
+                continue
+            w = LocalWorker(wid, slot, proc, self.clock())
+            if beat.get("state") == "draining":  # told to go already: let it finish, count it as going
+                w.draining = w.signalled = True
+            self.workers[wid] = w
+            taken.append(w)
+            self.log.info("worker adopted", worker_id=wid, slot=slot.name, pid=pid, state=beat.get("state", ""))
+        return taken
+
+    def _slot_of(self, worker_id: str, beat: Mapping[str, str]) -> Slot | None:
+        """The slot a worker occupies: named in its id (as :meth:`start` names it), or the GPU of its heartbeat,
+        else the first free one."""
+        used = {w.slot.name for w in self.workers.values()}
+        free = [s for s in self.slots if s.name not in used]
+        for s in free:
+            if f"-{s.name.replace(':', '')}-" in worker_id:
+                return s
+        uuid_ = beat.get("gpu_uuid", "")
+        for s in free:
+            if uuid_ and s.env.get("CUDA_VISIBLE_DEVICES") == uuid_:
+                return s
+        return free[0] if free else None
 
     def _signal_booted(self, heartbeats: Mapping[str, Mapping[str, str]]) -> None:
         now = self.clock()

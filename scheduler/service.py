@@ -84,6 +84,8 @@ class Scheduler:
             driver = self.drivers.get(pool)
             policy = self.policies.get(pool)
             if policy is None:
+                if hasattr(driver, "adopt") and not driver.adopted:  # a previous scheduler's workers count
+                    driver.adopt({w["worker_id"]: w for w in view.workers})
                 policy = self.policies[pool] = Policy(self.config_for(pool))
                 managed = len(driver.active()) if hasattr(driver, "active") else len(view.workers)
                 if managed:
