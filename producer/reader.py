@@ -5,6 +5,7 @@ Every line is checked before anything is enqueued; errors carry the line number 
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Iterable
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sdfleet.errors import InvalidJob
-from sdfleet.jobs import JobSpec, parse_job
+from sdfleet.jobs import JobSpec, parse_job, shown_name
 
 MAX_LINE_BYTES = 256 * 1024
+# The most one submission reads: a million long prompts. Beyond it the input is refused before it fills memory.
+MAX_INPUT_BYTES = 1 << 30
 # A job is a flat object with one list (webhook_events); anything deeper is not a job, and Python's JSON
 # parser would hit its recursion limit at about 1,000 levels.
 MAX_JSON_DEPTH = 8
@@ -36,7 +39,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for key, value in pairs:
         if key in out:
             # The last value would win silently: '"custom_id":"../x","custom_id":"ok"' must not pass as "ok".
-            raise InvalidJob("appears twice in one object; give each field once", field=str(key)[:60])
+            raise InvalidJob("appears twice in one object; give each field once", field=shown_name(key))
         out[key] = value
     return out
 
@@ -96,12 +99,38 @@ def detect_format(path: str | Path, lines: list[str]) -> str:
 
 def read_lines(data: bytes) -> tuple[list[str], list[InvalidJob]]:
     """Split bytes into text lines: BOM stripped, CRLF accepted, invalid UTF-8 reported per line."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    return read_stream(io.BytesIO(data), "the input")
+
+
+def read_stream(stream: BinaryIO, name: str) -> tuple[list[str], list[InvalidJob]]:
+    """:func:`read_lines` over a stream, line by line: no line is held past MAX_LINE_BYTES, and an input
+    past MAX_INPUT_BYTES is refused, so /dev/zero or an endless pipe ends in an error instead of all memory."""
     lines: list[str] = []
     errors: list[InvalidJob] = []
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.removesuffix(b"\r")
+    total = 0
+    while True:
+        raw = stream.readline(MAX_LINE_BYTES + 2)  # + CRLF: a line of exactly the limit still fits
+        if not raw:
+            break
+        total += len(raw)
+        length = len(raw)
+        while not raw.endswith(b"\n") and length > MAX_LINE_BYTES and total <= MAX_INPUT_BYTES:
+            raw = stream.readline(1 << 20)  # the rest of a line too long to be a job: counted, not kept
+            if not raw:
+                break
+            length += len(raw)
+            total += len(raw)
+        if total > MAX_INPUT_BYTES:
+            raise InvalidJob(f"{name} is larger than {MAX_INPUT_BYTES >> 20} MiB, the limit of one submission; "
+                             "split it into several files")
+        n = len(lines) + 1
+        if length > MAX_LINE_BYTES + 2:
+            errors.append(InvalidJob(f"line is {length} bytes, more than {MAX_LINE_BYTES}; shorten it", line=n))
+            lines.append("")
+            continue
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
         if len(raw) > MAX_LINE_BYTES:
             errors.append(InvalidJob(f"line is {len(raw)} bytes, more than {MAX_LINE_BYTES}; shorten it", line=n))
             lines.append("")
@@ -135,20 +164,40 @@ def parse_lines(lines: Iterable[str], fmt: str, defaults: dict[str, Any], start_
             result.jobs.append((n, spec))
         except InvalidJob as exc:
             result.errors.append(exc)
+    result.errors += _derived_collisions(result.jobs, seen_custom)
     result.errors.sort(key=lambda e: e.line or 0)
     return result
+
+
+def _derived_collisions(jobs: list[tuple[int, JobSpec]], given: dict[str, int]) -> list[InvalidJob]:
+    """A custom_id given on one line that equals the id derived for a line without one (its content hash,
+    with the repeat suffix): the two jobs would share one id and one of them would silently never exist."""
+    from producer.submit import assign_custom_ids
+
+    unnamed = [(n, spec) for n, spec in jobs if spec.custom_id is None]
+    if not unnamed or not given:
+        return []
+    errors = []
+    for (n, _), spec in zip(unnamed, assign_custom_ids([spec for _, spec in unnamed])):
+        if spec.custom_id in given:
+            errors.append(InvalidJob(f"'{spec.custom_id}' is also the id derived for line {n}, which gives no "
+                                     "custom_id; give that line a custom_id or choose another one here",
+                                     field="custom_id", line=given[spec.custom_id]))
+    bad = {e.line for e in errors}
+    jobs[:] = [(n, spec) for n, spec in jobs if n not in bad]
+    return errors
 
 
 def read_file(path: str | Path, defaults: dict[str, Any], *, stdin: BinaryIO | None = None) -> ReadResult:
     """Read and validate a job file; ``-`` reads standard input (format told by its first line)."""
     if str(path) == "-":
-        data = (stdin or sys.stdin.buffer).read()
         p = Path("stdin")
+        lines, errors = read_stream(stdin or sys.stdin.buffer, "standard input")
     else:
         p = Path(path)
         try:
-            data = p.read_bytes()
+            with p.open("rb") as f:
+                lines, errors = read_stream(f, str(path))
         except OSError as exc:
             raise InvalidJob(f"cannot read {path}: {exc.strerror}; check the path") from None
-    lines, errors = read_lines(data)
     return parse_lines(lines, detect_format(p, lines), defaults, errors)

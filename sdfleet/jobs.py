@@ -241,6 +241,13 @@ def model_name_for(value: str) -> str:
 FIELDS = tuple(JobSpec.model_fields)
 
 
+def shown_name(name: Any) -> str:
+    """A field name from a job file as it may be printed: escaped like a value when it holds anything a
+    terminal would act on (ESC, BEL, ...), so a file cannot retitle or clear the operator's terminal."""
+    text = str(name)[:60]
+    return text if text.isprintable() else ascii(text)[1:-1]
+
+
 def parse_job(data: Any, *, line: int | None = None, defaults: dict[str, Any] | None = None) -> JobSpec:
     """Validate one job (a dict from JSON) over ``defaults``; raise :class:`InvalidJob` naming the field."""
     if not isinstance(data, dict):
@@ -249,7 +256,7 @@ def parse_job(data: Any, *, line: int | None = None, defaults: dict[str, Any] | 
         if name not in JobSpec.model_fields:
             close = difflib.get_close_matches(str(name), FIELDS, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(FIELDS)}"
-            raise InvalidJob(f"unknown field{hint}", field=str(name)[:60], line=line)
+            raise InvalidJob(f"unknown field{hint}", field=shown_name(name), line=line)
     merged = {**(defaults or {}), **{k: v for k, v in data.items()}}
     # JSON has one number type: accept 7.0 for an integer field but not 7.5 or true.
     for name in ("width", "height", "steps", "seed"):
