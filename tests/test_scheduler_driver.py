@@ -191,3 +191,31 @@ def test_a_booting_worker_is_signalled_only_once_it_is_up(tmp_path: Path) -> Non
     wait_for("the drained one exits 0", lambda: d.poll() and gone not in d.workers, 30)
     assert d.restarts == 0
     assert d.stop_all(30)
+
+
+def test_a_new_driver_adopts_a_live_worker_of_its_pool_and_drains_it(tmp_path: Path) -> None:
+    """A previous scheduler's worker (its own session, alive after that scheduler died) counts as this driver's:
+    no second worker beside it, and scaling in drains it with SIGTERM. A heartbeat of another host is left alone."""
+    import socket
+
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.argv = sys.argv[2:]\nexec({FAKE_WORKER!r})\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    environ = {**os.environ, "FAKE_OUT": str(out)}
+    first = LocalDriver(model="tiny", max_workers=2, log=get_log("test"), environ=environ, python=str(fake))
+    assert first.reconcile(1, {}) == (1, 0)
+    (orphan,) = first.workers.values()
+    wait_for("the worker is up", lambda: (out / orphan.worker_id).exists(), 30)
+    beats = {orphan.worker_id: {"host": socket.gethostname(), "pid": str(orphan.proc.pid), "state": "idle"},
+             "elsewhere-tiny-cpu1-abcdef": {"host": "elsewhere", "pid": str(os.getpid()), "state": "idle"}}
+    second = LocalDriver(model="tiny", max_workers=2, log=get_log("test"), environ=environ, python=str(fake))
+    assert second.reconcile(1, beats) == (0, 0), "the live worker is adopted, none started beside it"
+    assert [w.worker_id for w in second.active()] == [orphan.worker_id]
+    assert second.workers[orphan.worker_id].slot.name == orphan.slot.name
+    assert second.reconcile(0, beats) == (0, 1)
+    assert orphan.proc.wait(30) == 0, "drained with SIGTERM, as its own"
+    wait_for("the adopted worker is gone", lambda: (second.poll() or True) and not second.workers, 30)
+    assert second.restarts == 0
+    assert first.stop_all(10)
