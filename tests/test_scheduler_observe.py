@@ -109,3 +109,22 @@ def test_min_and_max_per_pool(tmp_path, env, r) -> None:
         parse_pool_limits(["tiny=5:2"], base)
     res = run_cli(["scheduler", "--pool", "tiny=5:2", "--once"], env)
     assert res.returncode == 2 and "--pool" in res.stderr
+
+
+def test_jobs_held_by_workers_count_in_flight_dead_or_alive(tmp_path, env, r) -> None:
+    """A dead worker's held jobs wait for the reclaim sweep: they are in no queue and in no heartbeat, yet
+    they are work of the pool (ended ones are not). A live worker's held hash counts when it says more than
+    its heartbeat (jobs storing after their batch left the engine)."""
+    submit(tmp_path, env, "held", 6, 256, 4)
+    store = JobStore(r)
+    ids = store.batch_job_ids("held")
+    for q in keys.queue_lists("tiny"):
+        r.delete(q)  # the messages are with the workers now
+    store.transition_many([(ids[0], {})], CANCELLED, (QUEUED,))
+    r.sadd(keys.WORKERS, "w-dead")
+    r.hset(keys.worker_held("w-dead"), mapping={ids[0]: "t0", ids[1]: "t1", ids[2]: "t2"})
+    beat(r, "w-live", current_batch_size="1", buffered="0", current_bucket="256x256:4")
+    r.hset(keys.worker_held("w-live"), mapping={ids[3]: "t3", ids[4]: "t4", ids[5]: "t5"})
+    view = obs.observe(r, ["tiny"])["tiny"]
+    assert view.queued == 0
+    assert view.in_flight_by_bucket == {"256x256:4": 5.0}, "2 not ended of the dead worker's 3, and 3 live"
