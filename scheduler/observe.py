@@ -34,7 +34,7 @@ UNENDED = ("queued", "running", "storing")
 class PoolView:
     pool: str
     queued_raw: int = 0  # messages in the queue lists
-    queued: float = 0.0  # of which the estimated jobs still queued
+    queued: float = 0.0  # of which the estimated jobs still to run (not ended)
     queued_by_bucket: dict[str, float] = field(default_factory=dict)
     in_flight_by_bucket: dict[str, float] = field(default_factory=dict)
     measured: dict[str, float] = field(default_factory=dict)  # bucket -> seconds per image
