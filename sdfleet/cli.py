@@ -271,7 +271,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     try:
         check_location(out)
     except SdfleetError as exc:
-        raise InvalidJob(str(exc), field="--out") from None
+        raise InvalidJob(str(exc), field="--out" if args.out else "SDFLEET_OUT") from None
     if args.url_ttl < 1 or args.url_ttl > 7 * 24 * 3600:
         raise InvalidJob("use 1 to 604800 seconds (S3 presigns for at most 7 days)", field="--url-ttl")
     result = read_file(args.file, defaults)

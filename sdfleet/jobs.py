@@ -32,7 +32,8 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MODEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _S3_OUT = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?")
-_HTTP_URL = re.compile(r"https?://[^/\s]+\S*")
+# Schemes are case-insensitive (RFC 3986 3.1): HTTPS://host/ is an https URL.
+_HTTP_URL = re.compile(r"https?://[^/\s]+\S*", re.IGNORECASE)
 # Built-in model names a worker accepts, and the queue each one serves (a directory serves its basename).
 BUILTIN_MODELS = {"tiny": "tiny", "null": "null", "medium": "sd3.5-medium", "large": "sd3.5-large"}
 # Letters that render as nothing although Unicode files them as letters or symbols (Hangul fillers, the
@@ -146,6 +147,7 @@ class JobSpec(BaseModel):
     def _out(cls, v: str | None) -> str | None:
         if v is None:
             return v
+        _utf8(v)
         if _CONTROL.search(v) or "\n" in v or "\r" in v or "\t" in v:
             raise ValueError(f"{v[:60]!r} contains control characters")
         if not (v.startswith("file://") and len(v) > 7 or _S3_OUT.fullmatch(v)):
@@ -155,6 +157,8 @@ class JobSpec(BaseModel):
     @field_validator("webhook")
     @classmethod
     def _webhook(cls, v: str | None) -> str | None:
+        if v is not None:
+            _utf8(v)
         if v is not None and not _HTTP_URL.fullmatch(v):
             raise ValueError(f"{v[:60]!r} is not an http(s) URL")
         return v
@@ -213,6 +217,15 @@ def _text(v: str) -> str:
     if any("\ud800" <= c <= "\udfff" for c in v):
         raise ValueError("contains a lone surrogate (an unpaired \\ud800-\\udfff escape); write the character itself")
     return v
+
+
+def _utf8(v: str) -> None:
+    # A non-UTF-8 byte in argv reaches Python as a lone surrogate: refuse it here, by the field's name, rather
+    # than when the whole job fails to serialise.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{v[:60]!a} is not valid UTF-8 (at character {exc.start})") from None
 
 
 def _visible(c: str) -> bool:

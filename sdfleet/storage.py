@@ -51,11 +51,27 @@ def _s3_permanent(exc: BaseException) -> bool:
     return _s3_code(exc) in _PERMANENT_S3
 
 
+def _file_path(out: str) -> str:
+    """The directory of a ``file://`` location. ``file://localhost/DIR`` is RFC 8089's spelling of
+    ``file:///DIR``, not the relative directory ``localhost/DIR``."""
+    path = out[len("file://"):]
+    if path.lower().startswith("localhost/"):
+        path = path[len("localhost"):]
+    return path
+
+
+def _resolved(out: str, path: str) -> str:
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop (before Python 3.13)
+        raise StorageError(f"{out[:80]!r} cannot be resolved ({exc}); remove the symlink loop or choose "
+                           "another directory") from None
+
+
 def normalize_out(out: str) -> str:
     """Make a ``file://`` location absolute, so workers with another working directory agree on it."""
     if out.startswith("file://"):
-        path = out[len("file://"):]
-        return "file://" + str(Path(path).expanduser().resolve())
+        return "file://" + _resolved(out, _file_path(out))
     return out.rstrip("/")
 
 
@@ -72,11 +88,15 @@ def check_location(out: str) -> str:
     fix = "use file://DIR or s3://bucket/prefix"
     if not isinstance(out, str) or any(ord(c) < 32 or ord(c) == 127 for c in out):
         raise StorageError(f"{str(out)[:80]!r} contains control characters; {fix}")
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StorageError(f"{out[:80]!a} is not valid UTF-8; {fix} with a UTF-8 name") from None
     if out.startswith("file://"):
-        path = out[len("file://"):]
+        path = _file_path(out)
         if not path:
             raise StorageError(f"{out!r} names no directory; {fix}")
-        resolved = str(Path(path).expanduser().resolve())
+        resolved = _resolved(out, path)
         for d in _SYSTEM_DIRS:
             if resolved == d or resolved.startswith(d + "/"):
                 raise StorageError(f"{out[:80]!r} is inside {d}, a system directory that takes no files; "
@@ -355,6 +375,10 @@ class StorageFactory:
         if style == "https":
             if self.endpoint_url:
                 return f"{self.endpoint_url.rstrip('/')}/{bucket}/{quote(key)}"
+            if "." in bucket:
+                # AWS's certificate *.s3.REGION.amazonaws.com covers one label: a dotted bucket's virtual host
+                # fails every TLS check, so it is addressed path style.
+                return f"https://s3.{self.region}.amazonaws.com/{bucket}/{quote(key)}"
             return f"https://{bucket}.s3.{self.region}.amazonaws.com/{quote(key)}"
         if style == "presigned":
             return self._presigner().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
