@@ -46,6 +46,9 @@ CHUNK = 2000
 # The parameters that make a job what it is: a resubmission that changes one of them is a conflict.
 PARAMETERS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "model", "seed")
 SHOWN_CONFLICTS = 20
+# Planning and serialising check the lease this often (a time check; it renews when a third has passed), so a
+# producer that keeps working keeps its lease however large the file.
+RENEW_EVERY = 500
 # A job in the hands of a worker (running, or storing its objects) cannot be replaced under it.
 IN_FLIGHT = (RUNNING, "storing")
 
@@ -139,21 +142,22 @@ def submit(
     if url_style not in URL_STYLES:
         raise InvalidJob(f"{url_style!r} is not one of {', '.join(URL_STYLES)}", field="--url-style")
     specs = assign_custom_ids(specs)
-    outs: dict[str | None, str] = {None: normalize_out(default_out)}
-    for s in specs:
-        if s.out not in outs:
-            outs[s.out] = normalize_out(s.out)
+    outs: dict[str | None, str] = {}
+    for s in [None, *specs]:
+        out = default_out if s is None else s.out
+        if (None if s is None else s.out) not in outs:
+            try:
+                outs[None if s is None else s.out] = normalize_out(out)
+            except StorageError as exc:  # a symlink loop
+                raise InvalidJob(str(exc), field="--out" if s is None else "out") from None
     specs = [s if s.out == outs[s.out] else s.model_copy(update={"out": outs[s.out]}) for s in specs]
     for s in specs:
         serialise(s)  # every line serialises before the first write
     for location in sorted({s.out for s in specs}):
-        # A malformed or unwritable --out is a usage error (exit 2) before anything is written.
         try:
             check_location(location)
-            storage.get(location).check()
         except StorageError as exc:
-            raise InvalidJob(str(exc).removeprefix(f"--out {location}: "),
-                             field="--out" if location == outs[None] else "out") from None
+            raise InvalidJob(str(exc), field="--out" if location == outs[None] else "out") from None
 
     token = secrets.token_hex(16)
     if not store.acquire_submission(batch_id, token, lease_s):
@@ -161,8 +165,21 @@ def submit(
                          f"(at most {lease_s:g} s if its producer died), then submit again", field="--batch")
     try:
         lease = _Lease(store, batch_id, token, lease_s)
-        plan = _plan(store, batch_id, specs, replace)
-        staged = [StagedJob(jid, spec.custom_id, serialise(spec), mode) for jid, spec, mode in plan.run]
+        plan = _plan(store, batch_id, specs, replace, lease)
+        # An unwritable --out is a usage error (exit 2) before anything is written; checked only once the
+        # submission is known to be accepted, because the check creates the directory.
+        for location in sorted({spec.out for _, spec, _ in plan.run}):
+            lease.renew()
+            try:
+                storage.get(location).check()
+            except StorageError as exc:
+                raise InvalidJob(str(exc).removeprefix(f"--out {location}: "),
+                                 field="--out" if location == outs[None] else "out") from None
+        staged = []
+        for i, (jid, spec, mode) in enumerate(plan.run):
+            if i % RENEW_EVERY == 0:
+                lease.renew()
+            staged.append(StagedJob(jid, spec.custom_id, serialise(spec), mode))
         for i in range(0, len(staged), CHUNK):
             lease.renew()
             store.stage(batch_id, token, staged[i:i + CHUNK], lease_s=lease_s)
@@ -195,16 +212,18 @@ class _Plan:
     replaced: int = 0
 
 
-def _plan(store: JobStore, batch_id: str, specs: Sequence[JobSpec], replace: bool) -> _Plan:
+def _plan(store: JobStore, batch_id: str, specs: Sequence[JobSpec], replace: bool, lease: _Lease) -> _Plan:
     r = store.r
     existing: dict[str, str | None] = {}
     custom_ids = [s.custom_id for s in specs]
     for i in range(0, len(custom_ids), CHUNK):
+        lease.renew()
         chunk = custom_ids[i:i + CHUNK]
         existing.update(zip(chunk, r.hmget(keys.batch_custom_ids(batch_id), chunk)))
     known = [jid for jid in existing.values() if jid]
     records: dict[str, tuple[str | None, str | None]] = {}
     for i in range(0, len(known), CHUNK):
+        lease.renew()
         chunk = known[i:i + CHUNK]
         pipe = r.pipeline(transaction=False)
         for jid in chunk:
@@ -213,7 +232,9 @@ def _plan(store: JobStore, batch_id: str, specs: Sequence[JobSpec], replace: boo
 
     plan = _Plan()
     conflicts: list[str] = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        if i % RENEW_EVERY == 0:
+            lease.renew()
         jid = existing.get(spec.custom_id)
         status, stored_raw = records.get(jid, (None, None)) if jid else (None, None)
         if jid is None or status is None:
