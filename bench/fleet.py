@@ -647,7 +647,6 @@ def main() -> int:
         "mix": [{"width": w, "height": h, "steps": s, "weight": wt} for w, h, s, wt in mix], "chunks": a.chunks,
         "setup": steps, "gpus": a.gpus, "gpus_compare": counts if a.gpus_compare else None,
         "baseline": baseline, "phases": {}, "skipped": {}}
-    fleet_jobs = make_jobs(a.jobs, mix, model_name)
 
     def write(complete: bool) -> None:
         # After every phase too: a call cut short by its time limit still leaves the phases it finished.
@@ -680,7 +679,10 @@ def main() -> int:
                 write(False)
         if "bare" in phases:
             print("phase bare ...", file=sys.stderr, flush=True)
-            out["phases"]["bare"] = run_bare(a, ctx, out["phases"]["fleet"], fleet_jobs)
+            fleet = out["phases"]["fleet"]
+            # The fleet phase's whole stream (N x --jobs with N workers): the runs to replay name its jobs.
+            fleet_jobs = make_jobs(a.jobs * fleet.get("gpus", 1), mix, model_name)
+            out["phases"]["bare"] = run_bare(a, ctx, fleet, fleet_jobs)
     finally:
         redis_srv.stop()
     write(True)
