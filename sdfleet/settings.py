@@ -25,6 +25,8 @@ DEFAULT_GPU_LOCK_DIR = "/tmp/sdfleet-gpu-locks"
 # Query options a REDIS_URL may carry (TLS material for rediss://); anything else is a typo.
 REDIS_URL_OPTIONS = frozenset({"ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile",
                                "ssl_check_hostname"})
+# The options whose values are words: anything else fails later, in redis-py or kombu, with their message.
+_REDIS_OPTION_VALUES = {"ssl_cert_reqs": ("none", "optional", "required"), "ssl_check_hostname": ("true", "false")}
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 # A producer holds its submission lease this long without renewing it; a killed one blocks the batch no longer.
 DEFAULT_SUBMISSION_LEASE_S = 30.0
@@ -62,9 +64,16 @@ def parse_redis_url(url: str) -> str:
     if parts.fragment:
         raise ValueError(f"has a fragment ('#...'); {example}")
     options = parse_qsl(parts.query, keep_blank_values=True)
-    for name, _ in options:
+    for name, value in options:
         if name not in REDIS_URL_OPTIONS:
             raise ValueError(f"unknown option {name!r} (known: {', '.join(sorted(REDIS_URL_OPTIONS))})")
+        if parts.scheme == "redis":
+            # redis-py would fail later with a TypeError: TLS material means nothing to a plain connection.
+            raise ValueError(f"option {name!r} is a TLS option, but the scheme is redis://; use rediss:// for TLS, "
+                             "or drop the option")
+        allowed = _REDIS_OPTION_VALUES.get(name)
+        if allowed and value.lower() not in allowed:
+            raise ValueError(f"option {name}={value[:40]!r} is not one of {', '.join(allowed)}")
     if parts.scheme == "rediss" and "ssl_cert_reqs" not in dict(options):
         # Said out loud so both clients verify: redis-py would use the system CA store, but kombu turns a
         # rediss:// URL without TLS options into an unverified connection.
