@@ -19,6 +19,8 @@ from standardwebhooks import Webhook
 from sdfleet.errors import ConfigError
 
 SECRET_PREFIX = "whsec_"
+# Standard Webhooks asks for 24 to 64 random bytes: a shorter key can be found from one delivery by trying.
+MIN_SECRET_BYTES = 24
 
 
 def new_secret(nbytes: int = 32) -> str:
@@ -41,6 +43,10 @@ def parse_secrets(text: str | None, *, name: str = "SDFLEET_WEBHOOK_SECRET") -> 
         if not _valid(item):
             raise ConfigError(f"{name}: item {len(out) + 1} is not whsec_<base64>; "
                               "generate one with 'sdfleet webhooks new-secret'")
+        if secret_bytes(item) < MIN_SECRET_BYTES:
+            raise ConfigError(f"{name}: item {len(out) + 1} is {secret_bytes(item)} bytes, fewer than the "
+                              f"{MIN_SECRET_BYTES} Standard Webhooks asks for; generate one with "
+                              "'sdfleet webhooks new-secret'")
         if item not in out:
             out.append(item)
     return out
@@ -54,6 +60,12 @@ def _valid(item: str) -> bool:
         return bool(base64.b64decode(body + "=" * (-len(body) % 4), validate=True))
     except (binascii.Error, ValueError):
         return False
+
+
+def secret_bytes(item: str) -> int:
+    """How many key bytes a valid ``whsec_`` secret holds."""
+    body = item[len(SECRET_PREFIX):]
+    return len(base64.b64decode(body + "=" * (-len(body) % 4)))
 
 
 def signature_header(secrets: list[str], msg_id: str, timestamp: int, body: str) -> str:
