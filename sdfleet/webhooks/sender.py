@@ -10,14 +10,22 @@ SDFLEET_WEBHOOK_SECRET, plus SDFLEET_WEBHOOK_PREVIOUS_SECRETS during a rotation 
 secret, space separated, per Standard Webhooks). A restart with a new secret signs every later delivery,
 of old batches too, with the new one.
 
-Isolation: at most ``Settings.webhook_per_host`` deliveries to one receiver host are in flight in this
-process. A delivery whose host is at its cap does not wait for a slot in its thread: it goes back to the
+Isolation: at most ``Settings.webhook_per_host`` deliveries to one receiver are in flight in this process,
+counted by the address the URL resolves to (127.0.0.1, 2130706433 and 127.1 are one receiver; so are any
+number of wildcard DNS names). A delivery whose receiver is at its cap does not wait for a slot in its thread: it goes back to the
 due set for DEFER_S seconds (not counted as an attempt), so a receiver that hangs holds at most its share
-of the threads and every other receiver keeps its pace.
+of the threads and every other receiver keeps its pace. Each attempt has one deadline,
+``Settings.webhook_timeout`` from connect to the last byte read: a receiver that trickles its answer a byte
+at a time is cut off there (httpx's own timeout applies to each read). Each attempt has its own connection,
+so the deadline can close it.
+
+Credentials in the URL (``https://user:token@host/x``) are sent as HTTP Basic auth, since the request goes to
+the pinned address and the URL it is built from carries no user part.
 """
 
 from __future__ import annotations
 
+import base64
 import random
 import socket
 import threading
@@ -34,7 +42,7 @@ from sdfleet import keys
 from sdfleet.errors import ConfigError, WebhookError
 from sdfleet.settings import Settings
 from sdfleet.webhooks import outbox
-from sdfleet.webhooks.policy import split_url, target_for
+from sdfleet.webhooks.policy import Target, target_for
 from sdfleet.webhooks.signing import parse_secrets, signed_headers
 
 DELIVERED, RETRY, DEAD, DEFERRED = "delivered", "retry", "dead", "deferred"
@@ -90,8 +98,9 @@ class Sender:
         self._slots = threading.Lock()
         # No proxies from the environment (they would bypass the address pinning), no redirects (a 3xx
         # could point anywhere, internal addresses included).
+        # No keep-alive: the attempt's deadline cuts its connection, which must therefore be its own.
         self.http = http or httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False, trust_env=False,
-                                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+                                         limits=httpx.Limits(max_connections=64, max_keepalive_connections=0))
 
     def close(self) -> None:
         self.http.close()
@@ -114,23 +123,27 @@ class Sender:
                 del self._in_flight[host]
 
     def deliver(self, delivery: dict[str, Any]) -> str:
-        """Make one attempt unless its receiver host is at its cap (then DEFERRED: back in the due set shortly).
+        """Make one attempt unless its receiver is at its cap (then DEFERRED: back in the due set shortly).
 
         Returns DELIVERED, RETRY, DEAD or DEFERRED.
         """
         try:
-            host = split_url(delivery["url"])[1].lower()
-        except WebhookError:
-            host = ""
-        if not self._take_slot(host):
+            target: Target | Exception = target_for(delivery["url"],
+                                                    allow_private=self.settings.webhook_allow_private)
+        except (WebhookError, socket.gaierror, UnicodeError, OSError) as exc:
+            target = exc  # no connection is made: reported by the attempt, without a slot
+        if not isinstance(target, Target):
+            return self._attempt(delivery, target)
+        # The slot is the receiver's address, not the URL's spelling of its host.
+        if not self._take_slot(target.address):
             outbox.schedule(self.r, delivery, time.time() + DEFER_S * random.uniform(1.0, 1.5))
             return DEFERRED
         try:
-            return self._attempt(delivery)
+            return self._attempt(delivery, target)
         finally:
-            self._give_slot(host)
+            self._give_slot(target.address)
 
-    def _attempt(self, delivery: dict[str, Any]) -> str:
+    def _attempt(self, delivery: dict[str, Any], target: Target | Exception) -> str:
         log = self.log.bind(webhook_id=delivery.get("id"), event_type=delivery.get("type"), job_id=delivery.get("job_id"),
                             batch_id=delivery.get("batch_id"), attempt=int(delivery.get("attempt", 0)) + 1,
                             endpoint=outbox.url_hash(delivery["url"]))
@@ -145,17 +158,21 @@ class Sender:
         if not secrets:
             return self._bury(delivery, "no signing secret: set SDFLEET_WEBHOOK_SECRET on the webhook worker "
                                         "(sdfleet webhooks new-secret), then 'sdfleet webhooks replay'", log)
-        try:
-            target = target_for(delivery["url"], allow_private=self.settings.webhook_allow_private)
-        except WebhookError as exc:
-            return self._bury(delivery, f"refused at send time: {exc}", log)
-        except (socket.gaierror, UnicodeError, OSError) as exc:
-            return self.retry_later(delivery, f"cannot resolve the host: {exc}", None, None, log)
+        if isinstance(target, WebhookError):
+            return self._bury(delivery, f"refused at send time: {target}", log)
+        if not isinstance(target, Target):
+            return self.retry_later(delivery, f"cannot resolve the host: {target}", None, None, log)
 
         body = delivery["body"]
         headers = signed_headers(secrets, delivery["id"], int(time.time()), body)
         headers["host"] = target.host_header
-        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        credentials = basic_auth(delivery["url"])
+        if credentials:
+            headers["authorization"] = credentials
+        deadline = _Deadline(self.settings.webhook_timeout)
+        extensions: dict[str, Any] = {"trace": deadline.trace}
+        if target.scheme == "https":
+            extensions["sni_hostname"] = target.host
         t0 = time.perf_counter()
         try:
             with self.http.stream("POST", target.pinned_url, content=body.encode(), headers=headers,
@@ -167,10 +184,13 @@ class Sender:
                     snippet += chunk
                     if len(snippet) >= _SNIPPET_BYTES:
                         break
-        except httpx.TimeoutException:
-            return self.retry_later(delivery, f"no answer within {self.settings.webhook_timeout:g} s", None, None, log)
         except httpx.HTTPError as exc:
+            if deadline.expired or isinstance(exc, httpx.TimeoutException):
+                return self.retry_later(delivery, f"no complete answer within {self.settings.webhook_timeout:g} s",
+                                        None, None, log)
             return self.retry_later(delivery, f"{type(exc).__name__}: {exc}"[:300], None, None, log)
+        finally:
+            deadline.cancel()
         elapsed = round(time.perf_counter() - t0, 4)
         if 200 <= status < 300:
             log.info("webhook delivered", status=status, elapsed_s=elapsed)
@@ -201,3 +221,50 @@ class Sender:
         log.error("webhook delivery dead", reason=reason)
         return DEAD
 
+
+
+def basic_auth(url: str) -> str | None:
+    """The Authorization header for a URL's ``user:password@`` part, or None when it has none."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return None
+    pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+class _Deadline:
+    """One attempt's deadline: when it passes, the attempt's socket is shut down, which ends any read in
+    progress however slowly the receiver trickles bytes. The socket comes from httpcore's public ``trace``
+    extension (the connect_tcp event returns the network stream)."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+            with self._lock:
+                self._sock = info["return_value"].get_extra_info("socket")
+                if self.expired:
+                    self._shutdown()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
