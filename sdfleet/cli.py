@@ -337,14 +337,18 @@ def _wait(store: Any, batch_id: str, timeout: float | None) -> int:
 
 def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     from producer.status import manifest_lines
+    from sdfleet.errors import StorageError
     from sdfleet.events import url_style_of
     from sdfleet.storage import StorageFactory
 
     store, _ = _services(settings)
     style, ttl = url_style_of(store.r, args.batch)
     storage = StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries)
-    lines = manifest_lines(store, args.batch,
-                           public_url=lambda u: storage.public_url(u, args.url_style or style, ttl))
+    try:
+        lines = manifest_lines(store, args.batch,
+                               public_url=lambda u: storage.public_url(u, args.url_style or style, ttl))
+    except StorageError as exc:  # presigning without credentials: a usage error, with the alternatives
+        raise ConfigError(f"--url-style: {exc}") from None
     text = "".join(json.dumps(line) + "\n" for line in lines)
     if args.output:
         try:

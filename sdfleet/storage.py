@@ -381,8 +381,15 @@ class StorageFactory:
                 return f"https://s3.{self.region}.amazonaws.com/{bucket}/{quote(key)}"
             return f"https://{bucket}.s3.{self.region}.amazonaws.com/{quote(key)}"
         if style == "presigned":
-            return self._presigner().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                                            ExpiresIn=int(ttl_s))
+            from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+            try:
+                return self._presigner().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                                ExpiresIn=int(ttl_s))
+            except (NoCredentialsError, PartialCredentialsError):
+                raise StorageError("presigned URLs are signed with S3 credentials, and none are configured here; "
+                                   "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile), or use "
+                                   "--url-style https or s3") from None
         raise StorageError(f"unknown URL style {style!r}; use one of {', '.join(URL_STYLES)}")
 
     def get(self, location: str) -> Storage:
