@@ -314,7 +314,9 @@ class JobStore:
         if not records:
             return
         key = keys.submission_staging(batch_id, token)
-        pipe = self.r.pipeline(transaction=False)
+        # MULTI/EXEC: a producer killed between the append and the TTL would leave a staging list forever;
+        # Redis drops an unfinished transaction with its connection.
+        pipe = self.r.pipeline(transaction=True)
         pipe.rpush(key, *[json.dumps({"j": x.job_id, "c": x.custom_id, "s": x.spec_json, "m": x.mode},
                                      separators=(",", ":")) for x in records])
         pipe.pexpire(key, int(staging_ttl_s(lease_s) * 1000))

@@ -101,9 +101,9 @@ class GenerationConsumer:
         worker_state.task_reserved(request)
         request.send_event("task-received", name=request.name, args=request.argsrepr, kwargs=request.kwargsrepr,
                            root_id=request.root_id, parent_id=request.parent_id, retries=0)
-        if job_id in worker_state.revoked:
-            self._cancel_revoked([job_id], [d])
-            return
+        # No check of Celery's revoked set here: a revoke was recorded as a cancellation when it arrived
+        # (_apply_revokes), so the claim skips the job; and a job resubmitted after its batch was cancelled
+        # (same job id, queued again) must run, however long ago its earlier self was revoked.
         ctx.batcher.add(d)
         self.pump()
 
