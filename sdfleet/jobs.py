@@ -35,7 +35,10 @@ _S3_OUT = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)
 # Schemes are case-insensitive (RFC 3986 3.1): HTTPS://host/ is an https URL.
 _HTTP_URL = re.compile(r"https?://[^/\s]+\S*", re.IGNORECASE)
 # Built-in model names a worker accepts, and the queue each one serves (a directory serves its basename).
-BUILTIN_MODELS = {"tiny": "tiny", "null": "null", "medium": "sd3.5-medium", "large": "sd3.5-large"}
+# Random-weight SD3.5 (noise, the real FLOPs) gets a queue of its own: sharing the real model's queue, a bench
+# worker beside the fleet would take customers' jobs and store noise as succeeded. tiny and null are test
+# engines; a directory named like them (what ``make-model tiny`` writes) is a test model too.
+BUILTIN_MODELS = {"tiny": "tiny", "null": "null", "medium": "sd3.5-medium-random", "large": "sd3.5-large-random"}
 # Letters that render as nothing although Unicode files them as letters or symbols (Hangul fillers, the
 # blank Braille pattern): a prompt made only of these is as empty as one of zero-width spaces.
 _BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
@@ -236,7 +239,7 @@ def model_name_for(value: str) -> str:
     """The queue's model name for what a worker was given: a built-in name or a model directory.
 
     ``tiny`` and ``null`` are themselves, ``medium`` and ``large`` (random-weight SD3.5) serve
-    ``sd3.5-medium`` and ``sd3.5-large``, and a directory such as ``/models/SD3.5-Large/`` serves its basename,
+    ``sd3.5-medium-random`` and ``sd3.5-large-random`` (never the real model's queue), and a directory such as ``/models/SD3.5-Large/`` serves its basename,
     lower-cased (``sd3.5-large``). Raises InvalidJob (field ``model``) for anything that gives no valid name.
     """
     if not isinstance(value, str) or not value or _CONTROL.search(value) or any(c.isspace() for c in value):

@@ -138,7 +138,7 @@ def test_spec_is_frozen():
 
 
 @pytest.mark.parametrize("given, queue_model", [
-    ("tiny", "tiny"), ("null", "null"), ("medium", "sd3.5-medium"), ("large", "sd3.5-large"),
+    ("tiny", "tiny"), ("null", "null"), ("medium", "sd3.5-medium-random"), ("large", "sd3.5-large-random"),
     ("/models/sd3.5-large", "sd3.5-large"), ("/models/SD3.5-Large/", "sd3.5-large"), ("sd3.5-large", "sd3.5-large"),
     ("./weights/my_model.v2", "my_model.v2"),
 ])
