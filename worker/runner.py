@@ -25,8 +25,9 @@ from worker.engine.base import Engine, GenerationRequest
 from worker.intake import Delivery
 from worker.postprocess import PostProcessor
 
-#: a message of a submission still being committed is tried again after this many seconds
-DEFER_S = 0.25
+#: a message of a submission still being committed is tried again after these many seconds (then the last,
+#: again and again): the commit usually lands within milliseconds of the last message
+DEFER_S = (0.01, 0.02, 0.05, 0.1, 0.25)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -131,7 +132,9 @@ class BatchRunner:
             if d.batch_id in committing and (not tr.applied and tr.previous != "storing"):
                 # Not yet recorded, a resubmission of a failed/cancelled job, or a --replace whose new spec is
                 # not committed yet: try again shortly.
-                d.not_before = time.monotonic() + DEFER_S
+                n = d.extra.get("defers", 0)
+                d.extra["defers"] = n + 1
+                d.not_before = time.monotonic() + DEFER_S[min(n, len(DEFER_S) - 1)]
                 self.settle.defer(d)
             elif not tr.previous or tr.mismatch == "batch":
                 self.log.error("message names no known job; dropped (forged, expired or an aborted submission)",
