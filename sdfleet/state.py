@@ -241,7 +241,7 @@ class JobStore:
             pipe.execute()
         return tr
 
-    def release_attempts(self, job_ids: Sequence[str], worker_id: str) -> int:
+    def release_attempts(self, job_ids: Sequence[str], worker_id: str, *, client: Any = None) -> int:
         """Take back the poison charge of jobs that ``worker_id`` runs and that have left its engine.
 
         Each start counts an attempt (``attempts``, times started) and a charge (``charged``, what the
@@ -250,6 +250,9 @@ class JobStore:
         upload when a later run kills the worker are not blamed for it.
         """
         if not job_ids:
+            return 0
+        if client is not None:  # queued on a pipeline: its reply comes with the pipeline's
+            self._release(keys=[keys.job(j) for j in job_ids], args=[worker_id], client=client)
             return 0
         return int(self._release(keys=[keys.job(j) for j in job_ids], args=[worker_id]))
 

@@ -70,6 +70,7 @@ class Settler:
 
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
+        self._published: dict[str, float] = {}  # bucket -> seconds per image last written for the scheduler
 
     def _put(self, fn: Any, *args: Any) -> None:
         self.ctx.loop.put(fn, *args)
@@ -99,11 +100,14 @@ class Settler:
 
     def engine_time(self, key: BatchKey, images: int, seconds: float) -> None:
         per = self.ctx.service.observe(key, images, seconds)
-        try:
-            self.ctx.redis.hset(keys.service_times(self.ctx.served_model),
-                                keys.bucket_of(key.width, key.height, key.steps), f"{per:.4f}")
-        except redis.RedisError:
-            pass
+        bucket = keys.bucket_of(key.width, key.height, key.steps)
+        last = self._published.get(bucket)
+        if last is None or abs(per - last) > 0.05 * last:  # the scheduler needs the trend, not every run
+            try:
+                self.ctx.redis.hset(keys.service_times(self.ctx.served_model), bucket, f"{per:.4f}")
+                self._published[bucket] = per
+            except redis.RedisError:
+                pass
         if self.ctx.metrics is not None:
             self.ctx.metrics.batch_ran(images, seconds, key.steps, images)
 

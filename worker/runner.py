@@ -60,41 +60,55 @@ class BatchRunner:
         """Run a group. Jobs whose last start never left an engine (their worker died or hung with them
         inside) run alone, each in an engine run of its own: a poison job then charges only itself, and its
         batch mates are not failed with it."""
-        if len(deliveries) > 1:
-            try:
-                suspects = self._suspects(deliveries)
-            except redis.RedisError as exc:
-                self.settle.retry_later(list(deliveries), exc)
-                return
-            if suspects:
-                rest = [d for d in deliveries if d.job_id not in suspects]
-                if rest:
-                    self._run(key, rest)
-                for d in deliveries:
-                    if d.job_id in suspects:
-                        self._run(key, [d])
-                return
-        self._run(key, deliveries)
-
-    def _suspects(self, deliveries: Sequence[Delivery]) -> set[str]:
-        pipe = self.store.r.pipeline(transaction=False)
-        for d in deliveries:
-            pipe.hget(keys.job(d.job_id), "charged")
-        return {d.job_id for d, charged in zip(deliveries, pipe.execute()) if int(charged or 0) > 0}
-
-    def _run(self, key: BatchKey, deliveries: Sequence[Delivery]) -> None:
         try:
-            if self._in_engine:
-                # The previous run has left the engine: if the worker dies from now on, it is not that run's
-                # doing. (Its jobs may still be uploading; counting their attempt would fail innocent jobs as
-                # poison when a poison job keeps killing workers right after them.)
-                self.store.release_attempts(self._in_engine, self.worker_id)
-                self._in_engine = []
-            run_id = f"{self.worker_id}:{self.batches_run + 1}"
-            claimed = self._claim(deliveries, run_id)
+            suspects, committing = self._prepare(deliveries)
         except redis.RedisError as exc:
             # Redis refusing writes (OOM, READONLY) or away: keep the jobs and try again with backoff; handing
             # the messages back would only bring them straight back (a hot loop).
+            self.settle.retry_later(list(deliveries), exc)
+            return
+        if len(deliveries) > 1 and suspects:
+            rest = [d for d in deliveries if d.job_id not in suspects]
+            if rest:
+                self._run(key, rest, committing)
+            for d in deliveries:
+                if d.job_id in suspects:
+                    self._run(key, [d], committing)
+            return
+        self._run(key, deliveries, committing)
+
+    def _prepare(self, deliveries: Sequence[Delivery]) -> tuple[set[str], set[str]]:
+        """One round trip before the claim: take back the previous run's charge (it has left the engine: if the
+        worker dies from now on, it is not that run's doing; its jobs may still be uploading, and counting
+        their attempt would fail innocent jobs as poison), read which jobs carry a charge (their last start
+        never finished), and which batches are still being committed.
+
+        The leases are read BEFORE the claim: the commit writes the records and drops the lease in one script,
+        so a lease seen here means a record missing or different at the claim may still arrive (the message
+        is held), and no lease means the records are final (dropped if bad)."""
+        batches = sorted({d.batch_id for d in deliveries})
+        pipe = self.store.r.pipeline(transaction=False)
+        released = bool(self._in_engine)
+        if released:
+            self.store.release_attempts(self._in_engine, self.worker_id, client=pipe)
+        for d in deliveries:
+            pipe.hget(keys.job(d.job_id), "charged")
+        for b in batches:
+            pipe.exists(keys.submission(b))
+        replies = pipe.execute()[1 if released else 0:]
+        self._in_engine = []
+        charged, leases = replies[:len(deliveries)], replies[len(deliveries):]
+        suspects = {d.job_id for d, c in zip(deliveries, charged) if int(c or 0) > 0}
+        return suspects, {b for b, held in zip(batches, leases) if held}
+
+    def _run(self, key: BatchKey, deliveries: Sequence[Delivery], committing: set[str]) -> None:
+        try:
+            if self._in_engine:
+                self.store.release_attempts(self._in_engine, self.worker_id)
+                self._in_engine = []
+            run_id = f"{self.worker_id}:{self.batches_run + 1}"
+            claimed = self._claim(deliveries, run_id, committing)
+        except redis.RedisError as exc:
             self.settle.retry_later(list(deliveries), exc)
             return
         if not claimed:
@@ -112,15 +126,7 @@ class BatchRunner:
         self._generate(key, claimed, log, timeline)
         log.info("batch ran", batch_s=round(time.perf_counter() - t0, 4), jobs=[d.job_id for d in claimed][:16])
 
-    def _committing(self, batch_id: str) -> bool:
-        """True while the batch's submission is being committed (its records are not visible yet)."""
-        return bool(self.store.r.exists(keys.submission(batch_id)))
-
-    def _claim(self, deliveries: Sequence[Delivery], run_id: str) -> list[Delivery]:
-        # Which batches are still being committed, looked up BEFORE the claim: the commit writes the records and
-        # drops the lease in one script, so a lease seen here means a record missing or different below may
-        # still arrive (the message is held), and no lease means the records below are final (dropped if bad).
-        committing = {b for b in {d.batch_id for d in deliveries} if self._committing(b)}
+    def _claim(self, deliveries: Sequence[Delivery], run_id: str, committing: set[str]) -> list[Delivery]:
         # One round trip: each job starts only if its record names this batch and holds this spec, so a
         # forged or stale message never runs.
         transitions = self.store.start_many(
