@@ -241,7 +241,7 @@ class _Deadline:
 
     def __init__(self, seconds: float):
         self.expired = False
-        self._sock: socket.socket | None = None
+        self._socket: socket.socket | None = None
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
@@ -250,7 +250,7 @@ class _Deadline:
     def trace(self, event: str, info: dict[str, Any]) -> None:
         if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
             with self._lock:
-                self._sock = info["return_value"].get_extra_info("socket")
+                self._socket = info["return_value"].get_extra_info("socket")
                 if self.expired:
                     self._shutdown()
 
@@ -260,9 +260,9 @@ class _Deadline:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        if self._sock is not None:
+        if self._socket is not None:
             try:
-                self._sock.shutdown(socket.SHUT_RDWR)
+                self._socket.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
