@@ -58,3 +58,19 @@ def test_force_flushes_everything_oldest_first():
     ready = b.ready(force=True)
     assert [[x.job_id for x in g] for _, g in ready] == [["j0", "j2"], ["j1"], ["j3"]]
     assert len(b) == 0
+
+
+def test_while_the_engine_is_busy_only_full_groups_go():
+    clock = Clock()
+    b = Batcher(max_batch=3, max_wait_ms=50, clock=clock)
+    for n in range(2):
+        b.add(d(clock, n))
+    clock.t += 0.060  # past max wait, but only 2 of 3
+    assert b.pop_ready(full_only=True) is None
+    b.add(d(clock, 2))
+    key, group = b.pop_ready(full_only=True)
+    assert [x.job_id for x in group] == ["j0", "j1", "j2"]
+    b.add(d(clock, 3))
+    clock.t += 0.060
+    assert b.pop_ready(full_only=True) is None
+    assert [x.job_id for x in b.pop_ready()[1]] == ["j3"]  # the engine is free: the partial group goes

@@ -338,8 +338,10 @@ def run_worker(settings: Settings, options: WorkerOptions) -> int:
         metrics = WorkerMetrics(worker_id, served, gpu_uuid=assignment.uuid or "")
         port = metrics.serve(options.metrics_port)
         log.info("metrics served", port=port)
-    # Prefetch: a full batch being filled, one in the engine, one waiting for it, one being stored.
-    prefetch = max(2, options.max_batch * 4)
+    # Prefetch: a full batch of each of a few interleaved shapes being filled, one batch in the engine, one
+    # waiting for it, one being stored (celery-batches' issue 17: batches capped by prefetch; on the H200 a
+    # prefetch of 4 batches left a 3-shape mix mostly in batches of 3, each costing a padded 4).
+    prefetch = max(2, options.max_batch * 6)
     app = make_app(settings, prefetch=prefetch)
     ctx = WorkerContext(settings, options, engine, log, served_model=served, queue=queue,
                         gpu=GpuProbe(assignment.uuid, log=log) if assignment.is_gpu else None, metrics=metrics)

@@ -264,7 +264,9 @@ class GenerationConsumer:
             while (not self.draining and ctx.engine_thread.can_take()
                    and ctx.post.backlog() <= ctx.post.threads
                    and (ctx.options.overlap or (ctx.engine_thread.idle() and ctx.post.backlog() == 0))):
-                nxt = ctx.batcher.pop_ready()
+                # While the engine is busy only a full group may wait in the hand-off slot; a partial one keeps
+                # filling until the engine is free (then the oldest due group goes, full or not).
+                nxt = ctx.batcher.pop_ready(full_only=not ctx.engine_thread.idle())
                 if nxt is None:
                     break
                 key, group = nxt

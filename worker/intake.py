@@ -117,12 +117,17 @@ class Batcher:
             return runnable
         return []
 
-    def pop_ready(self, *, force: bool = False) -> tuple[BatchKey, list[Delivery]] | None:
-        """The due group (full, or its oldest has waited max wait) holding the oldest delivery; None if none."""
+    def pop_ready(self, *, force: bool = False, full_only: bool = False) -> tuple[BatchKey, list[Delivery]] | None:
+        """The due group (full, or its oldest has waited max wait) holding the oldest delivery; None if none.
+
+        ``full_only``: only a full group (the engine is busy: a partial group waits and keeps filling, since a
+        batch of 3 in a bucket of 4 costs the GPU as much as 4 images)."""
         now = self.clock()
         best = None
         for key, group in self.groups.items():
             due = self._due(group, now, force)
+            if full_only and len(due) < self.max_batch:
+                continue
             if due and (best is None or due[0].received_at < best[1][0].received_at):
                 best = (key, due)
         if best is None:
