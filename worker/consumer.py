@@ -339,9 +339,7 @@ class GenerationConsumer:
             time.sleep(0.02)
         if not restarting:
             ctx.post.wait(timeout=max(1.0, deadline - time.monotonic()))
-            ctx.loop.drain()
-        # (Restarting: what other threads asked of the loop stays queued for the next start; acknowledging
-        # on the channel kombu is tearing down would only race its own restore of that channel.)
+        ctx.loop.drain()
         unstarted = list(ctx.batcher) + (waiting[1] if waiting else [])
         ctx.batcher.groups.clear()
         for d in unstarted:
