@@ -28,23 +28,13 @@ import redis
 from sdfleet import broker, keys
 from sdfleet.redisconn import PrivateRedis, free_port
 from tests.conftest import ROOT, WorkerProc, run_cli
+from tests.test_crash import jsonl, null_jobs  # the same job files as the crash tests
 
 FAST_BEATS = {"SDFLEET_HEARTBEAT_INTERVAL": "0.3", "SDFLEET_HEARTBEAT_TTL": "1.5"}
 NULL_QUEUE = keys.queue_for_model("null")
 
 
 # --- helpers --------------------------------------------------------------------------------------------
-
-def jsonl(tmp_path: Path, rows: list[dict], name: str = "jobs.jsonl") -> Path:
-    p = tmp_path / name
-    p.write_text("".join(json.dumps(x) + "\n" for x in rows))
-    return p
-
-
-def null_jobs(n: int, prefix: str = "p", **extra) -> list[dict]:
-    return [{"prompt": f"{prefix}{i}", "custom_id": f"{prefix}{i}", "model": "null", "width": 256, "height": 256,
-             **extra} for i in range(n)]
-
 
 def counts(r: redis.Redis, batch: str) -> dict[str, int]:
     return {k: int(v) for k, v in r.hgetall(keys.batch_counts(batch)).items() if int(v)}
