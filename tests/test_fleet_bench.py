@@ -44,7 +44,7 @@ def test_every_job_through_the_fleet_and_the_same_images_as_the_bare_engine(repo
     assert report["fleet_over_bare"] == round(fleet["images_per_s"] / bare["images_per_s"], 4)
     # The full-batch reference: the same jobs, each shape's in batches of max_batch (only the last short).
     full = bare["full_batches"]
-    assert full["images"] == JOBS and max(full["batch_sizes"]) <= report["max_batch"]
+    assert full["images"] == JOBS and max(int(k) for k in full["batch_sizes"]) <= report["max_batch"]
     assert sum(int(k) * v for k, v in full["batch_sizes"].items()) == JOBS
     assert report["fleet_over_bare_full_batches"] == round(fleet["images_per_s"] / full["images_per_s"], 4)
 
