@@ -472,7 +472,8 @@ def run_bare(a: argparse.Namespace, ctx: dict[str, Any], fleet: dict[str, Any], 
                                            fp8_weights=str(ctx["fp8_dir"]) if cuda else None))
     engine.load()
     keys = {(w, h, s): BatchKey(engine.model_name, w, h, s, 4.5) for w, h, s, _ in ctx["mix"]}
-    engine.warmup(list(keys.values()))
+    # As the worker warms up (worker/app.py): batch 1 and the full batch on a GPU.
+    engine.warmup(list(keys.values()), batch_sizes=sorted({1, a.max_batch}) if cuda else [1])
     boot_s = time.time() - t0
     by_id = {j["custom_id"]: j for j in jobs}
     plan = []
@@ -523,11 +524,21 @@ def run_bare(a: argparse.Namespace, ctx: dict[str, Any], fleet: dict[str, Any], 
     images, gpu_s, wall = replay(plan)
     full_images, full_gpu_s, full_wall = replay(full_plan)
     after = engine.compile_counters()
-    diffs = {}
+    diffs, control = {}, []
+    mine_of = {}
     for cid, png in fleet["_images"].items():
         if cid in images:
-            mine = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+            mine = mine_of[cid] = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
             diffs[cid] = int(np.abs(mine - images[cid].astype(np.int16)).max())
+    # Negative control: each fleet image against the bare image of the next job of the same shape (another
+    # seed and prompt). An equality check that also passed these would prove nothing.
+    shape = {c: (by_id[c]["width"], by_id[c]["height"], by_id[c]["steps"]) for c in mine_of}
+    ordered = sorted(mine_of)
+    for i, cid in enumerate(ordered):
+        other = next((o for o in ordered[i + 1:] if shape[o] == shape[cid]), None)
+        if other is not None:
+            control.append(float(np.abs(mine_of[cid] - images[other].astype(np.int16)).mean()))
+    spread = [float(m.std()) for m in mine_of.values()]
     peak = None
     if cuda:
         import torch
@@ -544,7 +555,10 @@ def run_bare(a: argparse.Namespace, ctx: dict[str, Any], fleet: dict[str, Any], 
                              "gpu_busy": round(full_gpu_s / full_wall, 4) if cuda else None},
             "compiles": {k: {"before": before.get(k), "after": after.get(k)} for k in before},
             "equality": {"compared": len(diffs), "max_pixel_diff": max(diffs.values()) if diffs else None,
-                         "over_1": sorted(c for c, d in diffs.items() if d > 1)[:20]}}
+                         "over_1": sorted(c for c, d in diffs.items() if d > 1)[:20],
+                         "control_other_job_mean_abs_diff_min": round(min(control), 2) if control else None,
+                         "control_pairs": len(control),
+                         "image_std_min": round(min(spread), 2) if spread else None}}
 
 
 # --- report -----------------------------------------------------------------------------------------

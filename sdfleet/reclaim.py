@@ -172,9 +172,15 @@ class Sweeper:
         holders: set[str] = set()
         queue_empty: dict[str, bool] = {}
         for batch_id in self.r.zrevrange(keys.BATCHES, 0, recent - 1):
-            meta = self.r.hmget(keys.batch(batch_id), "completed_at", "total")
+            meta = self.r.hmget(keys.batch(batch_id), "completed_at", "total", "models")
             if meta[0] or not meta[1] or self.store.counts(batch_id)["queued"] == 0:
                 continue
+            models = meta[2].split(",") if meta[2] else []
+            for model in models:
+                if model not in queue_empty:
+                    queue_empty[model] = broker.queue_depth(self.r, keys.queue_for_model(model)) == 0
+            if models and not any(queue_empty[m] for m in models):
+                continue  # every queue of its models still has a backlog: nothing to look at yet
             if self.r.exists(keys.submission(batch_id)):
                 continue  # being (re)submitted: its messages are on their way
             lost, purged = [], []

@@ -278,6 +278,11 @@ class JobStore:
         raw = self.r.hgetall(keys.batch_counts(batch_id))
         return {s: int(raw.get(s, 0)) for s in STATUSES}
 
+    def batch_models(self, batch_id: str) -> set[str]:
+        """The models a batch's jobs use, as its submissions recorded them (empty for a batch that predates it)."""
+        raw = self.r.hget(keys.batch(batch_id), "models")
+        return set(raw.split(",")) if raw else set()
+
     def batch_job_ids(self, batch_id: str) -> list[str]:
         return self.r.lrange(keys.batch_jobs(batch_id), 0, -1)
 

@@ -60,17 +60,22 @@ def test_force_flushes_everything_oldest_first():
     assert len(b) == 0
 
 
-def test_while_the_engine_is_busy_only_full_groups_go():
+def test_while_the_engine_is_busy_a_partial_group_keeps_filling_for_a_while():
     clock = Clock()
     b = Batcher(max_batch=3, max_wait_ms=50, clock=clock)
+    hold = lambda key: 1.0  # noqa: E731  (a few runs of this shape)
     for n in range(2):
         b.add(d(clock, n))
     clock.t += 0.060  # past max wait, but only 2 of 3
-    assert b.pop_ready(full_only=True) is None
+    assert b.pop_ready(partial_wait=hold) is None
     b.add(d(clock, 2))
-    key, group = b.pop_ready(full_only=True)
+    key, group = b.pop_ready(partial_wait=hold)
     assert [x.job_id for x in group] == ["j0", "j1", "j2"]
     b.add(d(clock, 3))
     clock.t += 0.060
-    assert b.pop_ready(full_only=True) is None
-    assert [x.job_id for x in b.pop_ready()[1]] == ["j3"]  # the engine is free: the partial group goes
+    assert b.pop_ready(partial_wait=hold) is None
+    clock.t += 1.0  # held for its runs: it goes even though the engine is busy
+    assert [x.job_id for x in b.pop_ready(partial_wait=hold)[1]] == ["j3"]
+    b.add(d(clock, 4))
+    clock.t += 0.060
+    assert [x.job_id for x in b.pop_ready()[1]] == ["j4"]  # the engine is free: the partial group goes

@@ -40,6 +40,9 @@ def test_every_job_through_the_fleet_and_the_same_images_as_the_bare_engine(repo
     assert max(int(s) for s in fleet["batch_sizes"]) > 1  # one submit's jobs arrive together: batched
     assert bare["images"] == JOBS and bare["engine_runs"] == fleet["engine_runs"]
     assert bare["equality"]["compared"] == JOBS and bare["equality"]["max_pixel_diff"] <= 1
+    # The check can fail: another job's image differs, and no image is flat.
+    assert bare["equality"]["control_pairs"] > 0 and bare["equality"]["control_other_job_mean_abs_diff_min"] > 1
+    assert bare["equality"]["image_std_min"] > 1
     assert fleet["images_per_s"] > 0 and bare["images_per_s"] > 0
     assert report["fleet_over_bare"] == round(fleet["images_per_s"] / bare["images_per_s"], 4)
     # The full-batch reference: the same jobs, each shape's in batches of max_batch (only the last short).

@@ -42,6 +42,14 @@ if TYPE_CHECKING:
 
 # How often the loop looks for revokes that arrived by remote control and for a stalled engine.
 TICK_S = 0.5
+# How long the held-hash writes and task-received events of arriving messages are gathered before they go out
+# in one round trip each. kombu delivers one message per loop turn, so flushing every turn cost two round trips
+# per job; a dispatch flushes at once, so no batch waits for this (and the claim sees every job held). A worker
+# that dies inside it leaves orphans, which the sweep restores after its grace (twice the heartbeat TTL).
+INTAKE_FLUSH_S = 0.02
+# While the engine is busy, a partial group waits for more jobs of its shape for at most this many of its runs
+# before it takes the hand-off slot anyway (it runs next, padded to its graph bucket).
+PARTIAL_HOLD_RUNS = 2
 
 
 class GenerationConsumer:
@@ -63,6 +71,8 @@ class GenerationConsumer:
         self._held_add: dict[str, str] = {}
         self._held_del: set[str] = set()
         self._held_flush_due = False
+        # task-received events not sent yet: (request, the time it was received).
+        self._received: list[tuple[Any, float]] = []
 
     # --- the task Strategy (Celery calls it with each message of the generation task) ---------------
 
@@ -99,8 +109,8 @@ class GenerationConsumer:
         # worker dies, the sweep hands it back; dying before the write leaves an orphan the sweep restores too.
         self._held(job_id, message.delivery_tag)
         worker_state.task_reserved(request)
-        request.send_event("task-received", name=request.name, args=request.argsrepr, kwargs=request.kwargsrepr,
-                           root_id=request.root_id, parent_id=request.parent_id, retries=0)
+        # Sent with the next flush, stamped with the time it arrived (Celery keeps a given timestamp).
+        self._received.append((request, time.time()))
         # No check of Celery's revoked set here: a revoke was recorded as a cancellation when it arrived
         # (_apply_revokes), so the claim skips the job; and a job resubmitted after its batch was cancelled
         # (same job id, queued again) must run, however long ago its earlier self was revoked.
@@ -132,9 +142,24 @@ class GenerationConsumer:
         else:
             self._held_del.discard(job_id)
             self._held_add[job_id] = tag
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._held_flush_due and self.hub is not None:
             self._held_flush_due = True
-            self.hub.call_soon(self.flush_held)
+            self.hub.call_later(INTAKE_FLUSH_S, self.flush_intake)
+
+    def flush_intake(self) -> None:
+        """The gathered held-hash writes, then the gathered task-received events."""
+        self.flush_held()
+        self._send_received()
+
+    def _send_received(self) -> None:
+        pending, self._received = self._received, []
+        for request, at in pending:
+            request.send_event("task-received", name=request.name, args=request.argsrepr,
+                               kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
+                               retries=0, timestamp=at)
 
     def flush_held(self) -> None:
         self._held_flush_due = False
@@ -157,7 +182,7 @@ class GenerationConsumer:
             self._retry_log.warning("could not update the held hash; retrying", error=repr(exc))
             if self.hub is not None and not self._held_flush_due:
                 self._held_flush_due = True
-                self.hub.call_later(1.0, self.flush_held)
+                self.hub.call_later(1.0, self.flush_intake)
 
     # --- settling (these run on the loop thread; other threads call them through ctx.loop) ----------
 
@@ -179,6 +204,8 @@ class GenerationConsumer:
                 self._held(d.job_id, None)
 
     def on_started(self, deliveries: Sequence[Delivery]) -> None:
+        if self._received:  # each job's task-received goes out before its task-started
+            self._send_received()
         now = time.time()
         for d in deliveries:
             req = d.request
@@ -190,6 +217,8 @@ class GenerationConsumer:
             req.send_event("task-started")
 
     def on_finished(self, d: Delivery, status: str, info: dict[str, Any]) -> None:
+        if self._received:
+            self._send_received()
         req = d.request
         if req is not None and not d.settled:
             if status == "succeeded":
@@ -213,6 +242,8 @@ class GenerationConsumer:
         self.pump()
 
     def on_handback(self, deliveries: Sequence[Delivery]) -> None:
+        if self._received:
+            self._send_received()
         for d in deliveries:
             if d.request is not None and not d.settled:
                 d.request.send_event("task-rejected", requeue=True)
@@ -264,13 +295,13 @@ class GenerationConsumer:
             while (not self.draining and ctx.engine_thread.can_take()
                    and ctx.post.backlog() <= ctx.post.threads
                    and (ctx.options.overlap or (ctx.engine_thread.idle() and ctx.post.backlog() == 0))):
-                # While the engine is busy only a full group may wait in the hand-off slot; a partial one keeps
-                # filling until the engine is free (then the oldest due group goes, full or not).
-                nxt = ctx.batcher.pop_ready(full_only=not ctx.engine_thread.idle())
+                # While the engine is busy a partial group keeps filling (for up to PARTIAL_HOLD_RUNS runs of its
+                # shape) instead of taking the hand-off slot; once the engine is free the oldest due group goes.
+                nxt = ctx.batcher.pop_ready(partial_wait=None if ctx.engine_thread.idle() else self._partial_wait)
                 if nxt is None:
                     break
                 key, group = nxt
-                self.flush_held()  # every job of a batch is in the held hash before its claim
+                self.flush_intake()  # every job of a batch is in the held hash before its claim
                 now = time.time()
                 for d in group:
                     d.extra["dispatched_at"] = now
@@ -280,6 +311,15 @@ class GenerationConsumer:
         finally:
             self._pumping = False
         self._arm_deadline()
+
+    def _partial_wait(self, key: Any) -> float:
+        """How long a partial group of ``key`` may keep filling while the engine is busy: a few of its runs (from
+        this worker's measured service times; the slowest known shape's before its own is measured)."""
+        service = self.ctx.engine_thread.service
+        per = service.per_image(key)
+        if per is None:
+            per = max(service.snapshot().values(), default=0.0)
+        return PARTIAL_HOLD_RUNS * per * self.ctx.batcher.max_batch
 
     def _arm_deadline(self) -> None:
         deadline = self.ctx.batcher.next_deadline()
@@ -347,7 +387,7 @@ class GenerationConsumer:
             # as orphans, which it does only for messages no live worker holds.
             self._held(d.job_id, None)
         try:
-            self.flush_held()
+            self.flush_intake()
         except Exception as exc:
             self.log.warning("could not update the held hash at stop", error=repr(exc))
         if unstarted:

@@ -109,25 +109,27 @@ class Batcher:
                 del self.groups[key]
         return out
 
-    def _due(self, group: list[Delivery], now: float, force: bool) -> list[Delivery]:
+    def _due(self, group: list[Delivery], now: float, force: bool, partial_wait: float) -> list[Delivery]:
         runnable = [d for d in group if d.not_before <= now]
         if len(runnable) >= self.max_batch:
             return runnable[:self.max_batch]
-        if runnable and (force or now - runnable[0].received_at >= self.max_wait):
+        if runnable and (force or now - runnable[0].received_at >= partial_wait):
             return runnable
         return []
 
-    def pop_ready(self, *, force: bool = False, full_only: bool = False) -> tuple[BatchKey, list[Delivery]] | None:
-        """The due group (full, or its oldest has waited max wait) holding the oldest delivery; None if none.
+    def pop_ready(self, *, force: bool = False,
+                  partial_wait: Callable[[BatchKey], float] | None = None) -> tuple[BatchKey, list[Delivery]] | None:
+        """The due group holding the oldest delivery (full, or its oldest has waited max wait); None if none.
 
-        ``full_only``: only a full group (the engine is busy: a partial group waits and keeps filling, since a
-        batch of 3 in a bucket of 4 costs the GPU as much as 4 images)."""
+        ``partial_wait`` (the engine is busy): how long a key's partial group must have waited before it may go
+        (never less than max wait). A batch of 3 in a bucket of 4 costs the GPU as much as 4 images, so while
+        the engine is busy a partial group keeps filling; but only for so long, or a rare shape would wait
+        behind other shapes' full groups for as long as they keep coming."""
         now = self.clock()
         best = None
         for key, group in self.groups.items():
-            due = self._due(group, now, force)
-            if full_only and len(due) < self.max_batch:
-                continue
+            wait = self.max_wait if partial_wait is None else max(self.max_wait, partial_wait(key))
+            due = self._due(group, now, force, wait)
             if due and (best is None or due[0].received_at < best[1][0].received_at):
                 best = (key, due)
         if best is None:

@@ -138,6 +138,7 @@ def _write(job: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
     storage = _FACTORY.get(job["out"])
     png = encode_png(image)
     t1 = time.perf_counter()
+    encoded_at = time.time()
     png_key = object_key(job["batch_id"], job["custom_id"], ".png")
     json_key = object_key(job["batch_id"], job["custom_id"], ".json")
     # Written under the run's own names; the outcome recorded in Redis decides which run's objects become
@@ -159,7 +160,7 @@ def _write(job: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
     staged = [[job["out"], staged_key(png_key, job["engine_run"]), png_key],
               [job["out"], staged_key(json_key, job["engine_run"]), json_key]]
     return {"url": url, "sidecar_url": sidecar_url, "timings": json.dumps(timings), "width": width,
-            "height": height, "staged": json.dumps(staged)}
+            "height": height, "staged": json.dumps(staged), "encoded_at": encoded_at}
 
 
 def _promote(moves: list[tuple[str, str, str]], discard: bool) -> list[str | None]:

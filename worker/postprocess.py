@@ -163,7 +163,10 @@ class PostProcessor:
         } for d in group]
         stored = self._store(group, jobs, result.images, settled)
         run["t_stored"] = time.time()
-        run["t_encoded"] = run["t_stored"]  # encoding and writing happen together in the storing process
+        # The storing process encodes and writes each job in turn: the run's PNGs are all encoded when its last
+        # job's is (its write follows).
+        encoded = [d.extra.get("encoded_at") for d in group if d.extra.get("encoded_at")]
+        run["t_encoded"] = max(encoded) if encoded else run["t_stored"]
         if stored:
             self._record(stored, settled)
         run["t_acked"] = time.time()
@@ -209,8 +212,10 @@ class PostProcessor:
                     self._fail(d, f"post-processing failed: {report[1]}")
                     settled.add(d.job_id)
                 else:
-                    d.extra["url"] = report[1]["url"]
-                    stored.append((d, {**report[1], "run": d.extra.get("run", ""), "error": ""}))
+                    fields = dict(report[1])
+                    d.extra["encoded_at"] = fields.pop("encoded_at", None)  # for the timeline, not the record
+                    d.extra["url"] = fields["url"]
+                    stored.append((d, {**fields, "run": d.extra.get("run", ""), "error": ""}))
             todo = waiting
             if todo and not self._sleep(backoff.next()):
                 # Draining and the store is still down: hand the jobs back (their attempt uncounted: nothing
