@@ -109,7 +109,41 @@ def on_purge(hook: PurgeHook) -> None:
         _purge_hooks.append(hook)
 
 
+class _SharedSyncClient:
+    """Stands in for the channel's public ``Client`` factory: one client for the channel's synchronous pool.
+
+    kombu builds a new ``redis.Redis`` for every short command it sends (``Channel.conn_or_acquire``: each
+    unacknowledged-message record, each acknowledgement, each event published), and a ``redis.Redis`` fills
+    its table of some 200 response callbacks as it is built: measured at about a sixth of a worker's CPU at
+    batch 8. Those clients hold nothing but their pool (each command or pipeline takes a connection from it),
+    so the synchronous pool's can be one. Clients of any other pool (the asynchronous one, whose client kombu
+    pins a BRPOP connection to) are built fresh, as kombu would.
+    """
+
+    def __init__(self, channel: kombu_redis.Channel, make: Callable[..., Any]):
+        self.channel = channel
+        self.make = make
+        self._cache: tuple[Any, tuple, Any] | None = None  # (pool, other kwargs, client)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        pool = kwargs.get("connection_pool")
+        # ``Channel.pool`` is public: the synchronous pool (made on first use; asking never connects).
+        if pool is None or pool is not self.channel.pool:
+            return self.make(**kwargs)
+        rest = tuple(sorted((k, id(v)) for k, v in kwargs.items() if k != "connection_pool"))
+        cached = self._cache
+        if cached is not None and cached[0] is pool and cached[1] == rest:
+            return cached[2]
+        client = self.make(**kwargs)
+        self._cache = (pool, rest, client)
+        return client
+
+
 class Channel(kombu_redis.Channel):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.Client = _SharedSyncClient(self, self.Client)
+
     def queue_purge(self, queue: str, **kwargs: Any) -> int:
         """Purge as kombu does, but first note the purged jobs, so they end ``cancelled`` instead of being
         taken for lost messages and enqueued again."""

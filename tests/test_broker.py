@@ -90,3 +90,35 @@ def test_no_private_names_of_kombu_or_redis_py_remain():
         assert not banned.search(text), f"{path.relative_to(ROOT)} uses a private name: {banned.search(text)[0]}"
         if path.name != "broker.py":
             assert not layout.search(text), f"{path.relative_to(ROOT)} knows kombu's layout: {layout.search(text)[0]}"
+
+
+def test_short_commands_share_one_client_and_the_brpop_client_stays_apart(redis_url):
+    """kombu asks the channel's public ``Client`` factory for a new redis client on every short command
+    (``conn_or_acquire``); sdfleet's channel answers with one client per synchronous pool. This fails the day
+    kombu stops building those clients through ``Channel.Client`` (the saving is then gone, not the function),
+    and if the shared client were ever the one kombu pins its BRPOP connection to."""
+    app = make_app(Settings(redis_url=redis_url))
+    with app.connection_for_write() as conn:
+        ch = conn.default_channel
+        assert isinstance(ch, broker.Channel) and isinstance(ch.Client, broker._SharedSyncClient)
+        with ch.conn_or_acquire() as a, ch.conn_or_acquire() as b:
+            assert a is b and a.connection_pool is ch.pool
+            assert a.ping()
+        # The asynchronous client (BRPOP, with a connection of its own) is kombu's own, built apart.
+        assert ch.client is not a and ch.client.connection_pool is not ch.pool
+        # A message through publish, delivery, unacked record and ack still works with the shared client.
+        q = keys.queue_for_model("layout4")
+        _publish(app, q, "shared-1")
+        queue = kombu.Queue(q, kombu.Exchange(q), routing_key=q)
+        got = []
+        with conn.Consumer(queue, callbacks=[lambda body, m: got.append(m)], accept=["json"]):
+            deadline = time.time() + 10
+            while not got and time.time() < deadline:
+                try:
+                    conn.drain_events(timeout=1)
+                except TimeoutError:
+                    pass
+            assert got and got[0].headers["id"] == "shared-1"
+            got[0].ack()
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        assert broker.unacked_count(r) == 0 and broker.queue_depth(r, q) == 0

@@ -42,10 +42,11 @@ if TYPE_CHECKING:
 
 # How often the loop looks for revokes that arrived by remote control and for a stalled engine.
 TICK_S = 0.5
-# How long the held-hash writes and task-received events of arriving messages are gathered before they go out
-# in one round trip each. kombu delivers one message per loop turn, so flushing every turn cost two round trips
-# per job; a dispatch flushes at once, so no batch waits for this (and the claim sees every job held). A worker
-# that dies inside it leaves orphans, which the sweep restores after its grace (twice the heartbeat TTL).
+# How long the held-hash writes and the task events are gathered before they go out in one round trip each.
+# kombu delivers one message per loop turn, so flushing every turn cost two round trips per job; a dispatch
+# flushes at once, so no batch waits for this (and the claim sees every job held). Events keep the time they
+# happened. A worker that dies inside it leaves orphans, which the sweep restores after its grace (twice the
+# heartbeat TTL).
 INTAKE_FLUSH_S = 0.02
 # While the engine is busy, a partial group waits for more jobs of its shape for at most this many of its runs
 # before it takes the hand-off slot anyway (it runs next, padded to its graph bucket).
@@ -71,14 +72,15 @@ class GenerationConsumer:
         self._held_add: dict[str, str] = {}
         self._held_del: set[str] = set()
         self._held_flush_due = False
-        # task-received events not sent yet: (request, the time it was received).
-        self._received: list[tuple[Any, float]] = []
+        # Task events not sent yet, in order: (request, type, fields with their timestamp).
+        self._events: list[tuple[Any, str, dict[str, Any]]] = []
+        self._eventer: Any = None
 
     # --- the task Strategy (Celery calls it with each message of the generation task) ---------------
 
     def strategy(self, task: Any, app: Any, consumer: Any, **_: Any):
         hostname = consumer.hostname
-        eventer = consumer.event_dispatcher
+        eventer = self._eventer = consumer.event_dispatcher
         connection_errors = consumer.connection_errors
 
         def on_message(message, body, ack, reject, callbacks, **kw):
@@ -109,8 +111,8 @@ class GenerationConsumer:
         # worker dies, the sweep hands it back; dying before the write leaves an orphan the sweep restores too.
         self._held(job_id, message.delivery_tag)
         worker_state.task_reserved(request)
-        # Sent with the next flush, stamped with the time it arrived (Celery keeps a given timestamp).
-        self._received.append((request, time.time()))
+        self._event(request, "task-received", name=request.name, args=request.argsrepr,
+                    kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id, retries=0)
         # No check of Celery's revoked set here: a revoke was recorded as a cancellation when it arrived
         # (_apply_revokes), so the claim skips the job; and a job resubmitted after its batch was cancelled
         # (same job id, queued again) must run, however long ago its earlier self was revoked.
@@ -150,16 +152,24 @@ class GenerationConsumer:
             self.hub.call_later(INTAKE_FLUSH_S, self.flush_intake)
 
     def flush_intake(self) -> None:
-        """The gathered held-hash writes, then the gathered task-received events."""
+        """The gathered held-hash writes, then the gathered task events (Celery publishes them together at the
+        end of this loop turn)."""
         self.flush_held()
-        self._send_received()
+        self._send_events()
 
-    def _send_received(self) -> None:
-        pending, self._received = self._received, []
-        for request, at in pending:
-            request.send_event("task-received", name=request.name, args=request.argsrepr,
-                               kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
-                               retries=0, timestamp=at)
+    def _event(self, request: Any, type_: str, **fields: Any) -> None:
+        """A task event, sent with the next flush and stamped now (Celery keeps a given timestamp)."""
+        fields["timestamp"] = time.time()
+        self._events.append((request, type_, fields))
+        if self.hub is None:  # not on the loop (stopping): at once, in order
+            self._send_events()
+        else:
+            self._schedule_flush()
+
+    def _send_events(self) -> None:
+        pending, self._events = self._events, []
+        for request, type_, fields in pending:
+            request.send_event(type_, **fields)
 
     def flush_held(self) -> None:
         self._held_flush_due = False
@@ -204,8 +214,6 @@ class GenerationConsumer:
                 self._held(d.job_id, None)
 
     def on_started(self, deliveries: Sequence[Delivery]) -> None:
-        if self._received:  # each job's task-received goes out before its task-started
-            self._send_received()
         now = time.time()
         for d in deliveries:
             req = d.request
@@ -214,39 +222,35 @@ class GenerationConsumer:
             req.worker_pid = os.getpid()
             req.time_start = now
             worker_state.task_accepted(req)
-            req.send_event("task-started")
+            self._event(req, "task-started")
 
     def on_finished(self, d: Delivery, status: str, info: dict[str, Any]) -> None:
-        if self._received:
-            self._send_received()
         req = d.request
         if req is not None and not d.settled:
             if status == "succeeded":
                 runtime = time.time() - (req.time_start or time.time())
-                req.send_event("task-succeeded", result=repr(info.get("url")), runtime=runtime)
+                self._event(req, "task-succeeded", result=repr(info.get("url")), runtime=runtime)
             elif status == "failed":
-                req.send_event("task-failed", exception=str(info.get("error"))[:500], traceback="")
+                self._event(req, "task-failed", exception=str(info.get("error"))[:500], traceback="")
             elif status == "cancelled":
-                req.send_event("task-revoked", terminated=False, signum=None, expired=False)
+                self._event(req, "task-revoked", terminated=False, signum=None, expired=False)
             else:  # skipped (ended elsewhere) or dropped (forged, expired)
                 previous = info.get("previous") or ""
                 if previous == "succeeded":
-                    req.send_event("task-succeeded", result="'already succeeded'", runtime=0.0)
+                    self._event(req, "task-succeeded", result="'already succeeded'", runtime=0.0)
                 elif previous == "cancelled":
-                    req.send_event("task-revoked", terminated=False, signum=None, expired=False)
+                    self._event(req, "task-revoked", terminated=False, signum=None, expired=False)
                 else:
-                    req.send_event("task-failed", exception=f"not run: {previous or status}", traceback="")
+                    self._event(req, "task-failed", exception=f"not run: {previous or status}", traceback="")
             if status == "succeeded":
                 worker_state.task_ready(req, successful=True)
         self.settle(d)
         self.pump()
 
     def on_handback(self, deliveries: Sequence[Delivery]) -> None:
-        if self._received:
-            self._send_received()
         for d in deliveries:
             if d.request is not None and not d.settled:
-                d.request.send_event("task-rejected", requeue=True)
+                self._event(d.request, "task-rejected", requeue=True)
             self.settle(d, ack=False)
         self.pump()
 
@@ -390,6 +394,11 @@ class GenerationConsumer:
             self.flush_intake()
         except Exception as exc:
             self.log.warning("could not update the held hash at stop", error=repr(exc))
+        try:
+            if self._eventer is not None:
+                self._eventer.flush()  # the loop has stopped: nothing else publishes what was just sent
+        except Exception as exc:
+            self.log.warning("could not send the last task events", error=repr(exc))
         if unstarted:
             # Left unacknowledged on purpose: kombu restores this channel's unacknowledged messages to the
             # head of their queue when the channel closes (and the sweep does if this process dies first).
