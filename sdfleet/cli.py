@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="cpu", help="cuda:N or cpu")
     w.add_argument("--model", default="tiny", help="tiny, or a local SD3.5 diffusers directory")
     w.add_argument("--max-batch", type=int, default=4)
-    w.add_argument("--max-wait-ms", type=float, default=50.0)
+    w.add_argument("--max-wait-ms", type=float, default=50.0,
+                   help="how long a partial batch waits for more jobs of its shape while the engine is free "
+                        "(while it is busy, a partial batch keeps filling for up to two of its shape's runs)")
     w.add_argument("--precision", default="auto", choices=["auto", "fp8", "bf16", "fp32"])
     w.add_argument("--fp8-weights", help="directory written by 'sdfleet quantize' (cold start without re-quantizing)")
     w.add_argument("--worker-id")

@@ -16,6 +16,7 @@ import fcntl
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,12 @@ def lock_gpu(uuid: str, lock_dir: str | os.PathLike[str], *, device: str = "") -
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        # The holder writes its pid just after taking the lock: give it a moment, so the message can name it.
+        for _ in range(20):
+            if holder.isdigit():
+                break
+            time.sleep(0.025)
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
         os.close(fd)
         who = f"pid {holder}" if holder.isdigit() else "a process that is still starting"
         of = f" ({device} of this process)" if device else ""
