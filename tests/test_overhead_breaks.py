@@ -1,5 +1,8 @@
-"""Breaks found reviewing the worker-overhead changes: the gathered held-hash notes at a drain, and the deadline
-timer while the busy-engine hold keeps a partial group filling.
+"""Breaks found reviewing the worker-overhead changes, fixed: the gathered held-hash notes are written before a
+drain waits (the loop is blocked in stop(), so the 20 ms flush timer cannot fire; a note written only after a
+long drain would let the sweep take a live worker's messages for orphans), and while the busy-engine hold keeps
+a partial group filling, the deadline timer is armed at the end of the hold (it used to spin at delay 0, which
+made kombu's hub poll with a 1 s timeout and delayed the 20 ms flush and the 0.5 s tick to about 1 s).
 
 Real ``GenerationConsumer``, ``Batcher`` and ``LoopCalls``; a recording stand-in for kombu's hub and for the
 Redis client. No Redis, no Celery.
@@ -10,7 +13,6 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-import pytest
 
 from sdfleet.jobs import parse_job
 from worker.consumer import GenerationConsumer
@@ -82,13 +84,6 @@ def context(engine_thread, redis=None, **extra):
                            worker_id="w", engine_thread=engine_thread, **extra)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stop() writes the gathered held-hash notes (INTAKE_FLUSH_S window) only after waiting for the engine and "
-    "the stores, up to drain_timeout_s (600 s): the loop is blocked in stop(), so the 20 ms timer never fires. "
-    "A message received in the last 20 ms before SIGTERM is unacknowledged and in no live worker's held hash "
-    "for the whole drain; past 2 x heartbeat TTL + 1 s the sweep restores it as an orphan while this live "
-    "worker still holds it, and kombu's restore of this channel at close then restores the same delivery tag "
-    "again (taking it from whichever worker got it meanwhile)"))
 def test_stop_writes_the_gathered_held_notes_before_it_waits_for_the_engine():
     seen: list[dict[str, str]] = []
     redis = RecordingRedis()
@@ -113,12 +108,6 @@ def test_stop_writes_the_gathered_held_notes_before_it_waits_for_the_engine():
     assert seen[0].get("j1") == "tag-1", f"held hash while draining: {seen[0]}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Batcher.next_deadline ignores the busy-engine hold (PARTIAL_HOLD_RUNS): once a partial group has waited "
-    "max wait, _arm_deadline re-arms _on_deadline with delay 0 after every fire, for the whole hold; kombu's "
-    "fire_timers then runs it 10 times per loop turn and polls with a 1 s timeout, so the 20 ms held-hash/event "
-    "flush and the 0.5 s tick wait for I/O or ~1 s (measured with a real kombu Hub: 20 pumps in 2 s, a held "
-    "note due in 20 ms written after 1.00 s)"))
 def test_a_held_partial_group_arms_the_deadline_at_the_end_of_its_hold():
     service = ServiceTimes()
     service.observe(spec().key, 4, 3.0)  # a run of this shape takes 3 s: the hold is 2 x 3 s

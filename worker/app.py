@@ -186,7 +186,8 @@ class WorkerContext:
         # expires, the sweep restores them from another process. Restored from here, the first one would go
         # straight to this process's own blocked BRPOP (its prefetch has room) and be lost when it exits.
         try:
-            self.consumer.flush_held()
+            self.consumer.flush_intake()  # its held notes, and the task events of jobs that did finish
+            self.consumer.publish_events()
         except Exception:
             pass
         logs_mod.get().info("worker exiting", exit_code=EXIT_STALLED)

@@ -157,6 +157,14 @@ class GenerationConsumer:
         self.flush_held()
         self._send_events()
 
+    def publish_events(self) -> None:
+        """Publish what Celery's event dispatcher holds now (it does so itself at the end of each loop turn)."""
+        try:
+            if self._eventer is not None:
+                self._eventer.flush()
+        except Exception as exc:
+            self.log.warning("could not send the last task events", error=repr(exc))
+
     def _event(self, request: Any, type_: str, **fields: Any) -> None:
         """A task event, sent with the next flush and stamped now (Celery keeps a given timestamp)."""
         fields["timestamp"] = time.time()
@@ -326,7 +334,8 @@ class GenerationConsumer:
         return PARTIAL_HOLD_RUNS * per * self.ctx.batcher.max_batch
 
     def _arm_deadline(self) -> None:
-        deadline = self.ctx.batcher.next_deadline()
+        busy = not self.ctx.engine_thread.idle()
+        deadline = self.ctx.batcher.next_deadline(self._partial_wait if busy else None)
         if deadline is None or self.draining or self.hub is None:
             return
         if self._deadline is None or deadline < self._deadline_at - 1e-4:
@@ -372,6 +381,12 @@ class GenerationConsumer:
             return
         ctx = self.ctx
         self.draining = True
+        # Before any wait: the loop is blocked in here, so the flush timer cannot fire, and a held note written
+        # only after a long drain would let the sweep take this live worker's messages for orphans.
+        try:
+            self.flush_intake()
+        except Exception as exc:
+            self.log.warning("could not update the held hash at stop", error=repr(exc))
         for timer in (self._deadline, self._tick):
             if timer is not None:
                 timer.cancel()
@@ -394,11 +409,7 @@ class GenerationConsumer:
             self.flush_intake()
         except Exception as exc:
             self.log.warning("could not update the held hash at stop", error=repr(exc))
-        try:
-            if self._eventer is not None:
-                self._eventer.flush()  # the loop has stopped: nothing else publishes what was just sent
-        except Exception as exc:
-            self.log.warning("could not send the last task events", error=repr(exc))
+        self.publish_events()  # the loop has stopped: nothing else publishes what was just sent
         if unstarted:
             # Left unacknowledged on purpose: kombu restores this channel's unacknowledged messages to the
             # head of their queue when the channel closes (and the sweep does if this process dies first).

@@ -150,12 +150,15 @@ class Batcher:
             out.append(nxt)
         return out
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self, partial_wait: Callable[[BatchKey], float] | None = None) -> float | None:
+        """When the next group falls due (``partial_wait`` as for :meth:`pop_ready`: the engine is busy)."""
         times = []
-        for group in self.groups.values():
+        for key, group in self.groups.items():
             runnable = [d for d in group if d.not_before <= self.clock()]
             if runnable:
-                times.append(runnable[0].received_at + self.max_wait)
+                wait = self.max_wait if partial_wait is None or len(runnable) >= self.max_batch \
+                    else max(self.max_wait, partial_wait(key))
+                times.append(runnable[0].received_at + wait)
             times += [d.not_before for d in group if d.not_before > self.clock()]
         return min(times) if times else None
 
