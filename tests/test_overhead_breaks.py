@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-
 from sdfleet.jobs import parse_job
 from worker.consumer import GenerationConsumer
 from worker.engine_thread import ServiceTimes
