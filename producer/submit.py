@@ -187,10 +187,13 @@ def submit(
             lease.renew()
             enqueue(app, batch_id, [(x.job_id, x.spec_json, spec.model)
                                     for x, (_, spec, _) in zip(staged[i:i + CHUNK], plan.run[i:i + CHUNK])])
-        meta = {"url_style": url_style, "url_ttl_s": str(int(url_ttl_s)),
-                # The models the batch's jobs use (with an earlier submission's): the sweep looks for lost
-                # jobs of a batch only once one of its models' queues is empty, without reading every record.
-                "models": ",".join(sorted({s.model for _, s, _ in plan.run} | store.batch_models(batch_id)))}
+        meta = {"url_style": url_style, "url_ttl_s": str(int(url_ttl_s))}
+        # The models the batch's jobs use (with an earlier submission's): the sweep looks for lost jobs of a
+        # batch only once one of its models' queues is empty, without reading every record. A batch made before
+        # this field existed keeps none (its earlier jobs' models are unknown): the sweep reads its records.
+        earlier = store.batch_models(batch_id)
+        if earlier or not store.batch_exists(batch_id):
+            meta["models"] = ",".join(sorted({s.model for _, s, _ in plan.run} | earlier))
         if webhook_secret:
             meta["webhook_key_id"] = key_id(webhook_secret.replace(",", " ").split()[0])
         result = store.commit_submission(batch_id, token, name=batch_name or batch_id, meta=meta)

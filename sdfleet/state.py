@@ -278,6 +278,9 @@ class JobStore:
         raw = self.r.hgetall(keys.batch_counts(batch_id))
         return {s: int(raw.get(s, 0)) for s in STATUSES}
 
+    def batch_exists(self, batch_id: str) -> bool:
+        return bool(self.r.exists(keys.batch(batch_id)))
+
     def batch_models(self, batch_id: str) -> set[str]:
         """The models a batch's jobs use, as its submissions recorded them (empty for a batch that predates it)."""
         raw = self.r.hget(keys.batch(batch_id), "models")
