@@ -284,28 +284,3 @@ def test_a_job_left_storing_by_a_dead_worker_is_finished_from_its_staged_objects
     sidecar = json.loads((tmp_path / "oom" / "c0.json").read_text())
     assert sidecar["engine_run"] == "w1:1" == store.job(d.job_id).fields["run"]
     assert notified == [(d.job_id, "succeeded")]
-
-
-def test_a_run_writes_its_jobs_held_notes_before_its_claim(setup):
-    """The loop gathers held-hash notes and writes them later; a run writes its own jobs' notes in the round
-    trip before its claim, so a worker dying after the claim leaves them to the dead-worker reclaim (not to the
-    slower orphan path)."""
-    from types import SimpleNamespace
-
-    from sdfleet import keys
-
-    store, runner, post, settle, engine, deliveries, notified = setup(["a", "b"], limit=8)
-    for i, d in enumerate(deliveries):
-        d.message = SimpleNamespace(delivery_tag=f"tag-{i}")
-    seen = {}
-    real_claim = store.start_many
-
-    def claim(*args, **kwargs):
-        seen.update(store.r.hgetall(keys.worker_held("w1")))
-        return real_claim(*args, **kwargs)
-
-    store.start_many = claim
-    runner.run(deliveries[0].key, deliveries)
-    post.wait(10)
-    assert seen == {d.job_id: f"tag-{i}" for i, d in enumerate(deliveries)}
-    assert store.counts("oom")["succeeded"] == 2

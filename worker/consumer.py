@@ -43,11 +43,11 @@ if TYPE_CHECKING:
 # How often the loop looks for revokes that arrived by remote control and for a stalled engine.
 TICK_S = 0.5
 # How long the held-hash writes and the task events are gathered before they go out in one round trip each.
-# kombu delivers one message per loop turn, so flushing every turn cost two round trips per job. No batch waits
-# for this: a run writes its jobs' held notes in the round trip before its claim (BatchRunner._prepare). Events
-# keep the time they happened. A worker that dies inside it leaves orphans, which the sweep restores after its
-# grace (twice the heartbeat TTL).
-INTAKE_FLUSH_S = 0.05
+# kombu delivers one message per loop turn, so flushing every turn cost two round trips per job; a dispatch
+# flushes at once, so no batch waits for this (and the claim sees every job held). Events keep the time they
+# happened. A worker that dies inside it leaves orphans, which the sweep restores after its grace (twice the
+# heartbeat TTL).
+INTAKE_FLUSH_S = 0.02
 # While the engine is busy, a partial group waits for more jobs of its shape for at most this many of its runs
 # before it takes the hand-off slot anyway (it runs next, padded to its graph bucket).
 PARTIAL_HOLD_RUNS = 2
@@ -313,11 +313,7 @@ class GenerationConsumer:
                 if nxt is None:
                     break
                 key, group = nxt
-                # Its held notes go with the claim's round trip (BatchRunner._prepare); the gathered ones of
-                # these jobs need not be written again.
-                for d in group:
-                    if d.message is not None:
-                        self._held_add.pop(d.job_id, None)
+                self.flush_intake()  # every job of a batch is in the held hash before its claim
                 now = time.time()
                 for d in group:
                     d.extra["dispatched_at"] = now

@@ -88,11 +88,6 @@ class BatchRunner:
         is held), and no lease means the records are final (dropped if bad)."""
         batches = sorted({d.batch_id for d in deliveries})
         pipe = self.store.r.pipeline(transaction=False)
-        # Every job of the run is in this worker's held hash before its claim (the loop gathers these notes
-        # and writes them later; here they cost no round trip of their own, and none on the loop thread).
-        held = {d.job_id: d.message.delivery_tag for d in deliveries if d.message is not None}
-        if held:
-            pipe.hset(keys.worker_held(self.worker_id), mapping=held)
         released = bool(self._in_engine)
         if released:
             self.store.release_attempts(self._in_engine, self.worker_id, client=pipe)
@@ -100,7 +95,7 @@ class BatchRunner:
             pipe.hget(keys.job(d.job_id), "charged")
         for b in batches:
             pipe.exists(keys.submission(b))
-        replies = pipe.execute()[int(bool(held)) + int(released):]
+        replies = pipe.execute()[1 if released else 0:]
         self._in_engine = []
         charged, leases = replies[:len(deliveries)], replies[len(deliveries):]
         suspects = {d.job_id for d, c in zip(deliveries, charged) if int(c or 0) > 0}
