@@ -160,8 +160,12 @@ class Sweeper:
         return restored
 
     def recover_lost(self, recent: int = 200) -> dict[str, int]:
-        """Queued jobs whose message is nowhere, looked for once their model's queue has drained (so it costs
-        nothing while a backlog is worked off): re-enqueued, or cancelled if a purge removed them."""
+        """Jobs not ended whose message is nowhere, looked for once their model's queue has drained (so it costs
+        nothing while a backlog is worked off): re-enqueued, or cancelled if a purge removed them.
+
+        Queued jobs, and running or storing jobs whose worker is gone: the dead-worker reclaim hands those back
+        through the worker's held hash, and this is the net under it (a job must never stay ``running`` with
+        no message anywhere and no worker to finish it)."""
         from producer.submit import enqueue
         from sdfleet.cancel import cancel_jobs
         from sdfleet.events import Notifier
@@ -170,10 +174,12 @@ class Sweeper:
         out = {"reenqueued": 0, "cancelled": 0}
         unacked: set[str] | None = None
         holders: set[str] = set()
+        live: set[str] | None = None
         queue_empty: dict[str, bool] = {}
         for batch_id in self.r.zrevrange(keys.BATCHES, 0, recent - 1):
             meta = self.r.hmget(keys.batch(batch_id), "completed_at", "total", "models")
-            if meta[0] or not meta[1] or self.store.counts(batch_id)["queued"] == 0:
+            counts = self.store.counts(batch_id)
+            if meta[0] or not meta[1] or counts[QUEUED] + counts[RUNNING] + counts[STORING] == 0:
                 continue
             models = meta[2].split(",") if meta[2] else []
             for model in models:
@@ -185,7 +191,16 @@ class Sweeper:
                 continue  # being (re)submitted: its messages are on their way
             lost, purged = [], []
             for rec in self.store.iter_batch_jobs(batch_id):
-                if rec.status != QUEUED or now - float(rec.fields.get("queued_at") or now) < self.grace_s:
+                if rec.status == QUEUED:
+                    if now - float(rec.fields.get("queued_at") or now) < self.grace_s:
+                        continue
+                elif rec.status in (RUNNING, STORING):
+                    if live is None:
+                        live = live_workers(self.r)
+                    since = float(rec.fields.get(f"{rec.status}_at") or rec.fields.get("running_at") or now)
+                    if rec.fields.get("worker") in live or now - since < self.grace_s:
+                        continue  # its worker is alive (or only just gone: the reclaim hands it back)
+                else:
                     continue
                 model = rec.spec.get("model", "")
                 if model not in queue_empty:

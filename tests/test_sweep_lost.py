@@ -67,3 +67,29 @@ def test_a_batch_from_before_the_models_field_is_still_read(redis_url, tmp_path)
     r.delete(queue)
     out = _sweeper(r, app, settings).recover_lost()
     assert out["reenqueued"] == 3 and broker.queue_depth(r, queue) == 3
+
+
+def test_a_running_job_of_a_gone_worker_with_no_message_is_enqueued_again(redis_url, tmp_path):
+    """The net under the dead-worker reclaim: a job left ``running`` (or ``storing``) by a worker that is gone,
+    whose message is nowhere, gets one again; a running job of a live worker is left alone."""
+    settings = Settings(redis_url=redis_url)
+    app, r = make_app(settings), redis.Redis.from_url(redis_url, decode_responses=True)
+    _submit(r, app, tmp_path, "stuck", 2)
+    store = JobStore(r)
+    batch_id = r.zrevrange(keys.BATCHES, 0, 0)[0]
+    gone_job, live_job = store.batch_job_ids(batch_id)
+    queue = keys.queue_for_model("null")
+    r.delete(queue)  # both messages were taken by their workers (and are gone now)
+    store.start_many([gone_job], "gone-worker", 3, run="gone-worker:1")
+    store.start_many([live_job], "live-worker", 3, run="live-worker:1")
+    r.sadd(keys.WORKERS, "live-worker", "gone-worker")
+    r.set(keys.worker("live-worker"), "1", ex=60)  # its heartbeat
+    sweeper = _sweeper(r, app, settings)
+    sweeper.grace_s = 30.0
+    assert sweeper.recover_lost() == {"reenqueued": 0, "cancelled": 0}  # only just started: within the grace
+    sweeper.grace_s = 0.0
+    assert sweeper.recover_lost() == {"reenqueued": 1, "cancelled": 0}
+    assert broker.queued_job_ids(r, queue) == [gone_job]
+    # Its message is back: the next sweep leaves it (the queue is not empty, and then a worker holds it).
+    assert sweeper.recover_lost() == {"reenqueued": 0, "cancelled": 0}
+    sweeper.close()
