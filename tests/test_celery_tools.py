@@ -103,9 +103,13 @@ def test_events_for_every_job_and_worker_heartbeats(tmp_path, env, r, start_work
                     if "timed out" not in str(exc):
                         raise
 
+    subscribed = r.pubsub_numpat() + len(r.pubsub_channels())
     t = threading.Thread(target=listen, daemon=True)
     t.start()
     ready.wait(10)
+    # kombu subscribes to the event exchange on the receiver's first drain, not when it is made: wait for it, or
+    # on a loaded machine the first events (the worker gathers task-received into one message) go unheard.
+    wait_until(lambda: r.pubsub_numpat() + len(r.pubsub_channels()) > subscribed, 30, "the event receiver")
     start_worker("--max-batch", "4", model="null")
     f = jsonl(tmp_path, 10)
     assert run_cli(["submit", str(f), "--batch", "ev"], env).returncode == 0
