@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 TICK_S = 0.5
 # How long the held-hash writes and the task events are gathered before they go out in one round trip each.
 # kombu delivers one message per loop turn, so flushing every turn cost two round trips per job; a dispatch
-# writes the held notes at once, so no batch waits for this (and the claim sees every job held). Events keep the time they
+# flushes at once, so no batch waits for this (and the claim sees every job held). Events keep the time they
 # happened. A worker that dies inside it leaves orphans, which the sweep restores after its grace (twice the
 # heartbeat TTL).
 INTAKE_FLUSH_S = 0.02
@@ -313,10 +313,7 @@ class GenerationConsumer:
                 if nxt is None:
                     break
                 key, group = nxt
-                # Every job buffered is in the held hash before a claim (the batch's and the rest: a poison job
-                # that kills the worker must leave its buffer mates to the dead-worker reclaim, not to the slower
-                # orphan path). Events need not go yet: they stay in order and go with the next flush.
-                self.flush_held()
+                self.flush_intake()  # every job of a batch is in the held hash before its claim
                 now = time.time()
                 for d in group:
                     d.extra["dispatched_at"] = now
