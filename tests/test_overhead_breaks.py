@@ -14,19 +14,10 @@ import time
 from types import SimpleNamespace
 
 from sdfleet.jobs import parse_job
+from tests.test_batching_starvation import NullLog, Timer
 from worker.consumer import GenerationConsumer
 from worker.engine_thread import ServiceTimes
 from worker.intake import Batcher, Delivery, LoopCalls
-
-
-class NullLog:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
-class Timer:
-    def cancel(self):
-        pass
 
 
 class RecordingHub:
