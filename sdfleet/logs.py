@@ -53,7 +53,9 @@ def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per line (``print`` writes the line and its newline separately, so another thread's line could
+        # land between them); the standard library's handler below also writes each record in one call.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # The standard library's records (Celery, kombu, warnings) rendered by structlog too.

@@ -1,0 +1,53 @@
+"""Log lines stay whole when several threads (ours through structlog, Celery's and kombu's through the standard
+library) write to one stream at once. A worker started by the scheduler's local driver shares the scheduler's
+stderr, so a line split by another thread's line is a line no log shipper can parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_lines_from_structlog_and_stdlib_threads_never_interleave(tmp_path) -> None:
+    # In a child process, so that configuring logging does not touch the test runner's own handlers.
+    script = textwrap.dedent("""
+        import logging, sys, threading
+        from sdfleet import logs
+        logs.configure("json", "info")
+        log = logs.get("t")
+        std = logging.getLogger("celery.t")
+        pad = "x" * 200
+
+        def ours(i):
+            for n in range(3000):
+                log.info("ours", thread=i, n=n, pad=pad)
+
+        def theirs(i):
+            for n in range(3000):
+                std.info("theirs %s %s %s", i, n, pad)
+
+        ts = [threading.Thread(target=f, args=(i,)) for i, f in enumerate([ours, theirs, ours, theirs])]
+        for t in ts: t.start()
+        for t in ts: t.join()
+    """)
+    out = tmp_path / "log.jsonl"
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, "-c", script], cwd=ROOT, stderr=f, check=True, timeout=300)
+    lines = out.read_text().splitlines()
+    bad = [x for x in lines if not _is_json_object(x)]
+    assert not bad, f"{len(bad)} of {len(lines)} lines are not one JSON object, e.g. {bad[0][:400]!r}"
+    assert len(lines) == 12000
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
