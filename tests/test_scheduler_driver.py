@@ -93,11 +93,13 @@ def test_backlog_starts_workers_and_they_drain_to_the_minimum(tmp_path: Path, en
 
         res = run_cli(["wait", "scale", "--timeout", "240"], env, timeout=300)
         assert res.returncode == 0, res.stderr + log()[-4000:]
-        wait_for("the pool back at the minimum", lambda: live(env) == [] and scale_doc(port, "tiny")["desired"] == 0,
-                 120, log)
+        # The gauge is the scheduler's count at its last look (every --interval), so it follows `workers` by up to
+        # one interval: waited for with the rest rather than read at the instant the last heartbeat went.
+        wait_for("the pool back at the minimum",
+                 lambda: live(env) == [] and scale_doc(port, "tiny")["desired"] == 0
+                 and metric(port, "sdfleet_pool_actual_workers", pool="tiny") == 0, 120, log)
         assert metric(port, "sdfleet_pool_scale_events_total", pool="tiny", direction="up") >= 1
         assert metric(port, "sdfleet_pool_scale_events_total", pool="tiny", direction="down") >= 1
-        assert metric(port, "sdfleet_pool_actual_workers", pool="tiny") == 0
     finally:
         sched.send_signal(signal.SIGTERM)
         rc = sched.wait(120)
