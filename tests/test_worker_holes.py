@@ -335,7 +335,8 @@ def test_deleted_bucket_fails_jobs_with_the_storage_message_and_no_rerender(tmp_
     assert run_cli(["submit", str(jsonl(tmp_path, null_jobs(n))), "--batch", "nb", "--out", f"s3://{bucket}/x"],
                    e).returncode == 0
     client.delete_bucket(Bucket=bucket)
-    w = spawn("--max-batch", "3", env_extra={**e, "SDFLEET_UPLOAD_RETRIES": "1"})
+    # Three tries instead of the default eight (about a minute of backoff): the same path, sooner.
+    w = spawn("--max-batch", "3", env_extra={**e, "SDFLEET_UPLOAD_RETRIES": "1", "SDFLEET_STORAGE_PERMANENT_TRIES": "3"})
     wait_until(lambda: counts(r, "nb") == {"failed": n}, 150,
                lambda: f"every job to fail: {counts(r, 'nb')}\n{w.log()[-2000:]}")
     for c, rec in records(r, "nb").items():
