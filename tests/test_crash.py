@@ -34,27 +34,30 @@ def counts(r: redis.Redis, batch: str) -> dict[str, int]:
     return {k: int(v) for k, v in r.hgetall(f"sdfleet:batch:{batch}:counts").items()}
 
 
-def wait_until(pred, timeout: float, what: str, poll: float = 0.1):
+def wait_until(pred, timeout: float, what, poll: float = 0.1):
+    """``what``: a string, or a callable for a description made at the timeout (the state then, not before)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 @pytest.fixture
-def janitor(env):
+def janitor(env, tmp_path):
     procs = []
 
     def _start(e=None):
+        # Its log is kept (``_start.log()``): a failure of a reclaim test is read from what the sweep did.
+        log = open(tmp_path / f"janitor-{len(procs)}.log", "w")
         p = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "janitor", "--interval", "0.3"],
-                             env={**env, **FAST_BEATS, **(e or {})}, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             env={**env, **FAST_BEATS, **(e or {})}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         procs.append(p)
         return p
 
+    _start.log = lambda: "".join(f.read_text(errors="replace") for f in sorted(tmp_path.glob("janitor-*.log")))
     yield _start
     for p in procs:
         p.kill()
@@ -143,7 +146,8 @@ def test_poison_job_fails_after_killing_three_workers(tmp_path, env, r, start_wo
             break  # this worker survived: the poison job no longer reaches it
     assert deaths == 3
     wait_until(lambda: counts(r, "poison").get("succeeded", 0) == 3 and counts(r, "poison").get("failed") == 1,
-               30, f"the batch to end ({counts(r, 'poison')}, {[r.hgetall('sdfleet:job:' + j) for j in r.lrange('sdfleet:batch:poison:jobs', 0, -1)]} q={r.lrange('sdfleet.gen.null', 0, -1)} unacked={r.hkeys('unacked')} held={[(k, r.hgetall(k)) for k in r.keys('sdfleet:worker:*:held')]} marks={r.keys('sdfleet:worker:*')})")
+               30, lambda: f"the batch to end ({counts(r, 'poison')}, {[r.hgetall('sdfleet:job:' + j) for j in r.lrange('sdfleet:batch:poison:jobs', 0, -1)]} q={r.lrange('sdfleet.gen.null', 0, -1)} unacked={r.hkeys('unacked')} held={[(k, r.hgetall(k)) for k in r.keys('sdfleet:worker:*:held')]} marks={r.keys('sdfleet:worker:*')})\n"
+               f"janitor: {janitor.log()[-6000:]}")
     bad = r.hget("sdfleet:batch:poison:custom", "bad")
     rec = r.hgetall(f"sdfleet:job:{bad}")
     assert rec["status"] == "failed" and "poison" in rec["error"] and "3 times" in rec["error"]
