@@ -62,6 +62,9 @@ def wait_done(store: JobStore, batch: str, total: int, timeout: float = 300) -> 
     while time.monotonic() < deadline:
         c = store.counts(batch)
         if c["succeeded"] + c["failed"] >= total:
+            # A rate of failed jobs would be no rate at all.
+            if c["failed"]:
+                raise RuntimeError(f"batch {batch}: {c['failed']} of {total} jobs failed; the rate would mean nothing")
             return
         time.sleep(0.05)
     raise TimeoutError(f"batch {batch} did not finish: {store.counts(batch)}")

@@ -53,13 +53,11 @@ def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        # One write per line (``print`` writes the line and its newline separately, so another thread's line could
-        # land between them); the standard library's handler below also writes each record in one call.
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=lambda *_: _LineLogger(stream),
         cache_logger_on_first_use=False,
     )
     # The standard library's records (Celery, kombu, warnings) rendered by structlog too.
-    handler = logging.StreamHandler(stream)
+    handler = _LineHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info,
@@ -72,6 +70,43 @@ def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
     numeric = logging.getLevelName(level.upper())
     root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
     logging.captureWarnings(True)
+
+
+# Every line of the process, ours and the standard library's, is written whole under this one lock, in one write
+# with its newline. Two locks (structlog's and the handler's) or a separate newline let another thread's line land
+# inside ours: on an unbuffered stderr (PYTHONUNBUFFERED, as in the images) a long line into a pipe goes out in
+# PIPE_BUF pieces, and another thread's write could come between them.
+_WRITE_LOCK = threading.Lock()
+
+
+def _write_line(stream: Any, line: str) -> None:
+    with _WRITE_LOCK:
+        stream.write(line + "\n")
+        stream.flush()
+
+
+class _LineLogger:
+    """structlog's logger: each rendered event as one whole line (see ``_WRITE_LOCK``)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        _write_line(self._stream, message)
+
+    log = debug = info = warn = warning = fatal = failure = err = error = critical = exception = msg
+
+
+class _LineHandler(logging.StreamHandler):
+    """The standard library's records (Celery, kombu, warnings), written the same way as ours."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write_line(self.stream, self.format(record))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
 
 
 class _RepeatFilter(logging.Filter):

@@ -51,3 +51,51 @@ def _is_json_object(line: str) -> bool:
         return False
 
 
+
+
+def test_long_lines_into_a_pipe_on_an_unbuffered_stderr_stay_whole() -> None:
+    # The images set PYTHONUNBUFFERED, and a container's stderr is a pipe: a line over PIPE_BUF (4 KiB; a
+    # traceback is often longer) is written in pieces, and the writes of two threads must not interleave.
+    script = textwrap.dedent("""
+        import logging, threading
+        from sdfleet import logs
+        logs.configure("json", "info")
+        log = logs.get("t")
+        std = logging.getLogger("kombu.t")
+        pad = "y" * 6000
+
+        def ours(i):
+            for n in range(150):
+                log.info("ours", thread=i, n=n, pad=pad)
+
+        def theirs(i):
+            for n in range(150):
+                std.info("theirs %s %s %s", i, n, pad)
+
+        ts = [threading.Thread(target=f, args=(i,)) for i, f in enumerate([ours, theirs, ours, theirs])]
+        for t in ts: t.start()
+        for t in ts: t.join()
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, check=True, timeout=300,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = res.stderr.decode().splitlines()
+    bad = [x for x in lines if not _is_json_object(x)]
+    assert not bad, f"{len(bad)} of {len(lines)} lines are not one JSON object, e.g. {bad[0][:300]!r}"
+    assert len(lines) == 600
+
+
+def test_the_storing_child_logs_json_too() -> None:
+    # The storing process is spawned (a fresh interpreter): its botocore/urllib3 warnings must not come out as
+    # plain text among the worker's lines.
+    script = textwrap.dedent("""
+        import logging, os, warnings
+        from worker import objects
+        objects._init(None, "us-east-1", 1, {}, "w-1", os.getppid())
+        logging.getLogger("urllib3.connectionpool").warning("Connection pool is full, discarding connection")
+        warnings.warn("a user warning")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, check=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("SDFLEET_")})
+    lines = res.stderr.decode().splitlines()
+    assert len(lines) == 2 and all(_is_json_object(x) for x in lines), lines
+    assert all(json.loads(x)["process"] == "storer" and json.loads(x)["worker_id"] == "w-1" for x in lines)

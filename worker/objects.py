@@ -104,6 +104,14 @@ def _init(endpoint_url: str | None, region: str, retries: int, engine_info: dict
     global _FACTORY, _ENGINE, _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A spawned child starts with Python's default logging: without this, a warning from botocore or urllib3
+    # here would come out as plain text among the worker's JSON lines (they share its stderr).
+    from sdfleet import logs
+    from sdfleet.settings import Settings
+
+    settings = Settings.from_env()
+    logs.configure(settings.log_format, settings.log_level)
+    logs.bind_process(worker_id=worker_id, process="storer")
     _FACTORY = StorageFactory(endpoint_url, region, retries)
     _ENGINE, _WORKER = engine_info, worker_id
     threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
