@@ -70,6 +70,19 @@ def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
     numeric = logging.getLevelName(level.upper())
     root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
     logging.captureWarnings(True)
+    # Uncaught exceptions (a thread's, or the process's last) as JSON lines too, not plain tracebacks.
+    threading.excepthook = _thread_excepthook
+    sys.excepthook = _excepthook
+
+
+def _thread_excepthook(args: Any) -> None:
+    name = args.thread.name if args.thread is not None else None
+    structlog.get_logger("thread").error("uncaught exception in a thread", thread=name,
+                                         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _excepthook(exc_type: Any, exc: BaseException, tb: Any) -> None:
+    structlog.get_logger("process").critical("uncaught exception", exc_info=(exc_type, exc, tb))
 
 
 # Every line of the process, ours and the standard library's, is written whole under this one lock, in one write

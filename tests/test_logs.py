@@ -99,3 +99,20 @@ def test_the_storing_child_logs_json_too() -> None:
     lines = res.stderr.decode().splitlines()
     assert len(lines) == 2 and all(_is_json_object(x) for x in lines), lines
     assert all(json.loads(x)["process"] == "storer" and json.loads(x)["worker_id"] == "w-1" for x in lines)
+
+
+def test_uncaught_exceptions_are_json_lines_with_their_traceback() -> None:
+    script = textwrap.dedent("""
+        import threading
+        from sdfleet import logs
+        logs.configure("json", "info")
+        t = threading.Thread(target=lambda: 1 / 0, name="boom"); t.start(); t.join()
+        raise KeyError("last")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, timeout=120)
+    assert res.returncode == 1
+    lines = res.stderr.decode().splitlines()
+    assert len(lines) == 2 and all(_is_json_object(x) for x in lines), lines
+    thread, last = (json.loads(x) for x in lines)
+    assert thread["thread"] == "boom" and "ZeroDivisionError" in thread["exception"]
+    assert last["level"] == "critical" and "KeyError: 'last'" in last["exception"]
