@@ -15,26 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_lines_from_structlog_and_stdlib_threads_never_interleave(tmp_path) -> None:
     # In a child process, so that configuring logging does not touch the test runner's own handlers.
-    script = textwrap.dedent("""
-        import logging, sys, threading
-        from sdfleet import logs
-        logs.configure("json", "info")
-        log = logs.get("t")
-        std = logging.getLogger("celery.t")
-        pad = "x" * 200
-
-        def ours(i):
-            for n in range(3000):
-                log.info("ours", thread=i, n=n, pad=pad)
-
-        def theirs(i):
-            for n in range(3000):
-                std.info("theirs %s %s %s", i, n, pad)
-
-        ts = [threading.Thread(target=f, args=(i,)) for i, f in enumerate([ours, theirs, ours, theirs])]
-        for t in ts: t.start()
-        for t in ts: t.join()
-    """)
+    script = _threads_script(pad=200, lines_per_thread=3000)
     out = tmp_path / "log.jsonl"
     with open(out, "w") as f:
         subprocess.run([sys.executable, "-c", script], cwd=ROOT, stderr=f, check=True, timeout=300)
@@ -42,6 +23,31 @@ def test_lines_from_structlog_and_stdlib_threads_never_interleave(tmp_path) -> N
     bad = [x for x in lines if not _is_json_object(x)]
     assert not bad, f"{len(bad)} of {len(lines)} lines are not one JSON object, e.g. {bad[0][:400]!r}"
     assert len(lines) == 12000
+
+
+def _threads_script(pad: int, lines_per_thread: int) -> str:
+    """A child that logs from four threads at once: two through structlog (ours), two through the standard
+    library (as Celery and kombu do)."""
+    return textwrap.dedent(f"""
+        import logging, threading
+        from sdfleet import logs
+        logs.configure("json", "info")
+        log = logs.get("t")
+        std = logging.getLogger("kombu.t")
+        pad = "x" * {pad}
+
+        def ours(i):
+            for n in range({lines_per_thread}):
+                log.info("ours", thread=i, n=n, pad=pad)
+
+        def theirs(i):
+            for n in range({lines_per_thread}):
+                std.info("theirs %s %s %s", i, n, pad)
+
+        ts = [threading.Thread(target=f, args=(i,)) for i, f in enumerate([ours, theirs, ours, theirs])]
+        for t in ts: t.start()
+        for t in ts: t.join()
+    """)
 
 
 def _is_json_object(line: str) -> bool:
@@ -56,26 +62,7 @@ def _is_json_object(line: str) -> bool:
 def test_long_lines_into_a_pipe_on_an_unbuffered_stderr_stay_whole() -> None:
     # The images set PYTHONUNBUFFERED, and a container's stderr is a pipe: a line over PIPE_BUF (4 KiB; a
     # traceback is often longer) is written in pieces, and the writes of two threads must not interleave.
-    script = textwrap.dedent("""
-        import logging, threading
-        from sdfleet import logs
-        logs.configure("json", "info")
-        log = logs.get("t")
-        std = logging.getLogger("kombu.t")
-        pad = "y" * 6000
-
-        def ours(i):
-            for n in range(150):
-                log.info("ours", thread=i, n=n, pad=pad)
-
-        def theirs(i):
-            for n in range(150):
-                std.info("theirs %s %s %s", i, n, pad)
-
-        ts = [threading.Thread(target=f, args=(i,)) for i, f in enumerate([ours, theirs, ours, theirs])]
-        for t in ts: t.start()
-        for t in ts: t.join()
-    """)
+    script = _threads_script(pad=6000, lines_per_thread=150)
     res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, check=True, timeout=300,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = res.stderr.decode().splitlines()
