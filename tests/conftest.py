@@ -59,6 +59,18 @@ def env(redis_url: str, cache_dir: Path, tmp_path: Path) -> dict[str, str]:
     return e
 
 
+def wait_until(pred, timeout: float, what, poll: float = 0.1):
+    """Poll ``pred`` until it returns something true (returned). ``what``: a string, or a callable that describes
+    the state at the timeout (then, not before the wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
+
+
 def run_cli(args: list[str], env: dict[str, str], *, input: str | None = None, timeout: float = 120,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sdfleet.cli", *args], env=env, capture_output=True, text=True,

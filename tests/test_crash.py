@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from sdfleet.redisconn import PrivateRedis, free_port
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, wait_until
 
 FAST_BEATS = {"SDFLEET_HEARTBEAT_INTERVAL": "0.3", "SDFLEET_HEARTBEAT_TTL": "1.5"}
 
@@ -34,26 +34,16 @@ def counts(r: redis.Redis, batch: str) -> dict[str, int]:
     return {k: int(v) for k, v in r.hgetall(f"sdfleet:batch:{batch}:counts").items()}
 
 
-def wait_until(pred, timeout: float, what, poll: float = 0.1):
-    """``what``: a string, or a callable for a description made at the timeout (the state then, not before)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
-
-
 @pytest.fixture
 def janitor(env, tmp_path):
     procs = []
 
     def _start(e=None):
         # Its log is kept (``_start.log()``): a failure of a reclaim test is read from what the sweep did.
-        log = open(tmp_path / f"janitor-{len(procs)}.log", "w")
-        p = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "janitor", "--interval", "0.3"],
-                             env={**env, **FAST_BEATS, **(e or {})}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        with open(tmp_path / f"janitor-{len(procs)}.log", "w") as log:  # the child keeps its own copy
+            p = subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "janitor", "--interval", "0.3"],
+                                 env={**env, **FAST_BEATS, **(e or {})}, cwd=ROOT, stdout=log,
+                                 stderr=subprocess.STDOUT)
         procs.append(p)
         return p
 

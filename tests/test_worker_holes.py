@@ -27,7 +27,7 @@ import redis
 
 from sdfleet import broker, keys
 from sdfleet.redisconn import PrivateRedis, free_port
-from tests.conftest import ROOT, WorkerProc, run_cli
+from tests.conftest import ROOT, WorkerProc, run_cli, wait_until
 from tests.test_crash import jsonl, null_jobs  # the same job files as the crash tests
 
 FAST_BEATS = {"SDFLEET_HEARTBEAT_INTERVAL": "0.3", "SDFLEET_HEARTBEAT_TTL": "1.5"}
@@ -48,16 +48,6 @@ def job_ids(r: redis.Redis, batch: str) -> dict[str, str]:
 def records(r: redis.Redis, batch: str) -> dict[str, dict[str, str]]:
     """custom id -> job record"""
     return {c: r.hgetall(keys.job(j)) for c, j in job_ids(r, batch).items()}
-
-
-def wait_until(pred, timeout: float, what, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
 
 
 def log_lines(w: WorkerProc) -> list[dict]:

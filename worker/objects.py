@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sdfleet import logs
 from sdfleet.errors import StorageError
+from sdfleet.settings import Settings
 from sdfleet.storage import StorageFactory, object_key, staged_key
 
 # What the child reports per job: (STORED, fields to record), (STORAGE_FAILED, why, permanent) or
@@ -106,9 +108,6 @@ def _init(endpoint_url: str | None, region: str, retries: int, engine_info: dict
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # A spawned child starts with Python's default logging: without this, a warning from botocore or urllib3
     # here would come out as plain text among the worker's JSON lines (they share its stderr).
-    from sdfleet import logs
-    from sdfleet.settings import Settings
-
     settings = Settings.from_env()
     logs.configure(settings.log_format, settings.log_level)
     logs.bind_process(worker_id=worker_id, process="storer")
