@@ -32,10 +32,22 @@ class _Graph:
     output: torch.Tensor
 
 
+def pool_bytes(pool) -> int:
+    """Bytes the allocator holds (cudaMalloc'd segments) for one graph memory pool: what its graphs keep."""
+    pool = tuple(pool)
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", ())) == pool)
+
+
 class CudaGraphRunner:
     """Stands in for ``transformer.forward``: same arguments, replays a graph when one fits."""
 
-    def __init__(self, transformer, batch_buckets: Sequence[int] = (1, 2, 4, 8), *, warmup_iters: int = 2):
+    def __init__(self, transformer, batch_buckets: Sequence[int] = (1, 2, 4, 8), *, warmup_iters: int = 2,
+                 shared_pool: bool = True):
+        """``shared_pool``: every bucket's graph allocates from one memory pool (the default). Safe because the
+        graphs replay one at a time on one stream and each output is copied out before the next replay; a
+        graph's output stays allocated, so a later capture never takes its memory. Off: a pool per graph
+        (for measuring what sharing saves: ``memory``)."""
         if not batch_buckets or any(int(b) < 1 for b in batch_buckets):
             raise EngineError(f"batch buckets must be positive integers, got {batch_buckets!r}")
         self.transformer = transformer
@@ -45,7 +57,12 @@ class CudaGraphRunner:
         #: keys whose capture failed (they run eagerly), with the reason
         self.failed: dict[tuple[int, int, int, int], str] = {}
         self._eager = type(transformer).forward.__get__(transformer)
+        self.shared_pool = shared_pool
         self._pool = None
+        #: per captured key, after its capture: the allocator's reserved and allocated bytes, the growth of
+        #: reserved memory the capture caused (its eager warm-up's cached blocks included) and the bytes its
+        #: graph pool holds (with a shared pool: every graph's so far)
+        self.memory: dict[tuple[int, int, int, int], dict[str, int]] = {}
         self.replays = 0
         self.eager_calls = 0
         #: graphs captured over this runner's life (a capture after boot is a stall on the critical path)
@@ -63,13 +80,14 @@ class CudaGraphRunner:
             raise EngineError("CUDA graphs need the transformer on a CUDA device; turn cuda_graphs off on CPU")
         cfg = tr.config
         dtype = tr.dtype
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         done = []
         for b in buckets or self.buckets:
             key = (b, latent_hw[0], latent_hw[1], text_len)
             if key in self.graphs:
                 continue
+            if self._pool is None or not self.shared_pool:
+                self._pool = torch.cuda.graph_pool_handle()
+            reserved0 = torch.cuda.memory_reserved(device)
             g = torch.Generator(device).manual_seed(0)
             inputs = {
                 "hidden_states": torch.randn(b, cfg.in_channels, *latent_hw, device=device, dtype=dtype, generator=g),
@@ -98,6 +116,9 @@ class CudaGraphRunner:
                     continue
             torch.cuda.synchronize(device)
             self.graphs[key] = _Graph(graph, inputs, out)
+            reserved = torch.cuda.memory_reserved(device)
+            self.memory[key] = {"reserved": reserved, "allocated": torch.cuda.memory_allocated(device),
+                                "reserved_growth": reserved - reserved0, "pool": pool_bytes(self._pool)}
             self.captures += 1
             done.append(key)
             log.info("captured CUDA graph", extra={"bucket": b, "latent_hw": latent_hw, "text_len": text_len})
@@ -143,5 +164,6 @@ class CudaGraphRunner:
         """Drop every graph and its memory."""
         self.uninstall()
         self.graphs.clear()
+        self.memory.clear()
         self._pool = None
         torch.cuda.empty_cache()
