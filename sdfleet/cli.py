@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(while it is busy, a partial batch keeps filling for up to two of its shape's runs)")
     w.add_argument("--precision", default="auto", choices=["auto", "fp8", "bf16", "fp32"])
     w.add_argument("--fp8-weights", help="directory written by 'sdfleet quantize' (cold start without re-quantizing)")
+    w.add_argument("--fp8-text-encoder", action="store_true",
+                   help="T5-XXL's linears in FP8 too (with --precision fp8 or auto on an FP8 GPU): about 4.5 GiB "
+                        "less GPU memory, so SD3.5 Large fits a 24 GB card; CLIP stays BF16")
     w.add_argument("--worker-id")
     w.add_argument("--warmup", action="append", default=[], metavar="WxH:STEPS",
                    help="shape to run once at boot, e.g. 1024x1024:28 (repeatable)")
@@ -406,6 +409,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         extra["fp8_switches"] = switches
     if args.no_cuda_graphs:
         extra["cuda_graphs"] = False
+    if args.fp8_text_encoder:
+        extra["fp8_text_encoder"] = True
     if args.no_overlap:
         extra["async_copy"] = False
     opts = WorkerOptions(model=args.model, device=args.device, precision=args.precision, max_batch=args.max_batch,

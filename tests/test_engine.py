@@ -129,3 +129,59 @@ def test_pipeline_loads_without_the_transformer_it_will_replace(cache_dir, monke
     pipe = load_pipeline(path, torch.float32, "cpu", without=("transformer",))
     assert pipe.transformer is None
     assert pipe.text_encoder_3 is not None and pipe.vae is not None and pipe.vae_scale_factor == 8
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, event, **kw):
+        self.lines.append(("info", event, kw))
+
+    def warning(self, event, **kw):
+        self.lines.append(("warning", event, kw))
+
+
+def test_fp8_text_encoder_switch_needs_fp8_precision(cache_dir, monkeypatch):
+    monkeypatch.setenv("SDFLEET_CACHE_DIR", str(cache_dir))
+    log = _Log()
+    e = DiffusersEngine(EngineOptions(model="tiny", device="cpu", precision="fp32", fp8_text_encoder=True), log=log)
+    e.load()
+    assert type(e.pipe.text_encoder_3.encoder.block[0].layer[0].SelfAttention.q) is torch.nn.Linear
+    off = [kw for level, event, kw in log.lines if event == "fp8 text encoder off"]
+    assert off and "precision is fp32, not fp8" in off[0]["reason"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fp8_text_encoder_is_converted_before_the_pipeline_moves(cache_dir, monkeypatch):
+    from tests.fp8_cpu import cpu_rowwise_scaled_mm
+    from worker.engine import models, precision
+    from worker.engine.fp8.linear import Fp8Linear
+
+    if not cpu_rowwise_scaled_mm():
+        pytest.skip("this torch's CPU _scaled_mm has no row-wise scales (runs in CI)")
+    monkeypatch.setenv("SDFLEET_CACHE_DIR", str(cache_dir))
+    # FP8 on the CPU (the tiny model), as an FP8 GPU would resolve it
+    monkeypatch.setattr(precision, "resolve_precision", lambda requested, device: ("fp8", "test: fp8 on the CPU"))
+    seen = {}
+    real_load = models.load_pipeline
+
+    def load(path, dtype, device, without=(), prepare=None):
+        def spy(pipe):
+            prepare(pipe)
+            seen["converted_before_move"] = isinstance(
+                pipe.text_encoder_3.encoder.block[0].layer[0].SelfAttention.q, Fp8Linear)
+        return real_load(path, dtype, device, without, prepare=spy if prepare else None)
+
+    monkeypatch.setattr("worker.engine.diffusers_engine.load_pipeline", load)
+    images = {}
+    for switch in (False, True):
+        e = DiffusersEngine(EngineOptions(model="tiny", device="cpu", precision="fp8", fp8_text_encoder=switch))
+        e.load()
+        key = BatchKey(model=e.model_name, width=128, height=128, steps=2, guidance_scale=4.5)
+        images[switch] = e.generate(key, [GenerationRequest("a", "a red fox", "", 7)]).wait().images[0]
+    assert seen == {"converted_before_move": True}
+    ff = e.pipe.text_encoder_3.encoder.block[0].layer[-1].DenseReluDense
+    assert isinstance(ff.wi, Fp8Linear) and isinstance(ff.wo, Fp8Linear)
+    assert images[True].shape == images[False].shape
+    assert not np.array_equal(images[True], images[False])  # the encoder did change (FP8 rounding)

@@ -47,6 +47,9 @@ class EngineOptions:
     #: image batch-size buckets for CUDA graphs (batches are padded up to a bucket); CUDA only
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     cuda_graphs: bool = True
+    #: T5-XXL's linears in FP8 as well (``worker.engine.fp8.text_encoder``): half its ~9 GiB, so Large fits a
+    #: 24 GB card; CLIP stays BF16. Only with precision fp8 (elsewhere: logged and left BF16)
+    fp8_text_encoder: bool = False
     #: return before the device-to-host copy has landed, so the next batch is queued while it runs; off
     #: (measuring what the overlap is worth) generate() waits for the copy before it returns
     async_copy: bool = True
@@ -79,8 +82,14 @@ class DiffusersEngine(Engine):
         # With quantized weights the BF16 transformer is never read: on Large that is 16 GB less to load, and
         # 16 GB the allocator would otherwise keep cached (and NVML count) after the FP8 one replaced it.
         prequantized = self.precision == "fp8" and bool(self.options.fp8_weights)
+        if self.options.fp8_text_encoder and self.precision != "fp8" and self.log:
+            self.log.warning("fp8 text encoder off", reason=f"precision is {self.precision}, not fp8: "
+                             f"{self.precision_reason}")
+        # The T5 encoder is converted layer by layer on the device before the pipeline moves there, so its
+        # BF16 weights never have to fit on the GPU (the point of the switch: a 24 GB card).
         self.pipe = load_pipeline(path, _DTYPES[self.precision], self.device,
-                                  without=("transformer",) if prequantized else ())
+                                  without=("transformer",) if prequantized else (),
+                                  prepare=self._text_encoder_to_fp8 if self._fp8_text_encoder() else None)
         if self.precision == "fp8":
             self._to_fp8()
         sched = self.pipe.scheduler
@@ -95,9 +104,24 @@ class DiffusersEngine(Engine):
             self._copy_stream = torch.cuda.Stream(device=self.device)
             self._encode_stream = torch.cuda.Stream(device=self.device)
 
+    def _fp8_text_encoder(self) -> bool:
+        return self.options.fp8_text_encoder and self.precision == "fp8"
+
+    def _text_encoder_to_fp8(self, pipe) -> None:
+        from worker.engine.fp8.text_encoder import fp8_text_encoder
+
+        if pipe.text_encoder_3 is None:
+            raise EngineError("fp8_text_encoder: this model has no T5 text encoder (text_encoder_3); turn the "
+                              "switch off")
+        fp8_text_encoder(pipe.text_encoder_3, self.device)
+
     def _to_fp8(self) -> None:
         from worker.engine import fp8
 
+        if self._fp8_text_encoder():  # before the transformer arrives: the card holds one of them in BF16 at most
+            self._text_encoder_to_fp8(self.pipe)
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
         opts = fp8.Fp8Options(**self.options.fp8_switches) if self.options.fp8_switches else fp8.Fp8Options()
         if self.options.fp8_weights:
             self.pipe.transformer = fp8.serialize.load_quantized(self.options.fp8_weights, device=self.device,

@@ -128,10 +128,15 @@ def resolve_model(model: str) -> tuple[str, Path]:
     return path.name, path
 
 
-def load_pipeline(path: Path, dtype: torch.dtype, device: str, without: tuple[str, ...] = ()):
-    """The pipeline from a diffusers directory; components named in ``without`` are not read (left None)."""
+def load_pipeline(path: Path, dtype: torch.dtype, device: str, without: tuple[str, ...] = (), prepare=None):
+    """The pipeline from a diffusers directory; components named in ``without`` are not read (left None).
+
+    ``prepare(pipe)`` runs while the pipeline is still on the CPU, before it moves to ``device``.
+    """
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, **{name: None for name in without})
     pipe.set_progress_bar_config(disable=True)
+    if prepare is not None:
+        prepare(pipe)
     return pipe.to(device)
