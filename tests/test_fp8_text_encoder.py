@@ -14,7 +14,12 @@ import torch
 from sdfleet.errors import EngineError
 from tests.fp8_cpu import cpu_fp8_linear
 from worker.engine.fp8.linear import Fp8Linear
-from worker.engine.fp8.text_encoder import Fp8FeedForward, Fp8GatedFeedForward, fp8_text_encoder, linear_weight_bytes
+from worker.engine.fp8.text_encoder import (
+    Fp8FeedForward,
+    Fp8GatedFeedForward,
+    fp8_text_encoder,
+    linear_weight_bytes,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
