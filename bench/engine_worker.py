@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def build_engine(model: str, precision: str, res: int):
+def build_engine(model: str, precision: str, res: int, buckets: tuple[int, ...]):
+    """``precision``: bf16, fp8, or fp8-t5 (fp8 with the FP8 T5 text encoder)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from bench.engine import _components
@@ -37,14 +38,57 @@ def build_engine(model: str, precision: str, res: int):
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
                                     **parts)
     pipe.set_progress_bar_config(disable=True)
-    engine = DiffusersEngine(EngineOptions(model=model, device="cuda", precision=precision,
-                                           cuda_graphs=precision == "fp8"))
+    fp8 = precision.startswith("fp8")
+    engine = DiffusersEngine(EngineOptions(model=model, device="cuda", precision="fp8" if fp8 else precision,
+                                           cuda_graphs=fp8, batch_buckets=buckets,
+                                           fp8_text_encoder=precision == "fp8-t5"))
     # What load() does, minus reading weights from disk (there are none: random weights).
-    engine.pipe, engine.precision, engine.model_name = pipe, precision, f"sd3.5-{model}"
+    engine.pipe, engine.precision, engine.model_name = pipe, "fp8" if fp8 else precision, f"sd3.5-{model}"
     engine.make_streams()
-    if precision == "fp8":
+    if fp8:
         engine._to_fp8()
+    # the BF16 transformer this built on the GPU (a worker loading `sdfleet quantize` output never has it)
+    # is gone: give its cached blocks back so reserved and used memory show only what the engine holds
+    torch.cuda.empty_cache()
     return engine
+
+
+def memory_now() -> dict:
+    free, total = torch.cuda.mem_get_info()
+    return {"allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+            "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2),
+            "device_used_gib": round((total - free) / 2**30, 2)}  # the process's CUDA context included
+
+
+def component_gib(pipe) -> dict:
+    out = {}
+    for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        m = getattr(pipe, name, None)
+        if m is not None:
+            n = sum(t.nbytes for t in m.parameters()) + sum(t.nbytes for t in m.buffers())
+            out[name] = round(n / 2**30, 3)
+    return out
+
+
+EMBED_PROMPTS = ["a photograph of a lighthouse at dusk", "an astronaut riding a horse, oil painting",
+                 "close-up of a red fox in the snow", "a bowl of ramen, studio lighting"]
+
+
+def prompt_embeddings(engine) -> torch.Tensor:
+    with torch.inference_mode():
+        pe, _, _, _ = engine.pipe.encode_prompt(prompt=EMBED_PROMPTS, prompt_2=None, prompt_3=None,
+                                                do_classifier_free_guidance=False, device="cuda",
+                                                num_images_per_prompt=1)
+    return pe.float().cpu()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0)), 6)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return round(10 * np.log10(255.0**2 / mse), 2) if mse > 0 else float("inf")
 
 
 def host_trace(engine, key, reqs) -> dict:
@@ -76,7 +120,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--precisions", default="bf16,fp8")
+    ap.add_argument("--precisions", default="bf16,fp8",
+                    help="bf16, fp8, fp8-t5 (fp8 with the FP8 T5 text encoder; keep it last: it converts the "
+                         "shared T5 in place)")
+    ap.add_argument("--buckets", default="1,2,4,8", help="the engine's image batch buckets (CUDA graphs)")
     ap.add_argument("--trace", action="store_true",
                     help="also list the CUDA runtime calls the host makes during two back-to-back batches "
                          "(where it blocks: synchronisations, pinned allocations, copies)")
@@ -87,15 +134,25 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%d"), "command": "python bench/engine_worker.py " + " ".join(sys.argv[1:]),
            "model": a.model, "res": a.res, "steps": a.steps, "guidance": 4.5, "runs": {}}
     images: dict[str, np.ndarray] = {}
+    embeds: dict[str, torch.Tensor] = {}
+    buckets = tuple(int(b) for b in a.buckets.split(","))
+    out["buckets"] = list(buckets)
     for precision in a.precisions.split(","):
         t0 = time.perf_counter()
-        engine = build_engine(a.model, precision, a.res)
+        engine = build_engine(a.model, precision, a.res, buckets)
         torch.cuda.synchronize()
         build_s = time.perf_counter() - t0
+        rec = {"build_s": round(build_s, 1), "weights_gib": component_gib(engine.pipe),
+               "memory_after_build": memory_now()}
         t0 = time.perf_counter()
         engine.warmup([key], batch_sizes=batches)  # graph capture (fp8) + one run per batch size
-        warm_s = time.perf_counter() - t0
-        rec = {"build_s": round(build_s, 1), "warmup_s": round(warm_s, 1)}
+        torch.cuda.synchronize()
+        rec["warmup_s"] = round(time.perf_counter() - t0, 1)
+        rec["memory_after_warmup"] = memory_now()
+        if engine._graphs is not None:
+            rec["graph_memory_gib"] = {f"rows{k[0]}": {m: round(b / 2**30, 3) for m, b in mem.items()}
+                                       for k, mem in engine._graphs.memory.items()}
+        embeds[precision] = prompt_embeddings(engine)
         for n in batches:
             reqs = [GenerationRequest(f"j{i}", f"a photograph number {i} of a lighthouse", "", 1000 + i)
                     for i in range(n)]
@@ -123,7 +180,10 @@ def main() -> int:
                                 "s_per_batch_back_to_back": round(back_to_back, 3),
                                 "back_to_back_host_queued_s": round(queued, 3),
                                 "back_to_back_total_s": round(back_to_back * 3, 3),
-                                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                                # graph pools are free to the allocator but not to the card: reserved counts them
+                                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                                "device_used_gib": memory_now()["device_used_gib"]}
             images[f"{precision}-{n}"] = res.images[0]
             print(json.dumps({precision: {f"batch{n}": rec[f"batch{n}"]}}), flush=True)
         if a.trace:
@@ -137,11 +197,23 @@ def main() -> int:
         del engine
         torch.cuda.empty_cache()
     # The same job (seed 1000, same prompt) alone and as the first of a batch: the worker's independence claim.
-    for p in ("bf16", "fp8"):
+    for p in ("bf16", "fp8", "fp8-t5"):
         if f"{p}-1" in images and f"{p}-{batches[-1]}" in images:
             d = np.abs(images[f"{p}-1"].astype(int) - images[f"{p}-{batches[-1]}"].astype(int))
             out[f"{p}_alone_vs_batch_max_pixel_diff"] = int(d.max())
             out[f"{p}_alone_vs_batch_mean_pixel_diff"] = round(float(d.mean()), 4)
+    # The FP8 T5 against the BF16 one: prompt embeddings (CLIP part included, and the T5 tokens alone: the
+    # rows after CLIP's 77) and the 28-step image with the same seed and the same FP8 transformer.
+    clip_tokens = 77
+    for other in ("fp8", "bf16"):
+        if "fp8-t5" in embeds and other in embeds:
+            a8, ab = embeds["fp8-t5"], embeds[other]
+            out[f"fp8_t5_vs_{other}"] = {
+                "prompt_embeds_cos": _cos(a8, ab), "t5_tokens_cos": _cos(a8[:, clip_tokens:], ab[:, clip_tokens:]),
+                "t5_tokens_rel_err": round(float((a8[:, clip_tokens:] - ab[:, clip_tokens:]).norm()
+                                                 / ab[:, clip_tokens:].norm()), 5),
+                **{f"image_psnr_db_batch{n}": _psnr(images[f"fp8-t5-{n}"], images[f"{other}-{n}"])
+                   for n in batches if f"fp8-t5-{n}" in images and f"{other}-{n}" in images}}
     for n in batches:
         if "bf16" in out["runs"] and "fp8" in out["runs"]:
             b, f = out["runs"]["bf16"][f"batch{n}"], out["runs"]["fp8"][f"batch{n}"]

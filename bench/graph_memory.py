@@ -1,0 +1,146 @@
+"""What the FP8 step's CUDA graphs keep on the GPU, per captured bucket, against BF16 eager at the same batch.
+
+    python bench/graph_memory.py [--models medium,large] [--rows 2,4,8,16] [--out FILE.json]
+
+SD3.5 transformers from the released configs with random weights, 1024x1024, 333 text tokens. Per model,
+in one process:
+
+- BF16 eager: the step's peak allocated memory over its start, per transformer batch (``rows``);
+- FP8 eager: the same, the default engine without graphs (the BF16 model converted in place);
+- FP8 graphs, one pool shared by every bucket (the engine's default), one pool per bucket, and the shared
+  pool with the text stream off: after each bucket's capture, the bytes its graph pool holds
+  (``torch.cuda.memory_snapshot``, the segments of that pool), the growth of reserved memory, and the
+  replay's own peak over its start.
+
+A graph's pool is memory its replays write but the allocator counts as free, so ``max_memory_allocated``
+does not see it: the pool's bytes are the graph's cost. Writes JSON and prints a table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench.engine import inputs  # noqa: E402
+from worker.engine.fp8 import Fp8Options, apply_fp8, set_runtime_options  # noqa: E402
+from worker.engine.graphs import CudaGraphRunner, pool_bytes  # noqa: E402
+from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER, build_transformer  # noqa: E402
+
+GIB = 2**30
+
+
+def gib(b: float) -> float:
+    return round(b / GIB, 3)
+
+
+def eager_peak(model, x) -> float:
+    """Peak allocated memory of one eager step over its start (the output included), GiB."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        y = model(**x)[0]
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del y
+    return gib(peak)
+
+
+def graphs(model, cfg: dict, rows: list[int], res: int, *, shared: bool) -> dict:
+    torch.cuda.empty_cache()
+    runner = CudaGraphRunner(model, batch_buckets=rows, shared_pool=shared)
+    out: dict = {}
+    reserved0 = torch.cuda.memory_reserved()
+    for r in rows:
+        runner.capture((res // 8, res // 8), TEXT_TOKENS, buckets=[r])
+        key = (r, res // 8, res // 8, TEXT_TOKENS)
+        mem = runner.memory[key]
+        x = inputs(cfg, r, res)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            y = runner(**x)[0]
+        torch.cuda.synchronize()
+        out[f"rows{r}"] = {"pool_gib": gib(mem["pool"]), "reserved_growth_gib": gib(mem["reserved_growth"]),
+                           "replay_peak_over_start_gib": gib(torch.cuda.max_memory_allocated() - before)}
+        del y, x
+    # with one pool, its size now is every graph's; with a pool per bucket, the pools' sum
+    out["all_pools_gib"] = (gib(pool_bytes(runner._pool)) if shared
+                            else round(sum(v["pool_gib"] for v in out.values()), 3))
+    out["reserved_growth_all_gib"] = gib(torch.cuda.memory_reserved() - reserved0)
+    runner.release()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_model(name: str, rows: list[int], res: int) -> dict:
+    cfg = TRANSFORMER[name]
+    torch.cuda.empty_cache()
+    bf = build_transformer(name, device="cuda")
+    rec: dict = {"model": name, "res": res, "text_tokens": TEXT_TOKENS, "rows": rows}
+    rec["bf16_eager_peak_over_start_gib"] = {f"rows{r}": eager_peak(bf, inputs(cfg, r, res)) for r in rows}
+    model = apply_fp8(bf, Fp8Options())
+    del bf
+    gc.collect()
+    torch.cuda.empty_cache()
+    rec["fp8_eager_peak_over_start_gib"] = {f"rows{r}": eager_peak(model, inputs(cfg, r, res)) for r in rows}
+    for label, shared, text_stream in (("fp8_graphs_shared_pool", True, True),
+                                       ("fp8_graphs_pool_per_bucket", False, True),
+                                       ("fp8_graphs_shared_pool_one_stream", True, False)):
+        set_runtime_options(model, Fp8Options(text_stream=text_stream))
+        try:
+            rec[label] = graphs(model, cfg, rows, res, shared=shared)
+        except Exception as exc:  # one failing configuration must not lose the others
+            rec[label] = {"error": repr(exc)[:400]}
+        print(json.dumps({name: {label: rec[label]}}), flush=True)
+    set_runtime_options(model, Fp8Options())
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rec
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="medium,large")
+    ap.add_argument("--rows", default="2,4,8,16", help="transformer batches (2 per image with guidance)")
+    ap.add_argument("--res", type=int, default=1024)
+    ap.add_argument("--out", default="bench/results/graph-memory.json")
+    a = ap.parse_args()
+    rows = sorted(int(r) for r in a.rows.split(","))
+    import triton
+
+    out = {"bench": "graph_memory", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
+           "command": "python bench/graph_memory.py " + " ".join(sys.argv[1:]), "models": []}
+    for name in a.models.split(","):
+        out["models"].append(run_model(name, rows, a.res))
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    print("\nmodel   rows  bf16 eager  fp8 eager  graph pool (shared, cumulative)  pool per bucket  one stream")
+    for m in out["models"]:
+        for r in rows:
+            k = f"rows{r}"
+            sh, pr, one = (m.get(x, {}).get(k, {}) for x in ("fp8_graphs_shared_pool", "fp8_graphs_pool_per_bucket",
+                                                            "fp8_graphs_shared_pool_one_stream"))
+            print(f"{m['model']:7} {r:4}  {m['bf16_eager_peak_over_start_gib'][k]:10}  "
+                  f"{m['fp8_eager_peak_over_start_gib'][k]:9}  {sh.get('pool_gib', '-')!s:>31}  "
+                  f"{pr.get('pool_gib', '-')!s:>15}  {one.get('pool_gib', '-')!s:>10}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
