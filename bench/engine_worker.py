@@ -18,6 +18,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -80,6 +81,33 @@ def prompt_embeddings(engine) -> torch.Tensor:
                                                 do_classifier_free_guidance=False, device="cuda",
                                                 num_images_per_prompt=1)
     return pe.float().cpu()
+
+
+def phase_peaks(engine, key) -> dict:
+    """Peak allocated memory over its start of the pipeline's phases run one at a time, one image, GiB:
+    which phase sets the whole pipeline's peak."""
+    pipe, out = engine.pipe, {}
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        r = fn()
+        torch.cuda.synchronize()
+        return r, round((torch.cuda.max_memory_allocated() - before) / 2**30, 3)
+
+    with torch.inference_mode():
+        (pe, npe, ppe, nppe), out["encode"] = peak(lambda: pipe.encode_prompt(
+            prompt=["a lighthouse"], prompt_2=None, prompt_3=None, negative_prompt=[""],
+            do_classifier_free_guidance=True, device="cuda", num_images_per_prompt=1))
+        lat = torch.randn(1, pipe.transformer.config.in_channels, key.height // 8, key.width // 8, device="cuda",
+                          dtype=torch.bfloat16)
+        _, out["denoise_step"] = peak(lambda: pipe.transformer(
+            hidden_states=torch.cat([lat, lat]), timestep=torch.full((2,), 500.0, device="cuda"),
+            encoder_hidden_states=torch.cat([npe, pe]), pooled_projections=torch.cat([nppe, ppe]),
+            return_dict=False)[0])
+        _, out["vae_decode"] = peak(lambda: pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0])
+    return out
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -186,6 +214,8 @@ def main() -> int:
                                 "device_used_gib": memory_now()["device_used_gib"]}
             images[f"{precision}-{n}"] = res.images[0]
             print(json.dumps({precision: {f"batch{n}": rec[f"batch{n}"]}}), flush=True)
+        rec["phase_peak_over_start_gib"] = phase_peaks(engine, key)
+        print(json.dumps({precision: {"phase_peak_over_start_gib": rec["phase_peak_over_start_gib"]}}), flush=True)
         if a.trace:
             rec["host_trace"] = host_trace(engine, key, reqs)
             print(json.dumps({precision: {"host_trace": rec["host_trace"]}}), flush=True)
@@ -195,6 +225,7 @@ def main() -> int:
         out["runs"][precision] = rec
         engine.close()
         del engine
+        gc.collect()
         torch.cuda.empty_cache()
     # The same job (seed 1000, same prompt) alone and as the first of a batch: the worker's independence claim.
     for p in ("bf16", "fp8", "fp8-t5"):

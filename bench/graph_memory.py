@@ -6,9 +6,10 @@ SD3.5 transformers from the released configs with random weights, 1024x1024, 333
 in one process:
 
 - BF16 eager: the step's peak allocated memory over its start, per transformer batch (``rows``);
-- FP8 eager: the same, the default engine without graphs (the BF16 model converted in place);
-- FP8 graphs, one pool shared by every bucket (the engine's default), one pool per bucket, and the shared
-  pool with the text stream off: after each bucket's capture, the bytes its graph pool holds
+- FP8 eager: the same, the default engine without graphs (the BF16 model converted in place), and with
+  the feed-forward in one piece (``ff_chunk_rows=0``);
+- FP8 graphs, one pool shared by every bucket (the engine's default; captured largest first), the same
+  with the feed-forward in one piece, one pool per bucket, and the shared pool with the text stream off: after each bucket's capture, the bytes its graph pool holds
   (``torch.cuda.memory_snapshot``, the segments of that pool), the growth of reserved memory, and the
   replay's own peak over its start.
 
@@ -62,7 +63,7 @@ def graphs(model, cfg: dict, rows: list[int], res: int, *, shared: bool) -> dict
     runner = CudaGraphRunner(model, batch_buckets=rows, shared_pool=shared)
     out: dict = {}
     reserved0 = torch.cuda.memory_reserved()
-    for r in rows:
+    for r in sorted(rows, reverse=True):  # the order the engine captures in (CudaGraphRunner.capture)
         runner.capture((res // 8, res // 8), TEXT_TOKENS, buckets=[r])
         key = (r, res // 8, res // 8, TEXT_TOKENS)
         mem = runner.memory[key]
@@ -97,10 +98,14 @@ def run_model(name: str, rows: list[int], res: int) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     rec["fp8_eager_peak_over_start_gib"] = {f"rows{r}": eager_peak(model, inputs(cfg, r, res)) for r in rows}
-    for label, shared, text_stream in (("fp8_graphs_shared_pool", True, True),
-                                       ("fp8_graphs_pool_per_bucket", False, True),
-                                       ("fp8_graphs_shared_pool_one_stream", True, False)):
-        set_runtime_options(model, Fp8Options(text_stream=text_stream))
+    set_runtime_options(model, Fp8Options(ff_chunk_rows=0))
+    rec["fp8_eager_no_ff_chunks_peak_over_start_gib"] = {f"rows{r}": eager_peak(model, inputs(cfg, r, res))
+                                                         for r in rows}
+    for label, shared, opts in (("fp8_graphs_shared_pool", True, Fp8Options()),
+                                ("fp8_graphs_shared_pool_no_ff_chunks", True, Fp8Options(ff_chunk_rows=0)),
+                                ("fp8_graphs_pool_per_bucket", False, Fp8Options()),
+                                ("fp8_graphs_shared_pool_one_stream", True, Fp8Options(text_stream=False))):
+        set_runtime_options(model, opts)
         try:
             rec[label] = graphs(model, cfg, rows, res, shared=shared)
         except Exception as exc:  # one failing configuration must not lose the others
@@ -130,15 +135,19 @@ def main() -> int:
         out["models"].append(run_model(name, rows, a.res))
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    print("\nmodel   rows  bf16 eager  fp8 eager  graph pool (shared, cumulative)  pool per bucket  one stream")
+    cols = ("fp8_graphs_shared_pool", "fp8_graphs_shared_pool_no_ff_chunks", "fp8_graphs_pool_per_bucket",
+            "fp8_graphs_shared_pool_one_stream")
+    print("\nGiB; graph columns: pool bytes after the bucket's capture, largest bucket first (a shared pool: "
+          "every graph so far)")
+    print("model   rows  bf16 eager  fp8 eager  (no chunks)  shared pool  (no chunks)  pool per bucket  one stream")
     for m in out["models"]:
         for r in rows:
             k = f"rows{r}"
-            sh, pr, one = (m.get(x, {}).get(k, {}) for x in ("fp8_graphs_shared_pool", "fp8_graphs_pool_per_bucket",
-                                                            "fp8_graphs_shared_pool_one_stream"))
+            g = [m.get(c, {}).get(k, {}).get("pool_gib", "-") for c in cols]
             print(f"{m['model']:7} {r:4}  {m['bf16_eager_peak_over_start_gib'][k]:10}  "
-                  f"{m['fp8_eager_peak_over_start_gib'][k]:9}  {sh.get('pool_gib', '-')!s:>31}  "
-                  f"{pr.get('pool_gib', '-')!s:>15}  {one.get('pool_gib', '-')!s:>10}")
+                  f"{m['fp8_eager_peak_over_start_gib'][k]:9}  "
+                  f"{m['fp8_eager_no_ff_chunks_peak_over_start_gib'][k]:11}  {g[0]!s:>11}  {g[1]!s:>11}  "
+                  f"{g[2]!s:>15}  {g[3]!s:>10}")
     return 0
 
 

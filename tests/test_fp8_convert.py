@@ -205,7 +205,35 @@ def test_fp8_linears_off_keeps_blocks(tiny, x, ref):
     assert rel(run(m, x), ref) < 1e-3
 
 
+@cpu_fp8_linear
+def test_feed_forward_in_row_chunks_is_the_same_maths(tiny, x, monkeypatch):
+    # 100-row chunks of the tiny model's image stream: the chunked path, with a ragged last chunk
+    m = apply_fp8(copy.deepcopy(tiny), Fp8Options(ff_chunk_rows=0))
+    whole = run(m, x)
+    calls = []
+    real = Fp8Linear.forward
+
+    def spy(self, inp, out=None):
+        calls.append(out is not None)
+        return real(self, inp, out=out)
+
+    monkeypatch.setattr(Fp8Linear, "forward", spy)
+    set_runtime_options(m, Fp8Options(ff_chunk_rows=100))
+    chunked = run(m, x)
+    # image FF down projections write into the shared output, a ragged last chunk included
+    b, _, h, w = x["hidden_states"].shape
+    rows = b * (h // m.config.patch_size) * (w // m.config.patch_size)
+    assert rows % 100 and calls.count(True) == -(-rows // 100) * len(m.transformer_blocks)
+    assert rel(chunked, whole) < 1e-3
+    set_runtime_options(m, Fp8Options(ff_chunk_rows=100, fused_quant=False))  # chunks only with the fused path
+    calls.clear()
+    run(m, x)
+    assert not any(calls)
+
+
 def test_options_validation():
+    with pytest.raises(ConfigError, match="ff_chunk_rows"):
+        Fp8Options(ff_chunk_rows=-1)
     with pytest.raises(ConfigError, match="unknown layer type"):
         Fp8Options(bf16_layers={"attn_qkvv"})
     with pytest.raises(ConfigError, match="unknown option"):

@@ -302,6 +302,9 @@ class DiffusersEngine(Engine):
                 "precision_reason": self.precision_reason, **self.compile_counters()}
 
     def close(self) -> None:
+        if self._graphs is not None:  # the runner and the transformer refer to each other: free both now
+            self._graphs.release()
+            self._graphs = None
         self.pipe = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()

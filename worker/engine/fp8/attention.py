@@ -37,14 +37,22 @@ Measured on one H100 (torch 2.11, Triton 3.6): 1.08-1.16x cuDNN BF16 SDPA end to
 
 Import works without CUDA and without Triton; calling :func:`fp8_attention` there raises
 RuntimeError. :func:`fp8_attention_reference` is pure torch and runs on the CPU.
+
+TMA descriptors are only made on a GPU that has TMA (compute capability >= 9.0,
+:func:`worker.engine.precision.tma_supported`); elsewhere the same kernel loads K/V through pointers. The
+engine uses this kernel only where :func:`worker.engine.precision.fp8_path` allows it (not on Ada, 8.9: see
+docs/PERFORMANCE.md, "FP8 engine on Ada").
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import torch
+
+from worker.engine.precision import tma_supported
 
 try:  # Triton is optional at import time (CPU CI has none).
     import triton
@@ -175,6 +183,21 @@ def fp8_attention_reference(
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
+
+TensorDescriptor = None  # host-side TMA descriptors, when Triton has them (below)
+
+
+@functools.cache
+def _device_has_tma(index: int) -> bool:
+    return tma_supported(tuple(torch.cuda.get_device_capability(index)))
+
+
+def _use_tma(opts: dict, device: torch.device) -> bool:
+    """TMA descriptor loads: asked for (``tma``), in this Triton, and on a GPU that has TMA (compute capability
+    >= 9.0; Ada's 8.9 has none, so there the kernel loads K/V tiles through plain pointers)."""
+    return bool(opts["tma"]) and TensorDescriptor is not None and _device_has_tma(
+        device.index if device.index is not None else torch.cuda.current_device())
+
 
 if triton is not None:
     try:  # host-side TMA descriptors (Triton >= 3.3 on Hopper)
@@ -605,7 +628,7 @@ DEFAULT_OPTIONS = {
     # "vbatch": K per tile, V per batch element (what an E4M3 output for the next GEMM needs)
     "scales": os.environ.get("SDFLEET_FP8_ATTN_SCALES", "ktile"),
     "ftz": _env_flag("SDFLEET_FP8_ATTN_FTZ", True),  # ex2.approx.ftz (one MUFU op)
-    "tma": _env_flag("SDFLEET_FP8_ATTN_TMA", True),  # K/V tiles through TMA descriptors
+    "tma": _env_flag("SDFLEET_FP8_ATTN_TMA", True),  # K/V tiles through TMA descriptors (only where the GPU has TMA)
     "i2f_magic": _env_flag("SDFLEET_FP8_ATTN_I2F_MAGIC", True),  # int8 QK: int->float by bit trick
 }
 
@@ -759,7 +782,7 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
         raise ValueError("a quantized q needs its scales in kv['q_scale'] (prep_joint) and the dtype of qk")
     v = kv["v"] if kv["v"] is not None else q  # bf16 V is read only with pv="bf16"
     s_pad = kv["s_pad"]
-    use_tma = bool(opts["tma"]) and TensorDescriptor is not None
+    use_tma = _use_tma(opts, q.device)
     desc_k = desc_v = None
     if use_tma:
         # block shapes are set per autotune config by the pre-hook

@@ -155,10 +155,29 @@ class FeedForward(torch.nn.Module):
         self.down = make_linear(ff.net[2], options.fp8(f"{prefix}_down"), options, quantize=quantize)
 
     def forward(self, x):
+        fused = isinstance(self.down, Fp8Linear) and self.options.fused_quant
+        chunk = self.options.ff_chunk_rows
+        rows = x.data.shape[0] if isinstance(x, QTensor) else x.numel() // x.shape[-1]
+        if fused and chunk and rows > chunk:
+            return self._chunked(x, rows, chunk)
         h = self.up(x)
-        if isinstance(self.down, Fp8Linear) and self.options.fused_quant:
+        if fused:
             return self.down(quantize_rows(h, gelu=True, use_triton=True))
         return self.down(gelu_tanh_torch(h))
+
+    def _chunked(self, x, rows: int, chunk: int) -> torch.Tensor:
+        """The feed-forward a block of rows at a time, into one output: its 4x-wide hidden activation (bf16,
+        then E4M3) is the largest tensor of a step, and a CUDA graph's pool keeps the largest working set."""
+        shape = x.shape
+        if not isinstance(x, QTensor):
+            x = x.reshape(rows, shape[-1])
+        y = torch.empty((rows, self.down.out_features), device=x.data.device if isinstance(x, QTensor) else x.device,
+                        dtype=self.down.out_dtype)
+        for i in range(0, rows, chunk):
+            j = min(i + chunk, rows)
+            part = QTensor(x.data[i:j], x.scale[i:j], (j - i, shape[-1])) if isinstance(x, QTensor) else x[i:j]
+            self.down(quantize_rows(self.up(part), gelu=True, use_triton=True), out=y[i:j])
+        return y.reshape(*shape[:-1], self.down.out_features)
 
 
 class PendingResidual:

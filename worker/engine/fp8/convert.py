@@ -104,7 +104,7 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
 
 def set_runtime_options(transformer, options: Fp8Options) -> None:
     """Change the switches that need no re-quantization (fused_quant, fp8_attention, fused_attention_io,
-    fast_accum, text_stream)."""
+    fast_accum, text_stream, ff_chunk_rows)."""
     old = getattr(transformer, MARKER, None)
     if old is None:
         raise EngineError("transformer is not converted; call apply_fp8 first")

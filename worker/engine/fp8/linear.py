@@ -60,7 +60,8 @@ class Fp8Linear(torch.nn.Module):
             m.bias = torch.cat([x.bias for x in mods])
         return m
 
-    def forward(self, x: torch.Tensor | QTensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: a contiguous (rows, out_features) tensor of ``out_dtype`` to write into (returned as is)."""
         if not isinstance(x, QTensor):
             x = quantize_rows(x, use_triton=self.use_triton)
         # (fast accumulation only, as the Triton FP8 dot does on Hopper; fast_accum off stays on cuBLASLt)
@@ -68,11 +69,14 @@ class Fp8Linear(torch.nn.Module):
             from . import kernels
 
             y = kernels.gemv(x, self.weight, self.weight_scale, self.bias, self.out_dtype)
+            if out is not None:
+                return out.copy_(y.reshape(out.shape))
             return y.reshape(*x.shape[:-1], self.out_features)
         w_scale = self.weight_scale.reshape(1, -1)
+        kw = {"out": out} if out is not None else {}
         y = torch._scaled_mm(x.data, self.weight.t(), scale_a=x.scale, scale_b=w_scale, bias=self.bias,
-                             out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)
-        return y.reshape(*x.shape[:-1], self.out_features)
+                             out_dtype=self.out_dtype, use_fast_accum=self.fast_accum, **kw)
+        return y if out is not None else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -47,6 +47,10 @@ class Fp8Options:
         the attention, output projection and feed-forward) on a second CUDA stream beside the image
         stream's (``blocks.TextStream``).
     bf16_layers: layer types (``LAYER_TYPES``) that stay BF16.
+    ff_chunk_rows: with fused_quant, the image stream's feed-forward runs this many rows (tokens) at a time
+        when it has more: its hidden activation, 4x the model width in bf16 and again in E4M3, is the largest
+        tensor of the step, and a CUDA graph keeps its step's largest working set for good. Measured
+        (docs/PERFORMANCE.md, "Memory"); 0 turns it off.
     max_image_side: the largest image side (pixels) the converted model must serve; the sin-cos position
         table (SD3's ``pos_embed``, a BF16 buffer of up to 384 x 384 positions) is cut to its centre part
         that such images use, exactly what the uncut table would give them. 0 keeps the whole table.
@@ -61,6 +65,7 @@ class Fp8Options:
     cuda_graphs: bool = True
     fast_accum: bool = True
     text_stream: bool = True
+    ff_chunk_rows: int = 4096
     bf16_layers: frozenset[str] = field(default=DEFAULT_BF16_LAYERS)
     max_image_side: int = MAX_SIDE
 
@@ -69,6 +74,9 @@ class Fp8Options:
         if not isinstance(self.max_image_side, int) or self.max_image_side < 0:
             raise ConfigError(f"Fp8Options.max_image_side: {self.max_image_side!r}; use a pixel count such as "
                               f"{MAX_SIDE}, or 0 to keep the whole position table")
+        if isinstance(self.ff_chunk_rows, bool) or not isinstance(self.ff_chunk_rows, int) or self.ff_chunk_rows < 0:
+            raise ConfigError(f"Fp8Options.ff_chunk_rows: {self.ff_chunk_rows!r}; use a row count such as 4096, "
+                              "or 0 to run the feed-forward whole")
         unknown = sorted(self.bf16_layers - set(LAYER_TYPES))
         if unknown:
             raise ConfigError(f"Fp8Options.bf16_layers: unknown layer type(s) {unknown}; "

@@ -3,7 +3,9 @@
 The FP8 kernel lives in ``worker.engine.fp8.attention`` (``fp8_attention(q, k, v)``, (B, H, S, D) bf16
 CUDA tensors). It is imported lazily; when it is absent, or raises for a shape or device, this module
 logs once and uses ``torch.nn.functional.scaled_dot_product_attention`` from then on for that reason, so
-a CUDA graph is never captured around a failing call (the first eager call decides).
+a CUDA graph is never captured around a failing call (the first eager call decides). On a GPU where
+:func:`worker.engine.precision.fp8_path` rules the kernel out (e.g. Ada, 8.9: tuned for Hopper, never run
+there) SDPA is used from the start, whatever ``fp8_attention`` says, and the reason is logged once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _KERNEL_ERRORS = (NotImplementedError, RuntimeError, ValueError, AssertionError,
 _fp8_fn = None
 _fp8_error: str | None = None
 _io_error: str | None = None
+_device_error: dict[int, str] = {}  # device index -> why its compute capability rules the FP8 kernel out
 
 
 def _give_up(exc: Exception, message: str) -> str:
@@ -51,8 +54,25 @@ def _load_fp8():
     return _fp8_fn
 
 
+def fp8_attention_allowed(device: torch.device) -> bool:
+    """Whether this GPU's compute capability allows the FP8 attention kernel (:func:`fp8_path`); the first
+    refusal per device is logged with its reason."""
+    from worker.engine.precision import device_fp8_path
+
+    name, path = device_fp8_path(device)
+    if path.fp8_attention:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_error:
+        _device_error[index] = f"FP8 attention kernel not used on {name}: {path.reason}"
+        log.warning(_device_error[index])
+    return False
+
+
 def fp8_attention_status() -> str:
     """'available', 'not loaded yet' or the reason SDPA is used instead (for logs and the bench)."""
+    if _device_error:
+        return "; ".join(_device_error.values())
     if _fp8_error:
         return _fp8_error
     if _io_error:
@@ -76,7 +96,7 @@ def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Ten
     then ready on the text stream only.
     """
     global _io_error
-    if _io_error is not None or not img.is_cuda or _load_fp8() is None:
+    if _io_error is not None or not img.is_cuda or not fp8_attention_allowed(img.device) or _load_fp8() is None:
         return None
     from .attention import fp8_attention_quantized, prep_joint
 
@@ -100,7 +120,7 @@ def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Ten
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fp8: bool) -> torch.Tensor:
     """Non-causal attention over (B, H, S, D) tensors: FP8 kernel when ``fp8`` and usable, else SDPA."""
     global _fp8_error
-    if fp8 and q.is_cuda and q.dtype == torch.bfloat16:
+    if fp8 and q.is_cuda and q.dtype == torch.bfloat16 and fp8_attention_allowed(q.device):
         fn = _load_fp8()
         if fn is not None:
             try:

@@ -1,0 +1,545 @@
+"""FP8 flash-attention forward for Hopper written in Gluon (prototype for issue 14), head_dim 64, non-causal.
+
+Why Gluon: Triton 3.6 (``attention.py``) puts a wgmma wait right after every wgmma of the loop, so a warpgroup's
+softmax never runs beside its own tensor-core work. Gluon (``triton.experimental.gluon``, Triton 3.6) exposes the
+pieces of an FA3-style kernel directly: async ``warpgroup_mma`` + ``warpgroup_mma_wait(num_outstanding)``, TMA,
+mbarriers and ``gl.warp_specialize`` (with per-partition register budgets, i.e. ``setmaxnreg``).
+
+Variants (``VARIANTS``):
+
+* ``ws`` (default): one CTA = ``NC`` consumer warpgroups (64 query rows each, NC=3: 192 rows) + one producer warp.
+  The producer TMA-loads the consumers' Q tiles and streams K/V tiles through a ``STAGES``-deep shared-memory ring
+  (``k_ready`` / ``v_ready`` mbarriers with TMA transaction counts; ``kv_empty`` released once per consumer).
+  Each consumer runs the FA3 intra-warpgroup overlap::
+
+      issue S_j = Q K_j^T                        (async wgmma)
+      O *= alpha_{j-1}                           (overlaps S_j's wgmma)
+      issue O += P_{j-1} V_{j-1}                 (async wgmma, P from registers)
+      wait(1) -> S_j ready;  softmax(S_j) -> P_j (overlaps the PV wgmma)
+      wait(0) -> O ready;    release stage j-1
+
+  The consumer warpgroups are separate partitions (the default partition is consumer 0), so the hardware
+  schedulers interleave their softmaxes and GEMMs freely (no explicit ping-pong named barriers: Gluon 3.6 has no
+  named-barrier builtin; see the report in the docstring of :func:`compile_offline`).
+* ``pipe``: no warp specialization: one warpgroup of 4 warps per CTA (64 rows), the same overlapped loop, the
+  consumer issues its own TMA prefetches (``STAGES - 1`` tiles ahead); several CTAs per SM.
+
+Numerics (the same scheme as ``attention.py``'s defaults, simpler scales):
+
+* Q: one scale per token (row amax / 448 for E4M3, / 127 for INT8), folded with K's scale, the softmax scale and
+  log2(e) into one per-row multiplier ``qk_mult`` (one FFMA per score).
+* K: one scale per (batch, head); V one scale per (batch, head), applied in the epilogue. K is stored (token, dim)
+  and V transposed (dim, token), both padded with zeros to a multiple of 128 tokens: both wgmma B operands are
+  K-major, as FP8 wgmma needs.
+* ``qk="fp8"`` (default): E4M3 Q/K; ``qk="int8"``: symmetric INT8 Q/K on the s8 tensor cores, int32 -> fp32 by the
+  0x4B400000 bit trick (no I2F).
+* P = exp2(s - m + 8) in E4M3 (range [0, 256]); exp2 is ``ex2.approx.ftz.f32``; row sums in fp32.
+* The ragged tail tile (4429 = 34 * 128 + 77) is masked with -inf; query rows past S are computed on whatever the
+  TMA box holds (zeros past the end of the tensor) and not stored.
+
+Quantization (:func:`prepare`) is plain torch ops (not fused; outside the kernel-alone timing).
+
+Import works without CUDA and without Triton/Gluon; calling :func:`gluon_attention` there raises RuntimeError.
+``python -m worker.engine.fp8.attention_gluon --offline DIR`` compiles every variant for sm_90a on a machine
+without a GPU (Triton's bundled ptxas) and writes ttgir/ptx/sass plus a summary (wgmma / wait / setmaxnreg counts,
+registers, spills).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton / Gluon are optional at import time (CPU CI has none).
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    _GLUON_IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - depends on the machine
+    triton = gluon = gl = None
+    TensorDescriptor = None
+    _GLUON_IMPORT_ERROR = exc
+
+__all__ = ["gluon_attention", "gluon_attention_quantized", "prepare", "is_supported", "VARIANTS", "compile_offline"]
+
+HEAD_DIM = 64
+BLOCK_M = 64  # query rows per consumer warpgroup
+BLOCK_N = 128  # keys per K/V tile (and padding unit)
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+LOG2E = 1.4426950408889634
+_TINY = 1e-30
+
+# name -> launch parameters. nc: consumer warpgroups per CTA (ws) ; regs: per-partition register budgets
+# [consumer workers..., producer]; maxnreg: the kernel's launch register count (sets the CTA's register pool).
+VARIANTS = {
+    "ws3": dict(kind="ws", nc=3, stages=4, maxnreg=128, regs=[160, 160, 24], qk="fp8"),
+    "ws2": dict(kind="ws", nc=2, stages=4, maxnreg=168, regs=[232, 24], qk="fp8"),
+    "pipe": dict(kind="pipe", nc=1, stages=3, maxnreg=168, regs=None, qk="fp8"),
+    "ws3_i8": dict(kind="ws", nc=3, stages=4, maxnreg=128, regs=[160, 160, 24], qk="int8"),
+}
+DEFAULT_VARIANT = "ws3"
+
+
+if gluon is not None:
+
+    # kernel-visible copies of the module constants
+    _BM = gl.constexpr(BLOCK_M)
+    _BN = gl.constexpr(BLOCK_N)
+    _HD = gl.constexpr(HEAD_DIM)
+    PACK_ASM = gl.constexpr(True)
+
+    @gluon.jit
+    def _exp2_ftz(x):
+        # one MUFU.EX2, no denormal fix-up (arguments <= 8)
+        return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _softmax_tile(s, a_row, m_i, l_i, n0, S, s_layout: gl.constexpr, QK_INT8: gl.constexpr,
+                      MASK: gl.constexpr):
+        # s: raw scores of one (_BM, _BN) tile in the wgmma accumulator layout (fp32, or int32 with
+        # QK_INT8). a_row: per-row multiplier (q scale * k scale * softmax scale * log2 e). Running max m_i is in
+        # scaled log2 units. Returns P = exp2(s * a - m + 8) (fp32), the new max, row sum and rescale factor.
+        if QK_INT8:
+            # bits(2^23 + 2^22 + x) for |x| < 2^22 (64 * 127 * 127 < 2^20): fp32 value 12582912 + x, no I2F
+            sf = (s + 0x4B400000).to(gl.float32, bitcast=True)
+            off = 12582912.0
+        else:
+            sf = s
+            off = 0.0
+        if MASK:
+            cols = n0 + gl.arange(0, _BN, layout=gl.SliceLayout(0, s_layout))
+            sf = gl.where(gl.expand_dims(cols < S, 0), sf, float("-inf"))
+        m_new = gl.maximum(m_i, (gl.max(sf, axis=1) - off) * a_row)
+        c = 8.0 - m_new - off * a_row
+        p = _exp2_ftz(sf * gl.expand_dims(a_row, 1) + gl.expand_dims(c, 1))
+        alpha = _exp2_ftz(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _p_operand(p, p_layout: gl.constexpr):
+        # P (fp32, wgmma accumulator layout) -> E4M3 A operand of the PV wgmma with no data movement between
+        # threads. In each 32-column chunk a thread of the accumulator holds columns 8g + 2t + e (g < 4 its column
+        # group, t = lane % 4, e < 2); the FP8 A operand wants k = 4t + 2g' + e (+16 for g >= 2, g = 2h + g'). So
+        # P's columns are reinterpreted in the order k -> col(k) (swap the g' and t axes), which costs nothing, and
+        # V's tokens are stored in the same order (:func:`_v_token_order`), so P'V' = PV.
+        # The E4M3 conversion packs the A operand's 4 consecutive k of a thread into one 32-bit register with two
+        # cvt.rn.satfinite.e4m3x2.f32 and a mov (inline PTX: p.to(float8e4nv) costs byte extracts and re-packs).
+        BM: gl.constexpr = p.shape[0]
+        NCH: gl.constexpr = p.shape[1] // 32
+        pr = gl.reshape(p, [BM, NCH, 2, 2, 4, 2])  # row, chunk, h, g', t, e
+        pr = gl.permute(pr, [0, 1, 2, 4, 3, 5])  # row, chunk, h, t, g', e
+        pr = gl.reshape(pr, [BM, p.shape[1]])
+        pr = gl.convert_layout(pr, p_layout, assert_trivial=True)
+        if PACK_ASM:
+            return gl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi;\n"
+                "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+                "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
+                "mov.b32 $0, {lo, hi}; }",
+                "=r,r,r,r,r", [pr], dtype=gl.float8e4nv, is_pure=True, pack=4)
+        else:
+            return pr.to(gl.float8e4nv)
+
+    @gluon.jit
+    def _kv_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, j, st, pred):
+        mbarrier.expect(k_ready.index(st), _BN * _HD, pred=pred)
+        tma.async_copy_global_to_shared(desc_k, [bh * S_PAD + j * _BN, 0], k_ready.index(st), k_smem.index(st),
+                                        pred=pred)
+        mbarrier.expect(v_ready.index(st), _BN * _HD, pred=pred)
+        tma.async_copy_global_to_shared(desc_v, [bh * _HD, j * _BN], v_ready.index(st), v_smem.index(st),
+                                        pred=pred)
+
+    @gluon.jit
+    def _attn_step(j, p_prev, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, kv_empty,
+                   desc_k, desc_v, bh, S, S_PAD, n_tiles,
+                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                   STAGES: gl.constexpr, QK_INT8: gl.constexpr, SELF_LOAD: gl.constexpr, MASK: gl.constexpr):
+        # In: p_prev = P_{j-1} (fp32, accumulator layout), acc = O_{j-2} in the scale of m_{j-2},
+        # alpha = exp2(m_{j-2} - m_{j-1}). FA3's intra-warpgroup overlap:
+        #   P_{j-1} -> E4M3 A operand (same basic block as its wgmma: a loop-carried E4M3 tensor costs byte
+        #   unpack/repack in SASS); issue S_j = Q K_j^T into P_{j-1}'s registers; O *= alpha (overlaps S_j);
+        #   issue O += P_{j-1} V_{j-1}; wait(1): S_j ready; softmax(S_j) (overlaps the PV wgmma); wait(0).
+        # (Rotating the loop so S_j is in flight across the back edge makes ptxas serialize all wgmmas: C7514.)
+        st = j % STAGES
+        pst = (j - 1) % STAGES
+        p_op = _p_operand(p_prev, p_layout)
+        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        if QK_INT8:
+            s_init = p_prev.to(gl.int32, bitcast=True)
+        else:
+            s_init = p_prev
+        s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(pst).permute((1, 0)), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, j * _BN, S, s_layout, QK_INT8, MASK)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        if SELF_LOAD:
+            # stage pst is free (K_{j-1} and V_{j-1} read): prefetch tile j - 1 + STAGES into it
+            nxt = j - 1 + STAGES
+            _kv_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, nxt, pst, nxt < n_tiles)
+        else:
+            mbarrier.arrive(kv_empty.index(pst), count=1)
+        return p, acc, m_i, l_i, alpha
+
+    @gluon.jit
+    def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v, Qm, Vs, O,
+                  bh, m0, S, S_PAD, n_tiles,
+                  WG: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, SELF_LOAD: gl.constexpr):
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, _BN, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, _HD, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        if QK_INT8:
+            s_dtype: gl.constexpr = gl.int32
+        else:
+            s_dtype: gl.constexpr = gl.float32
+
+        row0 = m0 + WG * _BM
+        bh64 = bh.to(gl.int64)
+        if SELF_LOAD:
+            mbarrier.expect(q_bar.index(WG), _BM * _HD)
+            tma.async_copy_global_to_shared(desc_q, [bh * S + row0, 0], q_bar.index(WG), q_smem.index(WG))
+            for i in gl.static_range(STAGES - 1):
+                _kv_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, i, i, i < n_tiles)
+        rows = row0 + gl.arange(0, _BM, layout=row_s)
+        a_row = gl.load(Qm + bh64 * S + rows, mask=rows < S, other=1.0)
+        q = q_smem.index(WG)
+        mbarrier.wait(q_bar.index(WG), 0)
+
+        # tile 0 (S > _BN is required, so tile 0 is full and there are >= 2 tiles)
+        m_i = gl.full([_BM], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([_BM], gl.float32, layout=row_s)
+        acc = gl.zeros([_BM, _HD], gl.float32, layout=o_layout)
+        s = gl.zeros([_BM, _BN], s_dtype, layout=s_layout)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, 0, S, s_layout, QK_INT8, False)
+
+        for j in range(1, n_tiles - 1):
+            p, acc, m_i, l_i, alpha = _attn_step(
+                j, p, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, kv_empty,
+                desc_k, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8, SELF_LOAD,
+                False)
+        # last tile: ragged (masked)
+        p, acc, m_i, l_i, alpha = _attn_step(
+            n_tiles - 1, p, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, kv_empty,
+            desc_k, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8, SELF_LOAD, True)
+
+        # P_{n-1} V_{n-1}
+        jl = n_tiles - 1
+        p_op = _p_operand(p, p_layout)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        mbarrier.wait(v_ready.index(jl % STAGES), (jl // STAGES) & 1)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(jl % STAGES).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        if not SELF_LOAD:
+            mbarrier.arrive(kv_empty.index(jl % STAGES), count=1)
+
+        v_scale = gl.load(Vs + bh)
+        out = acc * gl.expand_dims(gl.convert_layout(v_scale / l_i, row_o), 1)
+        orow = row0 + gl.arange(0, _BM, layout=row_o)
+        ocol = gl.arange(0, _HD, layout=gl.SliceLayout(0, o_layout))
+        optr = O + (bh64 * S + gl.expand_dims(orow, 1)) * _HD + gl.expand_dims(ocol, 0)
+        gl.store(optr, out.to(gl.bfloat16), mask=gl.expand_dims(orow < S, 1))
+
+    @gluon.jit
+    def _producer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                  bh, m0, S, S_PAD, n_tiles, NC: gl.constexpr, STAGES: gl.constexpr):
+        for c in gl.static_range(NC):
+            mbarrier.expect(q_bar.index(c), _BM * _HD)
+            tma.async_copy_global_to_shared(desc_q, [bh * S + m0 + c * _BM, 0], q_bar.index(c), q_smem.index(c))
+        for j in range(n_tiles):
+            st = j % STAGES
+            mbarrier.wait(kv_empty.index(st), ((j // STAGES) & 1) ^ 1)
+            _kv_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, j, st, True)
+
+    @gluon.jit
+    def _attn_fwd_gluon(desc_q, desc_k, desc_v, Qm, Vs, O, S, S_PAD,
+                        NC: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, WS: gl.constexpr,
+                        REGS: gl.constexpr):
+        # grid (cdiv(S, NC * _BM), B * H). Qm: (B*H, S) fp32 row multipliers; Vs: (B*H,) V scales;
+        # O: (B, H, S, 64) bf16 contiguous.
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        m0 = pid_m * (NC * _BM)
+        n_tiles = gl.cdiv(S, _BN)
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [NC, _BM, _HD], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, _BN, _HD], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, _HD, _BN], desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for c in gl.static_range(NC):
+            mbarrier.init(q_bar.index(c), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=NC)
+        fence_async_shared()
+        if WS:
+            if NC == 3:
+                gl.warp_specialize([
+                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False)),
+                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False)),
+                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 2, STAGES, QK_INT8, False)),
+                    (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                                 bh, m0, S, S_PAD, n_tiles, NC, STAGES)),
+                ], [4, 4, 1], REGS)
+            else:
+                gl.warp_specialize([
+                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False)),
+                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False)),
+                    (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                                 bh, m0, S, S_PAD, n_tiles, NC, STAGES)),
+                ], [4, 1], REGS)
+        else:
+            _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                      Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, True)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+def is_supported(device=None) -> tuple[bool, str]:
+    if gluon is None:
+        return False, f"Triton Gluon is not importable ({_GLUON_IMPORT_ERROR!r})"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    cc = torch.cuda.get_device_capability(device)
+    if cc[0] != 9:
+        return False, f"the Gluon kernel uses Hopper wgmma (sm_90a); device has {cc[0]}.{cc[1]}"
+    return True, "ok"
+
+
+def _round_half_away(y: torch.Tensor) -> torch.Tensor:
+    return torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5))
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, qk: str = "fp8") -> dict:
+    """Quantize bf16 (B, H, S, 64) q/k/v for the kernel (torch ops). Returns the kernel's inputs.
+
+    Q: per-token scale; K, V: per-(batch, head) scale; K padded (B*H, S_pad, 64), V transposed (B*H, 64, S_pad).
+    """
+    if qk not in ("fp8", "int8"):
+        raise ValueError(f"qk must be 'fp8' or 'int8', got {qk!r}")
+    B, H, S, D = q.shape
+    if D != HEAD_DIM:
+        raise RuntimeError(f"gluon_attention: head_dim must be {HEAD_DIM}, got {D}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise RuntimeError("gluon_attention: q, k, v must have one shape")
+    if S <= BLOCK_N:
+        raise RuntimeError(f"gluon_attention: needs more than {BLOCK_N} tokens, got {S}")
+    sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
+    BH = B * H
+    s_pad = triton.cdiv(S, BLOCK_N) * BLOCK_N if triton is not None else -(-S // BLOCK_N) * BLOCK_N
+    dev = q.device
+    top = INT8_MAX if qk == "int8" else FP8_MAX
+    qdt = torch.int8 if qk == "int8" else torch.float8_e4m3fn
+
+    def codes(x, s):
+        y = (x / s).clamp(-top, top)
+        return _round_half_away(y).to(torch.int8) if qk == "int8" else y.to(torch.float8_e4m3fn)
+
+    qf = q.reshape(BH, S, D).float()
+    q_s = qf.abs().amax(-1, keepdim=True).clamp_min(_TINY) / top  # (BH, S, 1)
+    q8 = codes(qf, q_s).contiguous()
+    kf = k.reshape(BH, S, D).float()
+    k_s = kf.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / top  # (BH, 1, 1)
+    k8 = torch.zeros((BH, s_pad, D), device=dev, dtype=qdt)
+    k8[:, :S] = codes(kf, k_s)
+    vf = v.reshape(BH, S, D).float()
+    v_s = vf.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / FP8_MAX
+    v8 = torch.zeros((BH, D, s_pad), device=dev, dtype=torch.float8_e4m3fn)
+    v8[:, :, :S] = (vf / v_s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).transpose(1, 2)
+    qm = (q_s[..., 0] * k_s[..., 0] * (sm_scale * LOG2E)).float().contiguous()  # (BH, S)
+    return {"q8": q8, "k8": k8, "v8": v8, "qm": qm, "vs": v_s.reshape(BH).float().contiguous(),
+            "shape": (B, H, S, D), "s_pad": s_pad, "qk": qk}
+
+
+def _descs(prep: dict, nc: int):
+    B, H, S, D = prep["shape"]
+    BH = B * H
+    s_pad = prep["s_pad"]
+    gdt = gl.int8 if prep["qk"] == "int8" else gl.float8e4nv
+    key = ("descs", nc)
+    if key not in prep:  # cached per prep (one set per CUDA graph capture)
+        lq = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gdt)
+        lk = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gdt)
+        lv = gl.NVMMASharedLayout.get_default_for([D, BLOCK_N], gl.float8e4nv)
+        prep[key] = (
+            TensorDescriptor.from_tensor(prep["q8"].view(BH * S, D), [BLOCK_M, D], lq),
+            TensorDescriptor.from_tensor(prep["k8"].view(BH * s_pad, D), [BLOCK_N, D], lk),
+            TensorDescriptor.from_tensor(prep["v8"].view(BH * D, s_pad), [D, BLOCK_N], lv),
+        )
+    return prep[key]
+
+
+def gluon_attention_quantized(prep: dict, variant: str = DEFAULT_VARIANT, out: torch.Tensor | None = None):
+    """The attention kernel alone on :func:`prepare`'s output; returns bf16 (B, H, S, 64) (contiguous)."""
+    cfg = VARIANTS[variant]
+    if cfg["qk"] != prep["qk"]:
+        raise ValueError(f"variant {variant} wants qk={cfg['qk']}, prep has {prep['qk']}")
+    B, H, S, D = prep["shape"]
+    if out is None:
+        out = torch.empty((B, H, S, D), device=prep["q8"].device, dtype=torch.bfloat16)
+    dq, dk, dv = _descs(prep, cfg["nc"])
+    ws = cfg["kind"] == "ws"
+    grid = (triton.cdiv(S, cfg["nc"] * BLOCK_M), B * H)
+    _attn_fwd_gluon[grid](
+        dq, dk, dv, prep["qm"], prep["vs"], out, S, prep["s_pad"],
+        NC=cfg["nc"], STAGES=cfg["stages"], QK_INT8=prep["qk"] == "int8", WS=ws,
+        REGS=tuple(cfg["regs"]) if ws else (0,),
+        num_warps=4, maxnreg=cfg["maxnreg"],
+    )
+    return out
+
+
+def gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+                    variant: str = DEFAULT_VARIANT) -> torch.Tensor:
+    """softmax(q k^T * scale) v with FP8 (or INT8) Q/K and FP8 P/V, Gluon kernel. q/k/v: bf16 CUDA (B, H, S, 64)."""
+    ok, why = is_supported(q.device if q.is_cuda else None)
+    if not ok:
+        raise RuntimeError(f"gluon_attention unsupported: {why}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_cuda or t.dtype != torch.bfloat16 or t.dim() != 4:
+            raise RuntimeError(f"gluon_attention: {name} must be a bf16 CUDA (B, H, S, 64) tensor")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} (one of {sorted(VARIANTS)})")
+    with torch.cuda.device(q.device):
+        prep = prepare(q, k, v, scale, qk=VARIANTS[variant]["qk"])
+        return gluon_attention_quantized(prep, variant)
+
+
+# --------------------------------------------------------------------------------------------
+# Offline compilation (no GPU needed): python -m worker.engine.fp8.attention_gluon --offline DIR
+# --------------------------------------------------------------------------------------------
+
+
+def _desc_sig(dtype_str: str, block, layout) -> str:
+    return f"tensordesc<{dtype_str}[{block[0]}, {block[1]}],{layout!r}>"
+
+
+def compile_offline(variant: str, S: int = 4429, arch: int = 90):
+    """Compile one variant for sm_{arch}a without a GPU; returns triton's CompiledKernel (asm: ttgir, ptx, cubin)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = VARIANTS[variant]
+    i8 = cfg["qk"] == "int8"
+    gdt, sdt = (gl.int8, "i8") if i8 else (gl.float8e4nv, "fp8e4nv")
+    lq = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gdt)
+    lk = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], gdt)
+    lv = gl.NVMMASharedLayout.get_default_for([HEAD_DIM, BLOCK_N], gl.float8e4nv)
+    ws = cfg["kind"] == "ws"
+    sig = {
+        "desc_q": _desc_sig(sdt, [BLOCK_M, HEAD_DIM], lq),
+        "desc_k": _desc_sig(sdt, [BLOCK_N, HEAD_DIM], lk),
+        "desc_v": _desc_sig("fp8e4nv", [HEAD_DIM, BLOCK_N], lv),
+        "Qm": "*fp32", "Vs": "*fp32", "O": "*bf16", "S": "i32", "S_PAD": "i32",
+        "NC": "constexpr", "STAGES": "constexpr", "QK_INT8": "constexpr", "WS": "constexpr", "REGS": "constexpr",
+    }
+    constexprs = {"NC": cfg["nc"], "STAGES": cfg["stages"], "QK_INT8": i8, "WS": ws,
+                  "REGS": tuple(cfg["regs"]) if ws else (0,)}
+    # pointer alignment as the runtime specializes it (16-byte aligned tensors)
+    attrs = {(3,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]],
+             (7,): [["tt.divisibility", 16]]}
+    src = GluonASTSource(fn=_attn_fwd_gluon, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": 4, "maxnreg": cfg["maxnreg"]})
+
+
+def _offline_main(out_dir: str, variants) -> int:
+    import json
+    import os
+    import re
+    import subprocess
+    import traceback
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for name in variants:
+        rec = {}
+        try:
+            ck = compile_offline(name)
+            for ext in ("ttgir", "ptx"):
+                (out / f"{name}.{ext}").write_text(ck.asm[ext])
+            (out / f"{name}.cubin").write_bytes(ck.asm["cubin"])
+            ptx = ck.asm["ptx"]
+            ttgir = ck.asm["ttgir"]
+            rec["ptx_wgmma"] = len(re.findall(r"wgmma\.mma_async", ptx))
+            rec["ptx_wgmma_wait"] = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)
+            rec["ptx_setmaxnreg"] = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
+            rec["ttgir_warp_specialize"] = ttgir.count("ttg.warp_specialize")
+            rec["shared_bytes"] = ck.metadata.shared
+            rec["num_warps"] = ck.metadata.num_warps
+            try:  # ptxas -v of the PTX: registers, spills and any "wgmma serialized" warning
+                arch = "sm_90a"
+                r = subprocess.run([str(bindir / "ptxas"), "-v", f"-arch={arch}", "-o", os.devnull,
+                                    str(out / f"{name}.ptx")], capture_output=True, text=True)
+                rec["ptxas_v"] = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+            except Exception as exc:
+                rec["ptxas_error"] = repr(exc)
+            try:
+                sass = subprocess.run([str(bindir / "cuobjdump"), "-sass", str(out / f"{name}.cubin")],
+                                      capture_output=True, text=True, check=True).stdout
+                (out / f"{name}.sass").write_text(sass)
+                ins = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+                counts = {}
+                for i in ins:
+                    base = i.split(".")[0]
+                    counts[base] = counts.get(base, 0) + 1
+                rec["sass_total"] = len(ins)
+                rec["sass_counts"] = {k: counts[k] for k in sorted(counts, key=lambda k: -counts[k])[:40]}
+                rec["sass_local_mem"] = sum(counts.get(k, 0) for k in ("LDL", "STL"))
+            except Exception as exc:  # cuobjdump missing
+                rec["sass_error"] = repr(exc)
+            rec["status"] = "compiled"
+        except Exception as exc:
+            rec["status"] = "failed"
+            rec["error"] = f"{type(exc).__name__}: {exc}"[:4000]
+            rec["traceback"] = traceback.format_exc()[-6000:]
+        summary[name] = rec
+        print(name, rec.get("status"), {k: v for k, v in rec.items() if k not in ("traceback", "sass_counts")},
+              flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0 if all(r["status"] == "compiled" for r in summary.values()) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--offline", metavar="DIR", required=True, help="compile for sm_90a without a GPU into DIR")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    a = ap.parse_args()
+    raise SystemExit(_offline_main(a.offline, [v for v in a.variants.split(",") if v]))
