@@ -87,17 +87,60 @@ def graphs(model, cfg: dict, rows: list[int], res: int, *, shared: bool) -> dict
     return out
 
 
+def peak_profile(fn, top: int = 12) -> dict:
+    """What is alive at the peak of ``fn()``: the allocator's trace (torch.cuda.memory._record_memory_history,
+    a private API used only by this bench) replayed to its highest point, the live blocks summed by the
+    engine's source line that allocated them."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live: dict[int, tuple[int, str]] = {}
+    total = best = 0
+    best_live: dict[int, tuple[int, str]] = {}
+    for ev in snap["device_traces"][torch.cuda.current_device()]:
+        if ev["action"] == "alloc":
+            frames = [f for f in ev.get("frames", []) if "/worker/engine/" in f["filename"]
+                      or "/diffusers/" in f["filename"]]
+            where = (f"{frames[0]['filename'].split('/')[-1]}:{frames[0]['line']} {frames[0]['name']}"
+                     if frames else "other")
+            live[ev["addr"]] = (ev["size"], where)
+            total += ev["size"]
+            if total > best:
+                best, best_live = total, dict(live)
+        elif ev["action"] in ("free_requested", "free_completed") and ev["addr"] in live:
+            total -= live.pop(ev["addr"])[0]
+    by_site: dict[str, int] = {}
+    for size, where in best_live.values():
+        by_site[where] = by_site.get(where, 0) + size
+    return {"peak_live_gib": gib(best), "live_blocks": len(best_live),
+            "by_site_gib": {k: gib(v) for k, v in sorted(by_site.items(), key=lambda kv: -kv[1])[:top]}}
+
+
 def run_model(name: str, rows: list[int], res: int) -> dict:
     cfg = TRANSFORMER[name]
     torch.cuda.empty_cache()
     bf = build_transformer(name, device="cuda")
     rec: dict = {"model": name, "res": res, "text_tokens": TEXT_TOKENS, "rows": rows}
     rec["bf16_eager_peak_over_start_gib"] = {f"rows{r}": eager_peak(bf, inputs(cfg, r, res)) for r in rows}
+    x2 = inputs(cfg, 2, res)
+    rec["bf16_eager_peak_profile_rows2"] = peak_profile(lambda m=bf: m(**x2))
     model = apply_fp8(bf, Fp8Options())
     del bf
     gc.collect()
     torch.cuda.empty_cache()
     rec["fp8_eager_peak_over_start_gib"] = {f"rows{r}": eager_peak(model, inputs(cfg, r, res)) for r in rows}
+    for r in (2, 8):
+        x = inputs(cfg, r, res)
+        try:
+            rec[f"fp8_eager_peak_profile_rows{r}"] = peak_profile(lambda m=model, x=x: m(**x))
+        except Exception as exc:
+            rec[f"fp8_eager_peak_profile_rows{r}"] = {"error": repr(exc)[:300]}
     set_runtime_options(model, Fp8Options(ff_chunk_rows=0))
     rec["fp8_eager_no_ff_chunks_peak_over_start_gib"] = {f"rows{r}": eager_peak(model, inputs(cfg, r, res))
                                                          for r in rows}
