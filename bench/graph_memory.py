@@ -92,7 +92,7 @@ def peak_profile(fn, top: int = 12) -> dict:
     a private API used only by this bench) replayed to its highest point, the live blocks summed by the
     engine's source line that allocated them."""
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     try:
         with torch.inference_mode():
             fn()
