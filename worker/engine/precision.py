@@ -21,8 +21,10 @@ TMA_MIN_CAPABILITY = (9, 0)
 #: since pytorch#145676), first released in torch 2.7; before that it raised "Rowwise scaling is not
 #: currently supported on your device"
 SM89_ROWWISE_TORCH = (2, 7)
-#: where the FP8 attention kernel's one config (64 x 128 tiles, 4 warps, 3 stages, maxnreg 128, tuned on an
-#: H100) was measured or fits: 227 KB of shared memory per block (9.x, 10.x). 8.9 and 12.x allow 99 KB.
+#: where the FP8 attention kernel runs: its one config (64 x 128 tiles, 4 warps, 3 stages, maxnreg 128) was
+#: tuned on an H100 for wgmma and TMA (9.x; 10.x has both and 227 KB of shared memory per block). 8.9 and
+#: 12.x have neither wgmma nor (8.9) TMA: compiled for sm_89 the kernel turns into mma.sync and spills
+#: registers under maxnreg 128, and it was never run or timed there, so they take SDPA.
 FP8_ATTENTION_MAJORS = (9, 10)
 
 
@@ -93,9 +95,9 @@ def fp8_path(cap: tuple[int, int] | None, *, torch_version: str | None = None, t
     elif linears and not triton:
         reasons.append("FP8 attention kernel off (no Triton): SDPA")
     elif linears:
-        reasons.append(f"FP8 attention kernel off on {cc}: its config is tuned for Hopper's wgmma and 227 KB of "
-                       "shared memory per block (3 stages of 128-token K/V tiles, maxnreg 128) and was never "
-                       f"run on {cc} (99 KB per block, mma.sync): SDPA")
+        reasons.append(f"FP8 attention kernel off on {cc}: its one config (64x128 tiles, 3 stages, maxnreg 128) "
+                       "was tuned for Hopper's wgmma and TMA, spills registers as mma.sync code (compiled for "
+                       f"sm_89) and was never run or timed on {cc}: SDPA")
     tma = attention and cap >= TMA_MIN_CAPABILITY
     if attention:
         reasons.append("TMA on" if tma else f"TMA off (needs compute capability >= 9.0, device has {cc})")

@@ -19,8 +19,17 @@ Variants (``VARIANTS``):
       wait(0) -> O ready;    release stage j-1
 
   The consumer warpgroups are separate partitions (the default partition is consumer 0), so the hardware
-  schedulers interleave their softmaxes and GEMMs freely (no explicit ping-pong named barriers: Gluon 3.6 has no
-  named-barrier builtin; see the report in the docstring of :func:`compile_offline`).
+  schedulers interleave their softmaxes and GEMMs freely. No explicit FA3 ping-pong (named barriers ordering WG0's
+  softmax against WG1's GEMMs): Gluon 3.6 exposes no named-barrier builtin to user code.
+
+  Three things the offline SASS showed were needed for the overlap to survive ptxas:
+  (1) P -> E4M3 A operand without shuffles: P's columns are reinterpreted in the order the FP8 A-operand registers
+  hold them (a register-only layout change, checked with ``assert_trivial``) and V's tokens are stored in that
+  order (:func:`_v_token_order`); packing by inline ``cvt.rn.satfinite.e4m3x2.f32``.
+  (2) P is converted in the same basic block as its wgmma (a loop-carried E4M3 tensor became 64 i8 phis: ~170
+  PRMT/LOP3 per tile). (3) a never-taken branch between the softmax and ``wait_group 0`` (``_bb_fence``): without
+  it ptxas hoists the wait to ~20 instructions after ``wait_group 1``, so the softmax overlapped nothing.
+  Keeping S_{j+1} in flight across the loop back edge instead makes ptxas serialize every wgmma (C7514).
 * ``pipe``: no warp specialization: one warpgroup of 4 warps per CTA (64 rows), the same overlapped loop, the
   consumer issues its own TMA prefetches (``STAGES - 1`` tiles ahead); several CTAs per SM.
 
@@ -70,7 +79,8 @@ except Exception as exc:  # pragma: no cover - depends on the machine
     TensorDescriptor = None
     _GLUON_IMPORT_ERROR = exc
 
-__all__ = ["gluon_attention", "gluon_attention_quantized", "prepare", "is_supported", "VARIANTS", "compile_offline"]
+__all__ = ["gluon_attention", "gluon_attention_quantized", "prepare", "emulate", "is_supported", "VARIANTS",
+           "compile_offline"]
 
 HEAD_DIM = 64
 BLOCK_M = 64  # query rows per consumer warpgroup
@@ -83,10 +93,14 @@ _TINY = 1e-30
 # name -> launch parameters. nc: consumer warpgroups per CTA (ws) ; regs: per-partition register budgets
 # [consumer workers..., producer]; maxnreg: the kernel's launch register count (sets the CTA's register pool).
 VARIANTS = {
-    "ws3": dict(kind="ws", nc=3, stages=4, maxnreg=128, regs=[160, 160, 24], qk="fp8"),
-    "ws2": dict(kind="ws", nc=2, stages=4, maxnreg=168, regs=[232, 24], qk="fp8"),
-    "pipe": dict(kind="pipe", nc=1, stages=3, maxnreg=168, regs=None, qk="fp8"),
-    "ws3_i8": dict(kind="ws", nc=3, stages=4, maxnreg=128, regs=[160, 160, 24], qk="int8"),
+    # 16 warps x 128 regs = the whole register file: 1 CTA (3 x 64 query rows) per SM; the default partition
+    # (consumer 0) gets what is left: 512 - 2 * 160 - 24 = 168
+    "ws3": dict(kind="ws", nc=3, stages=4, maxnreg=128, reg_c=160, reg_p=24, qk="fp8"),
+    # 12 warps x 168: 1 CTA (2 x 64 rows) per SM
+    "ws2": dict(kind="ws", nc=2, stages=4, maxnreg=168, reg_c=232, reg_p=24, qk="fp8"),
+    # 4 warps x 168 (158 used): 3 CTAs (3 x 64 rows) per SM
+    "pipe": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="fp8"),
+    "ws3_i8": dict(kind="ws", nc=3, stages=4, maxnreg=128, reg_c=160, reg_p=24, qk="int8"),
 }
 DEFAULT_VARIANT = "ws3"
 
@@ -98,6 +112,7 @@ if gluon is not None:
     _BN = gl.constexpr(BLOCK_N)
     _HD = gl.constexpr(HEAD_DIM)
     PACK_ASM = gl.constexpr(True)
+    BB_FENCE = gl.constexpr(True)
 
     @gluon.jit
     def _exp2_ftz(x):
@@ -127,6 +142,20 @@ if gluon is not None:
         alpha = _exp2_ftz(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _bb_fence(j):
+        # A never-taken branch in the PTX: ends the basic block, so ptxas cannot hoist the following
+        # wgmma.wait_group 0 (and the stage release after it) into the softmax, which it otherwise does (it moves
+        # the wait to ~20 instructions after wait_group 1, leaving the softmax no PV wgmma to overlap).
+        gl.inline_asm_elementwise(
+            "{ .reg .pred %pskip;\n"
+            "setp.ne.s32 %pskip, $1, -2147483647;\n"
+            "@%pskip bra.uni BBF_SKIP;\n"
+            "membar.cta;\n"
+            "BBF_SKIP:\n"
+            "mov.b32 $0, $1; }",
+            "=r,r", [j], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _p_operand(p, p_layout: gl.constexpr):
@@ -187,6 +216,8 @@ if gluon is not None:
         acc_tok = warpgroup_mma(p_op, v_smem.index(pst).permute((1, 0)), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, j * _BN, S, s_layout, QK_INT8, MASK)
+        if BB_FENCE:
+            _bb_fence(j)
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         if SELF_LOAD:
             # stage pst is free (K_{j-1} and V_{j-1} read): prefetch tile j - 1 + STAGES into it
@@ -217,7 +248,7 @@ if gluon is not None:
         if SELF_LOAD:
             mbarrier.expect(q_bar.index(WG), _BM * _HD)
             tma.async_copy_global_to_shared(desc_q, [bh * S + row0, 0], q_bar.index(WG), q_smem.index(WG))
-            for i in gl.static_range(STAGES - 1):
+            for i in gl.static_range(STAGES):  # fill every stage; step j refills stage (j-1) % STAGES
                 _kv_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, i, i, i < n_tiles)
         rows = row0 + gl.arange(0, _BM, layout=row_s)
         a_row = gl.load(Qm + bh64 * S + rows, mask=rows < S, other=1.0)
@@ -275,7 +306,7 @@ if gluon is not None:
     @gluon.jit
     def _attn_fwd_gluon(desc_q, desc_k, desc_v, Qm, Vs, O, S, S_PAD,
                         NC: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, WS: gl.constexpr,
-                        REGS: gl.constexpr):
+                        REG_C: gl.constexpr, REG_P: gl.constexpr):
         # grid (cdiv(S, NC * _BM), B * H). Qm: (B*H, S) fp32 row multipliers; Vs: (B*H,) V scales;
         # O: (B, H, S, 64) bf16 contiguous.
         pid_m = gl.program_id(0)
@@ -307,7 +338,7 @@ if gluon is not None:
                                  Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 2, STAGES, QK_INT8, False)),
                     (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
                                  bh, m0, S, S_PAD, n_tiles, NC, STAGES)),
-                ], [4, 4, 1], REGS)
+                ], [4, 4, 1], [REG_C, REG_C, REG_P])
             else:
                 gl.warp_specialize([
                     (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
@@ -316,7 +347,7 @@ if gluon is not None:
                                  Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False)),
                     (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
                                  bh, m0, S, S_PAD, n_tiles, NC, STAGES)),
-                ], [4, 1], REGS)
+                ], [4, 1], [REG_C, REG_P])
         else:
             _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
                       Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, True)
@@ -340,6 +371,15 @@ def is_supported(device=None) -> tuple[bool, str]:
 
 def _round_half_away(y: torch.Tensor) -> torch.Tensor:
     return torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5))
+
+
+def _v_token_order(n: int, device=None) -> torch.Tensor:
+    """Index k -> token of V's stored order: within each 32-token chunk, k = 16h + 4t + 2g + e holds token
+    16h + 8g + 2t + e (the column of P that the PV wgmma's A-operand register k of a thread holds)."""
+    k = torch.arange(n, device=device)
+    r = k % 32
+    h, t, g, e = r // 16, (r % 16) // 4, (r % 4) // 2, r % 2
+    return (k - r) + 16 * h + 8 * g + 2 * t + e
 
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, qk: str = "fp8") -> dict:
@@ -376,11 +416,40 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     k8[:, :S] = codes(kf, k_s)
     vf = v.reshape(BH, S, D).float()
     v_s = vf.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / FP8_MAX
-    v8 = torch.zeros((BH, D, s_pad), device=dev, dtype=torch.float8_e4m3fn)
-    v8[:, :, :S] = (vf / v_s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).transpose(1, 2)
+    vt = torch.zeros((BH, D, s_pad), device=dev, dtype=torch.float32)
+    vt[:, :, :S] = (vf / v_s).clamp(-FP8_MAX, FP8_MAX).transpose(1, 2)
+    # tokens in the kernel's P column order (see _p_operand): stored token k of a tile is token _v_token_order[k]
+    v8 = vt[:, :, _v_token_order(s_pad, dev)].to(torch.float8_e4m3fn).contiguous()
     qm = (q_s[..., 0] * k_s[..., 0] * (sm_scale * LOG2E)).float().contiguous()  # (BH, S)
     return {"q8": q8, "k8": k8, "v8": v8, "qm": qm, "vs": v_s.reshape(BH).float().contiguous(),
             "shape": (B, H, S, D), "s_pad": s_pad, "qk": qk}
+
+
+def emulate(prep: dict, bh: slice | None = None) -> torch.Tensor:
+    """Pure-torch emulation of the kernel's arithmetic on :func:`prepare`'s output (fp32, 128-key tiles, P
+    rounded to E4M3 at the running max, row sums of the unrounded P). Returns bf16 (B*H or the bh slice, S, 64)."""
+    B, H, S, D = prep["shape"]
+    sl = bh if bh is not None else slice(None)
+    q8 = prep["q8"][sl].float()
+    k8 = prep["k8"][sl, :S].float()
+    order = _v_token_order(prep["s_pad"], prep["v8"].device)
+    vt = torch.empty_like(prep["v8"][sl], dtype=torch.float32)
+    vt[:, :, order] = prep["v8"][sl].float()  # undo the kernel's token order
+    v = vt[:, :, :S].transpose(1, 2)
+    a = prep["qm"][sl][..., None]
+    m = torch.full_like(a, float("-inf"))
+    l_sum = torch.zeros_like(a)
+    acc = torch.zeros(q8.shape, device=q8.device, dtype=torch.float32)
+    for n0 in range(0, S, BLOCK_N):
+        t = (q8 @ k8[:, n0:n0 + BLOCK_N].transpose(1, 2)) * a
+        m_new = torch.maximum(m, t.amax(-1, keepdim=True))
+        p = torch.exp2(t - m_new + 8.0)
+        alpha = torch.exp2(m - m_new)
+        l_sum = l_sum * alpha + p.sum(-1, keepdim=True)
+        p8 = p.clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
+        acc = acc * alpha + p8 @ v[:, n0:n0 + BLOCK_N]
+        m = m_new
+    return (acc / l_sum * prep["vs"][sl][:, None, None]).to(torch.bfloat16)
 
 
 def _descs(prep: dict, nc: int):
@@ -412,12 +481,13 @@ def gluon_attention_quantized(prep: dict, variant: str = DEFAULT_VARIANT, out: t
     dq, dk, dv = _descs(prep, cfg["nc"])
     ws = cfg["kind"] == "ws"
     grid = (triton.cdiv(S, cfg["nc"] * BLOCK_M), B * H)
-    _attn_fwd_gluon[grid](
+    kernel = _attn_fwd_gluon[grid](
         dq, dk, dv, prep["qm"], prep["vs"], out, S, prep["s_pad"],
         NC=cfg["nc"], STAGES=cfg["stages"], QK_INT8=prep["qk"] == "int8", WS=ws,
-        REGS=tuple(cfg["regs"]) if ws else (0,),
+        REG_C=cfg["reg_c"], REG_P=cfg["reg_p"],
         num_warps=4, maxnreg=cfg["maxnreg"],
     )
+    prep["_kernel"] = kernel  # the CompiledKernel (n_regs, n_spills, metadata) for reports
     return out
 
 
@@ -463,10 +533,11 @@ def compile_offline(variant: str, S: int = 4429, arch: int = 90):
         "desc_k": _desc_sig(sdt, [BLOCK_N, HEAD_DIM], lk),
         "desc_v": _desc_sig("fp8e4nv", [HEAD_DIM, BLOCK_N], lv),
         "Qm": "*fp32", "Vs": "*fp32", "O": "*bf16", "S": "i32", "S_PAD": "i32",
-        "NC": "constexpr", "STAGES": "constexpr", "QK_INT8": "constexpr", "WS": "constexpr", "REGS": "constexpr",
+        "NC": "constexpr", "STAGES": "constexpr", "QK_INT8": "constexpr", "WS": "constexpr",
+        "REG_C": "constexpr", "REG_P": "constexpr",
     }
     constexprs = {"NC": cfg["nc"], "STAGES": cfg["stages"], "QK_INT8": i8, "WS": ws,
-                  "REGS": tuple(cfg["regs"]) if ws else (0,)}
+                  "REG_C": cfg["reg_c"], "REG_P": cfg["reg_p"]}
     # pointer alignment as the runtime specializes it (16-byte aligned tensors)
     attrs = {(3,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]],
              (7,): [["tt.divisibility", 16]]}
