@@ -41,6 +41,7 @@ from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER, build_transform
 
 ALL_VARIANTS = ("bf16", "bf16-graph", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph",
                 "fp8-attn", "fp8-attn-bf16io-graph", "fp8-attn-1stream-graph", "fp8-attn-nochunk-graph",
+                "fp8-attn-chunk4096-graph",
                 "fp8-attn-graph", "fp8-adaln-bf16-graph")
 QUICK_VARIANTS = ("bf16", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph", "fp8-attn-graph")
 GIB = 2**30
@@ -304,12 +305,14 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 # fp8-attn-bf16io: the FP8 attention kernel on bf16 q/k/v with a bf16 output (separate
                 # K/V and output quantization passes), i.e. the default minus fused_attention_io;
                 # fp8-attn-1stream: the default with the text stream's kernels in line on one CUDA stream;
-                # fp8-attn-nochunk: the default with the feed-forward in one piece (ff_chunk_rows=0)
+                # fp8-attn-nochunk / -chunk4096: the default with the feed-forward in one piece
+                # (ff_chunk_rows=0) / in 4096-row chunks
                 set_runtime_options(model, Fp8Options(fused_quant=v != "fp8-unfused",
                                                       fp8_attention=v.startswith("fp8-attn"),
                                                       fused_attention_io="bf16io" not in v,
                                                       text_stream="1stream" not in v,
-                                                      ff_chunk_rows=0 if "nochunk" in v else Fp8Options().ff_chunk_rows))
+                                                      ff_chunk_rows=0 if "nochunk" in v else 4096 if "chunk4096" in v
+                                                      else Fp8Options().ff_chunk_rows))
             rec["weight_gib"] = round(weight_bytes(model) / GIB, 3)
             rec["weight_ratio_vs_bf16"] = round(weight_bytes(model) / bf16_bytes, 4)
             fn = model

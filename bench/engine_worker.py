@@ -31,7 +31,7 @@ def build_engine(model: str, precision: str, res: int, buckets: tuple[int, ...])
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from bench.engine import _components
-    from worker.engine.diffusers_engine import DiffusersEngine, EngineOptions
+    from worker.engine.diffusers_engine import DiffusersEngine, EngineOptions, inplace_activations
     from worker.engine.sd35_configs import SCHEDULER, build_transformer
 
     parts = {k: v for k, v in _components(res).items() if k != "build_s"}
@@ -48,6 +48,7 @@ def build_engine(model: str, precision: str, res: int, buckets: tuple[int, ...])
     engine.make_streams()
     if fp8:
         engine._to_fp8()
+    inplace_activations(pipe.vae.decoder, engine.options.inplace_vae_activations)
     # the BF16 transformer this built on the GPU (a worker loading `sdfleet quantize` output never has it)
     # is gone: give its cached blocks back so reserved and used memory show only what the engine holds
     torch.cuda.empty_cache()
@@ -86,6 +87,8 @@ def prompt_embeddings(engine) -> torch.Tensor:
 def phase_peaks(engine, key) -> dict:
     """Peak allocated memory over its start of the pipeline's phases run one at a time, one image, GiB:
     which phase sets the whole pipeline's peak."""
+    from worker.engine.diffusers_engine import inplace_activations
+
     pipe, out = engine.pipe, {}
 
     def peak(fn):
@@ -107,6 +110,16 @@ def phase_peaks(engine, key) -> dict:
             encoder_hidden_states=torch.cat([npe, pe]), pooled_projections=torch.cat([nppe, ppe]),
             return_dict=False)[0])
         _, out["vae_decode"] = peak(lambda: pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0])
+        on = engine.options.inplace_vae_activations
+        inplace_activations(pipe.vae.decoder, not on)
+        try:
+            _, out[f"vae_decode_inplace_activations_{'off' if on else 'on'}"] = peak(
+                lambda: pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0])
+        finally:
+            inplace_activations(pipe.vae.decoder, on)
+        from bench.graph_memory import peak_profile
+
+        out["vae_decode_profile"] = peak_profile(lambda: pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False))
     return out
 
 

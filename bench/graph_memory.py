@@ -5,7 +5,8 @@
 SD3.5 transformers from the released configs with random weights, 1024x1024, 333 text tokens. Per model,
 in one process:
 
-- BF16 eager: the step's peak allocated memory over its start, per transformer batch (``rows``);
+- BF16 eager: the step's peak allocated memory over its start, and the reserved memory it grows from an
+  empty cache, per transformer batch (``rows``);
 - FP8 eager: the same, the default engine without graphs (the BF16 model converted in place), and with
   the feed-forward in one piece (``ff_chunk_rows=0``);
 - FP8 graphs, one pool shared by every bucket (the engine's default; captured largest first), the same
@@ -44,18 +45,21 @@ def gib(b: float) -> float:
     return round(b / GIB, 3)
 
 
-def eager_peak(model, x) -> float:
-    """Peak allocated memory of one eager step over its start (the output included), GiB."""
+def eager_peak(model, x) -> dict:
+    """One eager step, GiB: its peak allocated memory over its start (the output included), and the reserved
+    memory it grows from an empty cache (the allocator's segments at the peak: what a graph pool compares to)."""
     gc.collect()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+    before, reserved0 = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     with torch.inference_mode():
         y = model(**x)[0]
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
+    out = {"allocated": gib(torch.cuda.max_memory_allocated() - before),
+           "reserved_from_empty": gib(torch.cuda.max_memory_reserved() - reserved0)}
     del y
-    return gib(peak)
+    return out
 
 
 def graphs(model, cfg: dict, rows: list[int], res: int, *, shared: bool) -> dict:
@@ -118,8 +122,10 @@ def peak_profile(fn, top: int = 12) -> dict:
     by_site: dict[str, int] = {}
     for size, where in best_live.values():
         by_site[where] = by_site.get(where, 0) + size
+    largest = sorted(best_live.values(), key=lambda b: -b[0])[:top]
     return {"peak_live_gib": gib(best), "live_blocks": len(best_live),
-            "by_site_gib": {k: gib(v) for k, v in sorted(by_site.items(), key=lambda kv: -kv[1])[:top]}}
+            "by_site_gib": {k: gib(v) for k, v in sorted(by_site.items(), key=lambda kv: -kv[1])[:top]},
+            "largest_blocks_mib": [[round(size / 2**20, 1), where] for size, where in largest]}
 
 
 def run_model(name: str, rows: list[int], res: int) -> dict:
@@ -134,6 +140,7 @@ def run_model(name: str, rows: list[int], res: int) -> dict:
     del bf
     gc.collect()
     torch.cuda.empty_cache()
+    eager_peak(model, inputs(cfg, rows[0], res))  # the kernels' first calls (JIT, autotune) outside the figures
     rec["fp8_eager_peak_over_start_gib"] = {f"rows{r}": eager_peak(model, inputs(cfg, r, res)) for r in rows}
     for r in (2, 8):
         x = inputs(cfg, r, res)
@@ -147,6 +154,8 @@ def run_model(name: str, rows: list[int], res: int) -> dict:
     for label, shared, opts in (("fp8_graphs_shared_pool", True, Fp8Options()),
                                 ("fp8_graphs_shared_pool_no_ff_chunks", True, Fp8Options(ff_chunk_rows=0)),
                                 ("fp8_graphs_pool_per_bucket", False, Fp8Options()),
+                                ("fp8_graphs_pool_per_bucket_ff_chunks_4096", False, Fp8Options(ff_chunk_rows=4096)),
+                                ("fp8_graphs_pool_per_bucket_no_ff_chunks", False, Fp8Options(ff_chunk_rows=0)),
                                 ("fp8_graphs_shared_pool_one_stream", True, Fp8Options(text_stream=False))):
         set_runtime_options(model, opts)
         try:
@@ -179,18 +188,20 @@ def main() -> int:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     cols = ("fp8_graphs_shared_pool", "fp8_graphs_shared_pool_no_ff_chunks", "fp8_graphs_pool_per_bucket",
+            "fp8_graphs_pool_per_bucket_ff_chunks_4096", "fp8_graphs_pool_per_bucket_no_ff_chunks",
             "fp8_graphs_shared_pool_one_stream")
-    print("\nGiB; graph columns: pool bytes after the bucket's capture, largest bucket first (a shared pool: "
-          "every graph so far)")
-    print("model   rows  bf16 eager  fp8 eager  (no chunks)  shared pool  (no chunks)  pool per bucket  one stream")
+    print("\nGiB. eager: reserved growth from an empty cache (allocated peak). graph columns: pool bytes after the "
+          "bucket's capture, largest bucket first (a shared pool: every graph so far)")
+    print("model   rows  bf16 eager     fp8 eager      (no chunks)    shared  (no chunks)  per bucket  (4096)  "
+          "(none)  one stream")
     for m in out["models"]:
         for r in rows:
             k = f"rows{r}"
             g = [m.get(c, {}).get(k, {}).get("pool_gib", "-") for c in cols]
-            print(f"{m['model']:7} {r:4}  {m['bf16_eager_peak_over_start_gib'][k]:10}  "
-                  f"{m['fp8_eager_peak_over_start_gib'][k]:9}  "
-                  f"{m['fp8_eager_no_ff_chunks_peak_over_start_gib'][k]:11}  {g[0]!s:>11}  {g[1]!s:>11}  "
-                  f"{g[2]!s:>15}  {g[3]!s:>10}")
+            e = [m[c][k] for c in ("bf16_eager_peak_over_start_gib", "fp8_eager_peak_over_start_gib",
+                                   "fp8_eager_no_ff_chunks_peak_over_start_gib")]
+            print(f"{m['model']:7} {r:4}  " + "  ".join(f"{x['reserved_from_empty']:5} ({x['allocated']:5})" for x in e)
+                  + "  " + "  ".join(f"{v!s:>8}" for v in g))
     return 0
 
 

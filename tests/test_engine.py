@@ -185,3 +185,20 @@ def test_fp8_text_encoder_is_converted_before_the_pipeline_moves(cache_dir, monk
     assert isinstance(ff.wi, Fp8Linear) and isinstance(ff.wo, Fp8Linear)
     assert images[True].shape == images[False].shape
     assert not np.array_equal(images[True], images[False])  # the encoder did change (FP8 rounding)
+
+
+def test_inplace_vae_activations_give_the_same_pixels(engine):
+    from worker.engine.diffusers_engine import inplace_activations
+
+    decoder = engine.pipe.vae.decoder
+    assert engine.options.inplace_vae_activations
+    assert all(m.inplace for m in decoder.modules() if isinstance(m, torch.nn.SiLU))
+    z = torch.randn(1, engine.pipe.vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        fast = engine.pipe.vae.decode(z, return_dict=False)[0]
+        n = inplace_activations(decoder, on=False)
+        try:
+            plain = engine.pipe.vae.decode(z, return_dict=False)[0]
+        finally:
+            inplace_activations(decoder, on=True)
+    assert n > 0 and torch.equal(fast, plain)

@@ -50,6 +50,10 @@ class EngineOptions:
     #: T5-XXL's linears in FP8 as well (``worker.engine.fp8.text_encoder``): half its ~9 GiB, so Large fits a
     #: 24 GB card; CLIP stays BF16. Only with precision fp8 (elsewhere: logged and left BF16)
     fp8_text_encoder: bool = False
+    #: the VAE decoder's SiLUs write over their input (the norm output before them, read by nothing else):
+    #: the same pixels, one full-resolution activation less at the decode's peak, which sets the whole
+    #: pipeline's (docs/PERFORMANCE.md, "Memory")
+    inplace_vae_activations: bool = True
     #: return before the device-to-host copy has landed, so the next batch is queued while it runs; off
     #: (measuring what the overlap is worth) generate() waits for the copy before it returns
     async_copy: bool = True
@@ -92,6 +96,8 @@ class DiffusersEngine(Engine):
                                   prepare=self._text_encoder_to_fp8 if self._fp8_text_encoder() else None)
         if self.precision == "fp8":
             self._to_fp8()
+        if self.options.inplace_vae_activations:
+            inplace_activations(self.pipe.vae.decoder)
         sched = self.pipe.scheduler
         if type(sched).__name__ != "FlowMatchEulerDiscreteScheduler" or sched.config.get("stochastic_sampling"):
             raise EngineError(f"the denoising loop implements SD3's deterministic FlowMatchEulerDiscreteScheduler; "
@@ -308,6 +314,17 @@ class DiffusersEngine(Engine):
         self.pipe = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def inplace_activations(module: torch.nn.Module, on: bool = True) -> int:
+    """Set every ``torch.nn.SiLU`` under ``module`` to work in place (or not); returns how many there are.
+
+    Only for modules where each SiLU's input is a fresh tensor no one else reads, as in diffusers' VAE
+    decoder (every one follows a GroupNorm)."""
+    acts = [m for m in module.modules() if isinstance(m, torch.nn.SiLU)]
+    for m in acts:
+        m.inplace = on
+    return len(acts)
 
 
 def _phase_seconds(t: Sequence[float]) -> dict[str, float]:
