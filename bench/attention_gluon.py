@@ -21,10 +21,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `python bench/attention_gluon.py` puts bench/ first on sys.path, where bench/queue.py would shadow the standard
-# library's queue module (imported by torch): drop that entry.
+# Run as a script, bench/ comes first on sys.path: put the repository root there instead (attention.py imports
+# worker.engine.precision).
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import functools

@@ -65,7 +65,7 @@ class Fp8Options:
     cuda_graphs: bool = True
     fast_accum: bool = True
     text_stream: bool = True
-    ff_chunk_rows: int = 8192
+    ff_chunk_rows: int = 4096
     bf16_layers: frozenset[str] = field(default=DEFAULT_BF16_LAYERS)
     max_image_side: int = MAX_SIDE
 
@@ -75,7 +75,7 @@ class Fp8Options:
             raise ConfigError(f"Fp8Options.max_image_side: {self.max_image_side!r}; use a pixel count such as "
                               f"{MAX_SIDE}, or 0 to keep the whole position table")
         if isinstance(self.ff_chunk_rows, bool) or not isinstance(self.ff_chunk_rows, int) or self.ff_chunk_rows < 0:
-            raise ConfigError(f"Fp8Options.ff_chunk_rows: {self.ff_chunk_rows!r}; use a row count such as 8192, "
+            raise ConfigError(f"Fp8Options.ff_chunk_rows: {self.ff_chunk_rows!r}; use a row count such as 4096, "
                               "or 0 to run the feed-forward whole")
         unknown = sorted(self.bf16_layers - set(LAYER_TYPES))
         if unknown:
