@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--fp8-text-encoder", action="store_true",
                    help="T5-XXL's linears in FP8 too (with --precision fp8 or auto on an FP8 GPU): about 4.5 GiB "
                         "less GPU memory, so SD3.5 Large fits a 24 GB card; CLIP stays BF16")
+    w.add_argument("--channels-last-vae", action="store_true",
+                   help="VAE in channels_last: 0.6 GiB less at the decode's peak (1024 px), same pixels, ~2%% "
+                        "slower per image; with --fp8-text-encoder for 24 GB cards")
     w.add_argument("--worker-id")
     w.add_argument("--warmup", action="append", default=[], metavar="WxH:STEPS",
                    help="shape to run once at boot, e.g. 1024x1024:28 (repeatable)")
@@ -411,6 +414,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         extra["cuda_graphs"] = False
     if args.fp8_text_encoder:
         extra["fp8_text_encoder"] = True
+    if args.channels_last_vae:
+        extra["channels_last_vae"] = True
     if args.no_overlap:
         extra["async_copy"] = False
     opts = WorkerOptions(model=args.model, device=args.device, precision=args.precision, max_batch=args.max_batch,

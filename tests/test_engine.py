@@ -202,3 +202,16 @@ def test_inplace_vae_activations_give_the_same_pixels(engine):
         finally:
             inplace_activations(decoder, on=True)
     assert n > 0 and torch.equal(fast, plain)
+
+
+def test_channels_last_vae_gives_the_same_images(cache_dir, monkeypatch, engine):
+    monkeypatch.setenv("SDFLEET_CACHE_DIR", str(cache_dir))
+    e = DiffusersEngine(EngineOptions(model="tiny", device="cpu", precision="fp32", channels_last_vae=True))
+    e.load()
+    conv = e.pipe.vae.decoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    key = BatchKey(model=e.model_name, width=128, height=128, steps=2, guidance_scale=4.5)
+    reqs = [GenerationRequest("a", "a red fox", "", 7)]
+    got = e.generate(key, reqs).wait().images[0]
+    want = engine.generate(key, reqs).wait().images[0]
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # CPU conv kernels differ by layout
