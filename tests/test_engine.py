@@ -215,3 +215,12 @@ def test_channels_last_vae_gives_the_same_images(cache_dir, monkeypatch, engine)
     got = e.generate(key, reqs).wait().images[0]
     want = engine.generate(key, reqs).wait().images[0]
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # CPU conv kernels differ by layout
+
+
+def test_worker_captures_buckets_up_to_its_max_batch():
+    from worker.app import batch_buckets
+
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(4) == (1, 2, 4)
+    assert batch_buckets(6) == (1, 2, 4, 6)
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
