@@ -181,8 +181,10 @@ def test_fp8_text_encoder_is_converted_before_the_pipeline_moves(cache_dir, monk
         key = BatchKey(model=e.model_name, width=128, height=128, steps=2, guidance_scale=4.5)
         images[switch] = e.generate(key, [GenerationRequest("a", "a red fox", "", 7)]).wait().images[0]
     assert seen == {"converted_before_move": True}
-    ff = e.pipe.text_encoder_3.encoder.block[0].layer[-1].DenseReluDense
-    assert isinstance(ff.wi, Fp8Linear) and isinstance(ff.wo, Fp8Linear)
+    t5 = e.pipe.text_encoder_3.encoder.block[0]
+    assert isinstance(t5.layer[0].SelfAttention.o, Fp8Linear)
+    ff = t5.layer[-1].DenseReluDense  # the tiny T5's d_ff is 37: its FF layers stay unquantized
+    assert type(ff.wi) is torch.nn.Linear and type(ff.wo) is torch.nn.Linear
     assert images[True].shape == images[False].shape
     assert not np.array_equal(images[True], images[False])  # the encoder did change (FP8 rounding)
 
@@ -224,3 +226,13 @@ def test_worker_captures_buckets_up_to_its_max_batch():
     assert batch_buckets(4) == (1, 2, 4)
     assert batch_buckets(6) == (1, 2, 4, 6)
     assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+
+
+def test_fp8_text_encoder_without_t5_logs_and_boots():
+    import types
+
+    log = _Log()
+    e = DiffusersEngine(EngineOptions(model="tiny", device="cpu", fp8_text_encoder=True), log=log)
+    e._text_encoder_to_fp8(types.SimpleNamespace(text_encoder_3=None))  # SD3 loaded without its T5
+    assert [kw["reason"] for _, event, kw in log.lines if event == "fp8 text encoder off"] == [
+        "this model has no T5 text encoder (text_encoder_3)"]

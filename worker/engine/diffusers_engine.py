@@ -122,9 +122,10 @@ class DiffusersEngine(Engine):
     def _text_encoder_to_fp8(self, pipe) -> None:
         from worker.engine.fp8.text_encoder import fp8_text_encoder
 
-        if pipe.text_encoder_3 is None:
-            raise EngineError("fp8_text_encoder: this model has no T5 text encoder (text_encoder_3); turn the "
-                              "switch off")
+        if pipe.text_encoder_3 is None:  # nothing to save: the model runs as it would without the switch
+            if self.log:
+                self.log.warning("fp8 text encoder off", reason="this model has no T5 text encoder (text_encoder_3)")
+            return
         fp8_text_encoder(pipe.text_encoder_3, self.device)
 
     def _to_fp8(self) -> None:
@@ -154,7 +155,8 @@ class DiffusersEngine(Engine):
             self._graphs = self._graphs or CudaGraphRunner(self.pipe.transformer, batch_buckets=rows)
             text_len = self.pipe.tokenizer_max_length + 256  # CLIP tokens + T5 tokens (max_sequence_length)
             vsf = self.pipe.vae_scale_factor
-            for key in keys:
+            # largest shapes first, as within one capture: the shared pool's first segments are the largest
+            for key in sorted(keys, key=lambda k: k.height * k.width, reverse=True):
                 self._graphs.capture((key.height // vsf, key.width // vsf), text_len)
             self._graphs.install()
         for key in keys:

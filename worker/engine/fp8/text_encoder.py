@@ -1,14 +1,15 @@
 """FP8 T5-XXL: the text encoder's linears on the engine's :class:`~worker.engine.fp8.linear.Fp8Linear`.
 
 T5-XXL is the largest part of an SD3.5 worker's memory: 4.6 G linear weights, about 9 GiB in BF16 (more
-when transformers keeps the feed-forward's ``wo`` in fp32, as it does when it loads a checkpoint). In E4M3
+when transformers keeps the feed-forward's ``wo`` in fp32, as it does when it loads one in fp16). In E4M3
 with one scale per output channel they take half as many bytes as BF16. The embedding table, the RMS norms
 and the relative position bias stay as they are, and so do the CLIP encoders (they are small, and their
 pooled output feeds every AdaLN modulation).
 
 Same numerics as the transformer's FP8 linears: activations quantized per row (Triton on CUDA), cuBLASLt
-GEMM with fp32 accumulation, output in the dtype the replaced layer produced (so a checkpoint's fp32
-``wo`` keeps the residual stream in fp32, as transformers runs it).
+GEMM with fp32 accumulation, output in the dtype the replaced layer produced (so an fp32 ``wo`` keeps the
+residual stream in fp32, as transformers runs it). Layers whose widths are not multiples of 16 stay as
+they are.
 
 The encoder runs once per batch, not per denoising step, so this buys memory, not speed. Offered as a switch
 (``EngineOptions.fp8_text_encoder``, ``sdfleet worker --fp8-text-encoder``), off by default: the accuracy
@@ -29,17 +30,41 @@ from .linear import Fp8Linear
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-def _fp8(lins: torch.nn.Linear | list[torch.nn.Linear], device, out_dtype: torch.dtype) -> Fp8Linear:
-    """The layer's weights quantized on ``device`` (BF16/fp32 weights copied there one layer at a time)."""
+def _fp8(lins: torch.nn.Linear | list[torch.nn.Linear], device, out_dtype: torch.dtype) -> torch.nn.Module:
+    """The layer's weights quantized on ``device`` (BF16/fp32 weights copied there one layer at a time).
+
+    A layer whose widths are not multiples of 16 (cuBLASLt's FP8 GEMM needs them) stays as it is.
+    """
     lins = lins if isinstance(lins, list) else [lins]
     if any(m.bias is not None for m in lins):
         raise EngineError("FP8 text encoder: T5 linears have no bias; this checkpoint's do")
+    if any(m.in_features % 16 or m.out_features % 16 for m in lins):
+        return lins[0] if len(lins) == 1 else _Concat(lins)
     staged = []
     for m in lins:
         s = torch.nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
         s.weight = torch.nn.Parameter(m.weight.detach().to(device), requires_grad=False)
         staged.append(s)
     return Fp8Linear.from_linear(staged, out_dtype=out_dtype)
+
+
+class _Concat(torch.nn.Module):
+    """Unquantized linears sharing their input, outputs concatenated (what ``_fp8`` leaves of an odd width)."""
+
+    def __init__(self, lins: list[torch.nn.Linear]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(lins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.parts], dim=-1)
+
+
+def _wo(ff, device) -> tuple[torch.nn.Module, torch.dtype]:
+    """The FF's output layer, and the dtype the original returned. An fp32 ``wo`` (transformers keeps it so
+    when it loads in fp16) gets a bf16-out FP8 GEMM and a cast: row-wise scaled GEMMs with fp32 output exist
+    only on some GPUs."""
+    dtype = ff.wo.weight.dtype
+    return _fp8(ff.wo, device, torch.bfloat16 if dtype == torch.float32 else dtype), dtype
 
 
 class Fp8GatedFeedForward(torch.nn.Module):
@@ -50,11 +75,12 @@ class Fp8GatedFeedForward(torch.nn.Module):
         self.d_ff = ff.wi_0.out_features
         dtype = ff.wi_0.weight.dtype
         self.wi = _fp8([ff.wi_0, ff.wi_1], device, dtype)
-        self.wo = _fp8(ff.wo, device, ff.wo.weight.dtype)
+        self.wo, self.out_dtype = _wo(ff, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, linear = self.wi(x).split(self.d_ff, dim=-1)
-        return self.wo(F.gelu(gate, approximate="tanh") * linear)
+        h = F.gelu(gate, approximate="tanh") * linear
+        return self.wo(h.to(self.wo.weight.dtype) if type(self.wo) is torch.nn.Linear else h).to(self.out_dtype)
 
 
 class Fp8FeedForward(torch.nn.Module):
@@ -64,10 +90,11 @@ class Fp8FeedForward(torch.nn.Module):
         super().__init__()
         self.act = ff.act
         self.wi = _fp8(ff.wi, device, ff.wi.weight.dtype)
-        self.wo = _fp8(ff.wo, device, ff.wo.weight.dtype)
+        self.wo, self.out_dtype = _wo(ff, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo(self.act(self.wi(x)))
+        h = self.act(self.wi(x))
+        return self.wo(h.to(self.wo.weight.dtype) if type(self.wo) is torch.nn.Linear else h).to(self.out_dtype)
 
 
 def _blocks(t5) -> list:
