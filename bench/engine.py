@@ -42,7 +42,7 @@ from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER, build_transform
 ALL_VARIANTS = ("bf16", "bf16-graph", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph",
                 "fp8-attn", "fp8-attn-bf16io-graph", "fp8-attn-1stream-graph", "fp8-attn-nochunk-graph",
                 "fp8-attn-chunk4096-graph",
-                "fp8-attn-graph", "fp8-adaln-bf16-graph")
+                "fp8-attn-graph", "fp8-attn-plan-graph", "fp8-adaln-bf16-graph")
 QUICK_VARIANTS = ("bf16", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph", "fp8-attn-graph")
 GIB = 2**30
 RESULTS: dict = {}
@@ -80,6 +80,31 @@ def time_ms(fn, iters: int = 10, warm: int = 3) -> dict:
         ts.append(s.elapsed_time(e))
     ts.sort()
     return {"ms": round(ts[len(ts) // 2], 2), "min_ms": round(ts[0], 2), "max_ms": round(ts[-1], 2)}
+
+
+def plan_loop_ms(model, fn, x: dict, steps: int, iters: int) -> dict:
+    """ms a step of whole ``steps``-step loops with an AdaLN plan (its GEMMs included: they run once a loop),
+    median of a few loops; and the plan's own GEMM time for the loop."""
+    from worker.engine.fp8.adaln import adaln_plan
+
+    timesteps = [float(t) for t in torch.linspace(1000, 1000 / steps, steps)]
+
+    passes = []
+
+    def loop():
+        plan = adaln_plan(model, timesteps, x["pooled_projections"])
+        for i, t in enumerate(timesteps):
+            plan.feed(i)
+            fn(**{**x, "timestep": torch.full_like(x["timestep"], t)})
+        plan.close()
+        passes.append(plan.passes)
+
+    loops = time_ms(loop, iters=max(2, iters // 4), warm=1)
+    plan = adaln_plan(model, timesteps, x["pooled_projections"])
+    gemm = time_ms(lambda: plan._compute(0), iters=5, warm=1)  # the first (here: only) table of a loop
+    plan.close()
+    return {"ms": round(loops["ms"] / steps, 2), "loop_ms": loops["ms"], "loop_steps": steps,
+            "plan_table_ms": gemm["ms"], "plan_passes_per_loop": passes[-1], "plan_window_steps": plan.window}
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -306,8 +331,11 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 # K/V and output quantization passes), i.e. the default minus fused_attention_io;
                 # fp8-attn-1stream: the default with the text stream's kernels in line on one CUDA stream;
                 # fp8-attn-nochunk / -chunk4096: the default with the feed-forward in one piece
-                # (ff_chunk_rows=0) / in 4096-row chunks
+                # (ff_chunk_rows=0) / in 4096-row chunks; fp8-attn-plan: every step's AdaLN modulations
+                # before a loop of --steps steps (AdaLNPlan), timed per loop; the others compute them per step
+                # inside the graph, as earlier rounds did
                 set_runtime_options(model, Fp8Options(fused_quant=v != "fp8-unfused",
+                                                      adaln_all_steps="plan" in v,
                                                       fp8_attention=v.startswith("fp8-attn"),
                                                       fused_attention_io="bf16io" not in v,
                                                       text_stream="1stream" not in v,
@@ -329,7 +357,10 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 y = fn(**x)[0].float()
                 torch.cuda.synchronize()
                 rec["first_call_s"] = round(time.time() - t, 1)
-                rec.update(time_ms(lambda fn=fn: fn(**x), iters=iters))
+                if "plan" in v:
+                    rec.update(plan_loop_ms(model, fn, x, steps, iters))
+                else:
+                    rec.update(time_ms(lambda fn=fn: fn(**x), iters=iters))
                 y = fn(**x)[0].float()
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)  # includes the BF16 reference
             rec["peak_over_start_gib"] = round((torch.cuda.max_memory_allocated() - before) / GIB, 2)

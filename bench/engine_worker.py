@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 
 def build_engine(model: str, precision: str, res: int, buckets: tuple[int, ...]):
-    """``precision``: bf16, fp8, or fp8-t5 (fp8 with the FP8 T5 text encoder)."""
+    """``precision``: bf16, fp8, fp8-t5 (fp8 with the FP8 T5 text encoder) or fp8-t5-cl (that, and the VAE in
+    channels_last: the smallest-memory worker)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from bench.engine import _components
@@ -42,13 +43,16 @@ def build_engine(model: str, precision: str, res: int, buckets: tuple[int, ...])
     fp8 = precision.startswith("fp8")
     engine = DiffusersEngine(EngineOptions(model=model, device="cuda", precision="fp8" if fp8 else precision,
                                            cuda_graphs=fp8, batch_buckets=buckets,
-                                           fp8_text_encoder=precision == "fp8-t5"))
+                                           fp8_text_encoder=precision.startswith("fp8-t5"),
+                                           channels_last_vae=precision.endswith("-cl")))
     # What load() does, minus reading weights from disk (there are none: random weights).
     engine.pipe, engine.precision, engine.model_name = pipe, "fp8" if fp8 else precision, f"sd3.5-{model}"
     engine.make_streams()
     if fp8:
         engine._to_fp8()
     inplace_activations(pipe.vae.decoder, engine.options.inplace_vae_activations)
+    if engine.options.channels_last_vae:
+        pipe.vae.to(memory_format=torch.channels_last)
     # the BF16 transformer this built on the GPU (a worker loading `sdfleet quantize` output never has it)
     # is gone: give its cached blocks back so reserved and used memory show only what the engine holds
     torch.cuda.empty_cache()
@@ -162,8 +166,8 @@ def main() -> int:
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--out", default=None)
     ap.add_argument("--precisions", default="bf16,fp8",
-                    help="bf16, fp8, fp8-t5 (fp8 with the FP8 T5 text encoder; keep it last: it converts the "
-                         "shared T5 in place)")
+                    help="bf16, fp8, fp8-t5 (fp8 with the FP8 T5 text encoder; keep those last: they convert "
+                         "the shared T5 in place), fp8-t5-cl (and the VAE in channels_last)")
     ap.add_argument("--buckets", default="1,2,4,8", help="the engine's image batch buckets (CUDA graphs)")
     ap.add_argument("--trace", action="store_true",
                     help="also list the CUDA runtime calls the host makes during two back-to-back batches "
@@ -241,11 +245,17 @@ def main() -> int:
         gc.collect()
         torch.cuda.empty_cache()
     # The same job (seed 1000, same prompt) alone and as the first of a batch: the worker's independence claim.
-    for p in ("bf16", "fp8", "fp8-t5"):
+    for p in ("bf16", "fp8", "fp8-t5", "fp8-t5-cl"):
         if f"{p}-1" in images and f"{p}-{batches[-1]}" in images:
             d = np.abs(images[f"{p}-1"].astype(int) - images[f"{p}-{batches[-1]}"].astype(int))
             out[f"{p}_alone_vs_batch_max_pixel_diff"] = int(d.max())
             out[f"{p}_alone_vs_batch_mean_pixel_diff"] = round(float(d.mean()), 4)
+    # channels_last VAE against the default layout (same transformer, same T5): the same pixels?
+    for n in batches:
+        if f"fp8-t5-cl-{n}" in images and f"fp8-t5-{n}" in images:
+            d = np.abs(images[f"fp8-t5-cl-{n}"].astype(int) - images[f"fp8-t5-{n}"].astype(int))
+            out[f"channels_last_vs_default_vae_batch{n}"] = {"max_pixel_diff": int(d.max()),
+                                                             "mean_pixel_diff": round(float(d.mean()), 4)}
     # The FP8 T5 against the BF16 one: prompt embeddings (CLIP part included, and the T5 tokens alone: the
     # rows after CLIP's 77) and the 28-step image with the same seed and the same FP8 transformer.
     clip_tokens = 77

@@ -82,3 +82,83 @@ def test_text_stream_gives_the_same_bits():
     assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[False][1], outs[True][1])
     assert torch.equal(outs[True][0], outs[True][1])
     assert _rel(outs[True][0], ref) < 0.05
+
+
+def _medium3(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    from worker.engine.sd35_configs import TRANSFORMER
+
+    torch.manual_seed(seed)
+    cfg = dict(TRANSFORMER["medium"], num_layers=3, dual_attention_layers=(0,))
+    with torch.device("cuda"):
+        bf = SD3Transformer2DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    for p in bf.parameters():
+        if p.dim() >= 2:
+            p.data.mul_(0.5)
+    return bf
+
+
+@gpu
+def test_adaln_plan_chunks_are_exact_on_the_gemv():
+    # every step's modulations in 16-row GEMMs: the same bits as each step's own 2-row call
+    from worker.engine.fp8 import Fp8Options, apply_fp8
+    from worker.engine.fp8.adaln import bank_of, step_temb
+
+    m = apply_fp8(_medium3(), Fp8Options())
+    bank = bank_of(m)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    pooled = torch.randn(2, 2048, device="cuda", generator=g).bfloat16()
+    with torch.no_grad():
+        tembs = [step_temb(m, torch.full((2,), t, device="cuda"), pooled) for t in (1000.0, 750.0, 500.0, 20.0)]
+        one_by_one = torch.cat([bank.linear(torch.nn.functional.silu(t)) for t in tembs])
+        together = bank.modulations(torch.cat(tembs), rows=2)
+    assert bank.chunk_rows(2) == 16
+    assert torch.equal(together, one_by_one)
+
+
+@gpu
+def test_fed_cuda_graphs_give_the_same_bits():
+    # graphs captured fed (no AdaLN GEMM inside; the engine's plan fills the bank's buffer before each
+    # replay, or the runner does for a call nobody fed) against graphs with the GEMM inside and eager calls
+    from worker.engine.fp8 import Fp8Options, apply_fp8, set_runtime_options
+    from worker.engine.fp8.adaln import adaln_plan, bank_of
+    from worker.engine.graphs import CudaGraphRunner
+
+    m = apply_fp8(_medium3(), Fp8Options())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = dict(hidden_states=torch.randn(2, 16, 64, 64, device="cuda", generator=g).bfloat16(),
+             encoder_hidden_states=torch.randn(2, 154, 4096, device="cuda", generator=g).bfloat16(),
+             pooled_projections=torch.randn(2, 2048, device="cuda", generator=g).bfloat16())
+    steps = [1000.0, 600.0, 30.0]
+
+    def call(t):
+        return m(**x, timestep=torch.full((2,), t, device="cuda"), return_dict=False)[0].clone()
+
+    with torch.no_grad():
+        eager = [call(t) for t in steps]
+        runner = CudaGraphRunner(m, batch_buckets=(2, 4))
+        assert runner.fed
+        runner.capture((64, 64), 154)
+        runner.install()
+        plan = adaln_plan(m, steps, x["pooled_projections"])
+        planned = []
+        for i, t in enumerate(steps):
+            plan.feed(i)
+            planned.append(call(t))
+        plan.close()
+        unfed = [call(t) for t in steps]  # the runner feeds these itself
+        assert runner.replays == 6 and bank_of(m).armed == 0
+        runner.release()
+        assert bank_of(m).fed is None
+        set_runtime_options(m, Fp8Options(adaln_all_steps=False))
+        inside = CudaGraphRunner(m, batch_buckets=(2,))
+        assert not inside.fed
+        inside.capture((64, 64), 154)
+        inside.install()
+        with_gemm = [call(t) for t in steps]
+        inside.release()
+    torch.cuda.synchronize()
+    for outs in (planned, unfed, with_gemm):
+        for a, b in zip(outs, eager):
+            assert torch.equal(a, b)

@@ -252,18 +252,29 @@ class DiffusersEngine(Engine):
         timesteps, sigmas = self._schedule(key.steps, latents.shape[-2], latents.shape[-1])
         rows = latents.shape[0] * (2 if cfg else 1)
         transformer = self.pipe.transformer
-        for i, t in enumerate(timesteps):
-            model_in = torch.cat([latents, latents]) if cfg else latents
-            noise = transformer(hidden_states=model_in,
-                                timestep=torch.full((rows,), t, device=latents.device, dtype=torch.float32),
-                                encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
-                                return_dict=False)[0]
-            if cfg:
-                uncond, text = noise.chunk(2)
-                noise = uncond + key.guidance_scale * (text - uncond)
-            # FlowMatchEulerDiscreteScheduler.step: fp32 update, result in the model's dtype
-            dt = sigmas[i + 1] - sigmas[i]
-            latents = (latents.to(torch.float32) + dt * noise).to(noise.dtype)
+        plan = None
+        if self.precision == "fp8":  # every step's AdaLN modulations before the first (Fp8Options.adaln_all_steps)
+            from worker.engine.fp8.adaln import adaln_plan
+
+            plan = adaln_plan(transformer, timesteps, pooled)
+        try:
+            for i, t in enumerate(timesteps):
+                model_in = torch.cat([latents, latents]) if cfg else latents
+                if plan is not None:
+                    plan.feed(i)
+                noise = transformer(hidden_states=model_in,
+                                    timestep=torch.full((rows,), t, device=latents.device, dtype=torch.float32),
+                                    encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                                    return_dict=False)[0]
+                if cfg:
+                    uncond, text = noise.chunk(2)
+                    noise = uncond + key.guidance_scale * (text - uncond)
+                # FlowMatchEulerDiscreteScheduler.step: fp32 update, result in the model's dtype
+                dt = sigmas[i + 1] - sigmas[i]
+                latents = (latents.to(torch.float32) + dt * noise).to(noise.dtype)
+        finally:
+            if plan is not None:
+                plan.close()  # its table is freed before the decode, which sets the pipeline's peak
         return latents
 
     @staticmethod

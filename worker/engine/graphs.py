@@ -67,6 +67,15 @@ class CudaGraphRunner:
         self.eager_calls = 0
         #: graphs captured over this runner's life (a capture after boot is a stall on the critical path)
         self.captures = 0
+        # An FP8 transformer's AdaLN bank: with Fp8Options.adaln_all_steps the graphs are captured "fed"
+        # (they read each call's modulations from the bank's buffer, filled before each replay by the
+        # engine's AdaLNPlan, or here for a call nobody fed), so a step holds no modulation GEMM.
+        from worker.engine.fp8.adaln import bank_of
+        from worker.engine.fp8.convert import MARKER
+
+        self._bank = bank_of(transformer)
+        options = getattr(transformer, MARKER, None)
+        self.fed = bool(self._bank is not None and options is not None and options.adaln_all_steps)
 
     def bucket(self, rows: int) -> int | None:
         """The smallest bucket holding ``rows``, or None when the batch is larger than every bucket."""
@@ -100,14 +109,18 @@ class CudaGraphRunner:
                                                   generator=g),
                 "timestep": torch.full((b,), 500.0, device=device, dtype=torch.float32),
             }
+            if self.fed and not self._bank.enable_feed(max(self.buckets), fixed=True):
+                raise EngineError("AdaLN bank: its feed buffer is smaller than this runner's largest bucket")
             with torch.inference_mode():
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(self.warmup_iters):  # compiles Triton kernels, picks cuBLAS algorithms
+                        self._feed(inputs)
                         self._eager(**inputs, return_dict=False)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
+                self._feed(inputs)  # before the capture: the graph reads the buffer, it does not fill it
                 try:
                     with torch.cuda.graph(graph, pool=self._pool):
                         out = self._eager(**inputs, return_dict=False)[0]
@@ -146,7 +159,11 @@ class CudaGraphRunner:
         ins["pooled_projections"][:rows].copy_(pooled_projections)
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         ins["timestep"][:rows].copy_(t.expand(rows) if t.dim() == 0 else t)
+        if self.fed and self._bank.armed < rows:  # nobody fed this call (no AdaLNPlan): compute it here
+            self._feed(ins, rows)
         entry.graph.replay()
+        if self._bank is not None:
+            self._bank.armed = 0  # consumed (a replay runs no Python: the last block cannot clear it)
         self.replays += 1
         out = entry.output[:rows].clone()
         if not return_dict:
@@ -154,6 +171,12 @@ class CudaGraphRunner:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
+
+    def _feed(self, inputs: dict[str, torch.Tensor], rows: int | None = None) -> None:
+        if self.fed:
+            from worker.engine.fp8.adaln import feed_call
+
+            feed_call(self.transformer, self._bank, inputs["timestep"][:rows], inputs["pooled_projections"][:rows])
 
     def install(self) -> None:
         """Route ``transformer(...)`` (as the diffusers pipeline calls it) through this runner."""
@@ -169,4 +192,7 @@ class CudaGraphRunner:
         self.graphs.clear()
         self.memory.clear()
         self._pool = None
+        if self._bank is not None:
+            self._bank.disable_feed()
+            self._bank.clear()
         torch.cuda.empty_cache()

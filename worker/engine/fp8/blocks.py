@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from sdfleet.errors import EngineError
 
+from .adaln import AdaLNBank
 from .linear import Fp8Linear
 from .options import Fp8Options
 from .processor import attend, attend_fp8_io
@@ -224,56 +224,6 @@ class PendingResidual:
         return self.materialize() + other
 
     __radd__ = __add__
-
-
-class AdaLNBank:
-    """Every block's AdaLN modulation linear as one layer, computed once per transformer call.
-
-    All blocks' modulations read the same ``silu(temb)``, so one GEMM computes them all. On SD3.5 Large the
-    modulations are a third of the weights (2.7 GB of E4M3 over 38 blocks): 38 GEMVs of a few rows, each too
-    small to fill the GPU's last wave of tiles, streamed them at 2 TB/s; one few-row GEMM over all of them
-    (``kernels.gemv``) at 3 TB/s (``bench/adaln_gemv.py``). silu and the activation's quantization run once too.
-
-    A block owns a bank of one (itself) until :func:`~worker.engine.fp8.convert.apply_fp8` merges the
-    blocks' banks into the model's (``transformer.adaln_bank``, which holds the weights). The output is
-    kept per ``temb`` tensor, which it holds until the last block clears it, so a new ``temb`` is never
-    mistaken for the last.
-    """
-
-    def __init__(self, linear: torch.nn.Module, widths: list[tuple[int, int]]):
-        self.linear = linear  # outputs: block 0 image, block 0 text, block 1 image, ...
-        starts = [0]
-        for a, c in widths:
-            starts.append(starts[-1] + a + c)
-        if starts[-1] != linear.out_features:
-            raise EngineError(f"AdaLN bank: {linear.out_features} outputs for blocks needing {starts[-1]}")
-        self.cols = [(s, a, c) for s, (a, c) in zip(starts, widths)]
-        self.temb: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
-        self.computed_by: int | None = None  # the block (index) whose call computed ``out``: the call's first
-
-    @classmethod
-    def merge(cls, banks: list[AdaLNBank]) -> AdaLNBank:
-        """One bank from the blocks' own (in block order); their weights are concatenated, not re-quantized."""
-        lins = [b.linear for b in banks]
-        if all(isinstance(m, Fp8Linear) for m in lins):
-            linear = Fp8Linear.concat(lins)
-        elif not any(isinstance(m, Fp8Linear) for m in lins):
-            linear = make_linear(lins, False, Fp8Options())
-        else:
-            raise EngineError("AdaLN bank: all blocks' modulations must be FP8 or all BF16")
-        return cls(linear, [(a, c) for b in banks for _, a, c in b.cols])
-
-    def clear(self) -> None:
-        """Forget the last call's output (e.g. one in a released CUDA graph's memory pool)."""
-        self.temb, self.out, self.computed_by = None, None, None
-
-    def __call__(self, temb: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block ``index``'s (image, text) modulation vectors, (B, 6 or 9 x D) and (B, 2 or 6 x D)."""
-        if temb is not self.temb:
-            self.temb, self.out, self.computed_by = temb, self.linear(F.silu(temb)), index
-        s, a, c = self.cols[index]
-        return self.out[:, s:s + a], self.out[:, s + a:s + a + c]
 
 
 def _tensors(items):

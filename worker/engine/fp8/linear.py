@@ -60,12 +60,18 @@ class Fp8Linear(torch.nn.Module):
             m.bias = torch.cat([x.bias for x in mods])
         return m
 
+    def uses_gemv(self, rows: int, like: torch.Tensor) -> bool:
+        """Whether a call of ``rows`` rows (on ``like``'s device) runs the Triton GEMV: one 16-row tile and one
+        tuned configuration for every such call, so a row's result never depends on how many rows came
+        with it (cuBLASLt may pick another algorithm for another row count)."""
+        return rows <= GEMV_MAX_ROWS and self.fast_accum and _use_triton(like, self.use_triton)
+
     def forward(self, x: torch.Tensor | QTensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``out``: a contiguous (rows, out_features) tensor of ``out_dtype`` to write into (returned as is)."""
         if not isinstance(x, QTensor):
             x = quantize_rows(x, use_triton=self.use_triton)
         # (fast accumulation only, as the Triton FP8 dot does on Hopper; fast_accum off stays on cuBLASLt)
-        if x.data.shape[0] <= GEMV_MAX_ROWS and self.fast_accum and _use_triton(x.data, self.use_triton):
+        if self.uses_gemv(x.data.shape[0], x.data):
             from . import kernels
 
             y = kernels.gemv(x, self.weight, self.weight_scale, self.bias, self.out_dtype)

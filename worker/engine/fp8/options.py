@@ -46,6 +46,11 @@ class Fp8Options:
     text_stream: in a CUDA graph, run each block's text-stream kernels (its norms, q/k/v, the text rows of
         the attention, output projection and feed-forward) on a second CUDA stream beside the image
         stream's (``blocks.TextStream``).
+    adaln_all_steps: the engine computes every step's AdaLN modulations before a denoising loop's first
+        step (``worker.engine.fp8.adaln.AdaLNPlan``): they depend only on the timestep and the pooled text,
+        so a loop streams the modulation weights (a third of Large's) once per 16 transformer rows of all
+        its steps instead of once per step; the same values bit for bit. Read by the engine and the graph
+        runner (a graph captured with it reads the step's modulations from a buffer the engine fills).
     bf16_layers: layer types (``LAYER_TYPES``) that stay BF16.
     ff_chunk_rows: with fused_quant, the image stream's feed-forward runs this many rows (tokens) at a time
         when it has more: its hidden activation, 4x the model width in bf16 and again in E4M3, is the largest
@@ -66,6 +71,7 @@ class Fp8Options:
     fast_accum: bool = True
     text_stream: bool = True
     ff_chunk_rows: int = 4096
+    adaln_all_steps: bool = True
     bf16_layers: frozenset[str] = field(default=DEFAULT_BF16_LAYERS)
     max_image_side: int = MAX_SIDE
 
