@@ -96,22 +96,9 @@ def time_fn(torch, fn, warmup: int = 5, iters: int = 30) -> tuple[float, str]:
 
 
 def make_inputs(torch, kind: str, shape, seed: int):
-    B, H, S, D = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    from worker.engine.fp8.attention import sample_qkv
 
-    def rn(*s):
-        return torch.randn(*s, device="cuda", generator=g, dtype=torch.float32)
-
-    if kind == "randn":
-        q, k, v = rn(B, H, S, D), rn(B, H, S, D), rn(B, H, S, D)
-    else:  # "peaky": logit std ~3.7, as bench/attention.py
-        gain = torch.exp(0.5 * rn(D)) * 1.5
-        x = rn(B, H, S, D)
-        q = x / x.pow(2).mean(-1, keepdim=True).sqrt() * gain
-        x = rn(B, H, S, D) + 0.5 * rn(1, H, 1, D)
-        k = x / x.pow(2).mean(-1, keepdim=True).sqrt() * gain
-        v = rn(B, H, S, D)
-    return [t.to(torch.bfloat16).contiguous() for t in (q, k, v)]
+    return list(sample_qkv(kind, *shape, seed=seed, device="cuda"))
 
 
 def ref32(torch, q, k, v):

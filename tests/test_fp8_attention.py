@@ -39,18 +39,7 @@ def _rel(a, b):
 
 
 def _inputs(kind, B=1, H=2, S=333, D=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    if kind == "randn":
-        q, k, v = rn(B, H, S, D), rn(B, H, S, D), rn(B, H, S, D)
-    else:  # RMS-normed q/k with per-channel gains and a shared K offset: logit std ~3.7
-        gain = torch.exp(0.5 * rn(D)) * 1.5
-        x = rn(B, H, S, D)
-        q = x / x.pow(2).mean(-1, keepdim=True).sqrt() * gain
-        x = rn(B, H, S, D) + 0.5 * rn(1, H, 1, D)
-        k = x / x.pow(2).mean(-1, keepdim=True).sqrt() * gain
-        v = rn(B, H, S, D)
-    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+    return att.sample_qkv(kind, B, H, S, D, seed=seed)
 
 
 # measured on these seeded inputs (S=333 and 1357): randn / peaky, with ~1.5x headroom

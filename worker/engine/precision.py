@@ -98,7 +98,7 @@ def fp8_path(cap: tuple[int, int] | None, *, torch_version: str | None = None, t
         reasons.append(f"FP8 attention kernel off on {cc}: its one config (64x128 tiles, 3 stages, maxnreg 128) "
                        "was tuned for Hopper's wgmma and TMA, spills registers as mma.sync code (compiled for "
                        f"sm_89) and was never run or timed on {cc}: SDPA")
-    tma = attention and cap >= TMA_MIN_CAPABILITY
+    tma = attention and tma_supported(cap)  # the rule attention._use_tma applies at launch
     if attention:
         reasons.append("TMA on" if tma else f"TMA off (needs compute capability >= 9.0, device has {cc})")
     return Fp8Path(cap, linears, gemm, gemv, attention, tma, tuple(reasons))

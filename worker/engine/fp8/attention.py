@@ -96,6 +96,30 @@ DEFAULT_PV = os.environ.get("SDFLEET_FP8_ATTN_PV", "fp8")
 # --------------------------------------------------------------------------------------------
 
 
+def sample_qkv(kind: str, B: int = 1, H: int = 2, S: int = 333, D: int = 64, *, seed: int = 0,
+               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded bf16 (B, H, S, D) q/k/v for accuracy checks. ``randn``: unit normals; ``peaky``: RMS-normed q/k
+    with per-channel gains and a K offset shared by all tokens (logit std ~3.7), like the MMDiT's q/k after
+    their RMSNorm, where a coarse Q/K format shows its error."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+
+    if kind == "randn":
+        q, k, v = rn(B, H, S, D), rn(B, H, S, D), rn(B, H, S, D)
+    elif kind == "peaky":
+        gain = torch.exp(0.5 * rn(D)) * 1.5
+        x = rn(B, H, S, D)
+        q = x / x.pow(2).mean(-1, keepdim=True).sqrt() * gain
+        x = rn(B, H, S, D) + 0.5 * rn(1, H, 1, D)
+        k = x / x.pow(2).mean(-1, keepdim=True).sqrt() * gain
+        v = rn(B, H, S, D)
+    else:
+        raise ValueError(f"sample_qkv: kind {kind!r}; use 'randn' or 'peaky'")
+    return q.bfloat16().contiguous(), k.bfloat16().contiguous(), v.bfloat16().contiguous()
+
+
 def _quant_fp8_torch(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     y = (x / scale).clamp(-FP8_MAX, FP8_MAX)
     return y.to(torch.float8_e4m3fn).to(torch.float32)
