@@ -27,26 +27,30 @@ import torch  # noqa: E402
 
 
 def build_engine(model: str, precision: str, res: int, buckets: tuple[int, ...]):
-    """``precision``: bf16, fp8, fp8-t5 (fp8 with the FP8 T5 text encoder) or fp8-t5-cl (that, and the VAE in
-    channels_last: the smallest-memory worker)."""
+    """``precision``: bf16 or fp8, with options after dashes: ``t5`` (the FP8 T5 text encoder), ``cl`` (the
+    VAE in channels_last), ``eagerenc`` (text encoders without CUDA graphs); e.g. fp8-t5-cl."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from bench.engine import _components
     from worker.engine.diffusers_engine import DiffusersEngine, EngineOptions, inplace_activations
     from worker.engine.sd35_configs import SCHEDULER, build_transformer
 
+    base, *flags = precision.split("-")
+    unknown = set(flags) - {"t5", "cl", "eagerenc"}
+    if base not in ("bf16", "fp8") or unknown or (base == "bf16" and "t5" in flags):
+        raise SystemExit(f"--precisions: {precision!r}; use bf16 or fp8, then -t5, -cl, -eagerenc")
     parts = {k: v for k, v in _components(res).items() if k != "build_s"}
     transformer = build_transformer(model, device="cuda", dtype=torch.bfloat16, seed=0)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
                                     **parts)
     pipe.set_progress_bar_config(disable=True)
-    fp8 = precision.startswith("fp8")
-    engine = DiffusersEngine(EngineOptions(model=model, device="cuda", precision="fp8" if fp8 else precision,
-                                           cuda_graphs=fp8, batch_buckets=buckets,
-                                           fp8_text_encoder=precision.startswith("fp8-t5"),
-                                           channels_last_vae=precision.endswith("-cl")))
+    fp8 = base == "fp8"
+    engine = DiffusersEngine(EngineOptions(model=model, device="cuda", precision=base, cuda_graphs=fp8,
+                                           batch_buckets=buckets, fp8_text_encoder="t5" in flags,
+                                           channels_last_vae="cl" in flags,
+                                           text_encoder_graphs="eagerenc" not in flags))
     # What load() does, minus reading weights from disk (there are none: random weights).
-    engine.pipe, engine.precision, engine.model_name = pipe, "fp8" if fp8 else precision, f"sd3.5-{model}"
+    engine.pipe, engine.precision, engine.model_name = pipe, base, f"sd3.5-{model}"
     engine.make_streams()
     if fp8:
         engine._to_fp8()
@@ -166,8 +170,9 @@ def main() -> int:
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--out", default=None)
     ap.add_argument("--precisions", default="bf16,fp8",
-                    help="bf16, fp8, fp8-t5 (fp8 with the FP8 T5 text encoder; keep those last: they convert "
-                         "the shared T5 in place), fp8-t5-cl (and the VAE in channels_last)")
+                    help="bf16, fp8, fp8-t5 (fp8 with the FP8 T5 text encoder; runs with t5 go last: they convert "
+                         "the shared T5 in place), ...-cl (the VAE in channels_last), ...-eagerenc (text "
+                         "encoders without CUDA graphs)")
     ap.add_argument("--buckets", default="1,2,4,8", help="the engine's image batch buckets (CUDA graphs)")
     ap.add_argument("--trace", action="store_true",
                     help="also list the CUDA runtime calls the host makes during two back-to-back batches "
@@ -239,13 +244,18 @@ def main() -> int:
         if engine._graphs is not None:
             rec["graph_replays"] = engine._graphs.replays
             rec["graph_eager_calls"] = engine._graphs.eager_calls
+        if engine._encoder_graphs is not None:
+            rec["text_encoder_graphs"] = {"replays": engine._encoder_graphs.replays,
+                                          "eager_calls": engine._encoder_graphs.eager_calls,
+                                          "failed": engine._encoder_graphs.failed}
         out["runs"][precision] = rec
         engine.close()
         del engine
         gc.collect()
         torch.cuda.empty_cache()
     # The same job (seed 1000, same prompt) alone and as the first of a batch: the worker's independence claim.
-    for p in ("bf16", "fp8", "fp8-t5", "fp8-t5-cl"):
+    precisions = a.precisions.split(",")
+    for p in precisions:
         if f"{p}-1" in images and f"{p}-{batches[-1]}" in images:
             d = np.abs(images[f"{p}-1"].astype(int) - images[f"{p}-{batches[-1]}"].astype(int))
             out[f"{p}_alone_vs_batch_max_pixel_diff"] = int(d.max())
@@ -256,6 +266,15 @@ def main() -> int:
             d = np.abs(images[f"fp8-t5-cl-{n}"].astype(int) - images[f"fp8-t5-{n}"].astype(int))
             out[f"channels_last_vs_default_vae_batch{n}"] = {"max_pixel_diff": int(d.max()),
                                                              "mean_pixel_diff": round(float(d.mean()), 4)}
+    # Text encoders eager against their CUDA graphs (same everything else): the same embeddings and images?
+    for p in precisions:
+        q = p.replace("-eagerenc", "")
+        if p.endswith("-eagerenc") and q in embeds:
+            out[f"text_encoder_graphs_vs_eager_{q}"] = {
+                "prompt_embeds_equal": bool(torch.equal(embeds[p], embeds[q])),
+                **{f"max_pixel_diff_batch{n}": int(np.abs(images[f"{p}-{n}"].astype(int)
+                                                          - images[f"{q}-{n}"].astype(int)).max())
+                   for n in batches if f"{p}-{n}" in images and f"{q}-{n}" in images}}
     # The FP8 T5 against the BF16 one: prompt embeddings (CLIP part included, and the T5 tokens alone: the
     # rows after CLIP's 77) and the 28-step image with the same seed and the same FP8 transformer.
     clip_tokens = 77

@@ -162,3 +162,53 @@ def test_fed_cuda_graphs_give_the_same_bits():
     for outs in (planned, unfed, with_gemm):
         for a, b in zip(outs, eager):
             assert torch.equal(a, b)
+
+
+@gpu
+def test_text_encoder_graphs_give_the_same_embeddings():
+    # CLIP (hidden states asked for) and the FP8 T5 replayed from CUDA graphs: the same bits as eager at a
+    # bucket's own prompt count, rows of a padded call as eager's, and each call's output its own copy
+    import types
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from worker.engine.encoder_graphs import EncoderGraphs
+    from worker.engine.fp8.text_encoder import fp8_text_encoder
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        clip = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=32, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0)).to(torch.bfloat16).eval()
+        t5 = T5EncoderModel(T5Config(vocab_size=300, d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2,
+                                     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu_new",
+                                     pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0)).to(torch.bfloat16).eval()
+    fp8_text_encoder(t5, "cuda")
+    tok = types.SimpleNamespace(pad_token_id=0)
+    pipe = types.SimpleNamespace(tokenizer_max_length=77, text_encoder=clip, text_encoder_2=None, text_encoder_3=t5,
+                                 tokenizer=tok, tokenizer_2=tok, tokenizer_3=tok)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    ids = {n: (torch.randint(3, 300, (n, 77), device="cuda", generator=g),
+               torch.randint(3, 300, (n, 64), device="cuda", generator=g)) for n in (1, 3, 4, 5)}
+    with torch.inference_mode():
+        want = {n: (clip(c, output_hidden_states=True), t5(t)[0]) for n, (c, t) in ids.items()}
+        graphs = EncoderGraphs(pipe, (1, 4))
+        assert graphs.capture(t5_length=64) == 4 and not graphs.failed
+        graphs.install()
+        got = {n: (clip(c, output_hidden_states=True), t5(t)[0]) for n, (c, t) in ids.items()}
+        again = clip(ids[4][0], output_hidden_states=True)  # another replay of the 4-prompt graph
+        torch.cuda.synchronize()
+        assert graphs.replays == 7 and graphs.eager_calls == 2  # 5 prompts: larger than every bucket
+        for n in (1, 4, 5):
+            (wc, wt), (gc_, gt) = want[n], got[n]
+            assert torch.equal(gc_.text_embeds, wc.text_embeds) and torch.equal(gt, wt)
+            assert torch.equal(gc_.hidden_states[-2], wc.hidden_states[-2])
+        (wc, wt), (gc_, gt) = want[3], got[3]  # padded into the 4-prompt graph: another GEMM row count
+        assert gc_.text_embeds.shape == wc.text_embeds.shape and gt.shape == wt.shape
+        assert _rel(gc_.hidden_states[-2], wc.hidden_states[-2]) < 1e-2 and _rel(gt, wt) < 5e-2
+        assert torch.equal(got[4][0].text_embeds, again.text_embeds)
+        assert got[4][0].text_embeds.data_ptr() != again.text_embeds.data_ptr()
+        graphs.release()
+    assert "forward" not in clip.__dict__ and "forward" not in t5.__dict__

@@ -32,6 +32,10 @@ from worker.engine import compiles
 from worker.engine.base import Engine, GenerationRequest, GenerationResult
 from worker.engine.models import load_pipeline, resolve_model
 
+#: T5's padded prompt length (the pipeline's max_sequence_length): the transformer's and the text encoder
+#: graphs' token count
+T5_TOKENS = 256
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
@@ -58,6 +62,10 @@ class EngineOptions:
     #: its 1.25 GiB workspace) and the same pixels, but 44 ms slower per image on an H200; for cards where
     #: memory is what is short (docs/PERFORMANCE.md, "A 16 GiB Large worker")
     channels_last_vae: bool = False
+    #: with cuda_graphs: the text encoders (CLIP-L, CLIP-G, T5) replay CUDA graphs captured at warm-up, one per
+    #: prompt-count bucket (``worker.engine.encoder_graphs``): their thousand small kernels are launched at
+    #: once instead of one by one from Python (docs/PERFORMANCE.md, "Text encoders in CUDA graphs")
+    text_encoder_graphs: bool = True
     #: return before the device-to-host copy has landed, so the next batch is queued while it runs; off
     #: (measuring what the overlap is worth) generate() waits for the copy before it returns
     async_copy: bool = True
@@ -73,6 +81,7 @@ class DiffusersEngine(Engine):
         self._copy_stream = None
         self._encode_stream = None
         self._graphs = None
+        self._encoder_graphs = None
         self._schedules: dict[tuple[int, int, int], tuple[list[float], torch.Tensor]] = {}
 
     # --- boot ------------------------------------------------------------------------------------
@@ -153,12 +162,19 @@ class DiffusersEngine(Engine):
             # Buckets count transformer rows: two per image with classifier-free guidance, one without.
             rows = sorted({n * m for n in self.options.batch_buckets for m in (1, 2)})
             self._graphs = self._graphs or CudaGraphRunner(self.pipe.transformer, batch_buckets=rows)
-            text_len = self.pipe.tokenizer_max_length + 256  # CLIP tokens + T5 tokens (max_sequence_length)
+            text_len = self.pipe.tokenizer_max_length + T5_TOKENS  # CLIP tokens + T5 tokens
             vsf = self.pipe.vae_scale_factor
             # largest shapes first, as within one capture: the shared pool's first segments are the largest
             for key in sorted(keys, key=lambda k: k.height * k.width, reverse=True):
                 self._graphs.capture((key.height // vsf, key.width // vsf), text_len)
             self._graphs.install()
+            if self.options.text_encoder_graphs and self._encoder_graphs is None:
+                from worker.engine.encoder_graphs import EncoderGraphs
+
+                # prompts, not transformer rows: guidance encodes the negative prompts in a call of their own
+                self._encoder_graphs = EncoderGraphs(self.pipe, self.options.batch_buckets)
+                self._encoder_graphs.capture(t5_length=T5_TOKENS)
+                self._encoder_graphs.install()
         for key in keys:
             for n in batch_sizes:
                 reqs = [GenerationRequest(f"warmup-{i}", "warm up", "", i) for i in range(n)]
@@ -185,6 +201,7 @@ class DiffusersEngine(Engine):
                     prompt=[r.prompt for r in requests], prompt_2=None, prompt_3=None,
                     negative_prompt=[r.negative_prompt for r in requests] if cfg else None,
                     do_classifier_free_guidance=cfg, device=self.device, num_images_per_prompt=1,
+                    max_sequence_length=T5_TOKENS,
                 )
                 if cfg:  # the pipeline's order: unconditional rows first
                     pe, ppe = torch.cat([npe, pe]), torch.cat([nppe, ppe])
@@ -327,6 +344,9 @@ class DiffusersEngine(Engine):
                 "precision_reason": self.precision_reason, **self.compile_counters()}
 
     def close(self) -> None:
+        if self._encoder_graphs is not None:
+            self._encoder_graphs.release()
+            self._encoder_graphs = None
         if self._graphs is not None:  # the runner and the transformer refer to each other: free both now
             self._graphs.release()
             self._graphs = None
