@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--post-threads", type=int, default=2,
                    help="engine runs stored and recorded at once (default 2)")
     # One switch per speed-up, so each one's effect can be measured alone (all on by default).
-    for name in ("fp8-linears", "fused-quant", "fp8-attention", "cuda-graphs"):
+    for name in ("fp8-linears", "fused-quant", "fp8-attention", "adaln-all-steps", "cuda-graphs",
+                 "text-encoder-graphs"):
         w.add_argument(f"--no-{name}", action="store_true", help=f"turn off {name.replace('-', ' ')}")
     # Test hooks for the null engine (queue benchmarks, crash-safety tests); hidden from --help.
     w.add_argument("--null-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -406,12 +407,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
                              "null_hang_prompt": args.null_hang_prompt}
     if args.fp8_weights:
         extra["fp8_weights"] = args.fp8_weights
-    switches = {name: False for name in ("fp8_linears", "fused_quant", "fp8_attention")
+    switches = {name: False for name in ("fp8_linears", "fused_quant", "fp8_attention", "adaln_all_steps")
                 if getattr(args, f"no_{name}")}
     if switches:
         extra["fp8_switches"] = switches
     if args.no_cuda_graphs:
         extra["cuda_graphs"] = False
+    if args.no_text_encoder_graphs:
+        extra["text_encoder_graphs"] = False
     if args.fp8_text_encoder:
         extra["fp8_text_encoder"] = True
     if args.channels_last_vae:

@@ -236,3 +236,27 @@ def test_fp8_text_encoder_without_t5_logs_and_boots():
     e._text_encoder_to_fp8(types.SimpleNamespace(text_encoder_3=None))  # SD3 loaded without its T5
     assert [kw["reason"] for _, event, kw in log.lines if event == "fp8 text encoder off"] == [
         "this model has no T5 text encoder (text_encoder_3)"]
+
+
+def test_worker_flags_turn_each_speed_up_off(monkeypatch):
+    # one switch per speed-up on the worker's command line, reaching the engine's options
+    from sdfleet import cli
+    from sdfleet.settings import Settings
+    from worker import app
+
+    seen = {}
+    monkeypatch.setattr(app, "run_worker", lambda settings, options: seen.setdefault("o", options) and 0)
+    parser = cli.build_parser()
+    cli.cmd_worker(parser.parse_args(["worker"]), Settings())
+    assert seen.pop("o").engine_extra.keys() == {"null_delay_s", "null_crash_prompt", "null_hang_prompt"}
+    args = parser.parse_args(["worker", "--no-adaln-all-steps", "--no-text-encoder-graphs", "--no-fused-quant",
+                              "--no-cuda-graphs"])
+    cli.cmd_worker(args, Settings())
+    extra = seen["o"].engine_extra
+    assert extra["fp8_switches"] == {"adaln_all_steps": False, "fused_quant": False}
+    assert extra["text_encoder_graphs"] is False and extra["cuda_graphs"] is False
+    from worker.engine.diffusers_engine import EngineOptions
+    from worker.engine.fp8 import Fp8Options
+
+    assert not Fp8Options(**extra["fp8_switches"]).adaln_all_steps
+    assert not EngineOptions(**{k: v for k, v in extra.items() if not k.startswith("null_")}).text_encoder_graphs
