@@ -82,29 +82,33 @@ def time_ms(fn, iters: int = 10, warm: int = 3) -> dict:
     return {"ms": round(ts[len(ts) // 2], 2), "min_ms": round(ts[0], 2), "max_ms": round(ts[-1], 2)}
 
 
-def plan_loop_ms(model, fn, x: dict, steps: int, iters: int) -> dict:
-    """ms a step of whole ``steps``-step loops with an AdaLN plan (its GEMMs included: they run once a loop),
-    median of a few loops; and the plan's own GEMM time for the loop."""
+def loop_ms(model, fn, x: dict, steps: int, iters: int, *, plan: bool) -> dict:
+    """ms a step of whole ``steps``-step loops (timestep changing each step, as a denoising loop's), median of
+    a few loops; with ``plan``, every step's AdaLN modulations before the loop (AdaLNPlan, its GEMMs and time
+    embeddings included: they run once a loop) and that table's own time."""
     from worker.engine.fp8.adaln import adaln_plan
 
     timesteps = [float(t) for t in torch.linspace(1000, 1000 / steps, steps)]
-
     passes = []
 
     def loop():
-        plan = adaln_plan(model, timesteps, x["pooled_projections"])
+        p = adaln_plan(model, timesteps, x["pooled_projections"]) if plan else None
         for i, t in enumerate(timesteps):
-            plan.feed(i)
+            if p is not None:
+                p.feed(i)
             fn(**{**x, "timestep": torch.full_like(x["timestep"], t)})
-        plan.close()
-        passes.append(plan.passes)
+        if p is not None:
+            p.close()
+            passes.append(p.passes)
 
-    loops = time_ms(loop, iters=max(2, iters // 4), warm=1)
-    plan = adaln_plan(model, timesteps, x["pooled_projections"])
-    gemm = time_ms(lambda: plan._compute(0), iters=5, warm=1)  # the first (here: only) table of a loop
-    plan.close()
-    return {"ms": round(loops["ms"] / steps, 2), "loop_ms": loops["ms"], "loop_steps": steps,
-            "plan_table_ms": gemm["ms"], "plan_passes_per_loop": passes[-1], "plan_window_steps": plan.window}
+    loops = time_ms(loop, iters=max(3, iters // 3), warm=1)
+    rec = {"loop_ms_per_step": round(loops["ms"] / steps, 2), "loop_ms": loops["ms"], "loop_steps": steps}
+    if plan:
+        p = adaln_plan(model, timesteps, x["pooled_projections"])
+        rec.update(plan_table_ms=time_ms(lambda: p._compute(0), iters=5, warm=1)["ms"],  # the first table
+                   plan_passes_per_loop=passes[-1], plan_window_steps=p.window)
+        p.close()
+    return rec
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -332,8 +336,9 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 # fp8-attn-1stream: the default with the text stream's kernels in line on one CUDA stream;
                 # fp8-attn-nochunk / -chunk4096: the default with the feed-forward in one piece
                 # (ff_chunk_rows=0) / in 4096-row chunks; fp8-attn-plan: every step's AdaLN modulations
-                # before a loop of --steps steps (AdaLNPlan), timed per loop; the others compute them per step
-                # inside the graph, as earlier rounds did
+                # before a loop of --steps steps (AdaLNPlan; its "ms" is a graph replay fed by the runner,
+                # its loop_ms_per_step the figure to compare with fp8-attn-graph's); the others compute them
+                # per step inside the graph, as earlier rounds did
                 set_runtime_options(model, Fp8Options(fused_quant=v != "fp8-unfused",
                                                       adaln_all_steps="plan" in v,
                                                       fp8_attention=v.startswith("fp8-attn"),
@@ -357,10 +362,9 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 y = fn(**x)[0].float()
                 torch.cuda.synchronize()
                 rec["first_call_s"] = round(time.time() - t, 1)
-                if "plan" in v:
-                    rec.update(plan_loop_ms(model, fn, x, steps, iters))
-                else:
-                    rec.update(time_ms(lambda fn=fn: fn(**x), iters=iters))
+                rec.update(time_ms(lambda fn=fn: fn(**x), iters=iters))
+                if v in ("fp8-attn-graph", "fp8-attn-plan-graph"):  # the plan's worth: loops against loops
+                    rec.update(loop_ms(model, fn, x, steps, iters, plan="plan" in v))
                 y = fn(**x)[0].float()
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)  # includes the BF16 reference
             rec["peak_over_start_gib"] = round((torch.cuda.max_memory_allocated() - before) / GIB, 2)

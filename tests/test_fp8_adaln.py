@@ -188,3 +188,24 @@ def test_engine_images_are_the_same_with_and_without_the_plan(model_cache, monke
     # GPU's 16-row chunks); the plan's ran before the loop
     assert gemms[True] == gemms[False] == 6
     assert fed == {True: list(range(6)), False: []}
+
+
+def test_loop_time_embeddings_are_each_steps_own(tiny):
+    from worker.engine.fp8.adaln import loop_tembs, step_temb
+
+    m = copy.deepcopy(tiny)
+    pooled = inputs(3)["pooled_projections"]
+    with torch.no_grad():
+        want = torch.cat([step_temb(m, torch.full((3,), t), pooled) for t in TIMESTEPS])
+        assert torch.equal(loop_tembs(m, TIMESTEPS, pooled), want)
+        # an embedder of another kind: called once a step, as the transformer would
+        real = m.time_text_embed
+        calls = []
+
+        class Other(torch.nn.Module):
+            def forward(self, t, p):
+                calls.append(t.shape)
+                return real(t, p)
+
+        m.time_text_embed = Other()
+        assert torch.equal(loop_tembs(m, TIMESTEPS, pooled), want) and calls == [(3,)] * len(TIMESTEPS)

@@ -158,6 +158,28 @@ def step_temb(transformer, timestep: torch.Tensor, pooled: torch.Tensor) -> torc
     return transformer.time_text_embed(timestep, pooled)
 
 
+def loop_tembs(transformer, timesteps: list[float], pooled: torch.Tensor) -> torch.Tensor:
+    """(len(timesteps) * rows, D): each step's ``temb`` as its own call computes it, in fewer launches.
+
+    diffusers' ``CombinedTimestepTextProjEmbeddings`` adds a timestep embedding (sinusoids, then a two-layer
+    MLP) to a projection of the pooled text. The sinusoids are elementwise, so all steps' are computed at
+    once; the text projection is the same every step, so it is computed once; the MLP runs per step, at the
+    call's own row count (a GEMM may round a row differently at another). Another embedder: one call a step.
+    """
+    tte = transformer.time_text_embed
+    rows, device = pooled.shape[0], pooled.device
+    parts = [getattr(tte, n, None) for n in ("time_proj", "timestep_embedder", "text_embedder")]
+    if type(tte).__name__ != "CombinedTimestepTextProjEmbeddings" or any(p is None for p in parts):
+        return torch.cat([step_temb(transformer, torch.full((rows,), t, device=device, dtype=torch.float32),
+                                    pooled) for t in timesteps])
+    time_proj, timestep_embedder, text_embedder = parts
+    # each step's (rows,) timestep tensor, as the engine passes it; filled on the device (no host copy)
+    t_all = torch.cat([torch.full((rows,), t, device=device, dtype=torch.float32) for t in timesteps])
+    proj = time_proj(t_all).to(dtype=pooled.dtype)
+    text = text_embedder(pooled)
+    return torch.cat([timestep_embedder(proj[i:i + rows]) + text for i in range(0, proj.shape[0], rows)])
+
+
 def feed_call(transformer, bank: AdaLNBank, timestep: torch.Tensor, pooled: torch.Tensor) -> None:
     """Compute and feed one call's modulations (what an unfed call's first block would compute)."""
     bank.feed(bank.modulations(step_temb(transformer, timestep, pooled)))
@@ -190,12 +212,9 @@ class AdaLNPlan:
 
     def _compute(self, start: int) -> None:
         stop = min(start + self.window, len(self.timesteps))
-        device = self.pooled.device
-        tembs = [step_temb(self.transformer,
-                           torch.full((self.rows,), t, device=device, dtype=torch.float32), self.pooled)
-                 for t in self.timesteps[start:stop]]
+        tembs = loop_tembs(self.transformer, self.timesteps[start:stop], self.pooled)
         self._table = None  # free the last window first
-        self._table = self.bank.modulations(torch.cat(tembs), rows=self.rows).view(stop - start, self.rows, -1)
+        self._table = self.bank.modulations(tembs, rows=self.rows).view(stop - start, self.rows, -1)
         chunk = self.bank.chunk_rows(self.rows)
         self.passes += -(-(stop - start) * self.rows // chunk)
         self._start = start
@@ -228,4 +247,4 @@ def adaln_plan(transformer, timesteps: list[float], pooled: torch.Tensor) -> Ada
     return AdaLNPlan(transformer, bank, timesteps, pooled)
 
 
-__all__ = ["AdaLNBank", "AdaLNPlan", "PLAN_BYTES", "adaln_plan", "bank_of", "feed_call", "step_temb"]
+__all__ = ["AdaLNBank", "AdaLNPlan", "PLAN_BYTES", "adaln_plan", "bank_of", "feed_call", "loop_tembs", "step_temb"]
