@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 def build_engine(model: str, precision: str, res: int, buckets: tuple[int, ...]):
     """``precision``: bf16 or fp8, with options after dashes: ``t5`` (the FP8 T5 text encoder), ``cl`` (the
-    VAE in channels_last), ``eagerenc`` (text encoders without CUDA graphs); e.g. fp8-t5-cl."""
+    VAE in channels_last), ``encg`` (text encoders in CUDA graphs); e.g. fp8-t5-cl."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from bench.engine import _components
@@ -36,9 +36,9 @@ def build_engine(model: str, precision: str, res: int, buckets: tuple[int, ...])
     from worker.engine.sd35_configs import SCHEDULER, build_transformer
 
     base, *flags = precision.split("-")
-    unknown = set(flags) - {"t5", "cl", "eagerenc"}
+    unknown = set(flags) - {"t5", "cl", "encg"}
     if base not in ("bf16", "fp8") or unknown or (base == "bf16" and "t5" in flags):
-        raise SystemExit(f"--precisions: {precision!r}; use bf16 or fp8, then -t5, -cl, -eagerenc")
+        raise SystemExit(f"--precisions: {precision!r}; use bf16 or fp8, then -t5, -cl, -encg")
     parts = {k: v for k, v in _components(res).items() if k != "build_s"}
     transformer = build_transformer(model, device="cuda", dtype=torch.bfloat16, seed=0)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
@@ -48,7 +48,7 @@ def build_engine(model: str, precision: str, res: int, buckets: tuple[int, ...])
     engine = DiffusersEngine(EngineOptions(model=model, device="cuda", precision=base, cuda_graphs=fp8,
                                            batch_buckets=buckets, fp8_text_encoder="t5" in flags,
                                            channels_last_vae="cl" in flags,
-                                           text_encoder_graphs="eagerenc" not in flags))
+                                           text_encoder_graphs="encg" in flags))
     # What load() does, minus reading weights from disk (there are none: random weights).
     engine.pipe, engine.precision, engine.model_name = pipe, base, f"sd3.5-{model}"
     engine.make_streams()
@@ -171,8 +171,8 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--precisions", default="bf16,fp8",
                     help="bf16, fp8, fp8-t5 (fp8 with the FP8 T5 text encoder; runs with t5 go last: they convert "
-                         "the shared T5 in place), ...-cl (the VAE in channels_last), ...-eagerenc (text "
-                         "encoders without CUDA graphs)")
+                         "the shared T5 in place), ...-cl (the VAE in channels_last), ...-encg (text "
+                         "encoders in CUDA graphs)")
     ap.add_argument("--buckets", default="1,2,4,8", help="the engine's image batch buckets (CUDA graphs)")
     ap.add_argument("--trace", action="store_true",
                     help="also list the CUDA runtime calls the host makes during two back-to-back batches "
@@ -266,10 +266,10 @@ def main() -> int:
             d = np.abs(images[f"fp8-t5-cl-{n}"].astype(int) - images[f"fp8-t5-{n}"].astype(int))
             out[f"channels_last_vs_default_vae_batch{n}"] = {"max_pixel_diff": int(d.max()),
                                                              "mean_pixel_diff": round(float(d.mean()), 4)}
-    # Text encoders eager against their CUDA graphs (same everything else): the same embeddings and images?
+    # Text encoders in CUDA graphs against eager (same everything else): the same embeddings and images?
     for p in precisions:
-        q = p.replace("-eagerenc", "")
-        if p.endswith("-eagerenc") and q in embeds:
+        q = p.replace("-encg", "")
+        if p.endswith("-encg") and q in embeds:
             out[f"text_encoder_graphs_vs_eager_{q}"] = {
                 "prompt_embeds_equal": bool(torch.equal(embeds[p], embeds[q])),
                 **{f"max_pixel_diff_batch{n}": int(np.abs(images[f"{p}-{n}"].astype(int)

@@ -81,8 +81,7 @@ def test_engine_switch_and_cpu_warmup(cache_dir, monkeypatch):
     from worker.engine.diffusers_engine import DiffusersEngine, EngineOptions
 
     monkeypatch.setenv("SDFLEET_CACHE_DIR", str(cache_dir))
-    assert EngineOptions().text_encoder_graphs
-    e = DiffusersEngine(EngineOptions(model="tiny", device="cpu", precision="fp32"))
+    e = DiffusersEngine(EngineOptions(model="tiny", device="cpu", precision="fp32", text_encoder_graphs=True))
     e.load()
     e.warmup([BatchKey(model=e.model_name, width=128, height=128, steps=2, guidance_scale=4.5)])
     assert e._encoder_graphs is None  # on the CPU: no graphs of any kind
