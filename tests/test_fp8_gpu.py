@@ -52,21 +52,28 @@ def _twice(fn):
     return eager, captured
 
 
-@gpu
-def test_text_stream_gives_the_same_bits():
-    # the text stream's kernels on their own CUDA stream in a captured graph: same output as in line
+def _medium3(seed: int = 0):
+    """SD3.5 Medium's block widths, three blocks (the first dual-attention), random bf16 weights on the GPU."""
     from diffusers import SD3Transformer2DModel
 
-    from worker.engine.fp8 import Fp8Options, apply_fp8, set_runtime_options
     from worker.engine.sd35_configs import TRANSFORMER
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = dict(TRANSFORMER["medium"], num_layers=3, dual_attention_layers=(0,))
     with torch.device("cuda"):
         bf = SD3Transformer2DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
     for p in bf.parameters():
         if p.dim() >= 2:
             p.data.mul_(0.5)
+    return bf
+
+
+@gpu
+def test_text_stream_gives_the_same_bits():
+    # the text stream's kernels on their own CUDA stream in a captured graph: same output as in line
+    from worker.engine.fp8 import Fp8Options, apply_fp8, set_runtime_options
+
+    bf = _medium3()
     m = apply_fp8(copy.deepcopy(bf), Fp8Options())
     g = torch.Generator(device="cuda").manual_seed(1)
     x = dict(hidden_states=torch.randn(2, 16, 64, 64, device="cuda", generator=g).bfloat16(),
@@ -82,21 +89,6 @@ def test_text_stream_gives_the_same_bits():
     assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[False][1], outs[True][1])
     assert torch.equal(outs[True][0], outs[True][1])
     assert _rel(outs[True][0], ref) < 0.05
-
-
-def _medium3(seed: int = 0):
-    from diffusers import SD3Transformer2DModel
-
-    from worker.engine.sd35_configs import TRANSFORMER
-
-    torch.manual_seed(seed)
-    cfg = dict(TRANSFORMER["medium"], num_layers=3, dual_attention_layers=(0,))
-    with torch.device("cuda"):
-        bf = SD3Transformer2DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
-    for p in bf.parameters():
-        if p.dim() >= 2:
-            p.data.mul_(0.5)
-    return bf
 
 
 @gpu
