@@ -209,3 +209,47 @@ def test_loop_time_embeddings_are_each_steps_own(tiny):
 
         m.time_text_embed = Other()
         assert torch.equal(loop_tembs(m, TIMESTEPS, pooled), want) and calls == [(3,)] * len(TIMESTEPS)
+
+
+@cpu_fp8_linear
+def test_a_call_that_stops_early_leaves_no_feed_behind(tiny):
+    m = apply_fp8(copy.deepcopy(tiny), Fp8Options())
+    bank = bank_of(m)
+    x = inputs(2)
+    want = step(m, x, 250.0)
+    with torch.no_grad():
+        plan = adaln_plan(m, TIMESTEPS, x["pooled_projections"])
+        plan.feed(0)
+        blk = m.transformer_blocks[1]
+        real = blk.forward
+        blk.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a block fails"))
+        try:
+            with pytest.raises(RuntimeError, match="a block fails"):
+                step(m, x, TIMESTEPS[0])
+        finally:
+            blk.forward = real
+        assert bank.armed == 0  # the first block consumed the feed
+        assert torch.equal(step(m, x, 250.0), want)  # the next, unfed call computes its own
+        plan.feed(1)
+        with pytest.raises(EngineError, match="2 rows fed for a call of 1"):
+            step(m, inputs(1), 250.0)
+        assert bank.armed == 0  # refused, and not left for the call after
+
+
+@cpu_fp8_linear
+def test_a_feed_buffer_made_in_inference_mode_takes_feeds_outside_it(tiny):
+    m = apply_fp8(copy.deepcopy(tiny), Fp8Options())
+    bank = bank_of(m)
+    x = inputs(2)
+    with torch.inference_mode():
+        assert bank.enable_feed(2)
+    with torch.no_grad():
+        plan = adaln_plan(m, TIMESTEPS, x["pooled_projections"])
+        plan.feed(0)
+        step(m, x, TIMESTEPS[0])
+    bank.hold_feed()
+    bank.hold_feed()  # two runners' graphs read it
+    bank.release_feed()
+    assert bank.fed is not None
+    bank.release_feed()
+    assert bank.fed is None and bank.holders == 0

@@ -75,7 +75,9 @@ class CudaGraphRunner:
 
         self._bank = bank_of(transformer)
         options = getattr(transformer, MARKER, None)
+        # decided here, for this runner's graphs: set_runtime_options later changes the engine's plan, not them
         self.fed = bool(self._bank is not None and options is not None and options.adaln_all_steps)
+        self._holds_feed = False
 
     def bucket(self, rows: int) -> int | None:
         """The smallest bucket holding ``rows``, or None when the batch is larger than every bucket."""
@@ -109,8 +111,13 @@ class CudaGraphRunner:
                                                   generator=g),
                 "timestep": torch.full((b,), 500.0, device=device, dtype=torch.float32),
             }
-            if self.fed and not self._bank.enable_feed(max(self.buckets), fixed=True):
-                raise EngineError("AdaLN bank: its feed buffer is smaller than this runner's largest bucket")
+            if self.fed and not self._holds_feed:
+                if self._bank.enable_feed(max((*self.buckets, *(buckets or ()))), fixed=True):
+                    self._bank.hold_feed()
+                    self._holds_feed = True
+                else:  # another runner's graphs fixed a smaller buffer: these compute their modulations
+                    log.warning("AdaLN feed buffer too small for this runner; its graphs compute modulations")
+                    self.fed = False
             with torch.inference_mode():
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
@@ -125,6 +132,8 @@ class CudaGraphRunner:
                     with torch.cuda.graph(graph, pool=self._pool):
                         out = self._eager(**inputs, return_dict=False)[0]
                 except RuntimeError as exc:  # this shape runs eagerly; the worker still boots
+                    if self._bank is not None:
+                        self._bank.armed = 0  # the capture's feed, perhaps never read
                     log.warning("CUDA graph capture failed; shape runs eagerly",
                                 extra={"key": key, "error": repr(exc)[:300]})
                     self.failed[key] = repr(exc)[:300]
@@ -159,7 +168,7 @@ class CudaGraphRunner:
         ins["pooled_projections"][:rows].copy_(pooled_projections)
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         ins["timestep"][:rows].copy_(t.expand(rows) if t.dim() == 0 else t)
-        if self.fed and self._bank.armed < rows:  # nobody fed this call (no AdaLNPlan): compute it here
+        if self.fed and self._bank.armed != rows:  # nobody fed this call (no AdaLNPlan): compute it here
             self._feed(ins, rows)
         entry.graph.replay()
         if self._bank is not None:
@@ -193,6 +202,8 @@ class CudaGraphRunner:
         self.memory.clear()
         self._pool = None
         if self._bank is not None:
-            self._bank.disable_feed()
+            if self._holds_feed:
+                self._bank.release_feed()  # the buffer goes with the last runner whose graphs read it
+                self._holds_feed = False
             self._bank.clear()
         torch.cuda.empty_cache()

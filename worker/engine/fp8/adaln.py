@@ -55,6 +55,7 @@ class AdaLNBank:
         #: rows of ``fed`` that hold the next call's modulations; 0: the next call computes them
         self.armed = 0
         self.fixed = False  # ``fed`` is read by captured CUDA graphs: never replaced
+        self.holders = 0  # graph runners whose graphs read ``fed``
 
     @classmethod
     def merge(cls, banks: list[AdaLNBank]) -> AdaLNBank:
@@ -109,9 +110,21 @@ class AdaLNBank:
             return False
         w = self.linear.weight
         dtype = getattr(self.linear, "out_dtype", None) or w.dtype
-        self.fed = torch.zeros((rows, self.linear.out_features), device=w.device, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: fed under inference mode or no_grad alike
+            self.fed = torch.zeros((rows, self.linear.out_features), device=w.device, dtype=dtype)
         self.armed, self.fixed = 0, fixed
         return True
+
+    def hold_feed(self) -> None:
+        """A graph runner's graphs read the buffer: keep it until every such runner lets go."""
+        self.holders += 1
+
+    def release_feed(self) -> None:
+        """A runner's graphs are gone; the last one to go drops the buffer."""
+        self.holders = max(0, self.holders - 1)
+        self.armed = 0
+        if not self.holders:
+            self.disable_feed()
 
     def disable_feed(self) -> None:
         """Drop the buffer (the graphs that read it are released)."""
@@ -136,9 +149,12 @@ class AdaLNBank:
         if temb is not self.temb:
             if self.armed:
                 b = temb.shape[0]
-                if b > self.armed:  # a caller fed fewer rows than it runs: refuse rather than read stale rows
-                    raise EngineError(f"AdaLN bank: {self.armed} rows fed for a call of {b}")
-                out = self.fed[:b]
+                if b != self.armed:  # a feed is for one call of its own row count, never another call's
+                    armed, self.armed = self.armed, 0
+                    raise EngineError(f"AdaLN bank: {armed} rows fed for a call of {b}")
+                # consumed by this call's first block: a call that stops early (skip_layers, an exception)
+                # leaves nothing armed for the next one
+                out, self.armed = self.fed[:b], 0
             else:
                 out = self.linear(F.silu(temb))
             self.temb, self.out, self.computed_by = temb, out, index

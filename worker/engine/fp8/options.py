@@ -48,9 +48,11 @@ class Fp8Options:
         stream's (``blocks.TextStream``).
     adaln_all_steps: the engine computes every step's AdaLN modulations before a denoising loop's first
         step (``worker.engine.fp8.adaln.AdaLNPlan``): they depend only on the timestep and the pooled text,
-        so a loop streams the modulation weights (a third of Large's) once per 16 transformer rows of all
-        its steps instead of once per step; the same values bit for bit. Read by the engine and the graph
-        runner (a graph captured with it reads the step's modulations from a buffer the engine fills).
+        so a loop of up to 16 transformer rows a step streams the modulation weights (a third of Large's)
+        once per 16 rows of all its steps instead of once per step, the same values bit for bit (larger
+        calls, or fast_accum off: one pass a step, as without it). Read by the engine, and by a graph runner
+        when it is made (its graphs read the step's modulations from a buffer the engine fills; changing
+        the switch later with set_runtime_options does not change graphs already captured).
     bf16_layers: layer types (``LAYER_TYPES``) that stay BF16.
     ff_chunk_rows: with fused_quant, the image stream's feed-forward runs this many rows (tokens) at a time
         when it has more: its hidden activation, 4x the model width in bf16 and again in E4M3, is the largest
