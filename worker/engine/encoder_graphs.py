@@ -147,10 +147,9 @@ class EncoderGraphs:
         """Capture every encoder at every bucket; ``t5_length``: T5's padded length (max_sequence_length)."""
         n = 0
         for graphs, length, pad, flags in self.parts.values():
-            if graphs.pool is None:
-                if self.pool is None and next(graphs.module.parameters()).is_cuda:
-                    self.pool = torch.cuda.graph_pool_handle()
-                graphs.pool = self.pool
+            if self.pool is None and next(graphs.module.parameters()).is_cuda:  # else capture() says why not
+                self.pool = torch.cuda.graph_pool_handle()
+            graphs.pool = self.pool
             n += len(graphs.capture(length or t5_length, pad, **flags))
         return n
 

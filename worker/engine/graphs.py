@@ -112,8 +112,7 @@ class CudaGraphRunner:
                 "timestep": torch.full((b,), 500.0, device=device, dtype=torch.float32),
             }
             if self.fed and not self._holds_feed:
-                if self._bank.enable_feed(max((*self.buckets, *(buckets or ()))), fixed=True):
-                    self._bank.hold_feed()
+                if self._bank.enable_feed(max((*self.buckets, *(buckets or ()))), fixed=True):  # holds it
                     self._holds_feed = True
                 else:  # another runner's graphs fixed a smaller buffer: these compute their modulations
                     log.warning("AdaLN feed buffer too small for this runner; its graphs compute modulations")

@@ -54,8 +54,7 @@ class AdaLNBank:
         self.fed: torch.Tensor | None = None
         #: rows of ``fed`` that hold the next call's modulations; 0: the next call computes them
         self.armed = 0
-        self.fixed = False  # ``fed`` is read by captured CUDA graphs: never replaced
-        self.holders = 0  # graph runners whose graphs read ``fed``
+        self.holders = 0  # graph runners whose graphs read ``fed`` (while any do, it is never replaced)
 
     @classmethod
     def merge(cls, banks: list[AdaLNBank]) -> AdaLNBank:
@@ -98,21 +97,27 @@ class AdaLNBank:
 
     # --- fed calls ---------------------------------------------------------------------------------
 
+    @property
+    def fixed(self) -> bool:
+        """``fed`` is read by captured CUDA graphs at its address: it is never replaced."""
+        return self.holders > 0
+
     def enable_feed(self, rows: int, *, fixed: bool = False) -> bool:
         """A persistent buffer for calls of up to ``rows`` rows; whether there is one that large now.
 
-        ``fixed``: the buffer must keep its address from now on (a CUDA graph captured fed reads it there),
-        so a later call asking for more rows gets False instead of a new buffer."""
-        if self.fed is not None and self.fed.shape[0] >= rows:
-            self.fixed = self.fixed or fixed
-            return True
-        if self.fixed:
-            return False
-        w = self.linear.weight
-        dtype = getattr(self.linear, "out_dtype", None) or w.dtype
-        with torch.inference_mode(False):  # a normal tensor: fed under inference mode or no_grad alike
-            self.fed = torch.zeros((rows, self.linear.out_features), device=w.device, dtype=dtype)
-        self.armed, self.fixed = 0, fixed
+        ``fixed``: the caller's CUDA graphs will read the buffer (it holds it, :meth:`release_feed` lets go),
+        so it keeps its address from then on, and a later call asking for more rows gets False instead of a
+        new buffer."""
+        if self.fed is None or self.fed.shape[0] < rows:
+            if self.fixed:
+                return False
+            w = self.linear.weight
+            dtype = getattr(self.linear, "out_dtype", None) or w.dtype
+            with torch.inference_mode(False):  # a normal tensor: fed under inference mode or no_grad alike
+                self.fed = torch.zeros((rows, self.linear.out_features), device=w.device, dtype=dtype)
+            self.armed = 0
+        if fixed:
+            self.hold_feed()
         return True
 
     def hold_feed(self) -> None:
@@ -128,7 +133,7 @@ class AdaLNBank:
 
     def disable_feed(self) -> None:
         """Drop the buffer (the graphs that read it are released)."""
-        self.fed, self.armed, self.fixed = None, 0, False
+        self.fed, self.armed, self.holders = None, 0, 0
 
     def feed(self, mods: torch.Tensor) -> None:
         """The next call's modulations, (rows, out_features); that call reads them instead of computing."""
