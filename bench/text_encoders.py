@@ -18,6 +18,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
+import faulthandler  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -39,7 +40,16 @@ def main() -> int:
     ap.add_argument("--fp8-t5", action="store_true", help="T5's linears in FP8 (EngineOptions.fp8_text_encoder)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--stacks-every", type=float, default=0,
+                    help="print every thread's stack to stderr every N seconds (0: never): shows where a slow "
+                         "or stuck capture is")
     a = ap.parse_args()
+    if a.stacks_every > 0:
+        faulthandler.dump_traceback_later(a.stacks_every, repeat=True, file=sys.stderr)
+    t0 = time.perf_counter()
+
+    def phase(name):
+        print(f"[{time.perf_counter() - t0:8.2f} s] {name}", file=sys.stderr, flush=True)
     counts = [int(n) for n in a.prompts.split(",")]
     parts = {k: v for k, v in _components(1024).items() if k != "build_s"}
     if a.fp8_t5:
@@ -67,15 +77,19 @@ def main() -> int:
             ts.append(time.perf_counter() - t)
         return statistics.median(ts), r
 
+    phase("encoders built")
     with torch.inference_mode():
         eager = {n: timed(n) for n in counts}
+        phase("eager timed")
         graphs = EncoderGraphs(pipe, counts)
         t = time.perf_counter()
         captured = graphs.capture(t5_length=T5_TOKENS)
         torch.cuda.synchronize()
         capture_s = time.perf_counter() - t
+        phase(f"captured {captured} graphs in {capture_s:.2f} s")
         graphs.install()
         graphed = {n: timed(n) for n in counts}
+        phase("graphs timed")
         out["capture_s"] = round(capture_s, 2)
         out["graphs"] = captured
         out["failed"] = graphs.failed

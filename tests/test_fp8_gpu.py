@@ -156,18 +156,15 @@ def test_fed_cuda_graphs_give_the_same_bits():
             assert torch.equal(a, b)
 
 
-@gpu
-def test_text_encoder_graphs_give_the_same_embeddings():
-    # CLIP (hidden states asked for) and the FP8 T5 replayed from CUDA graphs: the same bits as eager at a
-    # bucket's own prompt count, rows of a padded call as eager's, and each call's output its own copy
+def _tiny_encoders(seed: int = 0):
+    """A pipeline-shaped namespace with a two-layer CLIP and a two-layer FP8 T5, on the GPU."""
     import types
 
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from worker.engine.encoder_graphs import EncoderGraphs
     from worker.engine.fp8.text_encoder import fp8_text_encoder
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device("cuda"):
         clip = CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -179,8 +176,18 @@ def test_text_encoder_graphs_give_the_same_embeddings():
                                      decoder_start_token_id=0)).to(torch.bfloat16).eval()
     fp8_text_encoder(t5, "cuda")
     tok = types.SimpleNamespace(pad_token_id=0)
-    pipe = types.SimpleNamespace(tokenizer_max_length=77, text_encoder=clip, text_encoder_2=None, text_encoder_3=t5,
-                                 tokenizer=tok, tokenizer_2=tok, tokenizer_3=tok)
+    return types.SimpleNamespace(tokenizer_max_length=77, text_encoder=clip, text_encoder_2=None,
+                                 text_encoder_3=t5, tokenizer=tok, tokenizer_2=tok, tokenizer_3=tok)
+
+
+@gpu
+def test_text_encoder_graphs_give_the_same_embeddings():
+    # CLIP (hidden states asked for) and the FP8 T5 replayed from CUDA graphs: the same bits as eager at a
+    # bucket's own prompt count, rows of a padded call as eager's, and each call's output its own copy
+    from worker.engine.encoder_graphs import EncoderGraphs
+
+    pipe = _tiny_encoders()
+    clip, t5 = pipe.text_encoder, pipe.text_encoder_3
     g = torch.Generator(device="cuda").manual_seed(4)
     ids = {n: (torch.randint(3, 300, (n, 77), device="cuda", generator=g),
                torch.randint(3, 300, (n, 64), device="cuda", generator=g)) for n in (1, 3, 4, 5)}
@@ -204,3 +211,57 @@ def test_text_encoder_graphs_give_the_same_embeddings():
         assert got[4][0].text_embeds.data_ptr() != again.text_embeds.data_ptr()
         graphs.release()
     assert "forward" not in clip.__dict__ and "forward" not in t5.__dict__
+
+
+@gpu
+def test_transformer_and_encoder_graphs_replay_side_by_side():
+    # The engine replays the text encoders' graphs on its encoding stream while the transformer's replay on
+    # the main stream (the next batch's prompts during this one's steps). Each graph set is captured on a
+    # stream of its own, never torch's shared default capture stream: cuBLAS keys its workspace by stream,
+    # and graphs captured on one stream share it (a Large worker hung that way). Overlapped replays must give
+    # the bits of replays one after another.
+    from worker.engine.encoder_graphs import EncoderGraphs
+    from worker.engine.fp8 import Fp8Options, apply_fp8
+    from worker.engine.graphs import CudaGraphRunner
+
+    m = apply_fp8(_medium3(), Fp8Options())
+    pipe = _tiny_encoders()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = dict(hidden_states=torch.randn(2, 16, 64, 64, device="cuda", generator=g).bfloat16(),
+             encoder_hidden_states=torch.randn(2, 154, 4096, device="cuda", generator=g).bfloat16(),
+             pooled_projections=torch.randn(2, 2048, device="cuda", generator=g).bfloat16(),
+             timestep=torch.full((2,), 700.0, device="cuda"))
+    clip_ids = torch.randint(3, 300, (4, 77), device="cuda", generator=g)
+    t5_ids = torch.randint(3, 300, (4, 64), device="cuda", generator=g)
+    with torch.inference_mode():
+        runner = CudaGraphRunner(m, batch_buckets=(2,))
+        runner.capture((64, 64), 154)
+        runner.install()
+        graphs = EncoderGraphs(pipe, (4,))
+        assert graphs.capture(t5_length=64) == 2
+        graphs.install()
+        default = torch.cuda.graph.default_capture_stream
+        streams = {runner.capture_stream, graphs.stream}
+        assert len(streams) == 2 and None not in streams and default not in streams
+
+        def encode():
+            return pipe.text_encoder(clip_ids, output_hidden_states=True).text_embeds, pipe.text_encoder_3(t5_ids)[0]
+
+        step_want = m(**x, return_dict=False)[0]
+        enc_want = encode()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        steps, encs = [], []
+        for _ in range(8):
+            with torch.cuda.stream(side):  # queued first, so it runs beside the step below
+                encs.append(encode())
+            steps.append(m(**x, return_dict=False)[0])
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        assert runner.replays == 9 and graphs.replays == 18 and graphs.eager_calls == 0
+        for out in steps:
+            assert torch.equal(out, step_want)
+        for te, t5 in encs:
+            assert torch.equal(te, enc_want[0]) and torch.equal(t5, enc_want[1])
+        graphs.release()
+        runner.release()

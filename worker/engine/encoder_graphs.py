@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sdfleet.errors import EngineError
+from worker.engine.graphs import capture_graph
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,13 @@ class ModuleGraphs:
     """Stands in for ``module.forward(input_ids, **flags)``: replays a graph captured for the bucket holding
     the call's prompt count, with the same non-tensor flags (``output_hidden_states=True`` for CLIP)."""
 
-    def __init__(self, module: torch.nn.Module, buckets: Sequence[int], pool, *, warmup_iters: int = 2):
+    def __init__(self, module: torch.nn.Module, buckets: Sequence[int], pool, *, warmup_iters: int = 2,
+                 stream=None):
         self.module = module
         self.buckets = tuple(sorted({int(b) for b in buckets}))
         self.pool = pool
+        #: the stream its graphs are captured on (``graphs.capture_graph``: never the transformer's)
+        self.stream = stream
         self.warmup_iters = warmup_iters
         self._eager = type(module).forward.__get__(module)
         self.graphs: dict[tuple, _Graph] = {}
@@ -77,23 +81,17 @@ class ModuleGraphs:
                 continue
             ids = torch.full((b, length), pad_id, dtype=torch.long, device=device)
             ids[:, 0] = pad_id + 1  # not all padding: some encoders look for their EOS token's position
-            with torch.inference_mode():
-                side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    for _ in range(self.warmup_iters):  # cuBLAS algorithms, Triton autotuning (the FP8 T5)
-                        self._eager(ids, **flags)
-                torch.cuda.current_stream(device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph, pool=self.pool):
-                        out = self._eager(ids, **flags)
-                except RuntimeError as exc:  # e.g. a host synchronisation inside the encoder: it runs eagerly
-                    log.warning("text encoder graph capture failed; it runs eagerly",
-                                extra={"encoder": type(self.module).__name__, "bucket": b, "error": repr(exc)[:300]})
-                    self.failed[key] = repr(exc)[:300]
-                    torch.cuda.synchronize(device)
-                    continue
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(device)
+            try:
+                graph, out = capture_graph(lambda i=ids: self._eager(i, **flags), pool=self.pool, stream=self.stream,
+                                           warmup_iters=self.warmup_iters)
+            except RuntimeError as exc:  # e.g. a host synchronisation inside the encoder: it runs eagerly
+                log.warning("text encoder graph capture failed; it runs eagerly",
+                            extra={"encoder": type(self.module).__name__, "bucket": b, "error": repr(exc)[:300]})
+                self.failed[key] = repr(exc)[:300]
+                torch.cuda.synchronize(device)
+                continue
             torch.cuda.synchronize(device)
             self.graphs[key] = _Graph(graph, ids, out)
             done.append(key)
@@ -129,7 +127,8 @@ class EncoderGraphs:
     def __init__(self, pipe, buckets: Sequence[int]):
         if not buckets or any(int(b) < 1 for b in buckets):
             raise EngineError(f"text encoder buckets must be positive integers, got {buckets!r}")
-        self.pool = None  # made at the first capture (it needs CUDA)
+        self.pool = None  # made at the first capture (it needs CUDA), with the capture stream
+        self.stream = None
         self.parts: dict[str, tuple[ModuleGraphs, int, int, dict]] = {}
         clip_len = pipe.tokenizer_max_length
         for name, flags, tok in (("text_encoder", {"output_hidden_states": True}, "tokenizer"),
@@ -149,7 +148,10 @@ class EncoderGraphs:
         for graphs, length, pad, flags in self.parts.values():
             if self.pool is None and next(graphs.module.parameters()).is_cuda:  # else capture() says why not
                 self.pool = torch.cuda.graph_pool_handle()
-            graphs.pool = self.pool
+                # one capture stream for the three encoders: they replay one after another, so their graphs
+                # may share its cuBLAS workspace, but not with the transformer's, which replay beside them
+                self.stream = torch.cuda.Stream(next(graphs.module.parameters()).device)
+            graphs.pool, graphs.stream = self.pool, self.stream
             n += len(graphs.capture(length or t5_length, pad, **flags))
         return n
 
@@ -162,7 +164,7 @@ class EncoderGraphs:
             graphs.uninstall()
             graphs.graphs.clear()
         self.parts.clear()
-        self.pool = None
+        self.pool = self.stream = None
 
     @property
     def replays(self) -> int:

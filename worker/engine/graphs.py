@@ -39,6 +39,34 @@ def pool_bytes(pool) -> int:
                if tuple(seg.get("segment_pool_id", ())) == pool)
 
 
+def capture_graph(fn, *, pool, stream: torch.cuda.Stream, warmup_iters: int, before=None):
+    """Run ``fn()`` ``warmup_iters`` times, then capture one call of it into a new graph: ``(graph, output)``.
+
+    ``before()`` runs ahead of each call, outside the capture. Warm-up and capture both run on ``stream``,
+    which belongs to the caller's graph set: never torch's shared default capture stream. cuBLAS keys its
+    workspace by stream, and a graph keeps the workspace pointer of the stream it was captured on, so two
+    graph sets captured on one stream share one workspace; replayed at once on two streams (the transformer's
+    on the main stream, the text encoders' on the encoding stream) their GEMMs race on it. Measured: a Large
+    worker hung in its second back-to-back batch. Warming up on that same stream (not a fresh side stream
+    each time) also keeps the number of per-stream workspaces, 32 MiB each on Hopper, at one per graph set.
+    A RuntimeError (an operation that cannot be captured) reaches the caller, which runs that shape eagerly.
+    """
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    with torch.inference_mode():
+        with torch.cuda.stream(stream):
+            for _ in range(warmup_iters):  # compiles Triton kernels, picks cuBLAS algorithms
+                if before is not None:
+                    before()
+                fn()
+        torch.cuda.current_stream(stream.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if before is not None:
+            before()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = fn()
+    return graph, out
+
+
 class CudaGraphRunner:
     """Stands in for ``transformer.forward``: same arguments, replays a graph when one fits."""
 
@@ -59,6 +87,8 @@ class CudaGraphRunner:
         self._eager = type(transformer).forward.__get__(transformer)
         self.shared_pool = shared_pool
         self._pool = None
+        #: this runner's own stream for warm-ups and captures (``capture_graph`` says why not torch's default)
+        self.capture_stream: torch.cuda.Stream | None = None
         #: per captured key, after its capture: the allocator's reserved and allocated bytes, the growth of
         #: reserved memory the capture caused (its eager warm-up's cached blocks included) and the bytes its
         #: graph pool holds (with a shared pool: every graph's so far)
@@ -117,27 +147,20 @@ class CudaGraphRunner:
                 else:  # another runner's graphs fixed a smaller buffer: these compute their modulations
                     log.warning("AdaLN feed buffer too small for this runner; its graphs compute modulations")
                     self.fed = False
-            with torch.inference_mode():
-                side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    for _ in range(self.warmup_iters):  # compiles Triton kernels, picks cuBLAS algorithms
-                        self._feed(inputs)
-                        self._eager(**inputs, return_dict=False)
-                torch.cuda.current_stream(device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                self._feed(inputs)  # before the capture: the graph reads the buffer, it does not fill it
-                try:
-                    with torch.cuda.graph(graph, pool=self._pool):
-                        out = self._eager(**inputs, return_dict=False)[0]
-                except RuntimeError as exc:  # this shape runs eagerly; the worker still boots
-                    if self._bank is not None:
-                        self._bank.armed = 0  # the capture's feed, perhaps never read
-                    log.warning("CUDA graph capture failed; shape runs eagerly",
-                                extra={"key": key, "error": repr(exc)[:300]})
-                    self.failed[key] = repr(exc)[:300]
-                    torch.cuda.synchronize(device)
-                    continue
+            if self.capture_stream is None:
+                self.capture_stream = torch.cuda.Stream(device)
+            try:  # the feed runs before each call, outside the capture: the graph reads the buffer
+                graph, out = capture_graph(lambda i=inputs: self._eager(**i, return_dict=False)[0],
+                                           pool=self._pool, stream=self.capture_stream,
+                                           warmup_iters=self.warmup_iters, before=lambda i=inputs: self._feed(i))
+            except RuntimeError as exc:  # this shape runs eagerly; the worker still boots
+                if self._bank is not None:
+                    self._bank.armed = 0  # the capture's feed, perhaps never read
+                log.warning("CUDA graph capture failed; shape runs eagerly",
+                            extra={"key": key, "error": repr(exc)[:300]})
+                self.failed[key] = repr(exc)[:300]
+                torch.cuda.synchronize(device)
+                continue
             torch.cuda.synchronize(device)
             self.graphs[key] = _Graph(graph, inputs, out)
             reserved = torch.cuda.memory_reserved(device)
