@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sdfleet import keys
@@ -73,9 +73,11 @@ def describe(st: dict[str, Any], idle_queues: Iterable[str] = ()) -> str:
 
 
 def wait_for_batch(store: JobStore, batch_id: str, *, timeout: float | None = None, progress: bool = False,
-                   poll_s: float = 0.25, worker_check_s: float = 2.0) -> dict[str, Any]:
-    """Poll until every job of the batch has ended (or ``timeout``); returns the final status, with
-    ``idle_queues``: the batch's queues no live worker serves (checked every ``worker_check_s``).
+                   poll_s: float = 0.25, worker_check_s: float = 2.0,
+                   stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Poll until every job of the batch has ended (or ``timeout``, or ``stop()`` is true: checked at every
+    poll); returns the final status, with ``idle_queues``: the batch's queues no live worker serves (checked
+    every ``worker_check_s``).
 
     A batch still being submitted is waited for; one whose submission ended without a commit (its lease
     expired) raises BatchNotFound, so a wait never outlives a submission that will never exist.
@@ -117,6 +119,8 @@ def wait_for_batch(store: JobStore, batch_id: str, *, timeout: float | None = No
             if st["complete"]:
                 return st
             if deadline is not None and time.monotonic() > deadline:
+                return st
+            if stop is not None and stop():
                 return st
             time.sleep(poll_s)
     finally:

@@ -337,12 +337,51 @@ def cmd_wait(args: argparse.Namespace, settings: Settings) -> int:
     return _wait(store, args.batch, args.timeout)
 
 
+class _CtrlC:
+    """While open, the first Ctrl-C (SIGINT) only sets ``hit``; a second one interrupts as usual.
+
+    A KeyboardInterrupt raised at an arbitrary point of the wait loop can land inside the progress bar's
+    locks or its refresh thread's join, and then the bar's own clean-up waits forever (seen: ``submit --wait``
+    still running 30 s after Ctrl-C). With the flag, the loop notices at its next poll (0.25 s), stops the bar
+    itself and says where the batch stands. The handler only sets an attribute: a signal handler must not
+    take a lock the interrupted code may hold.
+    """
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __enter__(self) -> _CtrlC:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def _wait(store: Any, batch_id: str, timeout: float | None) -> int:
     from producer.status import describe, wait_for_batch
 
-    st = wait_for_batch(store, batch_id, timeout=timeout, progress=True)
+    with _CtrlC() as ctrl_c:
+        st = wait_for_batch(store, batch_id, timeout=timeout, progress=True, stop=lambda: ctrl_c.hit)
     c = st["counts"]
     print(describe(st, st.get("idle_queues", ())), file=sys.stderr)
+    if ctrl_c.hit:
+        print(f"sdfleet: stopped waiting; the batch goes on (sdfleet wait {batch_id} follows it again)",
+              file=sys.stderr)
+        return 130
     return 0 if st["complete"] and c["succeeded"] == st["total"] else 1
 
 

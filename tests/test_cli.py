@@ -394,9 +394,14 @@ def test_submit_wait_keeps_waiting_and_says_no_worker_is_listening(tmp_path, env
     time.sleep(2.0)  # several polls of the progress line
     assert proc.poll() is None, "--wait keeps waiting while no worker serves the queue"
     proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
     out, err = proc.communicate(timeout=30)
+    # Ctrl-C stops the wait at its next poll, with the bar's last line and where the batch stands; the
+    # batch itself goes on
+    assert time.monotonic() - t0 < 10 and proc.returncode == 130, (proc.returncode, err)
     assert out.strip() == "w"
     assert "no worker is listening on sdfleet.gen.tiny" in err and "Traceback" not in err, err
+    assert "0 succeeded, 0 failed, 0 cancelled of 1; 1 still queued" in err and "sdfleet wait w" in err, err
 
 
 def test_rediss_urls_verify_in_both_clients():
