@@ -31,7 +31,8 @@ Variants (``VARIANTS``):
   it ptxas hoists the wait to ~20 instructions after ``wait_group 1``, so the softmax overlapped nothing.
   Keeping S_{j+1} in flight across the loop back edge instead makes ptxas serialize every wgmma (C7514).
 * ``pipe``: no warp specialization: one warpgroup of 4 warps per CTA (64 rows), the same overlapped loop, the
-  consumer issues its own TMA prefetches (``STAGES - 1`` tiles ahead); several CTAs per SM.
+  consumer issues its own TMA prefetches (``STAGES - 1`` tiles ahead); several CTAs per SM. ``pipe4``: the same
+  at 128 registers (4 CTAs a SM; ptxas spills 24 registers in the loop). ``_i8`` / ``_x3``: the Q/K formats below.
 
 Numerics (the same scheme as ``attention.py``'s defaults, simpler scales):
 
@@ -41,7 +42,11 @@ Numerics (the same scheme as ``attention.py``'s defaults, simpler scales):
   and V transposed (dim, token), both padded with zeros to a multiple of 128 tokens: both wgmma B operands are
   K-major, as FP8 wgmma needs.
 * ``qk="fp8"`` (default): E4M3 Q/K; ``qk="int8"``: symmetric INT8 Q/K on the s8 tensor cores, int32 -> fp32 by the
-  0x4B400000 bit trick (no I2F).
+  0x4B400000 bit trick (no I2F). ``qk="fp8x3"`` (``pipe`` kind only): Q and K split into a high and a low E4M3
+  part at one scale (x/s = hi + lo, lo = E4M3(x/s - hi)); S = Q_hi K_hi + Q_lo K_hi + Q_hi K_lo, three chained
+  wgmmas into one fp32 accumulator, so the softmax is the E4M3 one (no integer add per score) and the logits
+  are ~16x more exact than E4M3's (Q_lo K_lo is below that rounding). Its cost is the S wgmma's latency, which
+  the softmax does not overlap: measured slower than INT8 (``docs/PERFORMANCE.md``).
 * P = exp2(s - m + 8) in E4M3 (range [0, 256]); exp2 is ``ex2.approx.ftz.f32``; row sums in fp32.
 * The ragged tail tile (4429 = 34 * 128 + 77) is masked with -inf; query rows past S are computed on whatever the
   TMA box holds (zeros past the end of the tensor) and not stored.
@@ -101,6 +106,14 @@ VARIANTS = {
     # 4 warps x 168 (158 used): 3 CTAs (3 x 64 rows) per SM
     "pipe": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="fp8"),
     "ws3_i8": dict(kind="ws", nc=3, stages=4, maxnreg=128, reg_c=160, reg_p=24, qk="int8"),
+    "pipe_i8": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="int8"),
+    # split E4M3 Q/K (qk="fp8x3"): three chained QK wgmmas, the softmax of "pipe". 2 stages keep 3 CTAs a SM
+    # (56 KB of shared memory each); 3 stages fit 2.
+    "pipe_x3": dict(kind="pipe", nc=1, stages=2, maxnreg=168, reg_c=0, reg_p=0, qk="fp8x3"),
+    # 4 warps x 128 registers: 4 CTAs (4 x 64 rows) a SM, if ptxas fits the loop in 128 registers
+    "pipe4": dict(kind="pipe", nc=1, stages=3, maxnreg=128, reg_c=0, reg_p=0, qk="fp8"),
+    "pipe4_i8": dict(kind="pipe", nc=1, stages=3, maxnreg=128, reg_c=0, reg_p=0, qk="int8"),
+    "pipe_x3s3": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="fp8x3"),
 }
 DEFAULT_VARIANT = "ws3"
 
@@ -183,8 +196,14 @@ if gluon is not None:
             return pr.to(gl.float8e4nv)
 
     @gluon.jit
-    def _kv_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, j, st, pred):
-        mbarrier.expect(k_ready.index(st), _BN * _HD, pred=pred)
+    def _kv_load(desc_k, desc_k2, desc_v, k_smem, k2_smem, v_smem, k_ready, v_ready, bh, S_PAD, j, st, pred,
+                 QK_X3: gl.constexpr):
+        if QK_X3:  # K's high and low E4M3 parts land on one barrier
+            mbarrier.expect(k_ready.index(st), 2 * _BN * _HD, pred=pred)
+            tma.async_copy_global_to_shared(desc_k2, [bh * S_PAD + j * _BN, 0], k_ready.index(st),
+                                            k2_smem.index(st), pred=pred)
+        else:
+            mbarrier.expect(k_ready.index(st), _BN * _HD, pred=pred)
         tma.async_copy_global_to_shared(desc_k, [bh * S_PAD + j * _BN, 0], k_ready.index(st), k_smem.index(st),
                                         pred=pred)
         mbarrier.expect(v_ready.index(st), _BN * _HD, pred=pred)
@@ -192,10 +211,11 @@ if gluon is not None:
                                         pred=pred)
 
     @gluon.jit
-    def _attn_step(j, p_prev, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, kv_empty,
-                   desc_k, desc_v, bh, S, S_PAD, n_tiles,
+    def _attn_step(j, p_prev, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready,
+                   kv_empty, desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                   STAGES: gl.constexpr, QK_INT8: gl.constexpr, SELF_LOAD: gl.constexpr, MASK: gl.constexpr):
+                   STAGES: gl.constexpr, QK_INT8: gl.constexpr, QK_X3: gl.constexpr, SELF_LOAD: gl.constexpr,
+                   MASK: gl.constexpr):
         # In: p_prev = P_{j-1} (fp32, accumulator layout), acc = O_{j-2} in the scale of m_{j-2},
         # alpha = exp2(m_{j-2} - m_{j-1}). FA3's intra-warpgroup overlap:
         #   P_{j-1} -> E4M3 A operand (same basic block as its wgmma: a loop-carried E4M3 tensor costs byte
@@ -211,6 +231,9 @@ if gluon is not None:
         else:
             s_init = p_prev
         s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        if QK_X3:  # + Q_lo K_hi + Q_hi K_lo into the same accumulator (Q_lo K_lo is below E4M3's rounding)
+            s_tok = warpgroup_mma(q2, k_smem.index(st).permute((1, 0)), s_tok, is_async=True)
+            s_tok = warpgroup_mma(q, k2_smem.index(st).permute((1, 0)), s_tok, is_async=True)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(pst).permute((1, 0)), acc, is_async=True)
@@ -222,15 +245,17 @@ if gluon is not None:
         if SELF_LOAD:
             # stage pst is free (K_{j-1} and V_{j-1} read): prefetch tile j - 1 + STAGES into it
             nxt = j - 1 + STAGES
-            _kv_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, nxt, pst, nxt < n_tiles)
+            _kv_load(desc_k, desc_k2, desc_v, k_smem, k2_smem, v_smem, k_ready, v_ready, bh, S_PAD, nxt, pst,
+                     nxt < n_tiles, QK_X3)
         else:
             mbarrier.arrive(kv_empty.index(pst), count=1)
         return p, acc, m_i, l_i, alpha
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v, Qm, Vs, O,
-                  bh, m0, S, S_PAD, n_tiles,
-                  WG: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, SELF_LOAD: gl.constexpr):
+    def _consumer(q_smem, q2_smem, k_smem, k2_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                  desc_q, desc_q2, desc_k, desc_k2, desc_v, Qm, Vs, O, bh, m0, S, S_PAD, n_tiles,
+                  WG: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, QK_X3: gl.constexpr,
+                  SELF_LOAD: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, _BN, 32])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -246,13 +271,19 @@ if gluon is not None:
         row0 = m0 + WG * _BM
         bh64 = bh.to(gl.int64)
         if SELF_LOAD:
-            mbarrier.expect(q_bar.index(WG), _BM * _HD)
+            if QK_X3:
+                mbarrier.expect(q_bar.index(WG), 2 * _BM * _HD)
+                tma.async_copy_global_to_shared(desc_q2, [bh * S + row0, 0], q_bar.index(WG), q2_smem.index(WG))
+            else:
+                mbarrier.expect(q_bar.index(WG), _BM * _HD)
             tma.async_copy_global_to_shared(desc_q, [bh * S + row0, 0], q_bar.index(WG), q_smem.index(WG))
             for i in gl.static_range(STAGES):  # fill every stage; step j refills stage (j-1) % STAGES
-                _kv_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, i, i, i < n_tiles)
+                _kv_load(desc_k, desc_k2, desc_v, k_smem, k2_smem, v_smem, k_ready, v_ready, bh, S_PAD, i, i,
+                         i < n_tiles, QK_X3)
         rows = row0 + gl.arange(0, _BM, layout=row_s)
         a_row = gl.load(Qm + bh64 * S + rows, mask=rows < S, other=1.0)
         q = q_smem.index(WG)
+        q2 = q2_smem.index(WG)
         mbarrier.wait(q_bar.index(WG), 0)
 
         # tile 0 (S > _BN is required, so tile 0 is full and there are >= 2 tiles)
@@ -262,18 +293,22 @@ if gluon is not None:
         s = gl.zeros([_BM, _BN], s_dtype, layout=s_layout)
         mbarrier.wait(k_ready.index(0), 0)
         s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
+        if QK_X3:
+            s_tok = warpgroup_mma(q2, k_smem.index(0).permute((1, 0)), s_tok, is_async=True)
+            s_tok = warpgroup_mma(q, k2_smem.index(0).permute((1, 0)), s_tok, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, 0, S, s_layout, QK_INT8, False)
 
         for j in range(1, n_tiles - 1):
             p, acc, m_i, l_i, alpha = _attn_step(
-                j, p, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, kv_empty,
-                desc_k, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8, SELF_LOAD,
-                False)
+                j, p, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready, kv_empty,
+                desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8,
+                QK_X3, SELF_LOAD, False)
         # last tile: ragged (masked)
         p, acc, m_i, l_i, alpha = _attn_step(
-            n_tiles - 1, p, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, kv_empty,
-            desc_k, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8, SELF_LOAD, True)
+            n_tiles - 1, p, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready,
+            kv_empty, desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES,
+            QK_INT8, QK_X3, SELF_LOAD, True)
 
         # P_{n-1} V_{n-1}
         jl = n_tiles - 1
@@ -301,12 +336,13 @@ if gluon is not None:
         for j in range(n_tiles):
             st = j % STAGES
             mbarrier.wait(kv_empty.index(st), ((j // STAGES) & 1) ^ 1)
-            _kv_load(desc_k, desc_v, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, j, st, True)
+            _kv_load(desc_k, desc_k, desc_v, k_smem, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, j, st, True,
+                     False)
 
     @gluon.jit
-    def _attn_fwd_gluon(desc_q, desc_k, desc_v, Qm, Vs, O, S, S_PAD,
+    def _attn_fwd_gluon(desc_q, desc_k, desc_v, Qm, Vs, O, S, S_PAD, desc_q2, desc_k2,
                         NC: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, WS: gl.constexpr,
-                        REG_C: gl.constexpr, REG_P: gl.constexpr):
+                        REG_C: gl.constexpr, REG_P: gl.constexpr, QK_X3: gl.constexpr):
         # grid (cdiv(S, NC * _BM), B * H). Qm: (B*H, S) fp32 row multipliers; Vs: (B*H,) V scales;
         # O: (B, H, S, 64) bf16 contiguous.
         pid_m = gl.program_id(0)
@@ -316,6 +352,12 @@ if gluon is not None:
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [NC, _BM, _HD], desc_q.layout)
         k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, _BN, _HD], desc_k.layout)
         v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, _HD, _BN], desc_v.layout)
+        if QK_X3:  # the low E4M3 parts of Q and K (desc_q2 / desc_k2 are desc_q / desc_k otherwise, unread)
+            q2_smem = gl.allocate_shared_memory(desc_q2.dtype, [NC, _BM, _HD], desc_q2.layout)
+            k2_smem = gl.allocate_shared_memory(desc_k2.dtype, [STAGES, _BN, _HD], desc_k2.layout)
+        else:
+            q2_smem = q_smem
+            k2_smem = k_smem
         q_bar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -330,27 +372,33 @@ if gluon is not None:
         if WS:
             if NC == 3:
                 gl.warp_specialize([
-                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False)),
-                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False)),
-                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 2, STAGES, QK_INT8, False)),
+                    (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                                 desc_q, desc_q, desc_k, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False, False)),
+                    (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                                 desc_q, desc_q, desc_k, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False, False)),
+                    (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                                 desc_q, desc_q, desc_k, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 2, STAGES, QK_INT8, False, False)),
                     (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
                                  bh, m0, S, S_PAD, n_tiles, NC, STAGES)),
                 ], [4, 4, 1], [REG_C, REG_C, REG_P])
             else:
                 gl.warp_specialize([
-                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False)),
-                    (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False)),
+                    (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                                 desc_q, desc_q, desc_k, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False, False)),
+                    (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                                 desc_q, desc_q, desc_k, desc_k, desc_v,
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False, False)),
                     (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
                                  bh, m0, S, S_PAD, n_tiles, NC, STAGES)),
                 ], [4, 1], [REG_C, REG_P])
         else:
-            _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
-                      Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, True)
+            _consumer(q_smem, q2_smem, k_smem, k2_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                      desc_q, desc_q2, desc_k, desc_k2, desc_v, Qm, Vs, O, bh, m0, S, S_PAD, n_tiles,
+                      0, STAGES, QK_INT8, QK_X3, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,8 +435,8 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
 
     Q: per-token scale; K, V: per-(batch, head) scale; K padded (B*H, S_pad, 64), V transposed (B*H, 64, S_pad).
     """
-    if qk not in ("fp8", "int8"):
-        raise ValueError(f"qk must be 'fp8' or 'int8', got {qk!r}")
+    if qk not in ("fp8", "int8", "fp8x3"):
+        raise ValueError(f"qk must be 'fp8', 'int8' or 'fp8x3', got {qk!r}")
     B, H, S, D = q.shape
     if D != HEAD_DIM:
         raise RuntimeError(f"gluon_attention: head_dim must be {HEAD_DIM}, got {D}")
@@ -407,6 +455,10 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
         y = (x / s).clamp(-top, top)
         return _round_half_away(y).to(torch.int8) if qk == "int8" else y.to(torch.float8_e4m3fn)
 
+    def low(x, s, hi):  # fp8x3: what E4M3 rounding left, in E4M3 at the same scale
+        return (x / s - hi.float()).to(torch.float8_e4m3fn)
+
+    extra = {}
     qf = q.reshape(BH, S, D).float()
     q_s = qf.abs().amax(-1, keepdim=True).clamp_min(_TINY) / top  # (BH, S, 1)
     q8 = codes(qf, q_s).contiguous()
@@ -414,6 +466,11 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     k_s = kf.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / top  # (BH, 1, 1)
     k8 = torch.zeros((BH, s_pad, D), device=dev, dtype=qdt)
     k8[:, :S] = codes(kf, k_s)
+    if qk == "fp8x3":
+        extra["q8lo"] = low(qf, q_s, q8).contiguous()
+        k8lo = torch.zeros((BH, s_pad, D), device=dev, dtype=qdt)
+        k8lo[:, :S] = low(kf, k_s, k8[:, :S])
+        extra["k8lo"] = k8lo
     vf = v.reshape(BH, S, D).float()
     v_s = vf.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY) / FP8_MAX
     vt = torch.zeros((BH, D, s_pad), device=dev, dtype=torch.float32)
@@ -422,7 +479,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     v8 = vt[:, :, _v_token_order(s_pad, dev)].to(torch.float8_e4m3fn).contiguous()
     qm = (q_s[..., 0] * k_s[..., 0] * (sm_scale * LOG2E)).float().contiguous()  # (BH, S)
     return {"q8": q8, "k8": k8, "v8": v8, "qm": qm, "vs": v_s.reshape(BH).float().contiguous(),
-            "shape": (B, H, S, D), "s_pad": s_pad, "qk": qk}
+            "shape": (B, H, S, D), "s_pad": s_pad, "qk": qk, **extra}
 
 
 def emulate(prep: dict, bh: slice | None = None) -> torch.Tensor:
@@ -441,7 +498,11 @@ def emulate(prep: dict, bh: slice | None = None) -> torch.Tensor:
     l_sum = torch.zeros_like(a)
     acc = torch.zeros(q8.shape, device=q8.device, dtype=torch.float32)
     for n0 in range(0, S, BLOCK_N):
-        t = (q8 @ k8[:, n0:n0 + BLOCK_N].transpose(1, 2)) * a
+        t = q8 @ k8[:, n0:n0 + BLOCK_N].transpose(1, 2)
+        if "q8lo" in prep:  # the kernel's three products (no Q_lo K_lo)
+            t = t + prep["q8lo"][sl].float() @ k8[:, n0:n0 + BLOCK_N].transpose(1, 2) \
+                + q8 @ prep["k8lo"][sl, :S][:, n0:n0 + BLOCK_N].float().transpose(1, 2)
+        t = t * a
         m_new = torch.maximum(m, t.amax(-1, keepdim=True))
         p = torch.exp2(t - m_new + 8.0)
         alpha = torch.exp2(m - m_new)
@@ -462,11 +523,15 @@ def _descs(prep: dict, nc: int):
         lq = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gdt)
         lk = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gdt)
         lv = gl.NVMMASharedLayout.get_default_for([D, BLOCK_N], gl.float8e4nv)
-        prep[key] = (
-            TensorDescriptor.from_tensor(prep["q8"].view(BH * S, D), [BLOCK_M, D], lq),
-            TensorDescriptor.from_tensor(prep["k8"].view(BH * s_pad, D), [BLOCK_N, D], lk),
-            TensorDescriptor.from_tensor(prep["v8"].view(BH * D, s_pad), [D, BLOCK_N], lv),
-        )
+        dq = TensorDescriptor.from_tensor(prep["q8"].view(BH * S, D), [BLOCK_M, D], lq)
+        dk = TensorDescriptor.from_tensor(prep["k8"].view(BH * s_pad, D), [BLOCK_N, D], lk)
+        dv = TensorDescriptor.from_tensor(prep["v8"].view(BH * D, s_pad), [D, BLOCK_N], lv)
+        if prep["qk"] == "fp8x3":
+            dq2 = TensorDescriptor.from_tensor(prep["q8lo"].view(BH * S, D), [BLOCK_M, D], lq)
+            dk2 = TensorDescriptor.from_tensor(prep["k8lo"].view(BH * s_pad, D), [BLOCK_N, D], lk)
+        else:  # passed, never read
+            dq2, dk2 = dq, dk
+        prep[key] = (dq, dk, dv, dq2, dk2)
     return prep[key]
 
 
@@ -475,16 +540,18 @@ def gluon_attention_quantized(prep: dict, variant: str = DEFAULT_VARIANT, out: t
     cfg = VARIANTS[variant]
     if cfg["qk"] != prep["qk"]:
         raise ValueError(f"variant {variant} wants qk={cfg['qk']}, prep has {prep['qk']}")
+    ws = cfg["kind"] == "ws"
+    if ws and prep["qk"] == "fp8x3":
+        raise ValueError(f"variant {variant}: qk='fp8x3' is written for the 'pipe' kind only")
     B, H, S, D = prep["shape"]
     if out is None:
         out = torch.empty((B, H, S, D), device=prep["q8"].device, dtype=torch.bfloat16)
-    dq, dk, dv = _descs(prep, cfg["nc"])
-    ws = cfg["kind"] == "ws"
+    dq, dk, dv, dq2, dk2 = _descs(prep, cfg["nc"])
     grid = (triton.cdiv(S, cfg["nc"] * BLOCK_M), B * H)
     kernel = _attn_fwd_gluon[grid](
-        dq, dk, dv, prep["qm"], prep["vs"], out, S, prep["s_pad"],
+        dq, dk, dv, prep["qm"], prep["vs"], out, S, prep["s_pad"], dq2, dk2,
         NC=cfg["nc"], STAGES=cfg["stages"], QK_INT8=prep["qk"] == "int8", WS=ws,
-        REG_C=cfg["reg_c"], REG_P=cfg["reg_p"],
+        REG_C=cfg["reg_c"], REG_P=cfg["reg_p"], QK_X3=prep["qk"] == "fp8x3",
         num_warps=4, maxnreg=cfg["maxnreg"],
     )
     prep["_kernel"] = kernel  # the CompiledKernel (n_regs, n_spills, metadata) for reports
@@ -533,11 +600,13 @@ def compile_offline(variant: str, S: int = 4429, arch: int = 90):
         "desc_k": _desc_sig(sdt, [BLOCK_N, HEAD_DIM], lk),
         "desc_v": _desc_sig("fp8e4nv", [HEAD_DIM, BLOCK_N], lv),
         "Qm": "*fp32", "Vs": "*fp32", "O": "*bf16", "S": "i32", "S_PAD": "i32",
+        "desc_q2": _desc_sig(sdt, [BLOCK_M, HEAD_DIM], lq),
+        "desc_k2": _desc_sig(sdt, [BLOCK_N, HEAD_DIM], lk),
         "NC": "constexpr", "STAGES": "constexpr", "QK_INT8": "constexpr", "WS": "constexpr",
-        "REG_C": "constexpr", "REG_P": "constexpr",
+        "REG_C": "constexpr", "REG_P": "constexpr", "QK_X3": "constexpr",
     }
     constexprs = {"NC": cfg["nc"], "STAGES": cfg["stages"], "QK_INT8": i8, "WS": ws,
-                  "REG_C": cfg["reg_c"], "REG_P": cfg["reg_p"]}
+                  "REG_C": cfg["reg_c"], "REG_P": cfg["reg_p"], "QK_X3": cfg["qk"] == "fp8x3"}
     # pointer alignment as the runtime specializes it (16-byte aligned tensors)
     attrs = {(3,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]],
              (7,): [["tt.divisibility", 16]]}
