@@ -96,7 +96,8 @@ _gpu_ok, _gpu_why = ag.is_supported() if torch.cuda.is_available() else (False, 
 
 @pytest.mark.skipif(not _gpu_ok, reason=f"Gluon kernels need a Hopper GPU: {_gpu_why}")
 @pytest.mark.parametrize("variant,emu_bound", [("pipe", 0.01), ("pipe_i8", 0.01), ("pipe_x3", 0.02),
-                                               ("ws3", 0.01)])
+                                               ("ws3", 0.01), ("pipe_t", 0.01), ("pipe_i8_t", 0.01),
+                                               ("ws3_t", 0.01)])
 @pytest.mark.parametrize("kind", ["randn", "peaky"])
 def test_gluon_kernel_matches_its_emulation(variant, emu_bound, kind):
     q, k, v = sample_qkv(kind, B=1, H=3, S=1357, seed=5, device="cuda")

@@ -113,6 +113,11 @@ VARIANTS = {
     # 4 warps x 128 registers: 4 CTAs (4 x 64 rows) a SM, if ptxas fits the loop in 128 registers
     "pipe4": dict(kind="pipe", nc=1, stages=3, maxnreg=128, reg_c=0, reg_p=0, qk="fp8"),
     "pipe4_i8": dict(kind="pipe", nc=1, stages=3, maxnreg=128, reg_c=0, reg_p=0, qk="int8"),
+    # row max and sum as trees (``_row_tree``) instead of one dependent chain a row
+    "pipe_t": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="fp8", tree=True),
+    "pipe_i8_t": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="int8", tree=True),
+    "pipe_x3_t": dict(kind="pipe", nc=1, stages=2, maxnreg=168, reg_c=0, reg_p=0, qk="fp8x3", tree=True),
+    "ws3_t": dict(kind="ws", nc=3, stages=4, maxnreg=128, reg_c=160, reg_p=24, qk="fp8", tree=True),
     "pipe_x3s3": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="fp8x3"),
 }
 DEFAULT_VARIANT = "ws3"
@@ -134,8 +139,49 @@ if gluon is not None:
                                          is_pure=True, pack=1)
 
     @gluon.jit
+    def _max2(a, b):
+        return gl.maximum(a, b)
+
+    @gluon.jit
+    def _add2(a, b):
+        return a + b
+
+    @gluon.jit
+    def _row_tree(x, row_layout: gl.constexpr, IS_MAX: gl.constexpr):
+        # Row max / sum of a (_BM, N) wgmma accumulator as a tree inside each thread, then across its 4 lanes.
+        # gl.max / gl.sum fold a thread's 32 values of a row one after another: a 32-long chain of dependent
+        # FMNMX / FADD (offline SASS), whose latency is the kernel's largest stall ("Wait", Nsight Compute).
+        # A thread holds columns 8g + 2t + e of its rows (g < N/8, t = lane % 4, e < 2): put t first, then halve
+        # the thread-local axis five times, each level N/8 independent operations.
+        BM: gl.constexpr = x.shape[0]
+        G: gl.constexpr = x.shape[1] // 8
+        y = gl.reshape(x, [BM, G, 4, 2])
+        y = gl.permute(y, [0, 2, 1, 3])  # row, t, g, e
+        n: gl.constexpr = G * 2
+        y = gl.reshape(y, [BM, 4, n // 2, 2])
+        a, b = gl.split(y)
+        y = _max2(a, b) if IS_MAX else _add2(a, b)  # [BM, 4, n/2]
+        y = gl.reshape(y, [BM, 4, n // 4, 2])
+        a, b = gl.split(y)
+        y = _max2(a, b) if IS_MAX else _add2(a, b)
+        y = gl.reshape(y, [BM, 4, n // 8, 2])
+        a, b = gl.split(y)
+        y = _max2(a, b) if IS_MAX else _add2(a, b)
+        y = gl.reshape(y, [BM, 4, n // 16, 2])
+        a, b = gl.split(y)
+        y = _max2(a, b) if IS_MAX else _add2(a, b)
+        y = gl.reshape(y, [BM, 4, n // 32, 2])
+        a, b = gl.split(y)
+        y = _max2(a, b) if IS_MAX else _add2(a, b)  # [BM, 4, n/32]
+        if IS_MAX:
+            r = gl.max(gl.max(y, axis=2), axis=1)
+        else:
+            r = gl.sum(gl.sum(y, axis=2), axis=1)
+        return gl.convert_layout(r, row_layout, assert_trivial=True)
+
+    @gluon.jit
     def _softmax_tile(s, a_row, m_i, l_i, n0, S, s_layout: gl.constexpr, QK_INT8: gl.constexpr,
-                      MASK: gl.constexpr):
+                      MASK: gl.constexpr, ROW_TREE: gl.constexpr):
         # s: raw scores of one (_BM, _BN) tile in the wgmma accumulator layout (fp32, or int32 with
         # QK_INT8). a_row: per-row multiplier (q scale * k scale * softmax scale * log2 e). Running max m_i is in
         # scaled log2 units. Returns P = exp2(s * a - m + 8) (fp32), the new max, row sum and rescale factor.
@@ -149,11 +195,18 @@ if gluon is not None:
         if MASK:
             cols = n0 + gl.arange(0, _BN, layout=gl.SliceLayout(0, s_layout))
             sf = gl.where(gl.expand_dims(cols < S, 0), sf, float("-inf"))
-        m_new = gl.maximum(m_i, (gl.max(sf, axis=1) - off) * a_row)
+        if ROW_TREE:
+            row_max = _row_tree(sf, gl.SliceLayout(1, s_layout), True)
+        else:
+            row_max = gl.max(sf, axis=1)
+        m_new = gl.maximum(m_i, (row_max - off) * a_row)
         c = 8.0 - m_new - off * a_row
         p = _exp2_ftz(sf * gl.expand_dims(a_row, 1) + gl.expand_dims(c, 1))
         alpha = _exp2_ftz(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+        if ROW_TREE:
+            l_i = l_i * alpha + _row_tree(p, gl.SliceLayout(1, s_layout), False)
+        else:
+            l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, m_new, l_i, alpha
 
     @gluon.jit
@@ -215,7 +268,7 @@ if gluon is not None:
                    kv_empty, desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                    STAGES: gl.constexpr, QK_INT8: gl.constexpr, QK_X3: gl.constexpr, SELF_LOAD: gl.constexpr,
-                   MASK: gl.constexpr):
+                   MASK: gl.constexpr, ROW_TREE: gl.constexpr):
         # In: p_prev = P_{j-1} (fp32, accumulator layout), acc = O_{j-2} in the scale of m_{j-2},
         # alpha = exp2(m_{j-2} - m_{j-1}). FA3's intra-warpgroup overlap:
         #   P_{j-1} -> E4M3 A operand (same basic block as its wgmma: a loop-carried E4M3 tensor costs byte
@@ -238,7 +291,7 @@ if gluon is not None:
         mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(pst).permute((1, 0)), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, j * _BN, S, s_layout, QK_INT8, MASK)
+        p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, j * _BN, S, s_layout, QK_INT8, MASK, ROW_TREE)
         if BB_FENCE:
             _bb_fence(j)
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
@@ -255,7 +308,7 @@ if gluon is not None:
     def _consumer(q_smem, q2_smem, k_smem, k2_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                   desc_q, desc_q2, desc_k, desc_k2, desc_v, Qm, Vs, O, bh, m0, S, S_PAD, n_tiles,
                   WG: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, QK_X3: gl.constexpr,
-                  SELF_LOAD: gl.constexpr):
+                  SELF_LOAD: gl.constexpr, ROW_TREE: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, _BN, 32])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -297,18 +350,18 @@ if gluon is not None:
             s_tok = warpgroup_mma(q2, k_smem.index(0).permute((1, 0)), s_tok, is_async=True)
             s_tok = warpgroup_mma(q, k2_smem.index(0).permute((1, 0)), s_tok, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, 0, S, s_layout, QK_INT8, False)
+        p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, 0, S, s_layout, QK_INT8, False, ROW_TREE)
 
         for j in range(1, n_tiles - 1):
             p, acc, m_i, l_i, alpha = _attn_step(
                 j, p, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready, kv_empty,
                 desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8,
-                QK_X3, SELF_LOAD, False)
+                QK_X3, SELF_LOAD, False, ROW_TREE)
         # last tile: ragged (masked)
         p, acc, m_i, l_i, alpha = _attn_step(
             n_tiles - 1, p, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready,
             kv_empty, desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES,
-            QK_INT8, QK_X3, SELF_LOAD, True)
+            QK_INT8, QK_X3, SELF_LOAD, True, ROW_TREE)
 
         # P_{n-1} V_{n-1}
         jl = n_tiles - 1
@@ -342,7 +395,7 @@ if gluon is not None:
     @gluon.jit
     def _attn_fwd_gluon(desc_q, desc_k, desc_v, Qm, Vs, O, S, S_PAD, desc_q2, desc_k2,
                         NC: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, WS: gl.constexpr,
-                        REG_C: gl.constexpr, REG_P: gl.constexpr, QK_X3: gl.constexpr):
+                        REG_C: gl.constexpr, REG_P: gl.constexpr, QK_X3: gl.constexpr, ROW_TREE: gl.constexpr):
         # grid (cdiv(S, NC * _BM), B * H). Qm: (B*H, S) fp32 row multipliers; Vs: (B*H,) V scales;
         # O: (B, H, S, 64) bf16 contiguous.
         pid_m = gl.program_id(0)
@@ -374,13 +427,13 @@ if gluon is not None:
                 gl.warp_specialize([
                     (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                                  desc_q, desc_q, desc_k, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False, False)),
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False, False, ROW_TREE)),
                     (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                                  desc_q, desc_q, desc_k, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False, False)),
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False, False, ROW_TREE)),
                     (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                                  desc_q, desc_q, desc_k, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 2, STAGES, QK_INT8, False, False)),
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 2, STAGES, QK_INT8, False, False, ROW_TREE)),
                     (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
                                  bh, m0, S, S_PAD, n_tiles, NC, STAGES)),
                 ], [4, 4, 1], [REG_C, REG_C, REG_P])
@@ -388,17 +441,17 @@ if gluon is not None:
                 gl.warp_specialize([
                     (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                                  desc_q, desc_q, desc_k, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False, False)),
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 0, STAGES, QK_INT8, False, False, ROW_TREE)),
                     (_consumer, (q_smem, q_smem, k_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                                  desc_q, desc_q, desc_k, desc_k, desc_v,
-                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False, False)),
+                                 Qm, Vs, O, bh, m0, S, S_PAD, n_tiles, 1, STAGES, QK_INT8, False, False, ROW_TREE)),
                     (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
                                  bh, m0, S, S_PAD, n_tiles, NC, STAGES)),
                 ], [4, 1], [REG_C, REG_P])
         else:
             _consumer(q_smem, q2_smem, k_smem, k2_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                       desc_q, desc_q2, desc_k, desc_k2, desc_v, Qm, Vs, O, bh, m0, S, S_PAD, n_tiles,
-                      0, STAGES, QK_INT8, QK_X3, True)
+                      0, STAGES, QK_INT8, QK_X3, True, ROW_TREE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,7 +604,7 @@ def gluon_attention_quantized(prep: dict, variant: str = DEFAULT_VARIANT, out: t
     kernel = _attn_fwd_gluon[grid](
         dq, dk, dv, prep["qm"], prep["vs"], out, S, prep["s_pad"], dq2, dk2,
         NC=cfg["nc"], STAGES=cfg["stages"], QK_INT8=prep["qk"] == "int8", WS=ws,
-        REG_C=cfg["reg_c"], REG_P=cfg["reg_p"], QK_X3=prep["qk"] == "fp8x3",
+        REG_C=cfg["reg_c"], REG_P=cfg["reg_p"], QK_X3=prep["qk"] == "fp8x3", ROW_TREE=bool(cfg.get("tree")),
         num_warps=4, maxnreg=cfg["maxnreg"],
     )
     prep["_kernel"] = kernel  # the CompiledKernel (n_regs, n_spills, metadata) for reports
@@ -603,10 +656,11 @@ def compile_offline(variant: str, S: int = 4429, arch: int = 90):
         "desc_q2": _desc_sig(sdt, [BLOCK_M, HEAD_DIM], lq),
         "desc_k2": _desc_sig(sdt, [BLOCK_N, HEAD_DIM], lk),
         "NC": "constexpr", "STAGES": "constexpr", "QK_INT8": "constexpr", "WS": "constexpr",
-        "REG_C": "constexpr", "REG_P": "constexpr", "QK_X3": "constexpr",
+        "REG_C": "constexpr", "REG_P": "constexpr", "QK_X3": "constexpr", "ROW_TREE": "constexpr",
     }
     constexprs = {"NC": cfg["nc"], "STAGES": cfg["stages"], "QK_INT8": i8, "WS": ws,
-                  "REG_C": cfg["reg_c"], "REG_P": cfg["reg_p"], "QK_X3": cfg["qk"] == "fp8x3"}
+                  "REG_C": cfg["reg_c"], "REG_P": cfg["reg_p"], "QK_X3": cfg["qk"] == "fp8x3",
+                  "ROW_TREE": bool(cfg.get("tree"))}
     # pointer alignment as the runtime specializes it (16-byte aligned tensors)
     attrs = {(3,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]],
              (7,): [["tt.divisibility", 16]]}
