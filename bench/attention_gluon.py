@@ -1,6 +1,7 @@
 """Gluon FP8 attention prototype (worker/engine/fp8/attention_gluon.py) vs cuDNN BF16 SDPA and the Triton kernel.
 
-    python bench/attention_gluon.py --out FILE.json [--variants ws3,pipe,ws2,ws3_i8] [--budget 170]
+    python bench/attention_gluon.py --out FILE.json [--variants pipe,pipe_t,pipe_i8,pipe_i8_t,ws3_t,pipe_x3]
+        [--budget 240]
 
 Shapes (B, H, S, 64): (2,38,4429), (2,24,4429), (8,38,4429), non-causal. For each shape:
 
@@ -312,8 +313,8 @@ def table(res) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--variants", default="ws3,pipe,ws2,ws3_i8")
-    ap.add_argument("--budget", type=float, default=170.0, help="seconds for the whole run (soft)")
+    ap.add_argument("--variants", default="pipe,pipe_t,pipe_i8,pipe_i8_t,ws3_t,pipe_x3")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run (soft)")
     ap.add_argument("--child-timeout", type=float, default=60.0)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
