@@ -343,44 +343,82 @@ class _CtrlC:
     A KeyboardInterrupt raised at an arbitrary point of the wait loop can land inside the progress bar's
     locks or its refresh thread's join, and then the bar's own clean-up waits forever (seen: ``submit --wait``
     still running 30 s after Ctrl-C). With the flag, the loop notices at its next poll (0.25 s), stops the bar
-    itself and says where the batch stands. The handler only sets an attribute: a signal handler must not
-    take a lock the interrupted code may hold.
+    itself and says where the batch stands. The handler only sets an attribute and arms a timer: a signal
+    handler must not take a lock the interrupted code may hold.
+
+    A poll can be stuck where the flag is never read: Redis gone (the client retries with backoff for ~30 s)
+    or hung (no socket timeout). So if the wait has not ended ``grace_s`` after the first Ctrl-C, the timer
+    delivers a second SIGINT to the main thread, which interrupts the blocked call like a second Ctrl-C.
+    A SIGINT that was ignored when the context opened (``nohup``, a script's ``cmd &``) stays ignored.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = 2.0) -> None:
         self.hit = False
+        self.grace_s = grace_s
         self._old: Any = None
+        self._installed = False
+        self._timer: Any = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.hit:
             raise KeyboardInterrupt
         self.hit = True
+        import threading
+
+        self._timer = threading.Timer(self.grace_s, self._interrupt_main)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _interrupt_main(self) -> None:
+        import signal
+        import threading
+
+        if self._installed:  # (the context is still open: the wait did not notice the flag in time)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     def __enter__(self) -> _CtrlC:
         import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._old = signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
         import signal
 
-        if self._old is not None:
+        if self._installed:
+            self._installed = False
+            if self._timer is not None:
+                self._timer.cancel()
             signal.signal(signal.SIGINT, self._old)
 
 
 def _wait(store: Any, batch_id: str, timeout: float | None) -> int:
     from producer.status import describe, wait_for_batch
 
-    with _CtrlC() as ctrl_c:
-        st = wait_for_batch(store, batch_id, timeout=timeout, progress=True, stop=lambda: ctrl_c.hit)
+    stopped = f"sdfleet: stopped waiting; the batch goes on (sdfleet wait {batch_id} follows it again)"
+    try:
+        with _CtrlC() as ctrl_c:
+            st = wait_for_batch(store, batch_id, timeout=timeout, progress=True, stop=lambda: ctrl_c.hit)
+    except Exception as exc:
+        # Ctrl-C while a poll was stuck (Redis gone or hung): the poll's error, or the timer's interrupt,
+        # ends the wait; what the batch does is unknown here, and it goes on regardless.
+        if not ctrl_c.hit:
+            raise
+        print(f"{stopped}; its status could not be read ({type(exc).__name__})", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if not ctrl_c.hit:
+            raise
+        print(f"{stopped}; its status could not be read in time", file=sys.stderr)
+        return 130
     c = st["counts"]
     print(describe(st, st.get("idle_queues", ())), file=sys.stderr)
-    if ctrl_c.hit:
-        print(f"sdfleet: stopped waiting; the batch goes on (sdfleet wait {batch_id} follows it again)",
-              file=sys.stderr)
+    if ctrl_c.hit and not st["complete"]:  # (a batch that ended during the last poll is reported as ended)
+        print(stopped, file=sys.stderr)
         return 130
     return 0 if st["complete"] and c["succeeded"] == st["total"] else 1
 

@@ -86,6 +86,10 @@ class PrecisionUnsupported(EngineError):
     exit_code = 2
 
 
+class GraphCaptureError(EngineError):
+    """A CUDA graph could not be captured (an operation that cannot be recorded): that shape runs eagerly."""
+
+
 class MalformedMessage(SdfleetError):
     """A queue message that is not a valid sdfleet job (corrupt, forged or from another producer)."""
 

@@ -404,6 +404,79 @@ def test_submit_wait_keeps_waiting_and_says_no_worker_is_listening(tmp_path, env
     assert "0 succeeded, 0 failed, 0 cancelled of 1; 1 still queued" in err and "sdfleet wait w" in err, err
 
 
+def _wait_proc(env, batch, **kw):
+    return subprocess.Popen([sys.executable, "-m", "sdfleet.cli", "wait", batch], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.parametrize("outage", ["killed", "hung"])
+def test_ctrl_c_ends_a_wait_whose_redis_is_gone_or_hung(tmp_path, env, outage):
+    """The first Ctrl-C only sets a flag that the wait reads between polls; a poll stuck in Redis (killed:
+    the client retries for ~30 s; hung: no socket timeout) never gets there, so the flag's timer interrupts it."""
+    import signal
+    import time
+
+    from sdfleet.redisconn import PrivateRedis
+
+    server = PrivateRedis(port=free_port())
+    e = {**env, "REDIS_URL": server.url}
+    try:
+        assert run_cli(["submit", str(write(tmp_path, "p.txt", "a cat\n")), "--batch", "g"], e).returncode == 0
+        proc = _wait_proc(e, "g")
+        time.sleep(2.0)
+        assert proc.poll() is None
+        if outage == "killed":
+            server.proc.kill()
+        else:
+            server.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)  # a poll is now stuck
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=40)
+        assert proc.returncode == 130 and time.monotonic() - t0 < 8, (proc.returncode, time.monotonic() - t0, err)
+        assert "stopped waiting; the batch goes on" in err and "sdfleet wait g" in err, err
+        assert "Traceback" not in err, err
+    finally:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+def test_an_ignored_sigint_stays_ignored_while_waiting(tmp_path, env, r):
+    import signal
+    import time
+
+    assert run_cli(["submit", str(write(tmp_path, "p.txt", "a cat\n")), "--batch", "n"], env).returncode == 0
+    # as under nohup, or a script's "cmd &": SIGINT ignored before the process starts
+    proc = _wait_proc(env, "n", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(3.5)  # past the flag's timer too
+        assert proc.poll() is None, proc.communicate()[1]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_a_batch_that_ends_in_the_poll_that_sees_ctrl_c_is_reported_as_ended(monkeypatch, capsys):
+    import producer.status as status
+    from sdfleet import cli
+
+    def ends_as_ctrl_c_arrives(store, batch_id, *, stop, **kw):
+        import signal
+
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C only sets the flag (its handler runs here)
+        assert stop()
+        return {"complete": True, "total": 1, "idle_queues": (),
+                "counts": {"succeeded": 1, "failed": 0, "cancelled": 0, "queued": 0, "running": 0}}
+
+    monkeypatch.setattr(status, "wait_for_batch", ends_as_ctrl_c_arrives)
+    monkeypatch.setattr(status, "describe", lambda st, idle: "1 succeeded of 1")
+    assert cli._wait(None, "b", None) == 0
+    assert "stopped waiting" not in capsys.readouterr().err
+
+
 def test_rediss_urls_verify_in_both_clients():
     import ssl
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sdfleet.errors import EngineError
+from sdfleet.errors import EngineError, GraphCaptureError
 from worker.engine.graphs import capture_graph
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class ModuleGraphs:
             try:
                 graph, out = capture_graph(lambda i=ids: self._eager(i, **flags), pool=self.pool, stream=self.stream,
                                            warmup_iters=self.warmup_iters)
-            except RuntimeError as exc:  # e.g. a host synchronisation inside the encoder: it runs eagerly
+            except GraphCaptureError as exc:  # e.g. a host synchronisation inside the encoder: it runs eagerly
                 log.warning("text encoder graph capture failed; it runs eagerly",
                             extra={"encoder": type(self.module).__name__, "bucket": b, "error": repr(exc)[:300]})
                 self.failed[key] = repr(exc)[:300]

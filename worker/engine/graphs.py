@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdfleet.errors import EngineError
+from sdfleet.errors import EngineError, GraphCaptureError
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +49,32 @@ def capture_graph(fn, *, pool, stream: torch.cuda.Stream, warmup_iters: int, bef
     on the main stream, the text encoders' on the encoding stream) their GEMMs race on it. Measured: a Large
     worker hung in its second back-to-back batch. Warming up on that same stream (not a fresh side stream
     each time) also keeps the number of per-stream workspaces, 32 MiB each on Hopper, at one per graph set.
-    A RuntimeError (an operation that cannot be captured) reaches the caller, which runs that shape eagerly.
+    A failed capture raises GraphCaptureError (the caller runs that shape eagerly); an error in the warm-up
+    is the eager call's own and propagates as it is. Either way the caller's current stream is restored:
+    ``torch.cuda.graph.__exit__`` ends the capture before it leaves its stream context, so a capture that
+    fails there would otherwise leave ``stream`` current, and later eager work would share this graph set's
+    stream and cuBLAS workspace with its replays.
     """
-    stream.wait_stream(torch.cuda.current_stream(stream.device))
-    with torch.inference_mode():
-        with torch.cuda.stream(stream):
-            for _ in range(warmup_iters):  # compiles Triton kernels, picks cuBLAS algorithms
+    prev = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(prev)
+    try:
+        with torch.inference_mode():
+            with torch.cuda.stream(stream):
+                for _ in range(warmup_iters):  # compiles Triton kernels, picks cuBLAS algorithms
+                    if before is not None:
+                        before()
+                    fn()
                 if before is not None:
                     before()
-                fn()
-        torch.cuda.current_stream(stream.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if before is not None:
-            before()
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
-            out = fn()
+            prev.wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    out = fn()
+            except RuntimeError as exc:
+                raise GraphCaptureError(f"CUDA graph capture failed: {exc}") from exc
+    finally:
+        torch.cuda.set_stream(prev)
     return graph, out
 
 
@@ -153,7 +164,7 @@ class CudaGraphRunner:
                 graph, out = capture_graph(lambda i=inputs: self._eager(**i, return_dict=False)[0],
                                            pool=self._pool, stream=self.capture_stream,
                                            warmup_iters=self.warmup_iters, before=lambda i=inputs: self._feed(i))
-            except RuntimeError as exc:  # this shape runs eagerly; the worker still boots
+            except GraphCaptureError as exc:  # this shape runs eagerly; the worker still boots
                 if self._bank is not None:
                     self._bank.armed = 0  # the capture's feed, perhaps never read
                 log.warning("CUDA graph capture failed; shape runs eagerly",
