@@ -350,17 +350,25 @@ class _CtrlC:
     or hung (no socket timeout). So if the wait has not ended ``grace_s`` after the first Ctrl-C, the timer
     delivers a second SIGINT to the main thread, which interrupts the blocked call like a second Ctrl-C.
     A SIGINT that was ignored when the context opened (``nohup``, a script's ``cmd &``) stays ignored.
+    The timer signals only under ``_lock`` and only before the context starts closing, and a signal that
+    arrives while it closes is dropped, so a wait that ends as the timer fires is not interrupted after it.
     """
 
     def __init__(self, grace_s: float = 2.0) -> None:
+        import threading
+
         self.hit = False
         self.grace_s = grace_s
         self._old: Any = None
         self._installed = False
+        self._closing = False
+        self._lock = threading.Lock()
         self._timer: Any = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.hit:
+            if self._closing:  # the wait has ended: nothing is left to interrupt
+                return
             raise KeyboardInterrupt
         self.hit = True
         import threading
@@ -373,8 +381,9 @@ class _CtrlC:
         import signal
         import threading
 
-        if self._installed:  # (the context is still open: the wait did not notice the flag in time)
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        with self._lock:
+            if self._installed and not self._closing:  # the wait did not notice the flag in time
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     def __enter__(self) -> _CtrlC:
         import signal
@@ -390,7 +399,9 @@ class _CtrlC:
         import signal
 
         if self._installed:
-            self._installed = False
+            self._closing = True
+            with self._lock:  # a timer past its check has signalled by now; any later one sees _closing
+                self._installed = False
             if self._timer is not None:
                 self._timer.cancel()
             signal.signal(signal.SIGINT, self._old)

@@ -477,6 +477,30 @@ def test_a_batch_that_ends_in_the_poll_that_sees_ctrl_c_is_reported_as_ended(mon
     assert "stopped waiting" not in capsys.readouterr().err
 
 
+def test_the_ctrl_c_timer_never_interrupts_after_the_wait_has_ended(monkeypatch):
+    """The timer fires as the wait ends (its signal slowed down to land while the context closes): the
+    signal is dropped, and nothing is raised after the context has closed."""
+    import signal
+    import time
+
+    from sdfleet import cli
+
+    real_kill = signal.pthread_kill
+
+    def slow_kill(tid, sig):
+        time.sleep(0.3)  # a thread switch between the timer's check and its signal
+        real_kill(tid, sig)
+
+    monkeypatch.setattr(signal, "pthread_kill", slow_kill)
+    before = signal.getsignal(signal.SIGINT)
+    with cli._CtrlC(grace_s=0.1) as ctrl_c:
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: the flag, and the timer
+        assert ctrl_c.hit
+        time.sleep(0.15)  # the timer is now inside its check, holding the lock
+    time.sleep(0.4)  # a KeyboardInterrupt would surface here
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_rediss_urls_verify_in_both_clients():
     import ssl
 
