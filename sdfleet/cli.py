@@ -255,7 +255,7 @@ def _services(settings: Settings):
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from producer.reader import read_file
     from producer.status import unserved
-    from producer.submit import submit
+    from producer.submit import check_batch_name, new_batch_id, submit
     from sdfleet.errors import InvalidFile
     from sdfleet.storage import StorageFactory, check_location
 
@@ -295,12 +295,18 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     if not result.jobs:
         raise InvalidJob(f"{name} holds no jobs; nothing was enqueued")
     store, app = _services(settings)
-    res = submit([spec for _, spec in result.jobs], store=store, app=app,
-                 storage=StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries),
-                 default_out=out, batch_name=args.batch, replace=args.replace,
-                 webhook_secret=settings.webhook_secret, url_style=args.url_style, url_ttl_s=args.url_ttl,
-                 lease_s=settings.submission_lease_s)
-    print(res.batch_id)
+    # The id is chosen here, not inside submit(), so that a Ctrl-C at any point can say what became of it.
+    batch_id = check_batch_name(args.batch) if args.batch else new_batch_id()
+    existed = bool(args.batch) and store.batch_exists(batch_id)
+    try:
+        res = submit([spec for _, spec in result.jobs], store=store, app=app,
+                     storage=StorageFactory(settings.s3_endpoint_url, settings.s3_region, settings.upload_retries),
+                     default_out=out, batch_name=batch_id, replace=args.replace,
+                     webhook_secret=settings.webhook_secret, url_style=args.url_style, url_ttl_s=args.url_ttl,
+                     lease_s=settings.submission_lease_s)
+        print(res.batch_id)
+    except KeyboardInterrupt:
+        return _interrupted_submission(store, batch_id, existed=existed)
     replaced = f", {res.replaced} replaced" if res.replaced else ""
     print(f"{res.enqueued} enqueued{replaced}, {res.skipped_done} already done, {res.skipped_pending} already "
           f"pending ({res.total} in batch)", file=sys.stderr)
@@ -311,6 +317,30 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     if args.wait:
         return _wait(store, res.batch_id, None)
     return 0
+
+
+def _interrupted_submission(store: Any, batch_id: str, *, existed: bool) -> int:
+    """Ctrl-C during ``submit``: say what became of the batch, exit 130. A new batch either committed (its jobs
+    are queued and run) or is not recorded at all (its staged jobs expire with the lease). For a batch that
+    existed before, whether this submission's jobs were added cannot be told from here."""
+    if existed:
+        print(f"sdfleet: interrupted; batch {batch_id} existed before this submission: whether its jobs were "
+              f"added shows in sdfleet status {batch_id}", file=sys.stderr)
+        return 130
+    try:
+        committed = store.batch_exists(batch_id)
+    except Exception as exc:  # Redis gone as well: say what is known
+        print(f"sdfleet: interrupted; whether batch {batch_id} was committed is unknown ({type(exc).__name__}): "
+              f"sdfleet status {batch_id} tells", file=sys.stderr)
+        return 130
+    if committed:
+        print(batch_id)  # stdout as after a finished submit: the batch exists
+        print(f"sdfleet: interrupted after batch {batch_id} was committed: its jobs are queued and will run "
+              f"(sdfleet wait {batch_id} follows them; sdfleet cancel {batch_id} stops them)", file=sys.stderr)
+    else:
+        print(f"sdfleet: interrupted before batch {batch_id} was committed: nothing was recorded",
+              file=sys.stderr)
+    return 130
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

@@ -501,6 +501,42 @@ def test_the_ctrl_c_timer_never_interrupts_after_the_wait_has_ended(monkeypatch)
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.parametrize("when", ["before_the_commit", "after_the_commit", "resubmission"])
+def test_ctrl_c_during_submit_says_what_became_of_the_batch(tmp_path, env, r, monkeypatch, capsys, when):
+    import producer.submit as producer_submit
+    from sdfleet import cli
+
+    for k in [k for k in list(__import__("os").environ) if k.startswith("SDFLEET_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    f = write(tmp_path, "p.txt", "a cat\na dog\n")
+    batch = ["--batch", "again"] if when == "resubmission" else []
+    if when == "resubmission":
+        assert cli.main(["submit", str(f), *batch]) == 0
+        capsys.readouterr()
+    real = producer_submit.submit
+
+    def interrupted(*a, **kw):  # Ctrl-C lands before submit() begins, or right after its commit
+        if when == "after_the_commit":
+            real(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(producer_submit, "submit", interrupted)
+    assert cli.main(["submit", str(f), *batch]) == 130
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    if when == "after_the_commit":
+        batch_id = out.strip()
+        assert r.exists(keys.batch(batch_id)) and r.hget(keys.batch(batch_id), "total") == "2"
+        assert f"interrupted after batch {batch_id} was committed" in err and f"sdfleet cancel {batch_id}" in err
+    elif when == "before_the_commit":
+        assert out == "" and "interrupted before batch b" in err and "nothing was recorded" in err, err
+        assert not r.keys("sdfleet:batch:*")
+    else:
+        assert out == "" and "batch again existed before this submission" in err, err
+
+
 def test_rediss_urls_verify_in_both_clients():
     import ssl
 
