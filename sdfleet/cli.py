@@ -285,7 +285,12 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidJob(str(exc), field="--out" if args.out else "SDFLEET_OUT") from None
     if args.url_ttl < 1 or args.url_ttl > 7 * 24 * 3600:
         raise InvalidJob("use 1 to 604800 seconds (S3 presigns for at most 7 days)", field="--url-ttl")
-    result = read_file(args.file, defaults)
+    try:
+        result = read_file(args.file, defaults)
+    except KeyboardInterrupt:
+        print(f"sdfleet: interrupted while reading {'standard input' if args.file == '-' else args.file}: "
+              "nothing was submitted", file=sys.stderr)
+        return 130
     _check_webhook_urls(result, defaults, settings)  # URL policy: http(s), no private addresses
     name = "standard input" if args.file == "-" else args.file
     if result.errors and not args.skip_invalid:
@@ -328,6 +333,10 @@ def _interrupted_submission(store: Any, batch_id: str, *, existed: bool) -> int:
               f"added shows in sdfleet status {batch_id}", file=sys.stderr)
         return 130
     try:
+        # The interrupt may have landed between a command's send and its reply: that connection went back to
+        # the pool with the reply unread, and the next command on it would read it as its own (seen: a stale
+        # 1 taken for "the batch exists"). Ask on fresh connections.
+        store.r.connection_pool.disconnect()
         committed = store.batch_exists(batch_id)
     except Exception as exc:  # Redis gone as well: say what is known
         print(f"sdfleet: interrupted; whether batch {batch_id} was committed is unknown ({type(exc).__name__}): "

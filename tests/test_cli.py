@@ -537,6 +537,40 @@ def test_ctrl_c_during_submit_says_what_became_of_the_batch(tmp_path, env, r, mo
         assert out == "" and "batch again existed before this submission" in err, err
 
 
+def test_an_interrupted_submission_is_not_misread_from_a_stale_reply(redis_url, r, capsys):
+    """A Ctrl-C between a command's send and its reply leaves that reply unread on a pooled connection; the
+    check of what became of the batch must not read it as its own answer."""
+    import redis as redis_lib
+
+    from sdfleet import cli
+    from sdfleet.state import JobStore
+
+    client = redis_lib.Redis.from_url(redis_url)
+    conn = client.connection_pool.get_connection()
+    conn.send_command("RPUSH", "stale-list", "x")  # its reply, 1, is never read
+    client.connection_pool.release(conn)
+    assert cli._interrupted_submission(JobStore(client), "never-committed", existed=False) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and "interrupted before batch never-committed was committed: nothing was recorded" in err, err
+
+
+def test_ctrl_c_while_reading_the_file_says_nothing_was_submitted(tmp_path, env, r, monkeypatch, capsys):
+    import producer.reader as reader
+    from sdfleet import cli
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reader, "read_file", interrupted)
+    assert cli.main(["submit", str(write(tmp_path, "p.txt", "a cat\n"))]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and "interrupted while reading" in err and "nothing was submitted" in err, err
+    assert r.dbsize() == 0
+
+
 def test_rediss_urls_verify_in_both_clients():
     import ssl
 
