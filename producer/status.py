@@ -68,7 +68,8 @@ def describe(st: dict[str, Any], idle_queues: Iterable[str] = ()) -> str:
         text += f"; {c[QUEUED]} still queued, {c[RUNNING] + c.get('storing', 0)} running"
     idle = sorted(idle_queues)
     if idle and c[QUEUED] and not st["complete"]:
-        text += f"; no live worker serves {', '.join(idle)} (start one: sdfleet worker --model <model>)"
+        starts = " or ".join(f"sdfleet worker --model {q.removeprefix(keys.GEN_QUEUE_PREFIX)}" for q in idle)
+        text += f"; no live worker serves {', '.join(idle)} (start one: {starts}, or the model's directory)"
     return text
 
 

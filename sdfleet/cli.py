@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -196,12 +197,18 @@ def _version() -> str:
         return __version__
 
 
+_PRODUCER_COMMANDS = frozenset({"submit", "status", "wait", "results", "cancel"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = None
     try:
         settings = Settings.from_env()
-        logs.configure(settings.log_format, settings.log_level)
+        # The producer's commands talk to a person in their own lines; the library's info logs (a cancel's
+        # "jobs cancelled", a batch's completion) only repeat them there. Services keep the configured level.
+        quiet = args.command in _PRODUCER_COMMANDS and "SDFLEET_LOG_LEVEL" not in os.environ
+        logs.configure(settings.log_format, "warning" if quiet else settings.log_level)
         return COMMANDS[args.command](args, settings)
     except SdfleetError as exc:
         print(f"sdfleet: {exc}", file=sys.stderr)

@@ -227,6 +227,7 @@ def test_wait_timeout_reports_what_is_still_queued_and_that_no_worker_listens(tm
     res = run_cli(["wait", "nobody", "--timeout", "0.5"], env)
     assert res.returncode == 1
     assert "5 still queued, 0 running" in res.stderr and "no live worker serves sdfleet.gen.tiny" in res.stderr
+    assert "start one: sdfleet worker --model tiny" in res.stderr, res.stderr
 
 
 def test_no_warning_when_a_live_worker_serves_the_queue(tmp_path, env, r):
@@ -569,6 +570,16 @@ def test_ctrl_c_while_reading_the_file_says_nothing_was_submitted(tmp_path, env,
     out, err = capsys.readouterr()
     assert out == "" and "interrupted while reading" in err and "nothing was submitted" in err, err
     assert r.dbsize() == 0
+
+
+def test_cancel_prints_its_own_line_and_no_library_log_unless_asked(tmp_path, env, r):
+    assert run_cli(["submit", str(write(tmp_path, "p.txt", "a\nb\n")), "--batch", "cq"], env).returncode == 0
+    res = run_cli(["cancel", "cq"], env)
+    assert res.returncode == 0 and res.stderr.strip().splitlines() == [
+        "2 queued job(s) cancelled and revoked; running jobs finish"], res.stderr
+    assert run_cli(["submit", str(write(tmp_path, "q.txt", "c\n")), "--batch", "cq2"], env).returncode == 0
+    res = run_cli(["cancel", "cq2"], {**env, "SDFLEET_LOG_LEVEL": "info"})
+    assert res.returncode == 0 and '"jobs cancelled"' in res.stderr, res.stderr
 
 
 def test_rediss_urls_verify_in_both_clients():
