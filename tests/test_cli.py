@@ -504,10 +504,12 @@ def test_the_ctrl_c_timer_never_interrupts_after_the_wait_has_ended(monkeypatch)
 
 @pytest.mark.parametrize("when", ["before_the_commit", "after_the_commit", "resubmission"])
 def test_ctrl_c_during_submit_says_what_became_of_the_batch(tmp_path, env, r, monkeypatch, capsys, when):
+    import os
+
     import producer.submit as producer_submit
     from sdfleet import cli
 
-    for k in [k for k in list(__import__("os").environ) if k.startswith("SDFLEET_")]:
+    for k in [k for k in os.environ if k.startswith("SDFLEET_")]:
         monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
