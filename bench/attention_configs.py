@@ -2,6 +2,7 @@
 
     python bench/attention_configs.py --out results.json [--heads 24,38] [--seq-img 4096 --seq-ctx 333]
         [--configs "64,128,4,3,128"] [--envs "SDFLEET_FP8_ATTN_ROW_TREE=0;SDFLEET_FP8_ATTN_ROW_TREE=1"] [--rounds 2]
+        [--kernels triton,gluon]
 
 The configs are ``attention.TUNED_CONFIGS`` (the autotune list; the default is the fastest of them, run
 alone). An autotune picks at the first call per shape from one short timing each, so its pick can differ
@@ -9,6 +10,9 @@ between boots. This times every config by itself
 (``SDFLEET_FP8_ATTN_CONFIG`` set to it, so no autotune): q/k-norm + K/V quantization (``prep_joint``) and
 the attention kernel with its E4M3 output, captured in a CUDA graph, median of 50 replays after 10, at
 batch 2 (one image with guidance). JSON: per heads, per config, ms.
+
+``--kernels triton,gluon``: the engine-path Gluon kernel (``attention_gluon.joint_attention``, on
+``prep_joint(..., v_order="gluon")``) is timed beside the configs, under the label ``gluon``.
 
 ``--envs``: kernel switches (environment settings, ";"-separated) each config is timed under, in ``--rounds``
 interleaved rounds (A B A B: drift hits both); the result is then per config, per setting, the median ms.
@@ -31,7 +35,7 @@ import subprocess
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_one(heads: int, length: int, ctx_length: int, batch: int = 2) -> float:
+def time_one(heads: int, length: int, ctx_length: int, batch: int = 2, kernel: str = "triton") -> float:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -44,9 +48,15 @@ def time_one(heads: int, length: int, ctx_length: int, batch: int = 2) -> float:
     ctx = torch.randn(batch * ctx_length, 3 * heads * d, device="cuda", generator=g).bfloat16()
     w = torch.ones(2, d, device="cuda", dtype=torch.bfloat16)
 
-    def step():
-        q, kv = att.prep_joint(img, ctx, w, w, batch=batch, heads=heads)
-        return att.fp8_attention_quantized(q, kv, fp8_rows=(length, ctx_length))
+    if kernel == "gluon":
+        from worker.engine.fp8.attention_gluon import joint_attention as attention
+    else:
+        attention = att.fp8_attention_quantized
+
+    def step():  # as the engine calls it with the text stream off: all rows in one launch
+        q, kv = att.prep_joint(img, ctx, w, w, batch=batch, heads=heads,
+                               v_order="gluon" if kernel == "gluon" else "natural")
+        return attention(q, kv, fp8_rows=(length, ctx_length))
 
     return graph_replay_ms(step)
 
@@ -60,10 +70,14 @@ def main() -> int:
     ap.add_argument("--configs", default=None, help='";"-separated configs (default: the autotune list)')
     ap.add_argument("--envs", default="", help='";"-separated NAME=VALUE settings to compare')
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--kernels", default="triton",
+                    help='comma list: triton (attention.py, timed per config), gluon (attention_gluon.joint_attention; '
+                         'its config is its own, so it is timed once per setting, under the label "gluon")')
+    ap.add_argument("--kernel", default="triton", help=argparse.SUPPRESS)  # child
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: time SDFLEET_FP8_ATTN_CONFIG
     a = ap.parse_args()
     if a.one:
-        print(json.dumps({"ms": time_one(int(a.one), a.seq_img, a.seq_ctx)}))
+        print(json.dumps({"ms": time_one(int(a.one), a.seq_img, a.seq_ctx, kernel=a.kernel)}))
         return 0
     settings = [x for x in a.envs.split(";") if x] or [""]
     for x in settings:
@@ -78,12 +92,21 @@ def main() -> int:
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "command": "python bench/attention_configs.py " + " ".join(sys.argv[1:]), "results": {}}
 
+    kernels = [k for k in a.kernels.split(",") if k]
+    if not kernels or set(kernels) - {"triton", "gluon"}:
+        print(f"--kernels: {a.kernels!r}; use triton, gluon or both", file=sys.stderr)
+        return 2
+
     def child(heads: int, cfg: str, setting: str):
         env = dict(os.environ, SDFLEET_FP8_ATTN_CONFIG=cfg)
+        kernel = "triton"
+        if cfg == "gluon":
+            env.pop("SDFLEET_FP8_ATTN_CONFIG")
+            kernel = "gluon"
         if setting:
             name, _, val = setting.partition("=")
             env[name] = val
-        p = subprocess.run([sys.executable, __file__, "--out", a.out, "--one", str(heads),
+        p = subprocess.run([sys.executable, __file__, "--out", a.out, "--one", str(heads), "--kernel", kernel,
                             "--seq-img", str(a.seq_img), "--seq-ctx", str(a.seq_ctx)],
                            env=env, capture_output=True, text=True, timeout=300)
         try:
@@ -93,7 +116,8 @@ def main() -> int:
 
     for heads in (int(h) for h in a.heads.split(",")):
         res = out["results"][str(heads)] = {}
-        for cfg in (a.configs or att.TUNED_CONFIGS).split(";"):
+        cfgs = (a.configs or att.TUNED_CONFIGS).split(";") if "triton" in kernels else []
+        for cfg in cfgs + (["gluon"] if "gluon" in kernels else []):
             if settings == [""] and a.rounds == 1:  # the original form: one number a config
                 res[cfg] = child(heads, cfg, "")
                 print(heads, cfg, res[cfg], flush=True)

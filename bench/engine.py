@@ -42,7 +42,8 @@ from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER, build_transform
 ALL_VARIANTS = ("bf16", "bf16-graph", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph",
                 "fp8-attn", "fp8-attn-bf16io-graph", "fp8-attn-1stream-graph", "fp8-attn-nochunk-graph",
                 "fp8-attn-chunk4096-graph",
-                "fp8-attn-graph", "fp8-attn-plan-graph", "fp8-adaln-bf16-graph")
+                "fp8-attn-graph", "fp8-attn-plan-graph", "fp8-adaln-bf16-graph",
+                "fp8-attn-gluon-graph", "fp8-attn-gluon-plan-graph")
 QUICK_VARIANTS = ("bf16", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph", "fp8-attn-graph")
 GIB = 2**30
 RESULTS: dict = {}
@@ -338,8 +339,10 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 # (ff_chunk_rows=0) / in 4096-row chunks; fp8-attn-plan: every step's AdaLN modulations
                 # before a loop of --steps steps (AdaLNPlan; its "ms" is a graph replay fed by the runner,
                 # its loop_ms_per_step the figure to compare with fp8-attn-graph's); the others compute them
-                # per step inside the graph, as earlier rounds did
+                # per step inside the graph, as earlier rounds did; -gluon-: the joint attention on the
+                # Gluon kernel (Fp8Options.attention_kernel)
                 set_runtime_options(model, Fp8Options(fused_quant=v != "fp8-unfused",
+                                                      attention_kernel="gluon" if "-gluon-" in v else "triton",
                                                       adaln_all_steps="plan" in v,
                                                       fp8_attention=v.startswith("fp8-attn"),
                                                       fused_attention_io="bf16io" not in v,

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     # One switch per speed-up, so each one's effect can be measured alone (all on by default).
     for name in ("fp8-linears", "fused-quant", "fp8-attention", "adaln-all-steps", "cuda-graphs"):
         w.add_argument(f"--no-{name}", action="store_true", help=f"turn off {name.replace('-', ' ')}")
+    w.add_argument("--fp8-attention-kernel", choices=("triton", "gluon"), default=None,
+                   help="FP8 attention kernel of the joint attention (default triton); gluon: a software-pipelined "
+                        "kernel for Hopper, head_dim 64 (the Triton kernel runs where it cannot)")
     # Test hooks for the null engine (queue benchmarks, crash-safety tests); hidden from --help.
     w.add_argument("--null-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     w.add_argument("--null-crash-prompt", default=None, help=argparse.SUPPRESS)
@@ -545,6 +548,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         extra["fp8_weights"] = args.fp8_weights
     switches = {name: False for name in ("fp8_linears", "fused_quant", "fp8_attention", "adaln_all_steps")
                 if getattr(args, f"no_{name}")}
+    if args.fp8_attention_kernel:
+        switches["attention_kernel"] = args.fp8_attention_kernel
     if switches:
         extra["fp8_switches"] = switches
     if args.no_cuda_graphs:

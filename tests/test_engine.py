@@ -259,5 +259,11 @@ def test_worker_flags_turn_each_speed_up_off(monkeypatch):
     from worker.engine.fp8 import Fp8Options
 
     assert not Fp8Options(**extra["fp8_switches"]).adaln_all_steps
+    seen.clear()
+    cli.cmd_worker(parser.parse_args(["worker", "--fp8-attention-kernel", "gluon"]), Settings())
+    assert seen.pop("o").engine_extra["fp8_switches"] == {"attention_kernel": "gluon"}
+    assert Fp8Options().attention_kernel == "triton"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["worker", "--fp8-attention-kernel", "cuda"])
     assert not EngineOptions(**{k: v for k, v in extra.items() if not k.startswith("null_")}).text_encoder_graphs
     assert EngineOptions().text_encoder_graphs  # on by default: measured exact and faster (docs/PERFORMANCE.md)

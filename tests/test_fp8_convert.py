@@ -238,7 +238,9 @@ def test_options_validation():
         Fp8Options(bf16_layers={"attn_qkvv"})
     with pytest.raises(ConfigError, match="unknown option"):
         Fp8Options.from_dict({"fp8_linear": True})
-    o = Fp8Options(bf16_layers=["adaln"])
+    with pytest.raises(ConfigError, match=r"attention_kernel: 'cuda'; use one of triton, gluon"):
+        Fp8Options(attention_kernel="cuda")
+    o = Fp8Options(bf16_layers=["adaln"], attention_kernel="gluon")
     assert Fp8Options.from_dict(o.to_dict()) == o
 
 

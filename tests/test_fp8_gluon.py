@@ -111,3 +111,63 @@ def test_gluon_kernel_matches_its_emulation(variant, emu_bound, kind):
     # accumulated by the tensor cores at their reduced precision, against fp32 sums in the emulation)
     assert _rel(out, emu) < emu_bound
     assert _rel(out, _ref(q, k, v)) < _rel(emu, _ref(q, k, v)) + 0.01
+
+
+# ---- the engine's path: prep_joint's inputs, the E4M3 output rows (joint_attention) ----
+
+def test_joint_support_names_what_rules_the_kernel_out():
+    assert ag.joint_supported((2, 3, 4429, 128), "int8") == (False, "the Gluon kernel is written for head_dim 64, not 128")
+    assert ag.joint_supported((2, 3, 128, 64), "int8") == (False, "the Gluon kernel needs more than 128 tokens, got 128")
+    assert ag.joint_supported((2, 3, 4429, 64), "fp8") == (False, "the engine's Gluon kernel takes INT8 Q/K, not 'fp8'")
+    ok, why = ag.joint_supported((2, 3, 4429, 64), "int8")
+    assert (ok, why) == ag.is_supported()  # the shape is one the kernel serves: the device decides
+
+
+def test_each_kernel_refuses_the_others_v_order():
+    # V's token order differs between the two kernels' inputs: a K/V prepared for one is refused by the other
+    from worker.engine.fp8 import attention as att
+
+    opts = att._options(scales="vbatch")
+    kv = {"S": 300, "s_pad": 384, "n_tiles": 3, "opts": opts, "shape": (1, 1, 300, 64), "v_order": "gluon"}
+    q = torch.zeros(1, 1, 300, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="prepared for the Gluon kernel"):
+        att.fp8_attention_quantized(q, kv, fp8_rows=(250, 50))
+    with pytest.raises(ValueError, match="v_order='gluon'"):
+        ag.joint_attention(q, dict(kv, v_order="natural"), fp8_rows=(250, 50))
+    with pytest.raises(ValueError, match="not an engine-path variant"):
+        ag.joint_attention(q, kv, fp8_rows=(250, 50), variant="pipe_i8_t")
+    with pytest.raises(ValueError, match="call joint_attention"):
+        ag.gluon_attention_quantized({"qk": "int8"}, "joint")
+
+
+@pytest.mark.skipif(not _gpu_ok, reason=f"Gluon kernels need a Hopper GPU: {_gpu_why}")
+@pytest.mark.parametrize("L,Lc,Lc_out", [(256, 77, 77), (200, 77, 0), (130, 5, 5), (1024, 154, 154)])
+def test_joint_attention_is_the_triton_kernels_output(L, Lc, Lc_out):
+    from worker.engine.fp8 import attention as att
+
+    B, H, D = 2, 3, 64
+    g = torch.Generator(device="cuda").manual_seed(L + Lc)
+    img = (torch.randn(B * L, 3 * H * D, device="cuda", generator=g) * 2).bfloat16()
+    ctx = torch.randn(B * Lc, 3 * H * D, device="cuda", generator=g).bfloat16()
+    w = (torch.rand(2, 2, D, device="cuda", generator=g) + 0.5).bfloat16()
+    q_t, kv_t = att.prep_joint(img, ctx, w[0], w[1], batch=B, heads=H)
+    q_g, kv_g = att.prep_joint(img, ctx, w[0], w[1], batch=B, heads=H, v_order="gluon")
+    # the same quantized inputs, V's tokens permuted within each 32 as the kernel's P operand holds them
+    assert torch.equal(q_t, q_g) and torch.equal(kv_t["q_scale"], kv_g["q_scale"])
+    assert torch.equal(kv_t["kq"], kv_g["kq"]) and torch.equal(kv_t["ks"], kv_g["ks"])
+    assert torch.equal(kv_t["vs"], kv_g["vs"])
+    order = ag._v_token_order(kv_t["s_pad"], "cuda")
+    assert torch.equal(kv_g["vq"].view(torch.uint8), kv_t["vq"].view(torch.uint8)[:, :, order])
+    o_t, s_t = att.fp8_attention_quantized(q_t, kv_t, fp8_rows=(L, Lc_out))
+    o_g, s_g = ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out))
+    torch.cuda.synchronize()
+    assert o_g.shape == o_t.shape and o_g.dtype == torch.float8_e4m3fn and torch.equal(s_g, s_t)
+    # the same scheme; the tensor cores sum P V in another order, so an output may round to the next E4M3 value
+    got, want = o_g.float() * s_g, o_t.float() * s_t
+    assert _rel(got, want) < 0.01
+    assert (o_g.view(torch.uint8) != o_t.view(torch.uint8)).float().mean() < 0.05
+    # image rows and text rows as two launches into one output: the same bits as one launch
+    two = ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out), rows=(0, L))
+    ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out), rows=(L, L + Lc_out), out=two)
+    torch.cuda.synchronize()
+    assert torch.equal(two[0].view(torch.uint8), o_g.view(torch.uint8)) and torch.equal(two[1], s_g)

@@ -265,3 +265,43 @@ def test_transformer_and_encoder_graphs_replay_side_by_side():
             assert torch.equal(te, enc_want[0]) and torch.equal(t5, enc_want[1])
         graphs.release()
         runner.release()
+
+
+def _gluon_ok():
+    from worker.engine.fp8 import attention_gluon
+
+    return torch.cuda.is_available() and attention_gluon.is_supported()[0]
+
+
+@gpu
+@pytest.mark.skipif(not _gluon_ok(), reason="the Gluon attention kernel needs a Hopper GPU and Triton's Gluon")
+def test_gluon_attention_kernel_in_the_engine():
+    # Fp8Options.attention_kernel="gluon": the same scheme as the Triton kernel, so nearly the same output;
+    # in a captured graph (text rows a second launch on the text stream) the same bits as eager; and where the
+    # Gluon kernel cannot serve a shape (<= 128 tokens) the Triton kernel runs, the same bits as asking for it
+    from worker.engine.fp8 import Fp8Options, apply_fp8, processor, set_runtime_options
+
+    bf = _medium3()
+    m = apply_fp8(copy.deepcopy(bf), Fp8Options())
+    g = torch.Generator(device="cuda").manual_seed(1)
+
+    def inputs(side, text):
+        return dict(hidden_states=torch.randn(2, 16, side, side, device="cuda", generator=g).bfloat16(),
+                    encoder_hidden_states=torch.randn(2, text, 4096, device="cuda", generator=g).bfloat16(),
+                    pooled_projections=torch.randn(2, 2048, device="cuda", generator=g).bfloat16(),
+                    timestep=torch.full((2,), 500.0, device="cuda"), return_dict=False)
+
+    x, small = inputs(64, 154), inputs(16, 10)  # 1024 + 154 tokens; 64 + 10
+    outs = {}
+    with torch.no_grad():
+        for kernel in ("triton", "gluon"):
+            set_runtime_options(m, Fp8Options(attention_kernel=kernel))
+            outs[kernel] = _twice(lambda: m(**x)[0].clone())
+            outs[kernel, "small"] = m(**small)[0].clone()
+        ref = bf(**x)[0]
+    eager, captured = outs["gluon"]
+    assert torch.equal(eager, captured)
+    assert _rel(eager, outs["triton"][0]) < 0.01
+    assert _rel(eager, ref) < 0.05 and _rel(outs["triton"][0], ref) < 0.05
+    assert torch.equal(outs["gluon", "small"], outs["triton", "small"])
+    assert "Gluon attention not used for (2, 24, 74, 64)" in processor.fp8_attention_status()

@@ -47,7 +47,7 @@ class EngineOptions:
     #: a directory written by ``sdfleet quantize`` (FP8 transformer weights + scales); skips re-quantizing
     fp8_weights: str | None = None
     #: per-speed-up switches for the FP8 path (see worker.engine.fp8.Fp8Options); empty: the defaults
-    fp8_switches: dict[str, bool] = field(default_factory=dict)
+    fp8_switches: dict[str, bool | str] = field(default_factory=dict)
     #: image batch-size buckets for CUDA graphs (batches are padded up to a bucket); CUDA only
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     cuda_graphs: bool = True

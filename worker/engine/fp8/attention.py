@@ -408,16 +408,23 @@ if triton is not None:
     def _prep_v_kernel(
         Img, Ctx, Vq, Vs, Vpart, H, L, Lc, S, S_PAD, N_TILES, stride_img, stride_ctx,
         HAS_CTX: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr,
+        GLUON_ORDER: tl.constexpr,
     ):
         # V of one (tile, batch * head), read again from the GEMM outputs once its batch amax is known, as
         # E4M3 transposed (dim, token) and padded, the layout _quant_kv_kernel writes. The batch amax is
         # the max of the batch's H * N_TILES tile maxima (a few KiB from L2): no atomics, no zeroed buffer.
+        # GLUON_ORDER: tokens stored in the order the Gluon kernel's P operand holds them (within each 32
+        # tokens, token 16h + 8g + 2t + e at 16h + 4t + 2g + e: attention_gluon._v_token_order's inverse).
         bh, tile, b, h, t, d = _joint_tile(H, BLOCK, D)
         v = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 2, H, D, HAS_CTX).to(tl.float32)
         part = tl.arange(0, PARTS)
         v_amax = tl.max(tl.load(Vpart + b * H * N_TILES + part, mask=part < H * N_TILES, other=0.0), axis=0)
         v_scale = _scale_of(v_amax, False)
-        tl.store(Vq + bh.to(tl.int64) * S_PAD * D + d[None, :] * S_PAD + t[:, None], _codes(v * (1.0 / v_scale), False))
+        if GLUON_ORDER:
+            pos = (t & ~15) | (((t >> 1) & 3) << 2) | (((t >> 3) & 1) << 1) | (t & 1)
+        else:
+            pos = t
+        tl.store(Vq + bh.to(tl.int64) * S_PAD * D + d[None, :] * S_PAD + pos[:, None], _codes(v * (1.0 / v_scale), False))
         tl.store(Vs + bh * N_TILES + tile, v_scale)
 
     @triton.jit
@@ -750,6 +757,30 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, **options) -> dict:
             "n_tiles": n_tiles, "opts": opts, "shape": (B, H, S, D)}
 
 
+def fp8_rows_out(kv: dict, fp8_rows: tuple[int, int], rows: tuple[int, int] | None, out, device):
+    """The E4M3 output rows of a joint attention (``fp8_attention_quantized``'s ``fp8_rows``, ``rows`` and
+    ``out``), checked, for either kernel: (o8, scale, r0, r1, L, Lc)."""
+    B, H, S, D = kv["shape"]
+    opts = kv["opts"]
+    L, Lc = fp8_rows
+    if opts["scales"] != "vbatch" or opts["pv"] != "fp8" or L + Lc > S or min(L, Lc) < 0:
+        raise ValueError(f"fp8_rows={fp8_rows} needs scales='vbatch', pv='fp8' and L + Lc <= {S}")
+    row0, m_rows = rows if rows is not None else (0, L + Lc)
+    if not 0 <= row0 <= m_rows <= L + Lc:
+        raise ValueError(f"rows={rows}: need 0 <= r0 <= r1 <= L + Lc = {L + Lc}")
+    shape = (B * (L + Lc), H * D)
+    if out is None:
+        o8 = torch.empty(shape, device=device, dtype=torch.float8_e4m3fn)
+        o_scale = torch.empty((shape[0], 1), device=device, dtype=torch.float32)
+    else:
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise ValueError("with fp8_rows, out is the (o8, scale) pair of an earlier call")
+        o8, o_scale = out
+        if o8.shape != shape or o8.dtype != torch.float8_e4m3fn or o_scale.shape != (shape[0], 1):
+            raise ValueError(f"out for fp8_rows={fp8_rows}: ({shape} E4M3, ({shape[0]}, 1) float32)")
+    return o8, o_scale, row0, m_rows, L, Lc
+
+
 def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = None,
                             out=None, fp8_rows: tuple[int, int] | None = None,
                             rows: tuple[int, int] | None = None):
@@ -772,26 +803,14 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
     opts = kv["opts"]
     if Sq != S:
         raise RuntimeError(f"fp8_attention: q has {Sq} tokens, k/v have {S}; only equal lengths are supported")
+    if kv.get("v_order", "natural") != "natural":
+        raise ValueError("this K/V was prepared for the Gluon kernel (prep_joint v_order='gluon'): "
+                         "use attention_gluon.joint_attention")
     sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
     out_scale = None
     row0 = 0
     if fp8_rows is not None:
-        L, Lc = fp8_rows
-        if opts["scales"] != "vbatch" or opts["pv"] != "fp8" or L + Lc > S or min(L, Lc) < 0:
-            raise ValueError(f"fp8_rows={fp8_rows} needs scales='vbatch', pv='fp8' and L + Lc <= {S}")
-        row0, m_rows = rows if rows is not None else (0, L + Lc)
-        if not 0 <= row0 <= m_rows <= L + Lc:
-            raise ValueError(f"rows={rows}: need 0 <= r0 <= r1 <= L + Lc = {L + Lc}")
-        shape = (B * (L + Lc), H * D)
-        if out is None:
-            out = torch.empty(shape, device=q.device, dtype=torch.float8_e4m3fn)
-            out_scale = torch.empty((shape[0], 1), device=q.device, dtype=torch.float32)
-        else:
-            if not isinstance(out, tuple) or len(out) != 2:
-                raise ValueError("with fp8_rows, out is the (o8, scale) pair of an earlier call")
-            out, out_scale = out
-            if out.shape != shape or out.dtype != torch.float8_e4m3fn or out_scale.shape != (shape[0], 1):
-                raise ValueError(f"out for fp8_rows={fp8_rows}: ({shape} E4M3, ({shape[0]}, 1) float32)")
+        out, out_scale, row0, m_rows, L, Lc = fp8_rows_out(kv, fp8_rows, rows, out, q.device)
         if m_rows == row0:
             return out, out_scale
     else:
@@ -835,7 +854,7 @@ def fp8_attention_quantized(q: torch.Tensor, kv: dict, *, scale: float | None = 
 
 def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor | None,
                ctx_norm_w: torch.Tensor | None, *, batch: int, heads: int, eps: float = 1e-6,
-               **options) -> tuple[torch.Tensor, dict]:
+               v_order: str = "natural", **options) -> tuple[torch.Tensor, dict]:
     """Joint q/k/v from the streams' fused q/k/v GEMM outputs, ready for :func:`fp8_attention_quantized`.
 
     img (B*L, 3*H*D), ctx (B*Lc, 3*H*D) or None: bf16, row stride free, columns [q | k | v] x heads x D.
@@ -844,7 +863,12 @@ def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor
     for the attention kernel: q's scales, K normed and quantized per 128-token tile in the same pass, V
     quantized with one scale per batch element (scales="vbatch") by a second pass over V once its amax is
     known. No bf16 copy of q, k or v is written.
+
+    ``v_order="gluon"``: V's tokens stored in the order the Gluon kernel's P operand holds them, for
+    ``attention_gluon.joint_attention`` (which this K/V is then only good for).
     """
+    if v_order not in ("natural", "gluon"):
+        raise ValueError(f"prep_joint: v_order {v_order!r}; use 'natural' (the Triton kernel) or 'gluon'")
     opts = _options(**{**options, "scales": "vbatch"})
     if opts["pv"] != "fp8":
         raise ValueError("prep_joint quantizes V: needs pv='fp8'")
@@ -881,10 +905,11 @@ def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor
     )
     _prep_v_kernel[(batch * heads, n_tiles)](
         img, ctx_arg, vq, vs, vpart, heads, L, Lc, S, s_pad, n_tiles, img.stride(0), ctx_stride,
-        HAS_CTX=ctx is not None, D=D, BLOCK=KV_BLOCK, PARTS=triton.next_power_of_2(heads * n_tiles), num_warps=4,
+        HAS_CTX=ctx is not None, D=D, BLOCK=KV_BLOCK, PARTS=triton.next_power_of_2(heads * n_tiles),
+        GLUON_ORDER=v_order == "gluon", num_warps=4,
     )
     return q8, {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": None, "q_scale": q_scale, "S": S, "s_pad": s_pad,
-               "n_tiles": n_tiles, "opts": opts, "shape": (batch, heads, S, D)}
+               "n_tiles": n_tiles, "opts": opts, "shape": (batch, heads, S, D), "v_order": v_order}
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,

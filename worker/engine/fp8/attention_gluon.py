@@ -84,7 +84,7 @@ except Exception as exc:  # pragma: no cover - depends on the machine
     TensorDescriptor = None
     _GLUON_IMPORT_ERROR = exc
 
-__all__ = ["gluon_attention", "gluon_attention_quantized", "prepare", "emulate", "is_supported", "VARIANTS",
+__all__ = ["gluon_attention", "gluon_attention_quantized", "joint_attention", "joint_supported", "prepare", "emulate", "is_supported", "VARIANTS",
            "compile_offline"]
 
 HEAD_DIM = 64
@@ -119,6 +119,8 @@ VARIANTS = {
     "pipe_x3_t": dict(kind="pipe", nc=1, stages=2, maxnreg=168, reg_c=0, reg_p=0, qk="fp8x3", tree=True),
     "ws3_t": dict(kind="ws", nc=3, stages=4, maxnreg=128, reg_c=160, reg_p=24, qk="fp8", tree=True),
     "pipe_x3s3": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="fp8x3"),
+    # the engine's path (:func:`joint_attention`): pipe_i8_t with prep_joint's inputs and an E4M3 output
+    "joint": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="int8", tree=True, joint=True),
 }
 DEFAULT_VARIANT = "ws3"
 
@@ -268,7 +270,7 @@ if gluon is not None:
                    kv_empty, desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                    STAGES: gl.constexpr, QK_INT8: gl.constexpr, QK_X3: gl.constexpr, SELF_LOAD: gl.constexpr,
-                   MASK: gl.constexpr, ROW_TREE: gl.constexpr):
+                   MASK: gl.constexpr, ROW_TREE: gl.constexpr, Ks_bh=None, K_TILE: gl.constexpr = False):
         # In: p_prev = P_{j-1} (fp32, accumulator layout), acc = O_{j-2} in the scale of m_{j-2},
         # alpha = exp2(m_{j-2} - m_{j-1}). FA3's intra-warpgroup overlap:
         #   P_{j-1} -> E4M3 A operand (same basic block as its wgmma: a loop-carried E4M3 tensor costs byte
@@ -277,6 +279,10 @@ if gluon is not None:
         # (Rotating the loop so S_j is in flight across the back edge makes ptxas serialize all wgmmas: C7514.)
         st = j % STAGES
         pst = (j - 1) % STAGES
+        if K_TILE:  # the engine's K: one scale per 128-key tile (prep_joint), loaded before the waits
+            a_t = a_row * gl.load(Ks_bh + j)
+        else:
+            a_t = a_row
         p_op = _p_operand(p_prev, p_layout)
         mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
         if QK_INT8:
@@ -291,7 +297,7 @@ if gluon is not None:
         mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(pst).permute((1, 0)), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, j * _BN, S, s_layout, QK_INT8, MASK, ROW_TREE)
+        p, m_i, l_i, alpha = _softmax_tile(s, a_t, m_i, l_i, j * _BN, S, s_layout, QK_INT8, MASK, ROW_TREE)
         if BB_FENCE:
             _bb_fence(j)
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
@@ -308,7 +314,13 @@ if gluon is not None:
     def _consumer(q_smem, q2_smem, k_smem, k2_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                   desc_q, desc_q2, desc_k, desc_k2, desc_v, Qm, Vs, O, bh, m0, S, S_PAD, n_tiles,
                   WG: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, QK_X3: gl.constexpr,
-                  SELF_LOAD: gl.constexpr, ROW_TREE: gl.constexpr):
+                  SELF_LOAD: gl.constexpr, ROW_TREE: gl.constexpr, Ks=None, Os=None, M_ROWS=0, L_IMG=0, L_CTX=0,
+                  B=1, H=1, qk_scale=1.0, JOINT: gl.constexpr = False):
+        # JOINT: the engine's inputs and output (:func:`joint_attention`). Qm holds Q's per-token scales
+        # (times qk_scale here), K has one scale per 128-key tile (Ks), and the output is written as the
+        # output projections' E4M3 input: rows [.., M_ROWS) of the joint sequence, image rows (< L_IMG) to
+        # rows b * L_IMG + t of O (B * (L_IMG + L_CTX), H * 64), text rows after all image rows, with V's
+        # scale (one a batch element) as each row's scale in Os.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, _BN, 32])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -335,6 +347,13 @@ if gluon is not None:
                          i < n_tiles, QK_X3)
         rows = row0 + gl.arange(0, _BM, layout=row_s)
         a_row = gl.load(Qm + bh64 * S + rows, mask=rows < S, other=1.0)
+        if JOINT:
+            a_row = a_row * qk_scale
+            Ks_bh = Ks + bh * n_tiles
+            a_0 = a_row * gl.load(Ks_bh)
+        else:
+            Ks_bh = Qm
+            a_0 = a_row
         q = q_smem.index(WG)
         q2 = q2_smem.index(WG)
         mbarrier.wait(q_bar.index(WG), 0)
@@ -350,18 +369,18 @@ if gluon is not None:
             s_tok = warpgroup_mma(q2, k_smem.index(0).permute((1, 0)), s_tok, is_async=True)
             s_tok = warpgroup_mma(q, k2_smem.index(0).permute((1, 0)), s_tok, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        p, m_i, l_i, alpha = _softmax_tile(s, a_row, m_i, l_i, 0, S, s_layout, QK_INT8, False, ROW_TREE)
+        p, m_i, l_i, alpha = _softmax_tile(s, a_0, m_i, l_i, 0, S, s_layout, QK_INT8, False, ROW_TREE)
 
         for j in range(1, n_tiles - 1):
             p, acc, m_i, l_i, alpha = _attn_step(
                 j, p, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready, kv_empty,
                 desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8,
-                QK_X3, SELF_LOAD, False, ROW_TREE)
+                QK_X3, SELF_LOAD, False, ROW_TREE, Ks_bh, JOINT)
         # last tile: ragged (masked)
         p, acc, m_i, l_i, alpha = _attn_step(
             n_tiles - 1, p, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready,
             kv_empty, desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES,
-            QK_INT8, QK_X3, SELF_LOAD, True, ROW_TREE)
+            QK_INT8, QK_X3, SELF_LOAD, True, ROW_TREE, Ks_bh, JOINT)
 
         # P_{n-1} V_{n-1}
         jl = n_tiles - 1
@@ -373,12 +392,27 @@ if gluon is not None:
         if not SELF_LOAD:
             mbarrier.arrive(kv_empty.index(jl % STAGES), count=1)
 
-        v_scale = gl.load(Vs + bh)
-        out = acc * gl.expand_dims(gl.convert_layout(v_scale / l_i, row_o), 1)
         orow = row0 + gl.arange(0, _BM, layout=row_o)
         ocol = gl.arange(0, _HD, layout=gl.SliceLayout(0, o_layout))
-        optr = O + (bh64 * S + gl.expand_dims(orow, 1)) * _HD + gl.expand_dims(ocol, 0)
-        gl.store(optr, out.to(gl.bfloat16), mask=gl.expand_dims(orow < S, 1))
+        if JOINT:
+            # with one V scale per batch element, acc / l is a convex combination of E4M3 values of V (up to
+            # P's rounding): already in E4M3 range, with V's scale as the row's scale (attention.py's OUT_FP8)
+            out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, row_o), 1)
+            out = gl.minimum(gl.maximum(out, -448.0), 448.0)
+            b64 = (bh // H).to(gl.int64)
+            r64 = orow.to(gl.int64)
+            dst = gl.where(orow < L_IMG, b64 * L_IMG + r64, B * L_IMG + b64 * L_CTX + (r64 - L_IMG))
+            keep = orow < M_ROWS
+            optr = O + gl.expand_dims(dst, 1) * (H * _HD) + (bh % H) * _HD + gl.expand_dims(ocol, 0)
+            gl.store(optr, out.to(gl.float8e4nv), mask=gl.expand_dims(keep, 1))
+            if bh % H == 0:
+                gl.store(Os + dst, gl.zeros([_BM], gl.float32, layout=row_o) + gl.load(Vs + bh * n_tiles),
+                         mask=keep)
+        else:
+            v_scale = gl.load(Vs + bh)
+            out = acc * gl.expand_dims(gl.convert_layout(v_scale / l_i, row_o), 1)
+            optr = O + (bh64 * S + gl.expand_dims(orow, 1)) * _HD + gl.expand_dims(ocol, 0)
+            gl.store(optr, out.to(gl.bfloat16), mask=gl.expand_dims(orow < S, 1))
 
     @gluon.jit
     def _producer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
@@ -392,15 +426,20 @@ if gluon is not None:
             _kv_load(desc_k, desc_k, desc_v, k_smem, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, j, st, True,
                      False)
 
-    @gluon.jit
+    # ROW0, M_ROWS, L_IMG, L_CTX unspecialized: the engine's eager warm-up launches all rows at once, its CUDA
+    # graphs the image and text rows apart, and one binary must serve both (nothing compiles in a capture)
+    @gluon.jit(do_not_specialize=["ROW0", "M_ROWS", "L_IMG", "L_CTX"])
     def _attn_fwd_gluon(desc_q, desc_k, desc_v, Qm, Vs, O, S, S_PAD, desc_q2, desc_k2,
+                        Ks, Os, ROW0, M_ROWS, L_IMG, L_CTX, B, H, qk_scale,
                         NC: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, WS: gl.constexpr,
-                        REG_C: gl.constexpr, REG_P: gl.constexpr, QK_X3: gl.constexpr, ROW_TREE: gl.constexpr):
-        # grid (cdiv(S, NC * _BM), B * H). Qm: (B*H, S) fp32 row multipliers; Vs: (B*H,) V scales;
-        # O: (B, H, S, 64) bf16 contiguous.
+                        REG_C: gl.constexpr, REG_P: gl.constexpr, QK_X3: gl.constexpr, ROW_TREE: gl.constexpr,
+                        JOINT: gl.constexpr):
+        # grid (cdiv(rows, NC * _BM), B * H), rows from ROW0. Qm: (B*H, S) fp32 row multipliers (JOINT: Q's
+        # scales); Vs: (B*H,) V scales (JOINT: (B*H, n_tiles)); O: (B, H, S, 64) bf16 contiguous (JOINT: the
+        # E4M3 rows of _consumer's JOINT, Os their scales). The JOINT arguments are unread otherwise.
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
-        m0 = pid_m * (NC * _BM)
+        m0 = ROW0 + pid_m * (NC * _BM)
         n_tiles = gl.cdiv(S, _BN)
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [NC, _BM, _HD], desc_q.layout)
         k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, _BN, _HD], desc_k.layout)
@@ -451,7 +490,8 @@ if gluon is not None:
         else:
             _consumer(q_smem, q2_smem, k_smem, k2_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                       desc_q, desc_q2, desc_k, desc_k2, desc_v, Qm, Vs, O, bh, m0, S, S_PAD, n_tiles,
-                      0, STAGES, QK_INT8, QK_X3, True, ROW_TREE)
+                      0, STAGES, QK_INT8, QK_X3, True, ROW_TREE, Ks, Os, M_ROWS, L_IMG, L_CTX, B, H, qk_scale,
+                      JOINT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,6 +631,8 @@ def _descs(prep: dict, nc: int):
 def gluon_attention_quantized(prep: dict, variant: str = DEFAULT_VARIANT, out: torch.Tensor | None = None):
     """The attention kernel alone on :func:`prepare`'s output; returns bf16 (B, H, S, 64) (contiguous)."""
     cfg = VARIANTS[variant]
+    if cfg.get("joint"):
+        raise ValueError(f"variant {variant} takes prep_joint's inputs: call joint_attention")
     if cfg["qk"] != prep["qk"]:
         raise ValueError(f"variant {variant} wants qk={cfg['qk']}, prep has {prep['qk']}")
     ws = cfg["kind"] == "ws"
@@ -603,12 +645,70 @@ def gluon_attention_quantized(prep: dict, variant: str = DEFAULT_VARIANT, out: t
     grid = (triton.cdiv(S, cfg["nc"] * BLOCK_M), B * H)
     kernel = _attn_fwd_gluon[grid](
         dq, dk, dv, prep["qm"], prep["vs"], out, S, prep["s_pad"], dq2, dk2,
+        prep["qm"], prep["vs"], 0, S, S, 0, B, H, 1.0,  # the JOINT arguments (unread)
         NC=cfg["nc"], STAGES=cfg["stages"], QK_INT8=prep["qk"] == "int8", WS=ws,
         REG_C=cfg["reg_c"], REG_P=cfg["reg_p"], QK_X3=prep["qk"] == "fp8x3", ROW_TREE=bool(cfg.get("tree")),
-        num_warps=4, maxnreg=cfg["maxnreg"],
+        JOINT=False, num_warps=4, maxnreg=cfg["maxnreg"],
     )
     prep["_kernel"] = kernel  # the CompiledKernel (n_regs, n_spills, metadata) for reports
     return out
+
+
+def joint_supported(shape: tuple[int, int, int, int], qk: str, device=None) -> tuple[bool, str]:
+    """(ok, reason): whether :func:`joint_attention` serves a joint attention of (B, H, S, D) with this Q/K
+    format on this device. Else the engine runs the Triton kernel (``attention.fp8_attention_quantized``)."""
+    B, H, S, D = shape
+    if D != HEAD_DIM:
+        return False, f"the Gluon kernel is written for head_dim {HEAD_DIM}, not {D}"
+    if S <= BLOCK_N:
+        return False, f"the Gluon kernel needs more than {BLOCK_N} tokens, got {S}"
+    if qk != "int8":
+        return False, f"the engine's Gluon kernel takes INT8 Q/K, not {qk!r}"
+    return is_supported(device)
+
+
+def joint_attention(q8: torch.Tensor, kv: dict, *, fp8_rows: tuple[int, int], rows: tuple[int, int] | None = None,
+                    out=None, scale: float | None = None, variant: str = "joint"):
+    """The engine's joint attention on the Gluon kernel: what ``attention.fp8_attention_quantized(q8, kv,
+    fp8_rows=..., rows=..., out=...)`` returns, from ``attention.prep_joint(..., v_order="gluon")``'s output
+    (V's tokens in the order the kernel's P operand holds them, :func:`_v_token_order`)."""
+    from .attention import fp8_rows_out  # one owner of the output rows' contract
+
+    cfg = VARIANTS[variant]
+    if not cfg.get("joint"):
+        raise ValueError(f"variant {variant!r} is not an engine-path variant (one of "
+                         f"{sorted(k for k, c in VARIANTS.items() if c.get('joint'))})")
+    if kv.get("v_order") != "gluon":
+        raise ValueError("joint_attention needs prep_joint(..., v_order='gluon'): V's tokens in the kernel's order")
+    B, H, S, D = kv["shape"]
+    ok, why = joint_supported(kv["shape"], kv["opts"]["qk"], q8.device)
+    if not ok:
+        raise RuntimeError(f"joint_attention unsupported: {why}")
+    if q8.dtype != torch.int8 or tuple(q8.shape) != (B, H, S, D) or not q8.is_contiguous():
+        raise ValueError(f"joint_attention: q8 must be prep_joint's contiguous INT8 (B, H, S, D) = {(B, H, S, D)}")
+    o8, o_scale, row0, m_rows, L, Lc = fp8_rows_out(kv, fp8_rows, rows, out, q8.device)
+    if m_rows == row0:
+        return o8, o_scale
+    sm_scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
+    BH, s_pad = B * H, kv["s_pad"]
+    key = ("gluon_descs", q8.data_ptr(), kv["kq"].data_ptr(), kv["vq"].data_ptr())
+    descs = kv.get(key)
+    if descs is None:  # one set per prep_joint output (the image and the text launch share it)
+        lq = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.int8)
+        lk = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.int8)
+        lv = gl.NVMMASharedLayout.get_default_for([D, BLOCK_N], gl.float8e4nv)
+        descs = kv[key] = (TensorDescriptor.from_tensor(q8.view(BH * S, D), [BLOCK_M, D], lq),
+                           TensorDescriptor.from_tensor(kv["kq"].view(BH * s_pad, D), [BLOCK_N, D], lk),
+                           TensorDescriptor.from_tensor(kv["vq"].view(BH * D, s_pad), [D, BLOCK_N], lv))
+    dq, dk, dv = descs
+    grid = (triton.cdiv(m_rows - row0, cfg["nc"] * BLOCK_M), BH)
+    _attn_fwd_gluon[grid](
+        dq, dk, dv, kv["q_scale"], kv["vs"], o8, S, s_pad, dq, dk,
+        kv["ks"], o_scale, row0, m_rows, L, Lc, B, H, sm_scale * LOG2E,
+        NC=cfg["nc"], STAGES=cfg["stages"], QK_INT8=True, WS=False, REG_C=0, REG_P=0, QK_X3=False,
+        ROW_TREE=bool(cfg.get("tree")), JOINT=True, num_warps=4, maxnreg=cfg["maxnreg"],
+    )
+    return o8, o_scale
 
 
 def gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
@@ -655,15 +755,20 @@ def compile_offline(variant: str, S: int = 4429, arch: int = 90):
         "Qm": "*fp32", "Vs": "*fp32", "O": "*bf16", "S": "i32", "S_PAD": "i32",
         "desc_q2": _desc_sig(sdt, [BLOCK_M, HEAD_DIM], lq),
         "desc_k2": _desc_sig(sdt, [BLOCK_N, HEAD_DIM], lk),
+        "Ks": "*fp32", "Os": "*fp32", "ROW0": "i32", "M_ROWS": "i32", "L_IMG": "i32", "L_CTX": "i32",
+        "B": "i32", "H": "i32", "qk_scale": "fp32",
         "NC": "constexpr", "STAGES": "constexpr", "QK_INT8": "constexpr", "WS": "constexpr",
         "REG_C": "constexpr", "REG_P": "constexpr", "QK_X3": "constexpr", "ROW_TREE": "constexpr",
+        "JOINT": "constexpr",
     }
     constexprs = {"NC": cfg["nc"], "STAGES": cfg["stages"], "QK_INT8": i8, "WS": ws,
                   "REG_C": cfg["reg_c"], "REG_P": cfg["reg_p"], "QK_X3": cfg["qk"] == "fp8x3",
-                  "ROW_TREE": bool(cfg.get("tree"))}
+                  "ROW_TREE": bool(cfg.get("tree")), "JOINT": bool(cfg.get("joint"))}
+    if cfg.get("joint"):
+        sig["O"] = "*fp8e4nv"
     # pointer alignment as the runtime specializes it (16-byte aligned tensors)
     attrs = {(3,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]],
-             (7,): [["tt.divisibility", 16]]}
+             (7,): [["tt.divisibility", 16]], (10,): [["tt.divisibility", 16]], (11,): [["tt.divisibility", 16]]}
     src = GluonASTSource(fn=_attn_fwd_gluon, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": 4, "maxnreg": cfg["maxnreg"]})

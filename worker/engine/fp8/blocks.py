@@ -113,7 +113,7 @@ class JointAttention(torch.nn.Module):
         if fp8_out and self.options.fp8_attention and self.options.fused_attention_io and self._fused(qkv):
             o = attend_fp8_io(qkv.reshape(b * length, -1), cqkv.reshape(b * lc, -1) if cqkv is not None else None,
                               self.norm_w, self.ctx_norm_w, batch=b, heads=self.heads, eps=self.eps,
-                              rows=(length, out_lc), text=text)
+                              rows=(length, out_lc), text=text, kernel=self.options.attention_kernel)
             if o is not None:
                 oi, oc = split_streams(*o, b, length, out_lc)  # text rows made on the text stream
                 return self.out(oi), oc

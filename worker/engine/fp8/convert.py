@@ -104,8 +104,8 @@ def apply_fp8(transformer, options: Fp8Options | None = None, *, quantize: bool 
 
 def set_runtime_options(transformer, options: Fp8Options) -> None:
     """Change the switches that need no re-quantization (fused_quant, fp8_attention, fused_attention_io,
-    fast_accum, text_stream, ff_chunk_rows, adaln_all_steps: CUDA graphs captured before keep the setting
-    they were captured with)."""
+    fast_accum, text_stream, ff_chunk_rows, adaln_all_steps, attention_kernel: CUDA graphs captured before
+    keep the setting they were captured with)."""
     old = getattr(transformer, MARKER, None)
     if old is None:
         raise EngineError("transformer is not converted; call apply_fp8 first")

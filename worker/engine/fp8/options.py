@@ -24,6 +24,10 @@ LAYER_TYPES = BLOCK_LAYER_TYPES + MODEL_LAYER_TYPES
 DEFAULT_BF16_LAYERS = frozenset({"context_embedder", "time_text_embed", "norm_out", "proj_out"})
 
 
+#: The FP8 attention kernels of the engine's path (``Fp8Options.attention_kernel``).
+ATTENTION_KERNELS = ("triton", "gluon")
+
+
 @dataclass(frozen=True)
 class Fp8Options:
     """What :func:`worker.engine.fp8.apply_fp8` does to a transformer.
@@ -53,6 +57,11 @@ class Fp8Options:
         calls, or fast_accum off: one pass a step, as without it). Read by the engine, and by a graph runner
         when it is made (its graphs read the step's modulations from a buffer the engine fills; changing
         the switch later with set_runtime_options does not change graphs already captured).
+    attention_kernel: with fused_attention_io, which FP8 attention kernel runs the joint attention:
+        ``"triton"`` (``attention.py``) or ``"gluon"`` (``attention_gluon.joint_attention``: the same scheme and
+        output on a software-pipelined Gluon kernel, Hopper and head_dim 64 only; elsewhere the Triton kernel
+        runs, and the reason is logged). Measured in docs/PERFORMANCE.md, "Attention, 2026-12-03 (second
+        pass)".
     bf16_layers: layer types (``LAYER_TYPES``) that stay BF16.
     ff_chunk_rows: with fused_quant, the image stream's feed-forward runs this many rows (tokens) at a time
         when it has more: its hidden activation, 4x the model width in bf16 and again in E4M3, is the largest
@@ -74,6 +83,7 @@ class Fp8Options:
     text_stream: bool = True
     ff_chunk_rows: int = 4096
     adaln_all_steps: bool = True
+    attention_kernel: str = "triton"
     bf16_layers: frozenset[str] = field(default=DEFAULT_BF16_LAYERS)
     max_image_side: int = MAX_SIDE
 
@@ -85,6 +95,9 @@ class Fp8Options:
         if isinstance(self.ff_chunk_rows, bool) or not isinstance(self.ff_chunk_rows, int) or self.ff_chunk_rows < 0:
             raise ConfigError(f"Fp8Options.ff_chunk_rows: {self.ff_chunk_rows!r}; use a row count such as 4096, "
                               "or 0 to run the feed-forward whole")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError(f"Fp8Options.attention_kernel: {self.attention_kernel!r}; use one of "
+                              f"{', '.join(ATTENTION_KERNELS)}")
         unknown = sorted(self.bf16_layers - set(LAYER_TYPES))
         if unknown:
             raise ConfigError(f"Fp8Options.bf16_layers: unknown layer type(s) {unknown}; "

@@ -29,6 +29,7 @@ _KERNEL_ERRORS = (NotImplementedError, RuntimeError, ValueError, AssertionError,
 _fp8_fn = None
 _fp8_error: str | None = None
 _io_error: str | None = None
+_gluon_error: dict[tuple, str] = {}  # (device index, B, H, S, D) -> why the Gluon kernel is not used there
 _device_error: dict[int, str] = {}  # device index -> why its compute capability rules the FP8 kernel out
 
 
@@ -77,12 +78,35 @@ def fp8_attention_status() -> str:
         return _fp8_error
     if _io_error:
         return _io_error
+    if _gluon_error:
+        return "available; " + "; ".join(sorted(set(_gluon_error.values())))
     return "available" if _fp8_fn is not None else "not loaded yet"
+
+
+def _gluon_usable(device: torch.device, shape: tuple[int, int, int, int]) -> bool:
+    """Whether the Gluon kernel (``Fp8Options.attention_kernel="gluon"``) serves this joint attention; where it
+    does not (not Hopper, no Gluon, other head_dim, too short, or it failed here before), the Triton kernel
+    does, and the reason is logged once per shape."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, *shape)
+    if key in _gluon_error:
+        return False
+    try:
+        from .attention_gluon import joint_supported
+
+        ok, why = joint_supported(shape, "int8", device)
+    except Exception as exc:  # pragma: no cover - a broken Triton install
+        ok, why = False, f"Gluon is not importable ({exc!r})"
+    if not ok:
+        _gluon_error[key] = f"Gluon attention not used for {shape}: {why}; using the Triton kernel"
+        log.warning(_gluon_error[key])
+    return ok
 
 
 def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor | None,
                   ctx_norm_w: torch.Tensor | None, *, batch: int, heads: int, eps: float,
-                  rows: tuple[int, int], text=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                  rows: tuple[int, int], text=None,
+                  kernel: str = "triton") -> tuple[torch.Tensor, torch.Tensor] | None:
     """Joint attention from the streams' q/k/v GEMM outputs to the output projections' FP8 input.
 
     ``worker.engine.fp8.attention.prep_joint`` (q/k RMSNorm, K quantized, V per batch element) then the
@@ -94,24 +118,44 @@ def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Ten
     text stream, queued after the image rows' launch, so their programs fill the image launch's last wave
     and the image stream's next GEMM (which needs only image rows) starts beside them. The text rows are
     then ready on the text stream only.
+
+    ``kernel``: ``"triton"`` (``attention.fp8_attention_quantized``) or ``"gluon"``
+    (``attention_gluon.joint_attention``, where :func:`_gluon_usable`; the same scheme and output). A Gluon
+    failure on an eager call falls back to the Triton kernel for that shape, logged once.
     """
     global _io_error
     if _io_error is not None or not img.is_cuda or not fp8_attention_allowed(img.device) or _load_fp8() is None:
         return None
+    if kernel not in ("triton", "gluon"):
+        raise ValueError(f"attend_fp8_io: kernel {kernel!r}; use 'triton' or 'gluon'")
     from .attention import fp8_attention_quantized, prep_joint
 
     length, ctx_rows = rows
+    L = img.shape[0] // batch
+    shape = (batch, heads, L + (ctx.shape[0] // batch if ctx is not None else 0), img.shape[1] // (3 * heads))
+    use_gluon = kernel == "gluon" and _gluon_usable(img.device, shape)
+    if use_gluon:
+        from .attention_gluon import joint_attention as attention
+    else:
+        attention = fp8_attention_quantized
     try:
         with torch.cuda.device(img.device):  # Triton launches on the current device
-            q, kv = prep_joint(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps)
+            q, kv = prep_joint(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps,
+                               v_order="gluon" if use_gluon else "natural")
             if text is None or text.stream is None or not ctx_rows:
-                return fp8_attention_quantized(q, kv, fp8_rows=rows)
+                return attention(q, kv, fp8_rows=rows)
             prepared = text.mark()
-            o = fp8_attention_quantized(q, kv, fp8_rows=rows, rows=(0, length))
+            o = attention(q, kv, fp8_rows=rows, rows=(0, length))
             with text.side(q, kv["q_scale"], kv["kq"], kv["ks"], kv["vq"], kv["vs"], *o, wait=prepared):
-                fp8_attention_quantized(q, kv, fp8_rows=rows, rows=(length, length + ctx_rows), out=o)
+                attention(q, kv, fp8_rows=rows, rows=(length, length + ctx_rows), out=o)
             return o
     except _KERNEL_ERRORS as exc:
+        if use_gluon:
+            index = img.device.index if img.device.index is not None else torch.cuda.current_device()
+            _gluon_error[(index, *shape)] = _give_up(
+                exc, f"Gluon attention failed for {shape} ({exc!r}); using the Triton kernel")
+            return attend_fp8_io(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps, rows=rows,
+                                 text=text, kernel="triton")
         _io_error = _give_up(exc, f"FP8 attention with FP8 output failed for {tuple(img.shape)} ({exc!r}); "
                                   "using bf16 q/k/v")
         return None
