@@ -160,7 +160,7 @@ def main() -> int:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
-        "command": " ".join([sys.executable] + sys.argv),
+        "command": " ".join(["python"] + sys.argv),
         "config_env": os.environ.get("SDFLEET_FP8_ATTN_CONFIG"),
         "flops_formula": "4*B*H*S^2*D",
         "scheme_check": {},

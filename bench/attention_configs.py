@@ -9,7 +9,8 @@ alone). An autotune picks at the first call per shape from one short timing each
 between boots. This times every config by itself
 (``SDFLEET_FP8_ATTN_CONFIG`` set to it, so no autotune): q/k-norm + K/V quantization (``prep_joint``) and
 the attention kernel with its E4M3 output, captured in a CUDA graph, median of 50 replays after 10, at
-batch 2 (one image with guidance). JSON: per heads, per config, ms.
+batch 2 (one image with guidance). JSON: per heads, per config, ms (with --rounds or --envs: per setting, the
+median and each run's ms, and each run's prep_joint and kernel alone, `parts`).
 
 ``--kernels triton,gluon``: the engine-path Gluon kernel (``attention_gluon.joint_attention``, on
 ``prep_joint(..., v_order="gluon")``) is timed beside the configs, under the label ``gluon``.
@@ -27,6 +28,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     sys.path.pop(0)  # bench/queue.py would shadow the standard library's queue module
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -35,7 +37,7 @@ import subprocess
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_one(heads: int, length: int, ctx_length: int, batch: int = 2, kernel: str = "triton") -> float:
+def time_one(heads: int, length: int, ctx_length: int, batch: int = 2, kernel: str = "triton") -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -48,17 +50,27 @@ def time_one(heads: int, length: int, ctx_length: int, batch: int = 2, kernel: s
     ctx = torch.randn(batch * ctx_length, 3 * heads * d, device="cuda", generator=g).bfloat16()
     w = torch.ones(2, d, device="cuda", dtype=torch.bfloat16)
 
-    if kernel == "gluon":
-        from worker.engine.fp8.attention_gluon import joint_attention as attention
+    if kernel != "triton":  # "gluon" (the engine's Gluon variant) or an engine-path variant's name
+        from worker.engine.fp8.attention_gluon import joint_attention
+
+        variant = "joint" if kernel == "gluon" else kernel
+
+        def attention(q, kv, **kw):
+            return joint_attention(q, kv, variant=variant, **kw)
     else:
         attention = att.fp8_attention_quantized
 
+    def prep():
+        return att.prep_joint(img, ctx, w, w, batch=batch, heads=heads,
+                              v_order="natural" if kernel == "triton" else "gluon")
+
     def step():  # as the engine calls it with the text stream off: all rows in one launch
-        q, kv = att.prep_joint(img, ctx, w, w, batch=batch, heads=heads,
-                               v_order="gluon" if kernel == "gluon" else "natural")
+        q, kv = prep()
         return attention(q, kv, fp8_rows=(length, ctx_length))
 
-    return graph_replay_ms(step)
+    q, kv = prep()  # the parts alone: prep_joint, and the kernel on its output
+    return {"ms": graph_replay_ms(step), "prep_ms": graph_replay_ms(prep),
+            "kernel_ms": graph_replay_ms(lambda: attention(q, kv, fp8_rows=(length, ctx_length)))}
 
 
 def main() -> int:
@@ -72,12 +84,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--kernels", default="triton",
                     help='comma list: triton (attention.py, timed per config), gluon (attention_gluon.joint_attention; '
-                         'its config is its own, so it is timed once per setting, under the label "gluon")')
+                         'its config is its own, so it is timed once per setting, under the label "gluon") or an '
+                         'engine-path Gluon variant by name (joint_pair)')
     ap.add_argument("--kernel", default="triton", help=argparse.SUPPRESS)  # child
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: time SDFLEET_FP8_ATTN_CONFIG
     a = ap.parse_args()
     if a.one:
-        print(json.dumps({"ms": time_one(int(a.one), a.seq_img, a.seq_ctx, kernel=a.kernel)}))
+        print(json.dumps(time_one(int(a.one), a.seq_img, a.seq_ctx, kernel=a.kernel)))
         return 0
     settings = [x for x in a.envs.split(";") if x] or [""]
     for x in settings:
@@ -92,17 +105,21 @@ def main() -> int:
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "command": "python bench/attention_configs.py " + " ".join(sys.argv[1:]), "results": {}}
 
+    from worker.engine.fp8.attention_gluon import VARIANTS as GLUON_VARIANTS
+
+    joint = sorted(k for k, c in GLUON_VARIANTS.items() if c.get("joint"))
     kernels = [k for k in a.kernels.split(",") if k]
-    if not kernels or set(kernels) - {"triton", "gluon"}:
-        print(f"--kernels: {a.kernels!r}; use triton, gluon or both", file=sys.stderr)
+    if not kernels or set(kernels) - {"triton", "gluon", *joint}:
+        print(f"--kernels: {a.kernels!r}; use triton, gluon or an engine-path Gluon variant ({', '.join(joint)})",
+              file=sys.stderr)
         return 2
 
     def child(heads: int, cfg: str, setting: str):
         env = dict(os.environ, SDFLEET_FP8_ATTN_CONFIG=cfg)
         kernel = "triton"
-        if cfg == "gluon":
+        if cfg in kernels and cfg != "triton":  # a Gluon kernel: its config is its own
             env.pop("SDFLEET_FP8_ATTN_CONFIG")
-            kernel = "gluon"
+            kernel = cfg
         if setting:
             name, _, val = setting.partition("=")
             env[name] = val
@@ -110,14 +127,18 @@ def main() -> int:
                             "--seq-img", str(a.seq_img), "--seq-ctx", str(a.seq_ctx)],
                            env=env, capture_output=True, text=True, timeout=300)
         try:
-            return round(json.loads(p.stdout.strip().splitlines()[-1])["ms"], 4)
+            r = json.loads(p.stdout.strip().splitlines()[-1])
         except Exception:
             return {"error": (p.stderr or p.stdout)[-300:]}
+        parts[(heads, cfg, setting)].append({k: round(v, 4) for k, v in r.items() if k != "ms"})
+        return round(r["ms"], 4)
+
+    parts = collections.defaultdict(list)  # (heads, config, setting) -> the parts' ms of each run
 
     for heads in (int(h) for h in a.heads.split(",")):
         res = out["results"][str(heads)] = {}
         cfgs = (a.configs or att.TUNED_CONFIGS).split(";") if "triton" in kernels else []
-        for cfg in cfgs + (["gluon"] if "gluon" in kernels else []):
+        for cfg in cfgs + [k for k in kernels if k != "triton"]:
             if settings == [""] and a.rounds == 1:  # the original form: one number a config
                 res[cfg] = child(heads, cfg, "")
                 print(heads, cfg, res[cfg], flush=True)
@@ -130,7 +151,8 @@ def main() -> int:
             res[cfg] = {}
             for x, v in runs.items():
                 ok = [t for t in v if isinstance(t, float)]
-                res[cfg][x or "default"] = {"ms_median": round(statistics.median(ok), 4) if ok else None, "runs": v}
+                res[cfg][x or "default"] = {"ms_median": round(statistics.median(ok), 4) if ok else None, "runs": v,
+                                            "parts": parts[(heads, cfg, x)]}
         Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 

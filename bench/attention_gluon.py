@@ -325,7 +325,7 @@ def main() -> int:
     t_start = time.time()
     out_path = Path(args.out)
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-           "command": " ".join([sys.executable] + sys.argv), "python": platform.python_version(),
+           "command": " ".join(["python"] + sys.argv), "python": platform.python_version(),
            "flops_formula": "4*B*H*S^2*D", "baselines": {}, "gluon": {}, "skipped_baselines": [],
            "skipped_variants": []}
 

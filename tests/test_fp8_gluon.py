@@ -97,7 +97,7 @@ _gpu_ok, _gpu_why = ag.is_supported() if torch.cuda.is_available() else (False, 
 @pytest.mark.skipif(not _gpu_ok, reason=f"Gluon kernels need a Hopper GPU: {_gpu_why}")
 @pytest.mark.parametrize("variant,emu_bound", [("pipe", 0.01), ("pipe_i8", 0.01), ("pipe_x3", 0.02),
                                                ("ws3", 0.01), ("pipe_t", 0.01), ("pipe_i8_t", 0.01),
-                                               ("ws3_t", 0.01)])
+                                               ("ws3_t", 0.01), ("pair_i8_t", 0.01), ("pair_t", 0.01)])
 @pytest.mark.parametrize("kind", ["randn", "peaky"])
 def test_gluon_kernel_matches_its_emulation(variant, emu_bound, kind):
     q, k, v = sample_qkv(kind, B=1, H=3, S=1357, seed=5, device="cuda")
@@ -141,8 +141,10 @@ def test_each_kernel_refuses_the_others_v_order():
 
 
 @pytest.mark.skipif(not _gpu_ok, reason=f"Gluon kernels need a Hopper GPU: {_gpu_why}")
-@pytest.mark.parametrize("L,Lc,Lc_out", [(256, 77, 77), (200, 77, 0), (130, 5, 5), (1024, 154, 154)])
-def test_joint_attention_is_the_triton_kernels_output(L, Lc, Lc_out):
+@pytest.mark.parametrize("variant", ["joint", "joint_pair"])
+@pytest.mark.parametrize("L,Lc,Lc_out", [(256, 77, 77), (200, 77, 0), (130, 5, 5), (1024, 154, 154), (1024, 300, 300)])
+def test_joint_attention_is_the_triton_kernels_output(L, Lc, Lc_out, variant):
+    # 2 to 11 key tiles: none, one and several in the loop, in pairs with and without one left over
     from worker.engine.fp8 import attention as att
 
     B, H, D = 2, 3, 64
@@ -159,7 +161,7 @@ def test_joint_attention_is_the_triton_kernels_output(L, Lc, Lc_out):
     order = ag._v_token_order(kv_t["s_pad"], "cuda")
     assert torch.equal(kv_g["vq"].view(torch.uint8), kv_t["vq"].view(torch.uint8)[:, :, order])
     o_t, s_t = att.fp8_attention_quantized(q_t, kv_t, fp8_rows=(L, Lc_out))
-    o_g, s_g = ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out))
+    o_g, s_g = ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out), variant=variant)
     torch.cuda.synchronize()
     assert o_g.shape == o_t.shape and o_g.dtype == torch.float8_e4m3fn and torch.equal(s_g, s_t)
     # the same scheme; the tensor cores sum P V in another order, so an output may round to the next E4M3 value
@@ -167,7 +169,7 @@ def test_joint_attention_is_the_triton_kernels_output(L, Lc, Lc_out):
     assert _rel(got, want) < 0.01
     assert (o_g.view(torch.uint8) != o_t.view(torch.uint8)).float().mean() < 0.05
     # image rows and text rows as two launches into one output: the same bits as one launch
-    two = ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out), rows=(0, L))
-    ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out), rows=(L, L + Lc_out), out=two)
+    two = ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out), rows=(0, L), variant=variant)
+    ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out), rows=(L, L + Lc_out), out=two, variant=variant)
     torch.cuda.synchronize()
     assert torch.equal(two[0].view(torch.uint8), o_g.view(torch.uint8)) and torch.equal(two[1], s_g)

@@ -413,18 +413,20 @@ if triton is not None:
         # V of one (tile, batch * head), read again from the GEMM outputs once its batch amax is known, as
         # E4M3 transposed (dim, token) and padded, the layout _quant_kv_kernel writes. The batch amax is
         # the max of the batch's H * N_TILES tile maxima (a few KiB from L2): no atomics, no zeroed buffer.
-        # GLUON_ORDER: tokens stored in the order the Gluon kernel's P operand holds them (within each 32
-        # tokens, token 16h + 8g + 2t + e at 16h + 4t + 2g + e: attention_gluon._v_token_order's inverse).
+        # GLUON_ORDER: tokens stored in the order the Gluon kernel's P operand holds them (within each 32,
+        # position 16h + 4t + 2g + e holds token 16h + 8g + 2t + e: attention_gluon._v_token_order). The rows
+        # are gathered in that order and stored contiguously: a permuted store address defeats the store's
+        # vectorization (each token's row is 128 contiguous bytes to read either way).
         bh, tile, b, h, t, d = _joint_tile(H, BLOCK, D)
-        v = _load_joint(Img, Ctx, b, h, t, d, L, Lc, S, stride_img, stride_ctx, 2, H, D, HAS_CTX).to(tl.float32)
+        if GLUON_ORDER:
+            src = (t & ~15) | (((t >> 1) & 1) << 3) | (((t >> 2) & 3) << 1) | (t & 1)
+        else:
+            src = t
+        v = _load_joint(Img, Ctx, b, h, src, d, L, Lc, S, stride_img, stride_ctx, 2, H, D, HAS_CTX).to(tl.float32)
         part = tl.arange(0, PARTS)
         v_amax = tl.max(tl.load(Vpart + b * H * N_TILES + part, mask=part < H * N_TILES, other=0.0), axis=0)
         v_scale = _scale_of(v_amax, False)
-        if GLUON_ORDER:
-            pos = (t & ~15) | (((t >> 1) & 3) << 2) | (((t >> 3) & 1) << 1) | (t & 1)
-        else:
-            pos = t
-        tl.store(Vq + bh.to(tl.int64) * S_PAD * D + d[None, :] * S_PAD + pos[:, None], _codes(v * (1.0 / v_scale), False))
+        tl.store(Vq + bh.to(tl.int64) * S_PAD * D + d[None, :] * S_PAD + t[:, None], _codes(v * (1.0 / v_scale), False))
         tl.store(Vs + bh * N_TILES + tile, v_scale)
 
     @triton.jit

@@ -119,8 +119,16 @@ VARIANTS = {
     "pipe_x3_t": dict(kind="pipe", nc=1, stages=2, maxnreg=168, reg_c=0, reg_p=0, qk="fp8x3", tree=True),
     "ws3_t": dict(kind="ws", nc=3, stages=4, maxnreg=128, reg_c=160, reg_p=24, qk="fp8", tree=True),
     "pipe_x3s3": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="fp8x3"),
+    # two tiles a loop step, S_{j+1} in flight during softmax(S_j) (``_attn_pair``): two S tiles in registers, so
+    # 232 registers (2 CTAs a SM) or the 168 of 3 CTAs a SM if ptxas fits it
+    "pair_i8_t": dict(kind="pipe", nc=1, stages=3, maxnreg=232, reg_c=0, reg_p=0, qk="int8", tree=True, pair=True),
+    "pair3_i8_t": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="int8", tree=True, pair=True),
+    "pair_t": dict(kind="pipe", nc=1, stages=3, maxnreg=232, reg_c=0, reg_p=0, qk="fp8", tree=True, pair=True),
+    "pair4_i8_t": dict(kind="pipe", nc=1, stages=4, maxnreg=232, reg_c=0, reg_p=0, qk="int8", tree=True, pair=True),
     # the engine's path (:func:`joint_attention`): pipe_i8_t with prep_joint's inputs and an E4M3 output
     "joint": dict(kind="pipe", nc=1, stages=3, maxnreg=168, reg_c=0, reg_p=0, qk="int8", tree=True, joint=True),
+    "joint_pair": dict(kind="pipe", nc=1, stages=3, maxnreg=232, reg_c=0, reg_p=0, qk="int8", tree=True, pair=True,
+                       joint=True),
 }
 DEFAULT_VARIANT = "ws3"
 
@@ -311,11 +319,67 @@ if gluon is not None:
         return p, acc, m_i, l_i, alpha
 
     @gluon.jit
+    def _attn_pair(j, p_prev, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, desc_k, desc_v,
+                   bh, S, S_PAD, n_tiles, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                   STAGES: gl.constexpr, QK_INT8: gl.constexpr, ROW_TREE: gl.constexpr, Ks_bh,
+                   K_TILE: gl.constexpr):
+        # Tiles j and j+1 (neither the last), with S_{j+1} in flight during softmax(S_j): two S tiles in
+        # registers (the ``pair`` variants). In and out as _attn_step's. wgmma groups complete in the order they
+        # were issued: S_j, PV_{j-1}, S_{j+1}; then PV_j. Nothing is in flight across the loop's back edge (that
+        # made ptxas serialize every wgmma, C7514).
+        st0 = j % STAGES
+        st1 = (j + 1) % STAGES
+        pst = (j - 1) % STAGES
+        if K_TILE:
+            a0 = a_row * gl.load(Ks_bh + j)
+            a1 = a_row * gl.load(Ks_bh + j + 1)
+        else:
+            a0 = a_row
+            a1 = a_row
+        if QK_INT8:
+            s_dtype: gl.constexpr = gl.int32
+        else:
+            s_dtype: gl.constexpr = gl.float32
+        p_op = _p_operand(p_prev, p_layout)
+        mbarrier.wait(k_ready.index(st0), (j // STAGES) & 1)
+        if QK_INT8:
+            s_init = p_prev.to(gl.int32, bitcast=True)
+        else:
+            s_init = p_prev
+        s0_tok = warpgroup_mma(q, k_smem.index(st0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(pst).permute((1, 0)), acc, is_async=True)
+        mbarrier.wait(k_ready.index(st1), ((j + 1) // STAGES) & 1)
+        s1_tok = warpgroup_mma(q, k_smem.index(st1).permute((1, 0)), gl.zeros([_BM, _BN], s_dtype, layout=s_layout),
+                               use_acc=False, is_async=True)
+        s0 = warpgroup_mma_wait(2, deps=(s0_tok, ))
+        p0, m_i, l_i, alpha0 = _softmax_tile(s0, a0, m_i, l_i, j * _BN, S, s_layout, QK_INT8, False, ROW_TREE)
+        if BB_FENCE:
+            _bb_fence(j)
+        acc = warpgroup_mma_wait(1, deps=(acc_tok, ))
+        # stage pst (tile j - 1) is read: prefetch tile j + 2 into it
+        _kv_load(desc_k, desc_k, desc_v, k_smem, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, j - 1 + STAGES, pst,
+                 j - 1 + STAGES < n_tiles, False)
+        p_op0 = _p_operand(p0, p_layout)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha0, gl.SliceLayout(1, o_layout)), 1)
+        mbarrier.wait(v_ready.index(st0), (j // STAGES) & 1)
+        acc_tok = warpgroup_mma(p_op0, v_smem.index(st0).permute((1, 0)), acc, is_async=True)
+        s1 = warpgroup_mma_wait(1, deps=(s1_tok, ))
+        p1, m_i, l_i, alpha1 = _softmax_tile(s1, a1, m_i, l_i, (j + 1) * _BN, S, s_layout, QK_INT8, False, ROW_TREE)
+        if BB_FENCE:
+            _bb_fence(j + 1)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        _kv_load(desc_k, desc_k, desc_v, k_smem, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, j + STAGES, st0,
+                 j + STAGES < n_tiles, False)
+        return p1, acc, m_i, l_i, alpha1
+
+    @gluon.jit
     def _consumer(q_smem, q2_smem, k_smem, k2_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                   desc_q, desc_q2, desc_k, desc_k2, desc_v, Qm, Vs, O, bh, m0, S, S_PAD, n_tiles,
                   WG: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, QK_X3: gl.constexpr,
                   SELF_LOAD: gl.constexpr, ROW_TREE: gl.constexpr, Ks=None, Os=None, M_ROWS=0, L_IMG=0, L_CTX=0,
-                  B=1, H=1, qk_scale=1.0, JOINT: gl.constexpr = False):
+                  B=1, H=1, qk_scale=1.0, JOINT: gl.constexpr = False, PAIR: gl.constexpr = False):
         # JOINT: the engine's inputs and output (:func:`joint_attention`). Qm holds Q's per-token scales
         # (times qk_scale here), K has one scale per 128-key tile (Ks), and the output is written as the
         # output projections' E4M3 input: rows [.., M_ROWS) of the joint sequence, image rows (< L_IMG) to
@@ -371,7 +435,15 @@ if gluon is not None:
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         p, m_i, l_i, alpha = _softmax_tile(s, a_0, m_i, l_i, 0, S, s_layout, QK_INT8, False, ROW_TREE)
 
-        for j in range(1, n_tiles - 1):
+        if PAIR:  # the middle tiles two at a time (SELF_LOAD, not QK_X3), then the odd one out
+            for jj in range(0, (n_tiles - 2) // 2):
+                p, acc, m_i, l_i, alpha = _attn_pair(
+                    1 + 2 * jj, p, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, desc_k, desc_v,
+                    bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8, ROW_TREE, Ks_bh, JOINT)
+            j_first = n_tiles - 1 - (n_tiles - 2) % 2
+        else:
+            j_first = 1
+        for j in range(j_first, n_tiles - 1):
             p, acc, m_i, l_i, alpha = _attn_step(
                 j, p, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready, kv_empty,
                 desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8,
@@ -433,7 +505,7 @@ if gluon is not None:
                         Ks, Os, ROW0, M_ROWS, L_IMG, L_CTX, B, H, qk_scale,
                         NC: gl.constexpr, STAGES: gl.constexpr, QK_INT8: gl.constexpr, WS: gl.constexpr,
                         REG_C: gl.constexpr, REG_P: gl.constexpr, QK_X3: gl.constexpr, ROW_TREE: gl.constexpr,
-                        JOINT: gl.constexpr):
+                        JOINT: gl.constexpr, PAIR: gl.constexpr = False):
         # grid (cdiv(rows, NC * _BM), B * H), rows from ROW0. Qm: (B*H, S) fp32 row multipliers (JOINT: Q's
         # scales); Vs: (B*H,) V scales (JOINT: (B*H, n_tiles)); O: (B, H, S, 64) bf16 contiguous (JOINT: the
         # E4M3 rows of _consumer's JOINT, Os their scales). The JOINT arguments are unread otherwise.
@@ -491,7 +563,7 @@ if gluon is not None:
             _consumer(q_smem, q2_smem, k_smem, k2_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                       desc_q, desc_q2, desc_k, desc_k2, desc_v, Qm, Vs, O, bh, m0, S, S_PAD, n_tiles,
                       0, STAGES, QK_INT8, QK_X3, True, ROW_TREE, Ks, Os, M_ROWS, L_IMG, L_CTX, B, H, qk_scale,
-                      JOINT)
+                      JOINT, PAIR)
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,7 +720,7 @@ def gluon_attention_quantized(prep: dict, variant: str = DEFAULT_VARIANT, out: t
         prep["qm"], prep["vs"], 0, S, S, 0, B, H, 1.0,  # the JOINT arguments (unread)
         NC=cfg["nc"], STAGES=cfg["stages"], QK_INT8=prep["qk"] == "int8", WS=ws,
         REG_C=cfg["reg_c"], REG_P=cfg["reg_p"], QK_X3=prep["qk"] == "fp8x3", ROW_TREE=bool(cfg.get("tree")),
-        JOINT=False, num_warps=4, maxnreg=cfg["maxnreg"],
+        JOINT=False, PAIR=bool(cfg.get("pair")), num_warps=4, maxnreg=cfg["maxnreg"],
     )
     prep["_kernel"] = kernel  # the CompiledKernel (n_regs, n_spills, metadata) for reports
     return out
@@ -706,7 +778,7 @@ def joint_attention(q8: torch.Tensor, kv: dict, *, fp8_rows: tuple[int, int], ro
         dq, dk, dv, kv["q_scale"], kv["vs"], o8, S, s_pad, dq, dk,
         kv["ks"], o_scale, row0, m_rows, L, Lc, B, H, sm_scale * LOG2E,
         NC=cfg["nc"], STAGES=cfg["stages"], QK_INT8=True, WS=False, REG_C=0, REG_P=0, QK_X3=False,
-        ROW_TREE=bool(cfg.get("tree")), JOINT=True, num_warps=4, maxnreg=cfg["maxnreg"],
+        ROW_TREE=bool(cfg.get("tree")), JOINT=True, PAIR=bool(cfg.get("pair")), num_warps=4, maxnreg=cfg["maxnreg"],
     )
     return o8, o_scale
 
@@ -759,11 +831,11 @@ def compile_offline(variant: str, S: int = 4429, arch: int = 90):
         "B": "i32", "H": "i32", "qk_scale": "fp32",
         "NC": "constexpr", "STAGES": "constexpr", "QK_INT8": "constexpr", "WS": "constexpr",
         "REG_C": "constexpr", "REG_P": "constexpr", "QK_X3": "constexpr", "ROW_TREE": "constexpr",
-        "JOINT": "constexpr",
+        "JOINT": "constexpr", "PAIR": "constexpr",
     }
     constexprs = {"NC": cfg["nc"], "STAGES": cfg["stages"], "QK_INT8": i8, "WS": ws,
                   "REG_C": cfg["reg_c"], "REG_P": cfg["reg_p"], "QK_X3": cfg["qk"] == "fp8x3",
-                  "ROW_TREE": bool(cfg.get("tree")), "JOINT": bool(cfg.get("joint"))}
+                  "ROW_TREE": bool(cfg.get("tree")), "JOINT": bool(cfg.get("joint")), "PAIR": bool(cfg.get("pair"))}
     if cfg.get("joint"):
         sig["O"] = "*fp8e4nv"
     # pointer alignment as the runtime specializes it (16-byte aligned tensors)
