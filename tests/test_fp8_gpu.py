@@ -278,7 +278,8 @@ def _gluon_ok():
 def test_gluon_attention_kernel_in_the_engine():
     # Fp8Options.attention_kernel="gluon": the same scheme as the Triton kernel, so nearly the same output;
     # in a captured graph (text rows a second launch on the text stream) the same bits as eager; and where the
-    # Gluon kernel cannot serve a shape (<= 128 tokens) the Triton kernel runs, the same bits as asking for it
+    # Gluon kernel cannot serve a shape (<= 128 tokens: the dual block's image-only attention of a 256 px
+    # image, 64 tokens) the Triton kernel runs, and the reason is in the status
     from worker.engine.fp8 import Fp8Options, apply_fp8, processor, set_runtime_options
 
     bf = _medium3()
@@ -291,7 +292,7 @@ def test_gluon_attention_kernel_in_the_engine():
                     pooled_projections=torch.randn(2, 2048, device="cuda", generator=g).bfloat16(),
                     timestep=torch.full((2,), 500.0, device="cuda"), return_dict=False)
 
-    x, small = inputs(64, 154), inputs(16, 16)  # 1024 + 154 tokens; 64 + 16 (cuBLASLt wants rows in 16s)
+    x, small = inputs(64, 154), inputs(16, 154)  # joint attention 1024 + 154 tokens; 64 + 154, and 64 alone
     outs = {}
     with torch.no_grad():
         for kernel in ("triton", "gluon"):
@@ -303,5 +304,5 @@ def test_gluon_attention_kernel_in_the_engine():
     assert torch.equal(eager, captured)
     assert _rel(eager, outs["triton"][0]) < 0.01
     assert _rel(eager, ref) < 0.05 and _rel(outs["triton"][0], ref) < 0.05
-    assert torch.equal(outs["gluon", "small"], outs["triton", "small"])
-    assert "Gluon attention not used for (2, 24, 80, 64)" in processor.fp8_attention_status()
+    assert _rel(outs["gluon", "small"], outs["triton", "small"]) < 0.01
+    assert "Gluon attention not used for (2, 24, 64, 64)" in processor.fp8_attention_status()

@@ -278,7 +278,7 @@ if gluon is not None:
                    kv_empty, desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles,
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                    STAGES: gl.constexpr, QK_INT8: gl.constexpr, QK_X3: gl.constexpr, SELF_LOAD: gl.constexpr,
-                   MASK: gl.constexpr, ROW_TREE: gl.constexpr, Ks_bh=None, K_TILE: gl.constexpr = False):
+                   MASK: gl.constexpr, ROW_TREE: gl.constexpr, Ks_bh=None, ks_j=1.0, K_TILE: gl.constexpr = False):
         # In: p_prev = P_{j-1} (fp32, accumulator layout), acc = O_{j-2} in the scale of m_{j-2},
         # alpha = exp2(m_{j-2} - m_{j-1}). FA3's intra-warpgroup overlap:
         #   P_{j-1} -> E4M3 A operand (same basic block as its wgmma: a loop-carried E4M3 tensor costs byte
@@ -287,10 +287,12 @@ if gluon is not None:
         # (Rotating the loop so S_j is in flight across the back edge makes ptxas serialize all wgmmas: C7514.)
         st = j % STAGES
         pst = (j - 1) % STAGES
-        if K_TILE:  # the engine's K: one scale per 128-key tile (prep_joint), loaded before the waits
-            a_t = a_row * gl.load(Ks_bh + j)
+        if K_TILE:  # the engine's K: one scale per 128-key tile (prep_joint); the next tile's is loaded a step ahead
+            a_t = a_row * ks_j
+            ks_n = gl.load(Ks_bh + gl.minimum(j + 1, n_tiles - 1))
         else:
             a_t = a_row
+            ks_n = ks_j
         p_op = _p_operand(p_prev, p_layout)
         mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
         if QK_INT8:
@@ -316,12 +318,12 @@ if gluon is not None:
                      nxt < n_tiles, QK_X3)
         else:
             mbarrier.arrive(kv_empty.index(pst), count=1)
-        return p, acc, m_i, l_i, alpha
+        return p, acc, m_i, l_i, alpha, ks_n
 
     @gluon.jit
     def _attn_pair(j, p_prev, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, desc_k, desc_v,
                    bh, S, S_PAD, n_tiles, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                   STAGES: gl.constexpr, QK_INT8: gl.constexpr, ROW_TREE: gl.constexpr, Ks_bh,
+                   STAGES: gl.constexpr, QK_INT8: gl.constexpr, ROW_TREE: gl.constexpr, Ks_bh, ks_j,
                    K_TILE: gl.constexpr):
         # Tiles j and j+1 (neither the last), with S_{j+1} in flight during softmax(S_j): two S tiles in
         # registers (the ``pair`` variants). In and out as _attn_step's. wgmma groups complete in the order they
@@ -331,11 +333,13 @@ if gluon is not None:
         st1 = (j + 1) % STAGES
         pst = (j - 1) % STAGES
         if K_TILE:
-            a0 = a_row * gl.load(Ks_bh + j)
+            a0 = a_row * ks_j
             a1 = a_row * gl.load(Ks_bh + j + 1)
+            ks_n = gl.load(Ks_bh + gl.minimum(j + 2, n_tiles - 1))
         else:
             a0 = a_row
             a1 = a_row
+            ks_n = ks_j
         if QK_INT8:
             s_dtype: gl.constexpr = gl.int32
         else:
@@ -372,7 +376,7 @@ if gluon is not None:
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         _kv_load(desc_k, desc_k, desc_v, k_smem, k_smem, v_smem, k_ready, v_ready, bh, S_PAD, j + STAGES, st0,
                  j + STAGES < n_tiles, False)
-        return p1, acc, m_i, l_i, alpha1
+        return p1, acc, m_i, l_i, alpha1, ks_n
 
     @gluon.jit
     def _consumer(q_smem, q2_smem, k_smem, k2_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
@@ -415,8 +419,10 @@ if gluon is not None:
             a_row = a_row * qk_scale
             Ks_bh = Ks + bh * n_tiles
             a_0 = a_row * gl.load(Ks_bh)
+            ks = gl.load(Ks_bh + 1)  # S > _BN: there are >= 2 tiles
         else:
             Ks_bh = Qm
+            ks = 1.0
             a_0 = a_row
         q = q_smem.index(WG)
         q2 = q2_smem.index(WG)
@@ -437,22 +443,23 @@ if gluon is not None:
 
         if PAIR:  # the middle tiles two at a time (SELF_LOAD, not QK_X3), then the odd one out
             for jj in range(0, (n_tiles - 2) // 2):
-                p, acc, m_i, l_i, alpha = _attn_pair(
+                p, acc, m_i, l_i, alpha, ks = _attn_pair(
                     1 + 2 * jj, p, acc, m_i, l_i, alpha, a_row, q, k_smem, v_smem, k_ready, v_ready, desc_k, desc_v,
-                    bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8, ROW_TREE, Ks_bh, JOINT)
+                    bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8, ROW_TREE, Ks_bh, ks,
+                    JOINT)
             j_first = n_tiles - 1 - (n_tiles - 2) % 2
         else:
             j_first = 1
         for j in range(j_first, n_tiles - 1):
-            p, acc, m_i, l_i, alpha = _attn_step(
+            p, acc, m_i, l_i, alpha, ks = _attn_step(
                 j, p, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready, kv_empty,
                 desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES, QK_INT8,
-                QK_X3, SELF_LOAD, False, ROW_TREE, Ks_bh, JOINT)
+                QK_X3, SELF_LOAD, False, ROW_TREE, Ks_bh, ks, JOINT)
         # last tile: ragged (masked)
-        p, acc, m_i, l_i, alpha = _attn_step(
+        p, acc, m_i, l_i, alpha, ks = _attn_step(
             n_tiles - 1, p, acc, m_i, l_i, alpha, a_row, q, q2, k_smem, k2_smem, v_smem, k_ready, v_ready,
             kv_empty, desc_k, desc_k2, desc_v, bh, S, S_PAD, n_tiles, s_layout, o_layout, p_layout, STAGES,
-            QK_INT8, QK_X3, SELF_LOAD, True, ROW_TREE, Ks_bh, JOINT)
+            QK_INT8, QK_X3, SELF_LOAD, True, ROW_TREE, Ks_bh, ks, JOINT)
 
         # P_{n-1} V_{n-1}
         jl = n_tiles - 1

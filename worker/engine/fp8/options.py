@@ -60,8 +60,8 @@ class Fp8Options:
     attention_kernel: with fused_attention_io, which FP8 attention kernel runs the joint attention:
         ``"triton"`` (``attention.py``) or ``"gluon"`` (``attention_gluon.joint_attention``: the same scheme and
         output on a software-pipelined Gluon kernel, Hopper and head_dim 64 only; elsewhere the Triton kernel
-        runs, and the reason is logged). Measured in docs/PERFORMANCE.md, "Attention, 2026-12-03 (second
-        pass)".
+        runs, and the reason is logged). Triton by default: on the engine's inputs the Gluon kernel measured
+        3-4% slower (docs/PERFORMANCE.md, "Attention, 2026-12-03 (second pass)").
     bf16_layers: layer types (``LAYER_TYPES``) that stay BF16.
     ff_chunk_rows: with fused_quant, the image stream's feed-forward runs this many rows (tokens) at a time
         when it has more: its hidden activation, 4x the model width in bf16 and again in E4M3, is the largest
