@@ -258,6 +258,9 @@ def test_serialize_round_trip_without_requantizing(tiny, x, tmp_path, monkeypatc
     assert (tmp_path / serialize.WEIGHTS).is_file()
     on_disk = json.loads((tmp_path / serialize.MANIFEST).read_text())
     assert on_disk["options"]["bf16_layers"] == ["adaln", "proj_out"]
+    # only what shapes the weights: a runtime switch added later (attention_kernel, 2026-12) must not make the
+    # manifest unreadable to a reader that predates it (Fp8Options.from_dict refuses unknown names)
+    assert set(on_disk["options"]) == {"fp8_linears", "bf16_layers", "max_image_side"}
     assert on_disk["layers"]["transformer_blocks.0.attn.qkv"] == "float8_e4m3fn"
     assert on_disk["layers"]["adaln_bank"] == "bfloat16"
     assert manifest["weight_bytes"] == weight_bytes(m)
@@ -274,6 +277,11 @@ def test_serialize_round_trip_without_requantizing(tiny, x, tmp_path, monkeypatc
     assert loaded.transformer_blocks[0].attn.qkv.weight.dtype == torch.float8_e4m3fn
     set_runtime_options(loaded, Fp8Options(bf16_layers=frozenset({"adaln", "proj_out"})))
     assert torch.equal(run(loaded, x), want)
+    # a manifest written before (every option, runtime switches included) still loads
+    old = json.loads((tmp_path / serialize.MANIFEST).read_text())
+    old["options"] = {**Fp8Options(fused_quant=False).to_dict(), **old["options"]}
+    (tmp_path / serialize.MANIFEST).write_text(json.dumps(old))
+    assert serialize.load_quantized(tmp_path).adaln_bank.weight.dtype == torch.bfloat16
 
 
 def test_load_rejects_missing_or_foreign(tmp_path):

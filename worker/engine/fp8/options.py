@@ -27,6 +27,10 @@ DEFAULT_BF16_LAYERS = frozenset({"context_embedder", "time_text_embed", "norm_ou
 #: The FP8 attention kernels of the engine's path (``Fp8Options.attention_kernel``).
 ATTENTION_KERNELS = ("triton", "gluon")
 
+#: The options that shape the converted weights (what ``sdfleet quantize`` writes into its manifest); the others
+#: are runtime switches, chosen by whoever loads the weights.
+WEIGHT_OPTIONS = ("fp8_linears", "bf16_layers", "max_image_side")
+
 
 @dataclass(frozen=True)
 class Fp8Options:
@@ -111,6 +115,12 @@ class Fp8Options:
         d = dataclasses.asdict(self)
         d["bf16_layers"] = sorted(self.bf16_layers)
         return d
+
+    def weight_dict(self) -> dict[str, object]:
+        """``to_dict`` of the ``WEIGHT_OPTIONS`` only: a manifest that names no runtime switch stays readable by
+        an sdfleet that lacks a switch added later (``from_dict`` refuses names it does not know)."""
+        d = self.to_dict()
+        return {k: d[k] for k in WEIGHT_OPTIONS}
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Fp8Options:

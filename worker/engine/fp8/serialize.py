@@ -47,7 +47,7 @@ def save_quantized(transformer, dst: str | os.PathLike) -> dict[str, Any]:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(transformer.config).items()
                    if not k.startswith("_")},
         "dtype": str(next(transformer.parameters()).dtype).removeprefix("torch."),
-        "options": options.to_dict(),
+        "options": options.weight_dict(),  # the runtime switches are the loader's: see Fp8Options.weight_dict
         "scales": "per-output-channel float32 '<layer>.weight_scale' (N,); weight ~= weight.float() * scale[:, None]",
         "layers": layer_types(transformer),
         "weight_bytes": weight_bytes(transformer),
