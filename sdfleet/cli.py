@@ -31,8 +31,13 @@ examples:
 
 environment: REDIS_URL (default redis://127.0.0.1:6379/0), SDFLEET_OUT, SDFLEET_S3_ENDPOINT_URL,
   SDFLEET_WEBHOOK_SECRET, SDFLEET_LOG_FORMAT (auto|json|console), SDFLEET_VISIBILITY_TIMEOUT, ...
-exit codes: 0 ok; 1 some jobs failed / runtime error; 2 usage error (bad flags, invalid file, unknown batch)
+exit codes: 0 ok; 1 some jobs failed / runtime error; 2 usage error (bad flags, invalid file, unknown batch);
+  3 wait --timeout passed with jobs still queued or running; 130 Ctrl-C
 """
+
+
+#: ``sdfleet wait --timeout`` ended with jobs still queued or running
+EXIT_NOT_DONE = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--json", action="store_true")
         if name == "wait":
             c.add_argument("--timeout", type=float, default=None,
-                           help="give up after this many seconds (exit 1), saying what is still queued and "
-                                "running (default: wait until every job has ended)")
+                           help="give up after this many seconds (exit 3, not 1: the batch is not over), saying "
+                                "what is still queued and running (default: wait until every job has ended)")
     r = sub.add_parser("results", help="write the manifest of a batch (one JSON line per job)")
     r.add_argument("batch")
     r.add_argument("-o", "--output", help="manifest file (default: stdout)")
@@ -481,7 +486,9 @@ def _wait(store: Any, batch_id: str, timeout: float | None) -> int:
     if ctrl_c.hit and not st["complete"]:  # (a batch that ended during the last poll is reported as ended)
         print(stopped, file=sys.stderr)
         return 130
-    return 0 if st["complete"] and c["succeeded"] == st["total"] else 1
+    if not st["complete"]:
+        return EXIT_NOT_DONE  # the timeout passed: a script can tell "not over yet" from "over, some failed"
+    return 0 if c["succeeded"] == st["total"] else 1
 
 
 def cmd_results(args: argparse.Namespace, settings: Settings) -> int:

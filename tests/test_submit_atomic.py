@@ -80,10 +80,10 @@ def test_sigkill_at_random_points_leaves_all_or_nothing(tmp_path, env, r):
             assert messages <= N, what  # published before the kill: they name no job, workers drop them
             for staging in r.keys(f"sdfleet:batch:{batch}:staging:*"):  # invisible, and gone soon after the lease
                 assert 0 < r.pttl(staging) <= staging_ttl_s(float(LEASE_S)) * 1000, what
-        # wait always ends: exit 1 with what is still queued (committed: at its timeout), exit 2 once the
+        # wait always ends: exit 3 with what is still queued (committed: at its timeout), exit 2 once the
         # lease is gone (uncommitted: the timeout outlasts the 3 s lease, so the wait must see it end)
         res = run_cli(["wait", batch, "--timeout", "2" if committed else "8"], env, timeout=60)
-        assert res.returncode == (1 if committed else 2), (what, res.stderr)
+        assert res.returncode == (3 if committed else 2), (what, res.stderr)
         assert ("20000 still queued" in res.stderr) if committed else ("no batch" in res.stderr), res.stderr
         assert "Traceback" not in res.stderr
         outcomes.append(bool(committed))
@@ -113,7 +113,7 @@ def test_second_submission_to_a_batch_is_refused_while_the_first_holds_the_lease
     st = run_cli(["status", "busy"], env)
     assert st.returncode == 0 and "submission in progress" in st.stdout, st.stdout + st.stderr
     res = run_cli(["wait", "busy", "--timeout", "0.2"], env)
-    assert res.returncode == 1 and "submission in progress" in res.stderr, res.stderr
+    assert res.returncode == 3 and "submission in progress" in res.stderr, res.stderr
     # The other producer died: its lease expires, and a wait without a timeout ends by itself.
     res = run_cli(["wait", "busy"], env, timeout=30)
     assert res.returncode == 2 and "no batch 'busy'" in res.stderr, res.stderr
