@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run one worker process owning one device")
     w.add_argument("--device", default="cpu", help="cuda:N or cpu")
-    w.add_argument("--model", default="tiny", help="tiny, or a local SD3.5 diffusers directory")
+    w.add_argument("--model", default="tiny",
+                   help="tiny (a small test model), null (no model: queue tests), or a local SD3.5 diffusers "
+                        "directory (its name names the queue; sdfleet make-model writes random-weight ones)")
     w.add_argument("--max-batch", type=int, default=4)
     w.add_argument("--max-wait-ms", type=float, default=50.0,
                    help="how long a partial batch waits for more jobs of its shape while the engine is free "
