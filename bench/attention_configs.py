@@ -98,6 +98,18 @@ def main() -> int:
             print(f"--envs: {x!r} is not NAME=VALUE", file=sys.stderr)
             return 2
     sys.path.insert(0, str(ROOT))
+    from worker.engine.fp8.attention_gluon import VARIANTS as GLUON_VARIANTS
+
+    # "gluon" is the engine's Gluon variant ("joint"); the other engine-path variants go by their names
+    others = sorted(k for k, c in GLUON_VARIANTS.items() if c.get("joint") and k != "joint")
+    kernels = list(dict.fromkeys("gluon" if k == "joint" else k for k in a.kernels.split(",") if k))
+    if not kernels or set(kernels) - {"triton", "gluon", *others}:
+        print(f"--kernels: {a.kernels!r}; use triton, gluon or an engine-path Gluon variant ({', '.join(others)})",
+              file=sys.stderr)
+        return 2
+    if a.configs and "triton" not in kernels:
+        print("--configs are the Triton kernel's: add triton to --kernels", file=sys.stderr)
+        return 2
     import torch
 
     from worker.engine.fp8 import attention as att
@@ -105,14 +117,6 @@ def main() -> int:
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "command": "python bench/attention_configs.py " + " ".join(sys.argv[1:]), "results": {}}
 
-    from worker.engine.fp8.attention_gluon import VARIANTS as GLUON_VARIANTS
-
-    joint = sorted(k for k, c in GLUON_VARIANTS.items() if c.get("joint"))
-    kernels = [k for k in a.kernels.split(",") if k]
-    if not kernels or set(kernels) - {"triton", "gluon", *joint}:
-        print(f"--kernels: {a.kernels!r}; use triton, gluon or an engine-path Gluon variant ({', '.join(joint)})",
-              file=sys.stderr)
-        return 2
 
     def child(heads: int, cfg: str, setting: str):
         env = dict(os.environ, SDFLEET_FP8_ATTN_CONFIG=cfg)

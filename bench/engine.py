@@ -366,7 +366,7 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 torch.cuda.synchronize()
                 rec["first_call_s"] = round(time.time() - t, 1)
                 rec.update(time_ms(lambda fn=fn: fn(**x), iters=iters))
-                if v in ("fp8-attn-graph", "fp8-attn-plan-graph"):  # the plan's worth: loops against loops
+                if v.replace("-gluon", "") in ("fp8-attn-graph", "fp8-attn-plan-graph"):  # loops against loops
                     rec.update(loop_ms(model, fn, x, steps, iters, plan="plan" in v))
                 y = fn(**x)[0].float()
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)  # includes the BF16 reference

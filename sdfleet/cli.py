@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--fp8-attention-kernel", choices=("triton", "gluon"), default=None,
                    help="FP8 attention kernel of the joint attention (default triton); gluon: a software-pipelined "
                         "kernel for Hopper, head_dim 64, measured 3-4%% slower on an H200 (the Triton kernel runs "
-                        "where it cannot)")
+                        "where it cannot; no effect with --no-fp8-attention, --no-fused-quant or bf16)")
     # Test hooks for the null engine (queue benchmarks, crash-safety tests); hidden from --help.
     w.add_argument("--null-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     w.add_argument("--null-crash-prompt", default=None, help=argparse.SUPPRESS)

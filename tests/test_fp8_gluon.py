@@ -173,3 +173,20 @@ def test_joint_attention_is_the_triton_kernels_output(L, Lc, Lc_out, variant):
     ag.joint_attention(q_g, kv_g, fp8_rows=(L, Lc_out), rows=(L, L + Lc_out), out=two, variant=variant)
     torch.cuda.synchronize()
     assert torch.equal(two[0].view(torch.uint8), o_g.view(torch.uint8)) and torch.equal(two[1], s_g)
+
+
+def test_a_device_without_gluon_is_ruled_out_once_not_per_shape(monkeypatch):
+    # where the device or the install rules the Gluon kernel out, one reason for the device, not one a shape
+    from worker.engine.fp8 import processor
+
+    monkeypatch.setattr(processor, "_gluon_error", {})
+    monkeypatch.setattr(ag, "is_supported", lambda device=None: (False, "the Gluon kernel uses Hopper wgmma"))
+    dev = torch.device("cuda", 0)
+    assert not processor._gluon_usable(dev, (2, 24, 4429, 64))
+    assert not processor._gluon_usable(dev, (2, 24, 1357, 64))
+    assert processor._gluon_error == {
+        0: "Gluon attention not used on cuda:0: the Gluon kernel uses Hopper wgmma; using the Triton kernel"}
+    monkeypatch.setattr(ag, "is_supported", lambda device=None: (True, "ok"))
+    assert not processor._gluon_usable(torch.device("cuda", 1), (2, 24, 100, 64))  # a shape reason: per shape
+    assert processor._gluon_error[(1, 2, 24, 100, 64)].startswith("Gluon attention not used for (2, 24, 100, 64)")
+    assert processor._gluon_usable(torch.device("cuda", 1), (2, 24, 4429, 64))

@@ -302,6 +302,10 @@ def test_gluon_attention_kernel_in_the_engine():
         ref = bf(**x)[0]
     eager, captured = outs["gluon"]
     assert torch.equal(eager, captured)
+    # the Gluon kernel did serve (a failure would have fallen back to the Triton kernel and passed the rest)
+    assert not any(isinstance(k, tuple) and k[3] in (1178, 1024) for k in processor._gluon_error)
+    assert "the Gluon kernel serves" in processor.fp8_attention_status()
+    assert not torch.equal(eager, outs["triton"][0])
     assert _rel(eager, outs["triton"][0]) < 0.01
     assert _rel(eager, ref) < 0.05 and _rel(outs["triton"][0], ref) < 0.05
     assert _rel(outs["gluon", "small"], outs["triton", "small"]) < 0.01

@@ -61,7 +61,8 @@ class Fp8Options:
         calls, or fast_accum off: one pass a step, as without it). Read by the engine, and by a graph runner
         when it is made (its graphs read the step's modulations from a buffer the engine fills; changing
         the switch later with set_runtime_options does not change graphs already captured).
-    attention_kernel: with fused_attention_io, which FP8 attention kernel runs the joint attention:
+    attention_kernel: with fp8_attention, fused_quant and fused_attention_io (else it has no effect), which FP8
+        attention kernel runs the joint attention:
         ``"triton"`` (``attention.py``) or ``"gluon"`` (``attention_gluon.joint_attention``: the same scheme and
         output on a software-pipelined Gluon kernel, Hopper and head_dim 64 only; elsewhere the Triton kernel
         runs, and the reason is logged). Triton by default: on the engine's inputs the Gluon kernel measured

@@ -29,7 +29,9 @@ _KERNEL_ERRORS = (NotImplementedError, RuntimeError, ValueError, AssertionError,
 _fp8_fn = None
 _fp8_error: str | None = None
 _io_error: str | None = None
-_gluon_error: dict[tuple, str] = {}  # (device index, B, H, S, D) -> why the Gluon kernel is not used there
+# why the Gluon kernel is not used: per device index (no Gluon, not Hopper) or per (device index, B, H, S, D)
+_gluon_error: dict[int | tuple, str] = {}
+_gluon_served: set[tuple] = set()  # (device index, B, H, S, D) the Gluon kernel has served
 _device_error: dict[int, str] = {}  # device index -> why its compute capability rules the FP8 kernel out
 
 
@@ -78,28 +80,37 @@ def fp8_attention_status() -> str:
         return _fp8_error
     if _io_error:
         return _io_error
-    if _gluon_error:
-        return "available; " + "; ".join(sorted(set(_gluon_error.values())))
+    parts = []
+    if _gluon_served:
+        parts.append(f"the Gluon kernel serves {len(_gluon_served)} shape(s)")
+    parts += sorted(set(_gluon_error.values()))
+    if parts:
+        return "available; " + "; ".join(parts)
     return "available" if _fp8_fn is not None else "not loaded yet"
 
 
 def _gluon_usable(device: torch.device, shape: tuple[int, int, int, int]) -> bool:
     """Whether the Gluon kernel (``Fp8Options.attention_kernel="gluon"``) serves this joint attention; where it
-    does not (not Hopper, no Gluon, other head_dim, too short, or it failed here before), the Triton kernel
-    does, and the reason is logged once per shape."""
+    does not, the Triton kernel does, and the reason is logged once: per device when the device or the install
+    rules it out (no Gluon, not Hopper), per shape otherwise (head_dim, too short, the Q/K format, or it failed
+    for that shape before)."""
+    from .attention import DEFAULT_OPTIONS
+
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, *shape)
-    if key in _gluon_error:
+    if index in _gluon_error or key in _gluon_error:
         return False
     try:
-        from .attention_gluon import joint_supported
+        from .attention_gluon import is_supported, joint_supported
 
-        ok, why = joint_supported(shape, "int8", device)
+        dev_ok, dev_why = is_supported(device)
+        ok, why = joint_supported(shape, DEFAULT_OPTIONS["qk"], device) if dev_ok else (False, dev_why)
     except Exception as exc:  # pragma: no cover - a broken Triton install
-        ok, why = False, f"Gluon is not importable ({exc!r})"
+        dev_ok, ok, why = False, False, f"Gluon is not importable ({exc!r})"
     if not ok:
-        _gluon_error[key] = f"Gluon attention not used for {shape}: {why}; using the Triton kernel"
-        log.warning(_gluon_error[key])
+        where = f"on cuda:{index}" if not dev_ok else f"for {shape}"
+        _gluon_error[index if not dev_ok else key] = f"Gluon attention not used {where}: {why}; using the Triton kernel"
+        log.warning(_gluon_error[index if not dev_ok else key])
     return ok
 
 
@@ -143,13 +154,21 @@ def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Ten
             q, kv = prep_joint(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps,
                                v_order="gluon" if use_gluon else "natural")
             if text is None or text.stream is None or not ctx_rows:
-                return attention(q, kv, fp8_rows=rows)
-            prepared = text.mark()
-            o = attention(q, kv, fp8_rows=rows, rows=(0, length))
-            with text.side(q, kv["q_scale"], kv["kq"], kv["ks"], kv["vq"], kv["vs"], *o, wait=prepared):
-                attention(q, kv, fp8_rows=rows, rows=(length, length + ctx_rows), out=o)
+                o = attention(q, kv, fp8_rows=rows)
+            else:
+                prepared = text.mark()
+                o = attention(q, kv, fp8_rows=rows, rows=(0, length))
+                with text.side(q, kv["q_scale"], kv["kq"], kv["ks"], kv["vq"], kv["vs"], *o, wait=prepared):
+                    attention(q, kv, fp8_rows=rows, rows=(length, length + ctx_rows), out=o)
+            if use_gluon:
+                _gluon_served.add((img.device.index if img.device.index is not None else torch.cuda.current_device(),
+                                   *shape))
             return o
-    except _KERNEL_ERRORS as exc:
+    except Exception as exc:
+        # Triton's kernel errors are _KERNEL_ERRORS; Gluon's host API is experimental, so any error of it
+        # (outside a capture: _give_up re-raises there) falls back to the Triton kernel
+        if not use_gluon and not isinstance(exc, _KERNEL_ERRORS):
+            raise
         if use_gluon:
             index = img.device.index if img.device.index is not None else torch.cuda.current_device()
             _gluon_error[(index, *shape)] = _give_up(
