@@ -13,8 +13,10 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/sdfleet demo
 
+# Two test processes (pytest-xdist), each test file whole on one of them (its module fixtures built once):
+# most tests wait on worker subprocesses, so two cores run about twice the tests. Plain pytest runs serially.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check sdfleet producer worker scheduler bench tests

@@ -2,34 +2,93 @@
 
 If no Redis answers at SDFLEET_TEST_REDIS_URL (default redis://127.0.0.1:6379/15), a private redis-server
 is started from PATH; if there is none, the run fails with a message (it never skips silently).
+
+Under pytest-xdist (``make test`` runs ``-n 2``) each worker process takes databases of its own on that
+server (:func:`redis_dbs`): one worker's flush must not empty another's queues.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
+import structlog
 
 from sdfleet.redisconn import PrivateRedis, free_port, ping
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: Databases of a shared Redis per pytest-xdist worker (gw0, gw1, ...): the tests' own, flushed per test, and
+#: a side one that a few tests keep apart from it (the webhook tests, the healthcheck test). A serial run and
+#: gw0 use 15 and 13, as before; databases 0-3 are never used.
+XDIST_DBS = ((15, 13), (14, 12), (11, 10), (9, 8), (7, 6), (5, 4))
+
+
+def redis_dbs() -> tuple[int, int]:
+    """(the tests' database, the side database) for this process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker.removeprefix("gw"))
+    if index >= len(XDIST_DBS):
+        raise pytest.UsageError(f"pytest-xdist worker {worker}: at most {len(XDIST_DBS)} workers share one "
+                                "Redis (each takes two databases of its own); run with fewer (-n)")
+    return XDIST_DBS[index]
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` (``redis://host:port/N``) on database ``db``."""
+    return f"{url.rsplit('/', 1)[0]}/{db}"
+
+
+def in_xdist() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """Each test leaves this process's logging as it found it. A test that runs the CLI in this process
+    (``cli.main``) configures logging onto the ``sys.stderr`` of that moment, pytest's capture of that test,
+    closed once it ends: a later test in the same process that logs then fails on a closed file (seen under
+    pytest-xdist, where a file whose tests log came right after tests/test_cli.py)."""
+    from sdfleet import logs
+
+    config, root = structlog.get_config(), logging.getLogger()
+    level, ours = root.level, [h for h in root.handlers if isinstance(h, logs._LineHandler)]
+    hooks = sys.excepthook, threading.excepthook
+    yield
+    structlog.configure(**config)
+    for h in [h for h in root.handlers if isinstance(h, logs._LineHandler) and h not in ours]:
+        root.removeHandler(h)
+    for h in ours:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+    sys.excepthook, threading.excepthook = hooks
+
 
 @pytest.fixture(scope="session")
 def redis_base_url() -> str:
     url = os.environ.get("SDFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    if in_xdist():
+        url = with_db(url, redis_dbs()[0])
     if ping(url):
         return url
     private = PrivateRedis()  # raises BrokerUnavailable with a fix when there is no redis-server
-    base = private.url.rsplit("/", 1)[0]
-    return f"{base}/15"
+    return with_db(private.url, redis_dbs()[0])
+
+
+@pytest.fixture(scope="session")
+def redis_side_url(redis_base_url: str) -> str:
+    """The same server, the side database (see :data:`XDIST_DBS`): not flushed by ``redis_url``."""
+    return with_db(redis_base_url, redis_dbs()[1])
 
 
 @pytest.fixture

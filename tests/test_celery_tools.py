@@ -50,6 +50,13 @@ def wait_until(pred, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def subscriptions(r) -> int:
+    """Channels and patterns subscribed by the connections on ``r``'s database. Not PUBSUB NUMPAT/CHANNELS:
+    they count the whole server's, which another pytest-xdist worker's tests (another database) change."""
+    db = int(r.connection_pool.connection_kwargs.get("db", 0))
+    return sum(int(c.get("sub", 0)) + int(c.get("psub", 0)) for c in r.client_list() if int(c.get("db", -1)) == db)
+
+
 def job_ids(r, batch: str) -> dict[str, str]:
     return r.hgetall(f"sdfleet:batch:{batch}:custom")
 
@@ -103,13 +110,13 @@ def test_events_for_every_job_and_worker_heartbeats(tmp_path, env, r, start_work
                     if "timed out" not in str(exc):
                         raise
 
-    subscribed = r.pubsub_numpat() + len(r.pubsub_channels())
+    subscribed = subscriptions(r)
     t = threading.Thread(target=listen, daemon=True)
     t.start()
     ready.wait(10)
     # kombu subscribes to the event exchange on the receiver's first drain, not when it is made: wait for it, or
     # on a loaded machine the first events (the worker gathers task-received into one message) go unheard.
-    wait_until(lambda: r.pubsub_numpat() + len(r.pubsub_channels()) > subscribed, 30, "the event receiver")
+    wait_until(lambda: subscriptions(r) > subscribed, 30, "the event receiver")
     start_worker("--max-batch", "4", model="null")
     f = jsonl(tmp_path, 10)
     assert run_cli(["submit", str(f), "--batch", "ev"], env).returncode == 0

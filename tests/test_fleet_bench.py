@@ -7,8 +7,10 @@ engine in its own process; the report must hold every number the GPU run is read
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +31,13 @@ def report(tmp_path_factory) -> dict:
     data["_markdown"] = out.with_suffix(".md").read_text()
     data["_json"] = str(out)
     return data
+
+
+def same_model(report: dict, work: Path) -> None:
+    """The report's tiny model directory and its FP8 weights, copied into ``work``: the bench keeps them
+    (``--work-dir`` holding a complete model), so a later call spends no time writing and quantizing them
+    again. Writing them from nothing is the report's own call, and test_prepare_only checks both ways."""
+    shutil.copytree(Path(report["_json"]).parent / "models", work / "models")
 
 
 @pytest.mark.slow
@@ -104,6 +113,7 @@ def run_bench(work, *args: str, timeout: float = 1200) -> subprocess.CompletedPr
 @pytest.mark.slow
 @pytest.mark.timeout(2500)
 def test_two_workers_share_the_stream_and_no_job_runs_twice(report, tmp_path):
+    same_model(report, tmp_path)
     out = tmp_path / "two.json"
     proc = run_bench(tmp_path, "--gpus", "2", "--jobs", str(GPU_JOBS), "--phases", "fleet,bare",
                      "--baseline-json", report["_json"], "--out-json", str(out))
@@ -140,7 +150,8 @@ def test_two_workers_share_the_stream_and_no_job_runs_twice(report, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1300)
-def test_gpus_compare_runs_one_and_two_workers_in_one_invocation(tmp_path):
+def test_gpus_compare_runs_one_and_two_workers_in_one_invocation(report, tmp_path):
+    same_model(report, tmp_path)
     out = tmp_path / "compare.json"
     proc = run_bench(tmp_path, "--gpus-compare", "1,2", "--jobs", "6", "--phases", "fleet", "--out-json", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]

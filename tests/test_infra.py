@@ -346,9 +346,9 @@ def run_heartbeat_check(code: str, redis_url: str, worker_id: str) -> int:
     return subprocess.run([sys.executable, "-c", code], env=env, timeout=30).returncode
 
 
-def test_worker_healthcheck_reads_the_heartbeat(redis_base_url: str) -> None:
+def test_worker_healthcheck_reads_the_heartbeat(redis_side_url: str) -> None:
     # A key of its own in a database other tests do not flush while this one runs; removed at the end.
-    redis_url = redis_base_url.rsplit("/", 1)[0] + "/13"
+    redis_url = redis_side_url
     code = heartbeat_code(exec_form(DOCKER_DIR / "Dockerfile.worker", "HEALTHCHECK"))
     worker_id = f"infra-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(redis_url)

@@ -1,7 +1,8 @@
 """Webhooks: URL policy, Standard Webhooks signatures and rotation, retries, Retry-After, 410, dead letters,
 replay, Notifier dedupe and batch.completed; against a real HTTP receiver and real worker processes.
 
-Runs on its own Redis database (WEBHOOK_TEST_REDIS_URL, default redis://127.0.0.1:6379/13), flushed per test.
+Runs on its own Redis database (WEBHOOK_TEST_REDIS_URL, default redis://127.0.0.1:6379/13; under pytest-xdist
+the worker's side database of tests/conftest.py), flushed per test.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sdfleet.state import JobStore
 from sdfleet.webhooks import outbox, policy
 from sdfleet.webhooks.sender import backoff, parse_retry_after
 from sdfleet.webhooks.signing import new_secret, parse_secrets, signed_headers
+from tests.conftest import in_xdist, redis_dbs, with_db
 from tests.webhook_receiver import Receiver, start_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +45,12 @@ SCHEDULE = "0.1,0.2"  # three attempts in all
 @pytest.fixture(scope="module")
 def wh_redis_url() -> str:
     url = os.environ.get("WEBHOOK_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+    if in_xdist():  # each pytest-xdist worker its own side database (tests/conftest.py)
+        url = with_db(url, redis_dbs()[1])
     if ping(url):
         return url
     private = PrivateRedis()  # fails with a fix when there is no redis-server at all
-    return private.url.rsplit("/", 1)[0] + "/13"
+    return with_db(private.url, redis_dbs()[1])
 
 
 @pytest.fixture
