@@ -284,3 +284,28 @@ def test_a_job_left_storing_by_a_dead_worker_is_finished_from_its_staged_objects
     sidecar = json.loads((tmp_path / "oom" / "c0.json").read_text())
     assert sidecar["engine_run"] == "w1:1" == store.job(d.job_id).fields["run"]
     assert notified == [(d.job_id, "succeeded")]
+
+
+def test_a_storing_write_whose_reply_was_lost_is_recognised_as_this_runs_own(setup, tmp_path):
+    """Redis restarts between running -> storing landing and its reply: the retry reads back "storing". The record
+    holds this run and its staged objects, so the run won the job: its objects are promoted and the job succeeds
+    (dropping them left the job storing for good, seen in tests/test_crash.py's Redis restart)."""
+    store, runner, post, settle, engine, deliveries, notified = setup(["a", "b"], limit=8)
+    real = store.transition_many
+    lost_replies = []
+
+    def reply_lost_once(items, to, allowed, **kw):
+        out = real(items, to, allowed, **kw)
+        if to == "storing" and not lost_replies:
+            lost_replies.append([tr.applied for tr in out])
+            raise redis.ConnectionError("Connection closed by server.")
+        return out
+
+    store.transition_many = reply_lost_once
+    runner.run(deliveries[0].key, deliveries)
+    post.wait(20)
+    assert lost_replies == [[True, True]]
+    assert [store.job(d.job_id).status for d in deliveries] == ["succeeded", "succeeded"]
+    assert sorted(settle.outcomes) == sorted((d.job_id, "succeeded") for d in deliveries)
+    assert sorted(notified) == sorted((d.job_id, "succeeded") for d in deliveries)
+    assert _objects(tmp_path) == ["c0.json", "c0.png", "c1.json", "c1.png"]

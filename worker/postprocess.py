@@ -249,6 +249,16 @@ class PostProcessor:
             runs=[d.extra.get("run", "") for d, _ in stored]))
         won = [(d, fields) for (d, fields), tr in zip(stored, transitions) if tr.applied]
         lost = [(d, fields, tr) for (d, fields), tr in zip(stored, transitions) if not tr.applied]
+        if any(tr.previous == "storing" for _, _, tr in lost):
+            # A retried write whose first try landed (its reply lost when Redis restarted) reads back "storing":
+            # if the record holds this run and this run's staged objects, that is this run's own write, so the
+            # job is won. Dropping the objects would leave the job storing for good, its promotion impossible.
+            recs = self._redis_retry(lambda: self.store.jobs([d.job_id for d, _, _ in lost]))
+            mine = {d.job_id for (d, fields, tr), rec in zip(lost, recs)
+                    if tr.previous == "storing" and rec is not None and d.extra.get("run")
+                    and rec.fields.get("run") == d.extra["run"] and rec.fields.get("staged") == fields["staged"]}
+            won += [(d, fields) for d, fields, _ in lost if d.job_id in mine]
+            lost = [item for item in lost if item[0].job_id not in mine]
         if lost:
             # Another run owns these jobs now (this worker stalled and they were handed back) or won them
             # first: this run's staged objects are dropped; the winner's are never touched.
