@@ -309,3 +309,24 @@ def test_a_storing_write_whose_reply_was_lost_is_recognised_as_this_runs_own(set
     assert sorted(settle.outcomes) == sorted((d.job_id, "succeeded") for d in deliveries)
     assert sorted(notified) == sorted((d.job_id, "succeeded") for d in deliveries)
     assert _objects(tmp_path) == ["c0.json", "c0.png", "c1.json", "c1.png"]
+
+
+def test_a_failed_write_whose_reply_was_lost_still_announces_the_failure(setup):
+    store, runner, post, settle, engine, deliveries, notified = setup(["a"], limit=8)
+    (d,) = deliveries
+    assert store.start_many([d.job_id], "w1", 3, run="w1:1")[0].applied
+    d.extra["run"] = "w1:1"
+    real = store.transition_many
+    lost_replies = []
+
+    def reply_lost_once(items, to, allowed, **kw):
+        out = real(items, to, allowed, **kw)
+        if to == "failed" and not lost_replies:
+            lost_replies.append(out[0].applied)
+            raise redis.ConnectionError("Connection closed by server.")
+        return out
+
+    store.transition_many = reply_lost_once
+    post.finish_failed(d, "engine error: boom")
+    assert lost_replies == [True] and store.job(d.job_id).status == "failed"
+    assert notified == [(d.job_id, "failed")] and settle.outcomes == [(d.job_id, "failed")]

@@ -16,6 +16,7 @@ the storage's own message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -314,6 +315,11 @@ class PostProcessor:
     def _fail(self, d: Delivery, error: str) -> None:
         tr = self._redis_retry(lambda: self.store.transition_many(
             [(d.job_id, {"error": error})], "failed", ("queued", "running"), runs=[d.extra.get("run", "")])[0])
+        if not tr.applied and tr.previous == "failed" and d.extra.get("run"):
+            # as in _record: a retry after a lost reply reads back its own write (this run, this error)
+            rec = self._redis_retry(lambda: self.store.job(d.job_id))
+            if rec is not None and rec.fields.get("run") == d.extra["run"] and rec.fields.get("error") == error:
+                tr = dataclasses.replace(tr, applied=True)
         if tr.applied:
             self.log.warning("job failed", job_id=d.job_id, batch_id=d.batch_id, error=error)
             self.notifier(d, "failed", tr)
