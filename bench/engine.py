@@ -30,6 +30,7 @@ import gc
 import json
 import math
 import platform
+import re
 import time
 import traceback
 
@@ -41,12 +42,21 @@ from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER, build_transform
 
 ALL_VARIANTS = ("bf16", "bf16-graph", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph",
                 "fp8-attn", "fp8-attn-bf16io-graph", "fp8-attn-1stream-graph", "fp8-attn-nochunk-graph",
-                "fp8-attn-chunk4096-graph",
+                "fp8-attn-chunk4096-graph", "fp8-attn-plan-chunk1024-graph", "fp8-attn-plan-chunk2048-graph",
+                "fp8-attn-plan-nochunk-graph",
                 "fp8-attn-graph", "fp8-attn-plan-graph", "fp8-adaln-bf16-graph",
                 "fp8-attn-gluon-graph", "fp8-attn-gluon-plan-graph")
 QUICK_VARIANTS = ("bf16", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph", "fp8-attn-graph")
 GIB = 2**30
 RESULTS: dict = {}
+
+
+def _chunk_rows(variant: str) -> int:
+    """ff_chunk_rows of a variant: 0 for -nochunk, N for -chunkN, else the default."""
+    if "nochunk" in variant:
+        return 0
+    m = re.search(r"-chunk(\d+)", variant)
+    return int(m.group(1)) if m else Fp8Options().ff_chunk_rows
 
 
 def log(msg: str) -> None:
@@ -335,8 +345,8 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 # fp8-attn-bf16io: the FP8 attention kernel on bf16 q/k/v with a bf16 output (separate
                 # K/V and output quantization passes), i.e. the default minus fused_attention_io;
                 # fp8-attn-1stream: the default with the text stream's kernels in line on one CUDA stream;
-                # fp8-attn-nochunk / -chunk4096: the default with the feed-forward in one piece
-                # (ff_chunk_rows=0) / in 4096-row chunks; fp8-attn-plan: every step's AdaLN modulations
+                # -nochunk / -chunkN: the default with the feed-forward in one piece (ff_chunk_rows=0) / in
+                # N-row chunks (a chunk's 4x-wide hidden activation fits the L2 at 2048 rows); fp8-attn-plan: every step's AdaLN modulations
                 # before a loop of --steps steps (AdaLNPlan; its "ms" is a graph replay fed by the runner,
                 # its loop_ms_per_step the figure to compare with fp8-attn-graph's); the others compute them
                 # per step inside the graph, as earlier rounds did; -gluon-: the joint attention on the
@@ -347,8 +357,7 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                                                       fp8_attention=v.startswith("fp8-attn"),
                                                       fused_attention_io="bf16io" not in v,
                                                       text_stream="1stream" not in v,
-                                                      ff_chunk_rows=0 if "nochunk" in v else 4096 if "chunk4096" in v
-                                                      else Fp8Options().ff_chunk_rows))
+                                                      ff_chunk_rows=_chunk_rows(v)))
             rec["weight_gib"] = round(weight_bytes(model) / GIB, 3)
             rec["weight_ratio_vs_bf16"] = round(weight_bytes(model) / bf16_bytes, 4)
             fn = model

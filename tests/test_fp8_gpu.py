@@ -41,6 +41,57 @@ def test_gemv_matches_cublas(rows):
     assert rows <= GEMV_MAX_ROWS and torch.equal(f(x), got.bfloat16())
 
 
+@gpu
+@pytest.mark.parametrize("length,res2", [(4096, False), (333, False), (64, True), (8, False)])
+def test_layernorm_rows_a_program(length, res2):
+    # 1, 2 or 4 rows a LayerNorm program (kernels.LN_ROWS): the same residual stream bit for bit, the same
+    # E4M3 rows up to the rounding of a reduction's other order, and the torch reference's values
+    from worker.engine.fp8 import kernels, quant
+
+    g = torch.Generator(device="cuda").manual_seed(length)
+    b, d = 2, 2432
+
+    def rn(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).bfloat16()
+
+    x, y, y2, mod = rn(b, length, d), rn(b, length, d), rn(b, length, d), rn(b, 9 * d)
+    shift, scale, gate, gate2 = mod.chunk(9, 1)[:4]  # strided views, as the blocks pass them
+    kw = dict(residual=(y, gate), residual2=(y2, gate2) if res2 else None)
+    ref_q, ref_h = quant.ln_modulate_quantize(x.cpu(), shift.cpu(), scale.cpu(),
+                                              residual=(y.cpu(), gate.cpu()),
+                                              residual2=(y2.cpu(), gate2.cpu()) if res2 else None)
+    outs = {per: kernels.ln_modulate_quant(x, shift, scale, rows=per, **kw) for per in (1, 2, 4)}
+    assert kernels._ln_rows(length, 4) == (4 if length % 4 == 0 else 1)
+    q1, h1 = outs[1]
+    assert _rel(h1.cpu(), ref_h) < 1e-3  # torch's bf16 adds on the CPU: the same maths, maybe another rounding
+    assert _rel(q1.dequantize().cpu(), ref_q.dequantize()) < 0.02
+    for per in (2, 4):
+        q, h = outs[per]
+        assert torch.equal(h, h1)
+        assert _rel(q.dequantize(), q1.dequantize()) < 1e-3
+        assert torch.allclose(q.scale, q1.scale, rtol=1e-5)
+    # no residual: x itself is the stream
+    q0, h0 = kernels.ln_modulate_quant(x, shift, scale, rows=4)
+    assert h0 is x and _rel(q0.dequantize(), kernels.ln_modulate_quant(x, shift, scale, rows=1)[0].dequantize()) < 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("rows,k", [(64, 9728), (40, 6144), (3, 256)])
+def test_gelu_tanh_forms(rows, k):
+    # GELU's tanh as MUFU.TANH and as EX2 + RCP: both within E4M3 rounding of the exact GELU, and close
+    from worker.engine.fp8 import kernels, quant
+
+    g = torch.Generator(device="cuda").manual_seed(k)
+    h = (torch.randn(rows, k, device="cuda", generator=g) * 3).bfloat16()
+    exact = quant.gelu_tanh_torch(h.double())
+    got = {t: quant.QTensor(*kernels.quant_rows(h, gelu=True, tanh=t), tuple(h.shape)).dequantize()
+           for t in (False, True)}
+    bound = _rel(quant.quantize_rows(exact.float(), use_triton=False).dequantize(), exact)
+    for t, v in got.items():
+        assert _rel(v, exact) <= bound * 1.05, t
+    assert _rel(got[True], got[False]) < 0.01
+
+
 def _twice(fn):
     """fn() eager, then captured in a CUDA graph and replayed."""
     eager = fn()

@@ -16,12 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _exp2, _rms_norm_head  # one MUFU.EX2 (FTZ), or tl.exp2; diffusers RMSNorm
+from .attention import _env_flag, _exp2, _rms_norm_head  # one MUFU.EX2 (FTZ), or tl.exp2; diffusers RMSNorm
 from .quant import AMAX_MAX, AMAX_MIN, E4M3, E4M3_MAX, QTensor, split_streams
 
 # Inline PTX cannot run in Triton's CPU interpreter (TRITON_INTERPRET=1, used to test these kernels
 # without a GPU); there the same maths runs with tl.exp2 and IEEE division.
 FAST_MATH = os.environ.get("TRITON_INTERPRET", "0") != "1"
+# the compiled float -> E4M3 conversion saturates (the interpreter's may not): see _to_e4m3
+SATFINITE = tl.constexpr(FAST_MATH)
+# Defaults of three kernel choices (measured on the H200, docs/PERFORMANCE.md; bench/elementwise.py compares
+# each pair; the environment overrides them, for benches of a whole step):
+# GELU's tanh as MUFU.TANH (one MUFU op an element instead of two)
+GELU_MUFU_TANH = _env_flag("SDFLEET_FP8_GELU_TANH", True)
+# rows a LayerNorm program takes (when a batch element's row count divides by it, else 1): the gate, shift and
+# scale vectors are loaded once for them all
+LN_ROWS = int(os.environ.get("SDFLEET_FP8_LN_ROWS", "1"))
+# a LayerNorm program loads its shift and scale with its rows (see _ln_mod_quant_kernel)
+LN_EARLY_MOD = _env_flag("SDFLEET_FP8_LN_EARLY", True)
 
 
 @triton.jit
@@ -43,7 +54,13 @@ def _row_scale(amax, QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr)
 
 @triton.jit
 def _to_e4m3(v, inv, QMAX: tl.constexpr):
-    return tl.minimum(tl.maximum(v * inv, -QMAX), QMAX)
+    if SATFINITE:
+        # the conversion to E4M3 that follows is cvt.rn.satfinite (Triton on sm_89+): it clamps to +-448
+        # itself, so a clamp here would be two FMNMX an element for nothing (a NaN then stays NaN, as in
+        # the torch path, instead of becoming -448)
+        return v * inv
+    else:
+        return tl.minimum(tl.maximum(v * inv, -QMAX), QMAX)
 
 
 @triton.jit
@@ -72,37 +89,51 @@ def _split(n: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _gelu_tanh(x, FAST: tl.constexpr):
-    # 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3); sigmoid as 1 / (1 + 2^z)
-    # with z = -2u log2(e): two MUFU ops and four FMA-pipe ops per element.
-    z = x * (x * x * (-2.0 * 0.7978845608028654 * 1.4426950408889634 * 0.044715)
-             + (-2.0 * 0.7978845608028654 * 1.4426950408889634))
-    return x * _rcp(1.0 + _exp2(z, FAST), FAST)
+def _tanh(x):
+    # one MUFU.TANH (sm_75+); max relative error ~2^-11, far below the E4M3 rounding (2^-4) that follows
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _load_row_part(x_ptr, row_off, start, K, BLOCK: tl.constexpr, GELU: tl.constexpr, FAST: tl.constexpr):
+def _gelu_tanh(x, FAST: tl.constexpr, TANH: tl.constexpr):
+    # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+    # TANH (with FAST): one MUFU.TANH and four FMA-pipe ops an element. Otherwise the same as x * sigmoid(2u),
+    # sigmoid as 1 / (1 + 2^z) with z = -2u log2(e): two MUFU ops (EX2, RCP) and four FMA-pipe ops. At
+    # SD3.5 Large's 9728-wide rows the MUFU work of the two-op form is about half the pass's HBM time, so it
+    # is issue- and MUFU-bound beside the loads (docs/PERFORMANCE.md).
+    if FAST and TANH:
+        hx = 0.5 * x
+        return hx * _tanh(x * (x * x * (0.7978845608028654 * 0.044715) + 0.7978845608028654)) + hx
+    else:
+        z = x * (x * x * (-2.0 * 0.7978845608028654 * 1.4426950408889634 * 0.044715)
+                 + (-2.0 * 0.7978845608028654 * 1.4426950408889634))
+        return x * _rcp(1.0 + _exp2(z, FAST), FAST)
+
+
+@triton.jit
+def _load_row_part(x_ptr, row_off, start, K, BLOCK: tl.constexpr, GELU: tl.constexpr, FAST: tl.constexpr,
+                   TANH: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row_off + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:
-        x = _gelu_tanh(x, FAST)  # gelu(0) == 0: padded lanes stay out of the amax
+        x = _gelu_tanh(x, FAST, TANH)  # gelu(0) == 0: padded lanes stay out of the amax
     return x, offs, mask
 
 
 # Tuned once per (width, row-count bucket) at the first call (worker boot / graph warm-up); the choice
 # is cached on disk (Triton's cache), so a second boot does not tune again.
-@triton.autotune(configs=_warp_configs(4, 8, 16, 32), key=["K", "m_bucket"], cache_results=True)
+@triton.autotune(configs=_warp_configs(4, 8, 16, 32), key=["K", "m_bucket", "GELU", "TANH"], cache_results=True)
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, m_bucket,
                        GELU: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr, FAST: tl.constexpr,
-                       QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr):
+                       TANH: tl.constexpr, QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     # The row is held in registers as two tiles (see _split): read once, written once.
-    x, offs, mask = _load_row_part(x_ptr, row * stride_x, 0, K, BLOCK, GELU, FAST)
+    x, offs, mask = _load_row_part(x_ptr, row * stride_x, 0, K, BLOCK, GELU, FAST, TANH)
     amax = tl.max(tl.abs(x))
     if BLOCK2 > 0:
-        x2, offs2, mask2 = _load_row_part(x_ptr, row * stride_x, BLOCK, K, BLOCK2, GELU, FAST)
+        x2, offs2, mask2 = _load_row_part(x_ptr, row * stride_x, BLOCK, K, BLOCK2, GELU, FAST, TANH)
         amax = tl.maximum(amax, tl.max(tl.abs(x2)))
     s, inv = _row_scale(amax, QMAX, AMIN, AMAX)
     tl.store(q_ptr + row * stride_q + offs, _to_e4m3(x, inv, QMAX).to(q_ptr.dtype.element_ty), mask=mask)
@@ -111,7 +142,8 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, m_bucket,
     tl.store(s_ptr + row, s)
 
 
-def quant_rows(x: torch.Tensor, *, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_rows(x: torch.Tensor, *, gelu: bool = False, tanh: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tanh``: GELU's tanh as one MUFU op (None: ``GELU_MUFU_TANH``; False: the EX2 + RCP form)."""
     m, k = x.shape
     q = torch.empty((m, k), device=x.device, dtype=E4M3)
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
@@ -119,78 +151,119 @@ def quant_rows(x: torch.Tensor, *, gelu: bool = False) -> tuple[torch.Tensor, to
         return q, s
     b1, b2 = _split(k)
     _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), _m_bucket(m), GELU=gelu, BLOCK=b1, BLOCK2=b2,
-                             FAST=FAST_MATH, QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX)
+                             FAST=FAST_MATH, TANH=GELU_MUFU_TANH if tanh is None else tanh,
+                             QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX)
     return q, s
 
 
 @triton.jit
-def _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, row, b, start, D, stride_g, stride_g2,
+def _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, rows, rmask, b, start, D, stride_g, stride_g2,
              HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr, BLOCK: tl.constexpr):
+    # (ROWS, BLOCK) of the program's rows from column start. The rows share batch element b, so each gate
+    # vector is loaded once for all of them.
     offs = start + tl.arange(0, BLOCK)
-    mask = offs < D
-    x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    cmask = offs < D
+    mask = rmask[:, None] & cmask[None, :]
+    at = rows[:, None] * D + offs[None, :]
+    x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        y = tl.load(y_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + b * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + b * stride_g + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
         hb = (x + g * y).to(h_ptr.dtype.element_ty)
         if HAS_RES2:  # a second gated add after the first, each rounded as the unfused adds are
-            y2 = tl.load(y2_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-            g2 = tl.load(g2_ptr + b * stride_g2 + offs, mask=mask, other=0.0).to(tl.float32)
+            y2 = tl.load(y2_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            g2 = tl.load(g2_ptr + b * stride_g2 + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
             hb = (hb.to(tl.float32) + g2 * y2).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + row * D + offs, hb, mask=mask)
+        tl.store(h_ptr + at, hb, mask=mask)
         x = hb.to(tl.float32)  # normalize the stored residual, as the unfused path does
-    return x, offs, mask
+    return x, offs, cmask, mask
 
 
 @triton.jit
-def _ln_modulate(x, offs, mask, mean, rstd, b, sh_ptr, sc_ptr, stride_mod):
-    sh = tl.load(sh_ptr + b * stride_mod + offs, mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(sc_ptr + b * stride_mod + offs, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, (x - mean) * rstd * (1.0 + sc) + sh, 0.0)
+def _ln_mod_vectors(b, sh_ptr, sc_ptr, stride_mod, start, D, BLOCK: tl.constexpr):
+    # batch element b's shift and 1 + scale over one tile of columns, as (1, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    cmask = offs < D
+    sh = tl.load(sh_ptr + b * stride_mod + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    sc = tl.load(sc_ptr + b * stride_mod + offs, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return sh, 1.0 + sc
 
 
-@triton.autotune(configs=_warp_configs(2, 4, 8, 16), key=["D", "HAS_RES", "HAS_RES2", "m_bucket"], cache_results=True)
+@triton.jit
+def _ln_modulate(x, mask, mean, rstd, sh, sc1):
+    return tl.where(mask, (x - mean[:, None]) * rstd[:, None] * sc1 + sh, 0.0)
+
+
+@triton.autotune(configs=_warp_configs(2, 4, 8, 16), key=["D", "HAS_RES", "HAS_RES2", "m_bucket", "ROWS", "EARLY"],
+                 cache_results=True)
 @triton.jit
 def _ln_mod_quant_kernel(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, sh_ptr, sc_ptr, q_ptr, s_ptr,
-                         L, D, stride_mod, stride_g, stride_g2, eps, m_bucket,
+                         M, L, D, stride_mod, stride_g, stride_g2, eps, m_bucket,
                          HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr,
+                         ROWS: tl.constexpr, EARLY: tl.constexpr,
                          QMAX: tl.constexpr, AMIN: tl.constexpr, AMAX: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // L
-    x, offs, mask = _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, row, b, 0, D, stride_g, stride_g2,
-                             HAS_RES, HAS_RES2, BLOCK)
-    total = tl.sum(x)
+    # ROWS rows of one batch element (the caller makes ROWS divide the rows per element), each held in
+    # registers as two tiles (see _split): read once, written once.
+    # EARLY: shift and scale are loaded with the rows, before the residual's store. Loaded after it (as
+    # the maths orders them), they are a second memory round trip on each program's path, as the compiler
+    # may not move a load above a store it cannot prove disjoint.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    b = (tl.program_id(0).to(tl.int64) * ROWS) // L
+    if EARLY:
+        sh, sc1 = _ln_mod_vectors(b, sh_ptr, sc_ptr, stride_mod, 0, D, BLOCK)
+        if BLOCK2 > 0:
+            sh2, sc12 = _ln_mod_vectors(b, sh_ptr, sc_ptr, stride_mod, BLOCK, D, BLOCK2)
+    x, offs, cm, mask = _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, rows, rmask, b, 0, D, stride_g,
+                                 stride_g2, HAS_RES, HAS_RES2, BLOCK)
+    total = tl.sum(x, axis=1)
     if BLOCK2 > 0:
-        x2, offs2, mask2 = _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, row, b, BLOCK, D, stride_g,
-                                    stride_g2, HAS_RES, HAS_RES2, BLOCK2)
-        total += tl.sum(x2)
+        x2, offs2, cm2, mask2 = _ln_load(x_ptr, y_ptr, g_ptr, y2_ptr, g2_ptr, h_ptr, rows, rmask, b, BLOCK, D,
+                                         stride_g, stride_g2, HAS_RES, HAS_RES2, BLOCK2)
+        total += tl.sum(x2, axis=1)
     mean = total / D
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc)
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1)
     if BLOCK2 > 0:
-        xc2 = tl.where(mask2, x2 - mean, 0.0)
-        var += tl.sum(xc2 * xc2)
+        xc2 = tl.where(mask2, x2 - mean[:, None], 0.0)
+        var += tl.sum(xc2 * xc2, axis=1)
     rstd = tl.rsqrt(var / D + eps)
-    v = _ln_modulate(x, offs, mask, mean, rstd, b, sh_ptr, sc_ptr, stride_mod)
-    amax = tl.max(tl.abs(v))
+    if not EARLY:
+        sh, sc1 = _ln_mod_vectors(b, sh_ptr, sc_ptr, stride_mod, 0, D, BLOCK)
+    v = _ln_modulate(x, mask, mean, rstd, sh, sc1)
+    amax = tl.max(tl.abs(v), axis=1)
     if BLOCK2 > 0:
-        v2 = _ln_modulate(x2, offs2, mask2, mean, rstd, b, sh_ptr, sc_ptr, stride_mod)
-        amax = tl.maximum(amax, tl.max(tl.abs(v2)))
+        if not EARLY:
+            sh2, sc12 = _ln_mod_vectors(b, sh_ptr, sc_ptr, stride_mod, BLOCK, D, BLOCK2)
+        v2 = _ln_modulate(x2, mask2, mean, rstd, sh2, sc12)
+        amax = tl.maximum(amax, tl.max(tl.abs(v2), axis=1))
     s, inv = _row_scale(amax, QMAX, AMIN, AMAX)
-    tl.store(q_ptr + row * D + offs, _to_e4m3(v, inv, QMAX).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + rows[:, None] * D + offs[None, :], _to_e4m3(v, inv[:, None], QMAX).to(q_ptr.dtype.element_ty),
+             mask=mask)
     if BLOCK2 > 0:
-        tl.store(q_ptr + row * D + offs2, _to_e4m3(v2, inv, QMAX).to(q_ptr.dtype.element_ty), mask=mask2)
-    tl.store(s_ptr + row, s)
+        tl.store(q_ptr + rows[:, None] * D + offs2[None, :],
+                 _to_e4m3(v2, inv[:, None], QMAX).to(q_ptr.dtype.element_ty), mask=mask2)
+    tl.store(s_ptr + rows, s, mask=rmask)
 
 
-def ln_modulate_quant(x, shift, scale, *, residual=None, residual2=None, eps=1e-6):
-    """See quant.ln_modulate_quantize; ``residual2`` (needs ``residual``) is added after it."""
+def _ln_rows(length: int, rows: int | None) -> int:
+    """Rows a LayerNorm program takes: ``rows`` (default LN_ROWS) where it divides a batch element's row
+    count (its rows then share the element's gate, shift and scale vectors), else 1."""
+    r = LN_ROWS if rows is None else rows
+    return r if r >= 1 and length % r == 0 else 1
+
+
+def ln_modulate_quant(x, shift, scale, *, residual=None, residual2=None, eps=1e-6, rows: int | None = None,
+                      early: bool | None = None):
+    """See quant.ln_modulate_quantize; ``residual2`` (needs ``residual``) is added after it. ``rows``: rows a
+    program takes (None: LN_ROWS; 1 where it does not divide the batch element's rows); ``early``: shift and
+    scale loaded with the rows (None: LN_EARLY_MOD)."""
     b, l, d = x.shape
     x = x.contiguous()
     assert shift.stride(-1) == 1 and scale.stride(-1) == 1 and shift.stride(0) == scale.stride(0)
-    rows = b * l
-    q = torch.empty((rows, d), device=x.device, dtype=E4M3)
-    s = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
+    n_rows = b * l
+    q = torch.empty((n_rows, d), device=x.device, dtype=E4M3)
+    s = torch.empty((n_rows, 1), device=x.device, dtype=torch.float32)
     if residual is not None:
         y, gate = residual
         y = y.reshape(b, l, d).contiguous()
@@ -205,10 +278,14 @@ def ln_modulate_quant(x, shift, scale, *, residual=None, residual2=None, eps=1e-
     else:
         y2, g2 = y, g
     b1, b2 = _split(d)
-    _ln_mod_quant_kernel[(rows,)](x, y, g, y2, g2, h, shift, scale, q, s, l, d, shift.stride(0), stride_g,
-                                  g2.stride(0) if residual2 is not None else 0, eps, _m_bucket(rows),
-                                  HAS_RES=has_res, HAS_RES2=residual2 is not None, BLOCK=b1, BLOCK2=b2,
-                                  QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX)
+    per = _ln_rows(l, rows)
+    if n_rows:
+        _ln_mod_quant_kernel[(triton.cdiv(n_rows, per),)](
+            x, y, g, y2, g2, h, shift, scale, q, s, n_rows, l, d, shift.stride(0), stride_g,
+            g2.stride(0) if residual2 is not None else 0, eps, _m_bucket(n_rows),
+            HAS_RES=has_res, HAS_RES2=residual2 is not None, BLOCK=b1, BLOCK2=b2, ROWS=per,
+            EARLY=LN_EARLY_MOD if early is None else early,
+            QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX)
     return QTensor(q, s, (b, l, d)), h
 
 
