@@ -369,7 +369,8 @@ if triton is not None:
                                             other=0.0))
         return x
 
-    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16)], key=["H", "S_PAD", "D", "HAS_NORM", "HAS_CTX", "QK_INT8"])
+    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)],
+                     key=["H", "S_PAD", "D", "HAS_NORM", "HAS_CTX", "QK_INT8"])
     @triton.jit
     def _prep_joint_kernel(
         Img, Ctx, Wimg, Wctx, Q8, Qs, Kq, Ks, Vpart,
@@ -404,6 +405,8 @@ if triton is not None:
         else:
             tl.store(Vpart + bh * N_TILES + tile, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
 
+    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)],
+                     key=["H", "S_PAD", "D", "HAS_CTX", "PARTS", "GLUON_ORDER"])
     @triton.jit
     def _prep_v_kernel(
         Img, Ctx, Vq, Vs, Vpart, H, L, Lc, S, S_PAD, N_TILES, stride_img, stride_ctx,
@@ -908,7 +911,7 @@ def prep_joint(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Tensor
     _prep_v_kernel[(batch * heads, n_tiles)](
         img, ctx_arg, vq, vs, vpart, heads, L, Lc, S, s_pad, n_tiles, img.stride(0), ctx_stride,
         HAS_CTX=ctx is not None, D=D, BLOCK=KV_BLOCK, PARTS=triton.next_power_of_2(heads * n_tiles),
-        GLUON_ORDER=v_order == "gluon", num_warps=4,
+        GLUON_ORDER=v_order == "gluon",
     )
     return q8, {"kq": kq, "ks": ks, "vq": vq, "vs": vs, "v": None, "q_scale": q_scale, "S": S, "s_pad": s_pad,
                "n_tiles": n_tiles, "opts": opts, "shape": (batch, heads, S, D), "v_order": v_order}
