@@ -144,6 +144,32 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         self.Client = _SharedSyncClient(self, self.Client)
 
+    # A channel builds its connection pools on first use, from its transport's ``client`` (the
+    # ``kombu.Connection``), and drops them when it closes. After a lost connection Celery's consumer collects
+    # and then closes the connection (``Consumer.on_connection_error_after_connected``); collecting detaches the
+    # transport (``transport.client = None``). A channel whose first close was cut short by the dead socket (a
+    # BRPOP still in flight when another socket, the remote-control channel's, reported the loss; that
+    # channel's close fails too and kombu closes no further channel) is closed again after that, restores its
+    # unacknowledged messages through a new pool and fails with ``AttributeError: 'NoneType' object has no
+    # attribute 'hostname'``, which Celery takes for an unrecoverable error: the worker exits instead of
+    # reconnecting. A pool asked of a detached channel raises a connection error instead: the restore fails as
+    # it does whenever Redis is away at close (the messages stay unacknowledged; the visibility timeout or the
+    # reclaim sweep restores them), and Celery reconnects.
+    @property
+    def pool(self) -> Any:
+        self._check_attached()
+        return super().pool
+
+    @property
+    def async_pool(self) -> Any:
+        self._check_attached()
+        return super().async_pool
+
+    def _check_attached(self) -> None:
+        transport = self.connection
+        if transport is None or transport.client is None:
+            raise redis.ConnectionError("the broker connection of this channel is closed")
+
     def queue_purge(self, queue: str, **kwargs: Any) -> int:
         """Purge as kombu does, but first note the purged jobs, so they end ``cancelled`` instead of being
         taken for lost messages and enqueued again."""

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import kombu
 import redis
+from kombu.common import ignore_errors
+from kombu.transport import redis as kombu_redis
 
 from sdfleet import broker, keys
 from sdfleet.queue import GENERATE_TASK, make_app
+from sdfleet.redisconn import PrivateRedis
 from sdfleet.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,13 +115,62 @@ def test_short_commands_share_one_client_and_the_brpop_client_stays_apart(redis_
         queue = kombu.Queue(q, kombu.Exchange(q), routing_key=q)
         got = []
         with conn.Consumer(queue, callbacks=[lambda body, m: got.append(m)], accept=["json"]):
-            deadline = time.time() + 10
-            while not got and time.time() < deadline:
-                try:
-                    conn.drain_events(timeout=1)
-                except TimeoutError:
-                    pass
+            _drain_until(conn, got)
             assert got and got[0].headers["id"] == "shared-1"
             got[0].ack()
         r = redis.Redis.from_url(redis_url, decode_responses=True)
         assert broker.unacked_count(r) == 0 and broker.queue_depth(r, q) == 0
+
+
+def _drain_until(conn, got: list, timeout: float = 10) -> None:
+    """Drain the connection's events until a consumer callback has filled ``got`` (or ``timeout`` passed)."""
+    deadline = time.time() + timeout
+    while not got and time.time() < deadline:
+        try:
+            conn.drain_events(timeout=0.5)
+        except TimeoutError:
+            pass
+
+
+def test_a_channel_closed_after_its_connection_was_collected_fails_as_a_lost_connection():
+    """Redis killed while a worker consumes: Celery's consumer collects the connection, then closes it
+    (celery 5.7, ``Consumer.on_connection_error_after_connected``). With a BRPOP in flight the consuming
+    channel's first close fails on the dead socket, the remote-control channel's close fails too and kombu
+    closes no further channel; collecting then detaches the transport, and the last close restored the
+    unacknowledged messages through a pool built from no connection: ``AttributeError: 'NoneType' object has
+    no attribute 'hostname'``, an unrecoverable error for Celery (the worker exited instead of reconnecting).
+    It must fail as a lost connection does. Also fails the day kombu stops building pools through the
+    ``pool`` / ``async_pool`` properties that sdfleet's channel guards."""
+    assert isinstance(kombu_redis.Channel.__dict__["pool"], property)
+    assert isinstance(kombu_redis.Channel.__dict__["async_pool"], property)
+    server = PrivateRedis()
+    try:
+        app = make_app(Settings(redis_url=server.url))
+        q = keys.queue_for_model("collect")
+        _publish(app, q, "held-1")
+        conn = app.connection_for_read()
+        conn.connect()
+        channel = conn.default_channel
+        assert isinstance(channel, broker.Channel)
+        got = []
+        kombu.Consumer(channel, queues=[kombu.Queue(q, kombu.Exchange(q), routing_key=q)],
+                       callbacks=[lambda body, m: got.append(m)], accept=["json"]).consume()
+        # Beside it, a channel like Celery's remote control: a fanout queue deleted when its channel closes.
+        pidbox = kombu.Queue("collect.pidbox", kombu.Exchange("collect.pidbox", "fanout"), auto_delete=True)
+        kombu.Consumer(conn.channel(), queues=[pidbox], no_ack=True).consume()
+        _drain_until(conn, got)
+        assert got, "a message delivered and not acknowledged"
+        try:
+            conn.drain_events(timeout=0.2)  # leaves the next BRPOP in flight
+        except TimeoutError:
+            pass
+        server.proc.kill()
+        server.proc.wait(10)
+        try:  # as Celery does: collect, errors ignored, then close, connection errors ignored
+            conn.collect(socket_timeout=1)
+        except Exception:
+            pass
+        ignore_errors(conn, conn.close)
+        assert channel.closed
+    finally:
+        server.stop()
