@@ -28,10 +28,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     sys.path.pop(0)  # bench/queue.py would shadow the standard library's queue module
 
 import argparse
-import datetime as dt
 import itertools
 import json
-import platform
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = 10  # calls a replay: one pass is 20-100 us, so a replay of ten keeps the events' overhead out
@@ -148,14 +146,12 @@ def main() -> int:
     ap.add_argument("--models", default="medium,large")
     ap.add_argument("--batch", type=int, default=2)
     args = ap.parse_args()
-    import torch
     import triton
 
-    result = {"env": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                      "python": platform.python_version(),
-                      "command": "python bench/elementwise.py " + " ".join(sys.argv[1:])},
-              "models": {}}
+    sys.path.insert(0, str(ROOT))
+    from bench.gputime import run_env
+
+    result = {"env": run_env("bench/elementwise.py", sys.argv[1:], triton=triton.__version__), "models": {}}
     for name in args.models.split(","):
         result["models"][name] = run_model(name, args.batch)
         Path(args.out).write_text(json.dumps(result, indent=1))

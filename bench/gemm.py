@@ -27,11 +27,9 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     sys.path.pop(0)  # bench/queue.py would shadow the standard library's queue module
 
 import argparse
-import datetime as dt
 import functools
 import json
 import os
-import platform
 import subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,13 +126,10 @@ def main() -> int:
             result["settings"][setting] = part["models"]
             Path(args.out).write_text(json.dumps(result, indent=1))
         return 0
-    import torch
+    sys.path.insert(0, str(ROOT))
+    from bench.gputime import run_env
 
-    result = {"env": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "python": platform.python_version(),
-                      "command": "python bench/gemm.py " + " ".join(sys.argv[1:])},
-              "models": {}}
+    result = {"env": run_env("bench/gemm.py", sys.argv[1:]), "models": {}}
     for name in args.models.split(","):
         result["models"][name] = run_model(name, args.batch, [int(r) for r in args.text_rows.split(",") if r])
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -27,3 +27,16 @@ def graph_replay_ms(fn, *, warm: int = 3, warm_replays: int = 10, replays: int =
         b.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)
+
+
+def run_env(script: str, argv: list[str], **extra) -> dict:
+    """The ``env`` record of a bench's JSON: date, GPU, versions and the command that ran it."""
+    import datetime as dt
+    import platform
+
+    import torch
+
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, **extra,
+           "python": platform.python_version(), "command": f"python {script} " + " ".join(argv)}
+    return env

@@ -14,7 +14,8 @@ def job(job_id: str) -> str:
 
 
 def batch(batch_id: str) -> str:
-    """Hash: name, created_at, total, cancelled, completed_at, webhook, options."""
+    """Hash: name, created_at, total, cancelled, completed_at, completed_by (the job record that ended it),
+    webhook, options."""
     return f"{PREFIX}:batch:{batch_id}"
 
 

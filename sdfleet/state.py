@@ -34,7 +34,9 @@ TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 # that stalled and lost the job to another run: its outcome is refused, however late it arrives. The spec is compared as decoded JSON, as Python
 # compares dicts, so two serializers of the same spec agree.
 # Returns per job (flattened) {applied (1/0, or 2 when failed as poison), previous status ('' for no
-# record), batch completed (1/0), attempts, queued_at, the checked field that did not match ('' if none)}.
+# record), batch completed (1/0: this job's outcome ended the batch; also when the outcome was already recorded
+# by the write that ended it, for a retry whose first reply was lost), attempts, queued_at, the checked field
+# that did not match ('' if none)}. The batch record names the job that ended it (completed_by).
 _TRANSITION = """
 local allowed = {}
 for s in string.gmatch(ARGV[2], '[^,]+') do allowed[s] = true end
@@ -72,7 +74,15 @@ for k = 1, #KEYS do
   if not cur then
     for _, v in ipairs({0, '', 0, 0, '', ''}) do out[#out + 1] = v end
   elseif mismatch ~= '' or not allowed[cur] then
-    for _, v in ipairs({0, cur, 0, 0, queued_at, mismatch}) do out[#out + 1] = v end
+    local done = 0
+    if mismatch == '' and cur == ARGV[1] and terminal(cur) then
+      -- The job already holds this outcome: a retry of a write whose reply was lost (Redis restarted), or a
+      -- second finisher. If that write ended the batch, say so again, or its batch.completed would be lost
+      -- with the reply (the announcement is deduplicated by its event id).
+      local bkey = 'sdfleet:batch:' .. (redis.call('HGET', KEYS[k], 'batch') or '')
+      if redis.call('HGET', bkey, 'completed_by') == KEYS[k] then done = 1 end
+    end
+    for _, v in ipairs({0, cur, done, 0, queued_at, mismatch}) do out[#out + 1] = v end
   else
     local new = ARGV[1]
     local applied = 1
@@ -105,7 +115,10 @@ for k = 1, #KEYS do
       local total = tonumber(redis.call('HGET', bkey, 'total') or '0')
       local c = redis.call('HMGET', ckey, 'succeeded', 'failed', 'cancelled')
       local sum = (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
-      if sum >= total and redis.call('HSETNX', bkey, 'completed_at', now) == 1 then done = 1 end
+      if sum >= total and redis.call('HSETNX', bkey, 'completed_at', now) == 1 then
+        done = 1
+        redis.call('HSET', bkey, 'completed_by', KEYS[k])
+      end
     end
     for _, v in ipairs({applied, cur, done, attempts, queued_at, ''}) do out[#out + 1] = v end
   end
@@ -420,7 +433,7 @@ if added + requeued > 0 then
     for _, id in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('EXPIRE', 'sdfleet:job:' .. id, ttl) end
     redis.call('HDEL', KEYS[3], 'expiry_for', 'expiry_progress')
   end
-  redis.call('HDEL', KEYS[3], 'completed_at', 'cancelled_at')
+  redis.call('HDEL', KEYS[3], 'completed_at', 'completed_by', 'cancelled_at')
 end
 redis.call('ZADD', KEYS[7], 'NX', now, batch)
 local total = redis.call('HLEN', KEYS[6])

@@ -311,6 +311,34 @@ def test_a_storing_write_whose_reply_was_lost_is_recognised_as_this_runs_own(set
     assert _objects(tmp_path) == ["c0.json", "c0.png", "c1.json", "c1.png"]
 
 
+def test_a_batch_ending_write_whose_reply_was_lost_still_announces_the_batch(setup):
+    """Redis restarts between storing -> succeeded landing (it ended the batch) and its reply: the retry reads
+    back "succeeded". It must still say that this write ended the batch, or batch.completed is never sent."""
+    store, runner, post, settle, engine, deliveries, notified = setup(["a", "b"], limit=8)
+    seen = []
+    post.notifier = lambda d, status, tr: seen.append((d.job_id, status, tr.batch_completed))
+    real = store.transition_many
+    lost_replies = []
+
+    def reply_lost_once(items, to, allowed, **kw):
+        out = real(items, to, allowed, **kw)
+        if to == "succeeded" and not lost_replies:
+            lost_replies.append([(tr.applied, tr.batch_completed) for tr in out])
+            raise redis.ConnectionError("Connection closed by server.")
+        return out
+
+    store.transition_many = reply_lost_once
+    runner.run(deliveries[0].key, deliveries)
+    post.wait(20)
+    assert lost_replies == [[(True, False), (True, True)]]  # the second job's write ended the batch
+    assert sorted(seen) == sorted([(deliveries[0].job_id, "succeeded", False),
+                                   (deliveries[1].job_id, "succeeded", True)])
+    # a later repeat of a batch mate's outcome (a redelivery) does not claim the batch's end
+    again = real([(deliveries[0].job_id, {}), (deliveries[1].job_id, {})], "succeeded", ("storing",))
+    assert [(tr.applied, tr.previous, tr.batch_completed) for tr in again] == [
+        (False, "succeeded", False), (False, "succeeded", True)]
+
+
 def test_a_failed_write_whose_reply_was_lost_still_announces_the_failure(setup):
     store, runner, post, settle, engine, deliveries, notified = setup(["a"], limit=8)
     (d,) = deliveries
