@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 
-.PHONY: demo test test-parallel lint bench-queue clean
+.PHONY: demo test test-serial lint bench-queue clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,14 +13,13 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/sdfleet demo
 
-# Serial. `make test-parallel` runs two pytest-xdist processes, each test file whole on one (about 8 minutes
-# instead of 15 on two cores), but under that load a kombu race (a worker that dies instead of reconnecting
-# when Redis restarts, tests/test_worker_holes.py) fails tests/test_crash.py's Redis restart now and then.
+# Two pytest-xdist processes, each test file whole on one: about 9 minutes on two cores instead of 15 serial
+# (`make test-serial`). Each process takes Redis databases of its own (tests/conftest.py).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
-
-test-parallel: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-serial: $(VENV)/.installed
+	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check sdfleet producer worker scheduler bench tests
