@@ -153,8 +153,8 @@ class Channel(kombu_redis.Channel):
     # unacknowledged messages through a new pool and fails with ``AttributeError: 'NoneType' object has no
     # attribute 'hostname'``, which Celery takes for an unrecoverable error: the worker exits instead of
     # reconnecting. A pool asked of a detached channel raises a connection error instead: the restore fails as
-    # it does whenever Redis is away at close (the messages stay unacknowledged; the visibility timeout or the
-    # reclaim sweep restores them), and Celery reconnects.
+    # it does whenever Redis is away at close (the messages stay unacknowledged: the reclaim sweep restores a
+    # generation queue's, the visibility timeout the webhook queue's), and Celery reconnects.
     @property
     def pool(self) -> Any:
         self._check_attached()

@@ -40,11 +40,15 @@ def cancel_jobs(store: JobStore, notifier: Any, job_ids: Sequence[str], reason: 
     for i in range(0, len(ids), 500):
         chunk = ids[i:i + 500]
         transitions = store.transition_many([(j, {"error": reason}) for j in chunk], CANCELLED, (QUEUED,))
-        applied = [(j, tr) for j, tr in zip(chunk, transitions) if tr.applied]
+        # also a job cancelled already whose cancel ended the batch (a retry after a lost reply): its batch's
+        # end is announced again (deduplicated), or batch.completed would be lost with the reply
+        applied = [(j, tr) for j, tr in zip(chunk, transitions)
+                   if tr.applied or (tr.previous == CANCELLED and tr.batch_completed)]
         if not applied:
             continue
         for (job_id, tr), rec in zip(applied, store.jobs([j for j, _ in applied])):
-            done.append(job_id)
+            if tr.applied:
+                done.append(job_id)
             if rec is None or notifier is None:
                 continue
             try:
@@ -77,6 +81,11 @@ def cancel_batch(settings: Any, store: JobStore, app: Any, batch_id: str, log: A
     notifier = Notifier(settings, store.r, log, app=app)
     done = cancel_jobs(store, notifier, queued, "cancelled by 'sdfleet cancel'", log)
     revoke(app, done)
+    completed_at, announced = store.r.hmget(keys.batch(batch_id), "completed_at", "announced_for")
+    if not done and completed_at and announced != completed_at:
+        # Nothing left to cancel, but the batch's end was never announced (the cancel that ended it lost its
+        # reply, and the retry lists no queued job): announce it now (once: complete_batch skips a repeat).
+        notifier.announce_batch(batch_id)
     return len(done)
 
 

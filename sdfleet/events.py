@@ -153,7 +153,11 @@ class Notifier:
     def notify_batch(self, delivery: Any, status: str, transition: Any) -> None:
         # The manifest and batch.completed are built on the webhook worker, from every job of the batch.
         if getattr(transition, "batch_completed", False):
-            outbox.send(self.app, BATCH_TASK, {"batch_id": delivery.batch_id})
+            self.announce_batch(delivery.batch_id)
+
+    def announce_batch(self, batch_id: str) -> None:
+        """Have the webhook worker store the batch's manifest and send batch.completed (once a completion)."""
+        outbox.send(self.app, BATCH_TASK, {"batch_id": batch_id})
 
 
 MANIFEST_FIELDS = ("custom_id", "job_id", "status", "url", "sidecar_url", "prompt", "negative_prompt", "seed",
@@ -191,6 +195,11 @@ def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: Sto
     if not completed_at:
         log.info("batch reopened before its completion was announced; skipped")
         return []
+    if meta.get("announced_for") == completed_at:
+        # A repeated report of the same completion (a retry, a second finisher, a redelivered job): the manifest
+        # is stored and the events are enqueued already, and rebuilding a 50,000-job manifest is not free.
+        log.info("batch completion announced already; skipped")
+        return []
     style, ttl = url_style_of(r, batch_id)
 
     def render(url: str | None) -> str | None:
@@ -223,5 +232,7 @@ def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: Sto
         eid = event_id(batch_id, BATCH_COMPLETED, completed_at, url)
         if emit(r, app, url=url, event_type=BATCH_COMPLETED, payload=payload, eid=eid, batch_id=batch_id):
             sent.append(eid)
+    # Marked only now: a task that died part way through is done again in full (emit skips what it enqueued).
+    r.hset(keys.batch(batch_id), "announced_for", completed_at)
     log.info("batch completed", manifest_url=manifest_url, endpoints=len(endpoints), enqueued=len(sent))
     return sent

@@ -15,7 +15,7 @@ def job(job_id: str) -> str:
 
 def batch(batch_id: str) -> str:
     """Hash: name, created_at, total, cancelled, completed_at, completed_by (the job record that ended it),
-    webhook, options."""
+    announced_for (the completed_at whose manifest and batch.completed are done), webhook, options."""
     return f"{PREFIX}:batch:{batch_id}"
 
 

@@ -242,7 +242,9 @@ class JobStore:
         ``uncount_attempt``: the attempt ended cleanly (nothing crashed), so it must not count towards
         the poison-pill limit. ``run``: only if this run still owns the job.
         """
-        tr = self.transition_many([(job_id, {})], QUEUED, (RUNNING,), runs=[run])[0]
+        # the run is cleared: a late write of the run that gave the job back (a retry after a lost reply)
+        # then fails its run check instead of landing on the queued job
+        tr = self.transition_many([(job_id, {"run": ""})], QUEUED, (RUNNING,), runs=[run])[0]
         if tr.applied and uncount_attempt:
             key = keys.job(job_id)
             attempts, charged = self.r.hmget(key, "attempts", "charged")
@@ -407,6 +409,8 @@ for _, raw in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
          (rec.m == 'replace' or cur == 'failed' or cur == 'cancelled') then
     redis.call('HSET', jkey, 'status', 'queued', 'spec', rec.s, 'queued_at', now, 'attempts', 0, 'charged', 0,
                'error', '')
+    -- the last run's name goes: a late write of that run (a retry after a lost reply) fails its run check
+    redis.call('HDEL', jkey, 'run')
     if rec.m == 'replace' then redis.call('HDEL', jkey, 'url', 'sidecar_url') end
     redis.call('EXPIRE', jkey, ttl)
     if cur ~= 'queued' then

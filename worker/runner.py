@@ -173,7 +173,10 @@ class BatchRunner:
     def reannounce(self, d: Delivery, status: str) -> None:
         """Announce an outcome recorded by a worker that may have died before announcing it. Event ids derive
         from the outcome: none is sent twice."""
-        completed = bool(self.store.r.hexists(keys.batch(d.batch_id), "completed_at"))
+        # Only the job that ended the batch re-announces the batch's end (each report is a manifest rebuild);
+        # a batch completed before completed_by was recorded: any of its jobs
+        completed_at, by = self.store.r.hmget(keys.batch(d.batch_id), "completed_at", "completed_by")
+        completed = bool(completed_at) and (by == keys.job(d.job_id) if by else True)
         self.post.notifier(d, status, Transition(False, status, completed, 0))
 
     def finish_storing(self, d: Delivery) -> None:

@@ -135,7 +135,7 @@ def load_pipeline(path: Path, dtype: torch.dtype, device: str, without: tuple[st
     """
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, **{name: None for name in without})
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **{name: None for name in without})
     pipe.set_progress_bar_config(disable=True)
     if prepare is not None:
         prepare(pipe)

@@ -67,7 +67,7 @@ def build_transformer(name: str, *, device: str | torch.device = "cpu", dtype: t
             m = SD3Transformer2DModel(**TRANSFORMER[name]).eval()
     finally:
         torch.set_default_dtype(old)
-    m.to(dtype)  # buffers too (pos_embed), as from_pretrained(torch_dtype=...) leaves them
+    m.to(dtype)  # buffers too (pos_embed), as from_pretrained(dtype=...) leaves them
     m.requires_grad_(False)
     if tame:
         with torch.no_grad():

@@ -369,8 +369,10 @@ if triton is not None:
                                             other=0.0))
         return x
 
+    # the warp count can change the RMSNorm sum's order, so the pick is kept on disk (Triton's cache): a
+    # machine's boots then agree
     @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)],
-                     key=["H", "S_PAD", "D", "HAS_NORM", "HAS_CTX", "QK_INT8"])
+                     key=["H", "S_PAD", "D", "HAS_NORM", "HAS_CTX", "QK_INT8"], cache_results=True)
     @triton.jit
     def _prep_joint_kernel(
         Img, Ctx, Wimg, Wctx, Q8, Qs, Kq, Ks, Vpart,
@@ -406,7 +408,7 @@ if triton is not None:
             tl.store(Vpart + bh * N_TILES + tile, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
 
     @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)],
-                     key=["H", "S_PAD", "D", "HAS_CTX", "PARTS", "GLUON_ORDER"])
+                     key=["H", "S_PAD", "D", "HAS_CTX", "PARTS", "GLUON_ORDER"], cache_results=True)
     @triton.jit
     def _prep_v_kernel(
         Img, Ctx, Vq, Vs, Vpart, H, L, Lc, S, S_PAD, N_TILES, stride_img, stride_ctx,

@@ -30,10 +30,10 @@ SATFINITE = tl.constexpr(FAST_MATH)
 # GELU's tanh as MUFU.TANH (one MUFU op an element instead of two)
 GELU_MUFU_TANH = _env_flag("SDFLEET_FP8_GELU_TANH", True)
 # rows a LayerNorm program takes (when a batch element's row count divides by it, else 1): the gate, shift and
-# scale vectors are loaded once for them all. 2 and 4 were 7-15% slower than 1 at SD3.5's shapes (more
-# registers a program, fewer programs in flight), so 1
+# scale vectors are loaded once for them all. With the early loads, 2 and 4 were 7-15% slower than 1 at
+# SD3.5's shapes (more registers a program, fewer programs in flight); without them, 4 tied 1. So 1
 LN_ROWS = int(os.environ.get("SDFLEET_FP8_LN_ROWS", "1"))
-# a LayerNorm program loads its shift and scale with its rows (see _ln_mod_quant_kernel)
+# a LayerNorm program with a residual loads its shift and scale with its rows (see _ln_mod_quant_kernel)
 LN_EARLY_MOD = _env_flag("SDFLEET_FP8_LN_EARLY", True)
 
 
@@ -92,7 +92,10 @@ def _split(n: int) -> tuple[int, int]:
 
 @triton.jit
 def _tanh(x):
-    # one MUFU.TANH (sm_75+); max relative error ~2^-11, far below the E4M3 rounding (2^-4) that follows
+    # one MUFU.TANH (sm_75+), absolute error ~2^-11. In GELU's 0.5 x (1 + tanh(u)) that is an error of about
+    # |x| 2^-12 an element: relative to the row's amax (which sets the E4M3 step, 2^-4 of it), far below the
+    # quantization; relative to a tiny GELU(x) at x < -2 it can be large, but such values round to 0 or near it
+    # in E4M3 at the row's scale anyway
     return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
@@ -252,7 +255,8 @@ def _ln_rows(length: int, rows: int | None) -> int:
     """Rows a LayerNorm program takes: ``rows`` (default LN_ROWS) where it divides a batch element's row
     count (its rows then share the element's gate, shift and scale vectors), else 1."""
     r = LN_ROWS if rows is None else rows
-    return r if r >= 1 and length % r == 0 else 1
+    # a power of two (it is a tl.arange extent) that divides the element's rows
+    return r if r >= 1 and r & (r - 1) == 0 and length % r == 0 else 1
 
 
 def ln_modulate_quant(x, shift, scale, *, residual=None, residual2=None, eps=1e-6, rows: int | None = None,
@@ -286,7 +290,8 @@ def ln_modulate_quant(x, shift, scale, *, residual=None, residual2=None, eps=1e-
             x, y, g, y2, g2, h, shift, scale, q, s, n_rows, l, d, shift.stride(0), stride_g,
             g2.stride(0) if residual2 is not None else 0, eps, _m_bucket(n_rows),
             HAS_RES=has_res, HAS_RES2=residual2 is not None, BLOCK=b1, BLOCK2=b2, ROWS=per,
-            EARLY=LN_EARLY_MOD if early is None else early,
+            # early only helps where there is a residual store to load before (measured 9% slower without one)
+            EARLY=(LN_EARLY_MOD and has_res) if early is None else early,
             QMAX=E4M3_MAX, AMIN=AMAX_MIN, AMAX=AMAX_MAX)
     return QTensor(q, s, (b, l, d)), h
 

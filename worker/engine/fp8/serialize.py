@@ -127,7 +127,7 @@ def _load_source(src: str, device: str | torch.device, dtype: torch.dtype):
                           "subfolder, or one of the built-in names tiny, medium, large (random weights)")
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel.from_pretrained(str(path), subfolder="transformer", torch_dtype=dtype).to(device)
+    return SD3Transformer2DModel.from_pretrained(str(path), subfolder="transformer", dtype=dtype).to(device)
 
 
 def quantize(src: str, dst: str, *, options: Fp8Options | None = None, device: str | None = None,
