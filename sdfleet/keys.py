@@ -15,7 +15,8 @@ def job(job_id: str) -> str:
 
 def batch(batch_id: str) -> str:
     """Hash: name, created_at, total, cancelled, completed_at, completed_by (the job record that ended it),
-    announced_for (the completed_at whose manifest and batch.completed are done), webhook, options."""
+    announced_for (the completed_at whose manifest and batch.completed are done), announce_asked (the sweep's
+    requests for a completion never announced: "<completed_at> <times> <last at>"), webhook, options."""
     return f"{PREFIX}:batch:{batch_id}"
 
 

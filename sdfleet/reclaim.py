@@ -35,6 +35,13 @@ def live_workers(r: redis.Redis) -> set[str]:
     return {w for w in r.smembers(keys.WORKERS) if r.exists(keys.worker(w))}
 
 
+# A completed batch whose announcement did not come (Sweeper.announce_lost_completions): how long its report
+# has to arrive before the sweep asks again, how often it asks, and how far apart.
+ANNOUNCE_GRACE_S = 120.0
+ANNOUNCE_TRIES = 3
+ANNOUNCE_RETRY_S = 600.0
+
+
 class Sweeper:
     """One process's view of the sweep: a Redis client, a kombu channel to restore with, an app to enqueue."""
 
@@ -107,9 +114,44 @@ class Sweeper:
         lost = self.recover_lost()
         totals["reenqueued"] += lost["reenqueued"]
         totals["purged_cancelled"] += lost["cancelled"]
+        totals["announced"] = self.announce_lost_completions()
         if any(totals.values()):
             self.log.info("sweep", **totals)
         return totals
+
+    def announce_lost_completions(self, recent: int = 200, now: float | None = None) -> int:
+        """Completed batches whose manifest and batch.completed never came (the report of their end was lost:
+        a process that died between its write and the announcement, a path that does not retry): ask the
+        webhook worker again, ANNOUNCE_GRACE_S after the completion, at most ANNOUNCE_TRIES times,
+        ANNOUNCE_RETRY_S apart (a fleet whose webhook worker is down does not fill its queue). Returns how
+        many were asked for now."""
+        from sdfleet.events import Notifier
+
+        now = time.time() if now is None else now
+        asked_now = 0
+        notifier = None
+        batch_ids = self.r.zrevrange(keys.BATCHES, 0, recent - 1)
+        pipe = self.r.pipeline(transaction=False)  # one round trip for them all, every sweep
+        for batch_id in batch_ids:
+            pipe.hmget(keys.batch(batch_id), "completed_at", "announced_for", "announce_asked", "completed_by")
+        for batch_id, (completed_at, announced, asked, by) in zip(batch_ids, pipe.execute()):
+            if not completed_at or announced == completed_at or now - float(completed_at) < ANNOUNCE_GRACE_S:
+                continue
+            if not by:
+                continue  # completed before sdfleet marked announcements: announced then, or not, unknown
+            # announce_asked: "<completed_at> <times asked> <last asked at>", for this completion only
+            parts = (asked or "").split()
+            tries, last = (int(parts[1]), float(parts[2])) if len(parts) == 3 and parts[0] == completed_at else (0, 0.0)
+            if tries >= ANNOUNCE_TRIES or now - last < ANNOUNCE_RETRY_S:
+                continue
+            self.r.hset(keys.batch(batch_id), "announce_asked", f"{completed_at} {tries + 1} {now:.3f}")
+            notifier = notifier or Notifier(self.settings, self.r, self.log, app=self.app)
+            notifier.announce_batch(batch_id)
+            asked_now += 1
+            log = self.log.warning if tries + 1 < ANNOUNCE_TRIES else self.log.error
+            log("completed batch never announced; asked the webhook worker again", batch_id=batch_id,
+                tries=tries + 1, of=ANNOUNCE_TRIES)
+        return asked_now
 
     def reclaim_worker(self, worker_id: str) -> dict[str, int]:
         """Hand back everything ``worker_id`` holds (its heartbeat has expired)."""

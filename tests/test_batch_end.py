@@ -18,6 +18,7 @@ from sdfleet.cancel import cancel_batch
 from sdfleet.events import BATCH_TASK, Notifier, complete_batch
 from sdfleet.jobs import parse_job
 from sdfleet.queue import make_app
+from sdfleet.reclaim import ANNOUNCE_GRACE_S, ANNOUNCE_RETRY_S, ANNOUNCE_TRIES, Sweeper
 from sdfleet.settings import Settings
 from sdfleet.state import JobStore
 from sdfleet.storage import StorageFactory
@@ -170,3 +171,37 @@ def test_a_requeued_job_forgets_the_run_that_gave_it_back(redis_url, tmp_path):
     assert store.job(a).fields.get("run", "") == ""
     late = store.transition_many([(a, {"error": "late"})], "failed", ("queued", "running"), runs=["w1:1"])[0]
     assert not late.applied and late.mismatch == "run" and store.job(a).status == "queued"
+
+
+def test_the_sweep_asks_again_for_a_completion_never_announced(redis_url, tmp_path):
+    # a path that lost the report and does not retry (a process that died between its write and the
+    # announcement): the sweep asks the webhook worker, a few times and far apart
+    r, store, settings, res = _setup(redis_url, tmp_path, ["a"])
+    app = make_app(settings)
+    (a,) = store.batch_job_ids(res.batch_id)
+    assert store.transition_many([(a, {"error": "x"})], "failed", ("queued",))[0].batch_completed  # report lost
+    done_at = float(store.batch(res.batch_id)["completed_at"])
+    sweeper = Sweeper(r, app, settings, logs.get("test"), holder="test", grace_s=0.0)
+    try:
+        assert sweeper.announce_lost_completions(now=done_at + 1) == 0  # its own report may still come
+        t = done_at + ANNOUNCE_GRACE_S + 1
+        asked = []
+        for _ in range(ANNOUNCE_TRIES + 2):
+            asked.append(sweeper.announce_lost_completions(now=t))
+            asked.append(sweeper.announce_lost_completions(now=t + 1))  # too soon after the last
+            t += ANNOUNCE_RETRY_S + 1
+        assert asked == [1, 0] * ANNOUNCE_TRIES + [0, 0] * 2 and _batch_tasks(r) == ANNOUNCE_TRIES
+        # a new completion (the batch reopened and ended again) starts afresh; once announced, no more asking
+        assert _resubmit(store, settings, tmp_path, ["a"]).enqueued == 1
+        assert store.transition_many([(a, {"error": "y"})], "failed", ("queued",))[0].batch_completed
+        again = float(store.batch(res.batch_id)["completed_at"])
+        t = again + ANNOUNCE_GRACE_S + 1
+        assert sweeper.announce_lost_completions(now=t) == 1
+        complete_batch(settings, r, app, StorageFactory(), res.batch_id)  # the webhook worker runs it
+        assert sweeper.announce_lost_completions(now=t + ANNOUNCE_RETRY_S + 1) == 0
+        # a batch completed before completion marks existed (no completed_by) is left alone: a fleet just
+        # upgraded must not rebuild every recent batch's manifest
+        r.hdel(keys.batch(res.batch_id), "completed_by", "announced_for", "announce_asked")
+        assert sweeper.announce_lost_completions(now=t + 2 * ANNOUNCE_RETRY_S) == 0
+    finally:
+        sweeper.close()
