@@ -81,8 +81,7 @@ def cancel_batch(settings: Any, store: JobStore, app: Any, batch_id: str, log: A
     notifier = Notifier(settings, store.r, log, app=app)
     done = cancel_jobs(store, notifier, queued, "cancelled by 'sdfleet cancel'", log)
     revoke(app, done)
-    completed_at, announced = store.r.hmget(keys.batch(batch_id), "completed_at", "announced_for")
-    if not done and completed_at and announced != completed_at:
+    if not done and store.r.zscore(keys.UNANNOUNCED, batch_id) is not None:
         # Nothing left to cancel, but the batch's end was never announced (the cancel that ended it lost its
         # reply, and the retry lists no queued job): announce it now (once: complete_batch skips a repeat).
         notifier.announce_batch(batch_id)

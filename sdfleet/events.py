@@ -184,10 +184,26 @@ def url_style_of(r: redis.Redis, batch_id: str) -> tuple[str, int]:
     return style or "s3", int(ttl or 7 * 24 * 3600)
 
 
+# Marks a completion announced, only if it is still the batch's completion (a task of an earlier completion,
+# finishing after the batch reopened and ended again, must not mark the new one, nor recreate a deleted record).
+_MARK_ANNOUNCED = """
+if redis.call('HGET', KEYS[1], 'completed_at') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'announced_for', ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+ANNOUNCE_CLAIM_S = 600  # how long one webhook worker holds a completion it is announcing (its task's limit)
+
+
 def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: StorageFactory, batch_id: str,
                    log: Any = None) -> list[str]:
     """Write ``{batch_id}/manifest.jsonl`` next to the images, then enqueue batch.completed for every endpoint
-    of the batch that wants it. Returns the event ids enqueued now. Runs on the webhook worker."""
+    of the batch that wants it. Returns the event ids enqueued now. Runs on the webhook worker.
+
+    Once a completion: a report of a completion announced already is skipped, and so is one that another
+    worker is announcing (``keys.batch_announcing``), since each walks every job of the batch. The completion
+    is marked announced (``announced_for``) only when every manifest is stored; until then a later report, or
+    the sweep (``Sweeper.announce_lost_completions``), does it again."""
     log = (log or logs_mod.get("events")).bind(batch_id=batch_id)
     store = JobStore(r)
     meta = store.batch(batch_id)
@@ -200,6 +216,20 @@ def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: Sto
         # is stored and the events are enqueued already, and rebuilding a 50,000-job manifest is not free.
         log.info("batch completion announced already; skipped")
         return []
+    claim = keys.batch_announcing(batch_id)
+    if not r.set(claim, completed_at, nx=True, ex=ANNOUNCE_CLAIM_S):
+        log.info("batch completion being announced by another worker; skipped")
+        return []
+    try:
+        return _announce(r, app, storage, store, batch_id, meta, completed_at, log)
+    finally:
+        # only our own claim: compare and delete in one step
+        r.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+               1, claim, completed_at)
+
+
+def _announce(r: redis.Redis, app: Celery, storage: StorageFactory, store: JobStore, batch_id: str,
+              meta: dict[str, Any], completed_at: str, log: Any) -> list[str]:
     style, ttl = url_style_of(r, batch_id)
 
     def render(url: str | None) -> str | None:
@@ -216,13 +246,18 @@ def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: Sto
         url = rec.spec.get("webhook")
         if url and url not in endpoints and wants(rec.spec.get("webhook_events"), BATCH_COMPLETED):
             endpoints.append(url)
+    if r.hget(keys.batch(batch_id), "completed_at") != completed_at:
+        log.info("batch reopened while its manifest was built; skipped")
+        return []
     data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
     manifest_url = None
+    stored_all = True
     for out in outs:  # usually one location; a batch spread over several gets a manifest in each
         try:
             url = storage.get(out).put(MANIFEST_KEY.format(batch_id=batch_id), data, "application/x-ndjson")
         except StorageError as exc:  # already retried; announce the batch anyway ('sdfleet results' still works)
             log.error("manifest not stored", location=out, error=str(exc))
+            stored_all = False
             continue
         manifest_url = manifest_url or render(url)
     counts = store.counts(batch_id)
@@ -232,7 +267,10 @@ def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: Sto
         eid = event_id(batch_id, BATCH_COMPLETED, completed_at, url)
         if emit(r, app, url=url, event_type=BATCH_COMPLETED, payload=payload, eid=eid, batch_id=batch_id):
             sent.append(eid)
-    # Marked only now: a task that died part way through is done again in full (emit skips what it enqueued).
-    r.hset(keys.batch(batch_id), "announced_for", completed_at)
-    log.info("batch completed", manifest_url=manifest_url, endpoints=len(endpoints), enqueued=len(sent))
+    # Marked only now, and only with every manifest stored: a task that died part way through, or a manifest
+    # the store refused, is done again (emit skips the events enqueued already).
+    if stored_all:
+        r.eval(_MARK_ANNOUNCED, 2, keys.batch(batch_id), keys.UNANNOUNCED, completed_at, batch_id)
+    log.info("batch completed", manifest_url=manifest_url, endpoints=len(endpoints), enqueued=len(sent),
+             manifests_stored=stored_all)
     return sent

@@ -36,6 +36,10 @@ def batch_custom_ids(batch_id: str) -> str:
 
 
 BATCHES = f"{PREFIX}:batches"  # sorted set: batch_id scored by creation time
+# sorted set: completed batches whose manifest and batch.completed are not done yet, scored by completion time
+# (added by the write that completes a batch, removed when its announcement is done or it reopens; the sweep
+# asks again for those left too long). The transition and submit scripts name it literally.
+UNANNOUNCED = f"{PREFIX}:batches:unannounced"
 
 
 def worker(worker_id: str) -> str:
@@ -114,6 +118,11 @@ def queue_lists(model: str) -> list[str]:
 
 
 SCHEDULER_STATE = f"{PREFIX}:scheduler"  # hash with a TTL: pool -> JSON of the scheduler's last decision
+
+
+def batch_announcing(batch_id: str) -> str:
+    """String, short-lived: the completion (its completed_at) whose announcement a webhook worker is building."""
+    return f"{PREFIX}:batch:{batch_id}:announcing"
 
 
 def submission(batch_id: str) -> str:

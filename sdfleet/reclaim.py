@@ -36,10 +36,11 @@ def live_workers(r: redis.Redis) -> set[str]:
 
 
 # A completed batch whose announcement did not come (Sweeper.announce_lost_completions): how long its report
-# has to arrive before the sweep asks again, how often it asks, and how far apart.
-ANNOUNCE_GRACE_S = 120.0
+# has to arrive before the sweep asks again (a large batch's own report can wait behind its job events on the
+# webhook queue), how often it asks, and how far apart.
+ANNOUNCE_GRACE_S = 600.0
 ANNOUNCE_TRIES = 3
-ANNOUNCE_RETRY_S = 600.0
+ANNOUNCE_RETRY_S = 1800.0
 
 
 class Sweeper:
@@ -114,42 +115,45 @@ class Sweeper:
         lost = self.recover_lost()
         totals["reenqueued"] += lost["reenqueued"]
         totals["purged_cancelled"] += lost["cancelled"]
-        totals["announced"] = self.announce_lost_completions()
+        try:
+            totals["announced"] = self.announce_lost_completions()
+        except redis.RedisError as exc:  # the rest of the sweep (and housekeeping after it) still runs
+            self.log.warning("could not look for unannounced batches", error=repr(exc))
         if any(totals.values()):
             self.log.info("sweep", **totals)
         return totals
 
-    def announce_lost_completions(self, recent: int = 200, now: float | None = None) -> int:
-        """Completed batches whose manifest and batch.completed never came (the report of their end was lost:
-        a process that died between its write and the announcement, a path that does not retry): ask the
-        webhook worker again, ANNOUNCE_GRACE_S after the completion, at most ANNOUNCE_TRIES times,
-        ANNOUNCE_RETRY_S apart (a fleet whose webhook worker is down does not fill its queue). Returns how
-        many were asked for now."""
+    def announce_lost_completions(self, now: float | None = None) -> int:
+        """Completed batches whose manifest and batch.completed have not come ANNOUNCE_GRACE_S after their
+        completion (``keys.UNANNOUNCED``: the report of their end was lost, or its task failed): ask the
+        webhook worker again, at most ANNOUNCE_TRIES times, ANNOUNCE_RETRY_S apart, so that a fleet whose
+        webhook worker is down does not fill its queue. Returns how many were asked for now."""
         from sdfleet.events import Notifier
 
         now = time.time() if now is None else now
+        late = self.r.zrangebyscore(keys.UNANNOUNCED, "-inf", now - ANNOUNCE_GRACE_S, start=0, num=500)
+        if not late:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for batch_id in late:
+            pipe.hmget(keys.batch(batch_id), "completed_at", "announced_for", "announce_asked")
         asked_now = 0
         notifier = None
-        batch_ids = self.r.zrevrange(keys.BATCHES, 0, recent - 1)
-        pipe = self.r.pipeline(transaction=False)  # one round trip for them all, every sweep
-        for batch_id in batch_ids:
-            pipe.hmget(keys.batch(batch_id), "completed_at", "announced_for", "announce_asked", "completed_by")
-        for batch_id, (completed_at, announced, asked, by) in zip(batch_ids, pipe.execute()):
-            if not completed_at or announced == completed_at or now - float(completed_at) < ANNOUNCE_GRACE_S:
+        for batch_id, (completed_at, announced, asked) in zip(late, pipe.execute()):
+            if not completed_at or announced == completed_at:
+                self.r.zrem(keys.UNANNOUNCED, batch_id)  # reopened, expired or announced meanwhile
                 continue
-            if not by:
-                continue  # completed before sdfleet marked announcements: announced then, or not, unknown
             # announce_asked: "<completed_at> <times asked> <last asked at>", for this completion only
             parts = (asked or "").split()
             tries, last = (int(parts[1]), float(parts[2])) if len(parts) == 3 and parts[0] == completed_at else (0, 0.0)
             if tries >= ANNOUNCE_TRIES or now - last < ANNOUNCE_RETRY_S:
                 continue
-            self.r.hset(keys.batch(batch_id), "announce_asked", f"{completed_at} {tries + 1} {now:.3f}")
             notifier = notifier or Notifier(self.settings, self.r, self.log, app=self.app)
             notifier.announce_batch(batch_id)
+            self.r.hset(keys.batch(batch_id), "announce_asked", f"{completed_at} {tries + 1} {now:.3f}")
             asked_now += 1
             log = self.log.warning if tries + 1 < ANNOUNCE_TRIES else self.log.error
-            log("completed batch never announced; asked the webhook worker again", batch_id=batch_id,
+            log("completed batch not announced; asked the webhook worker again", batch_id=batch_id,
                 tries=tries + 1, of=ANNOUNCE_TRIES)
         return asked_now
 

@@ -118,6 +118,7 @@ for k = 1, #KEYS do
       if sum >= total and redis.call('HSETNX', bkey, 'completed_at', now) == 1 then
         done = 1
         redis.call('HSET', bkey, 'completed_by', KEYS[k])
+        redis.call('ZADD', 'sdfleet:batches:unannounced', now, batch)  -- keys.UNANNOUNCED
       end
     end
     for _, v in ipairs({applied, cur, done, attempts, queued_at, ''}) do out[#out + 1] = v end
@@ -438,6 +439,7 @@ if added + requeued > 0 then
     redis.call('HDEL', KEYS[3], 'expiry_for', 'expiry_progress')
   end
   redis.call('HDEL', KEYS[3], 'completed_at', 'completed_by', 'cancelled_at')
+  redis.call('ZREM', 'sdfleet:batches:unannounced', batch)  -- keys.UNANNOUNCED: reopened
 end
 redis.call('ZADD', KEYS[7], 'NX', now, batch)
 local total = redis.call('HLEN', KEYS[6])

@@ -181,6 +181,7 @@ def test_the_sweep_asks_again_for_a_completion_never_announced(redis_url, tmp_pa
     (a,) = store.batch_job_ids(res.batch_id)
     assert store.transition_many([(a, {"error": "x"})], "failed", ("queued",))[0].batch_completed  # report lost
     done_at = float(store.batch(res.batch_id)["completed_at"])
+    assert r.zscore(keys.UNANNOUNCED, res.batch_id) == done_at
     sweeper = Sweeper(r, app, settings, logs.get("test"), holder="test", grace_s=0.0)
     try:
         assert sweeper.announce_lost_completions(now=done_at + 1) == 0  # its own report may still come
@@ -193,15 +194,116 @@ def test_the_sweep_asks_again_for_a_completion_never_announced(redis_url, tmp_pa
         assert asked == [1, 0] * ANNOUNCE_TRIES + [0, 0] * 2 and _batch_tasks(r) == ANNOUNCE_TRIES
         # a new completion (the batch reopened and ended again) starts afresh; once announced, no more asking
         assert _resubmit(store, settings, tmp_path, ["a"]).enqueued == 1
+        assert r.zscore(keys.UNANNOUNCED, res.batch_id) is None  # reopened
         assert store.transition_many([(a, {"error": "y"})], "failed", ("queued",))[0].batch_completed
         again = float(store.batch(res.batch_id)["completed_at"])
         t = again + ANNOUNCE_GRACE_S + 1
         assert sweeper.announce_lost_completions(now=t) == 1
         complete_batch(settings, r, app, StorageFactory(), res.batch_id)  # the webhook worker runs it
+        assert r.zscore(keys.UNANNOUNCED, res.batch_id) is None
         assert sweeper.announce_lost_completions(now=t + ANNOUNCE_RETRY_S + 1) == 0
-        # a batch completed before completion marks existed (no completed_by) is left alone: a fleet just
-        # upgraded must not rebuild every recent batch's manifest
-        r.hdel(keys.batch(res.batch_id), "completed_by", "announced_for", "announce_asked")
-        assert sweeper.announce_lost_completions(now=t + 2 * ANNOUNCE_RETRY_S) == 0
+        # the sweep itself runs it: a completion left unannounced long enough is asked for
+        r.hdel(keys.batch(res.batch_id), "announced_for", "announce_asked")
+        r.hset(keys.batch(res.batch_id), "completed_at", f"{again - ANNOUNCE_GRACE_S - 5:.6f}")
+        r.zadd(keys.UNANNOUNCED, {res.batch_id: again - ANNOUNCE_GRACE_S - 5})
+        assert sweeper.sweep()["announced"] == 1
     finally:
         sweeper.close()
+
+
+def test_a_batch_completed_by_housekeeping_is_announced_by_the_sweep_if_its_report_is_lost(redis_url, tmp_path):
+    from scheduler.housekeeping import complete_batches
+
+    r, store, settings, res = _setup(redis_url, tmp_path, ["a"])
+    (a,) = store.batch_job_ids(res.batch_id)
+    store.transition_many([(a, {"error": "x"})], "failed", ("queued",))
+    r.hdel(keys.batch(res.batch_id), "completed_at", "completed_by")  # as if the transition's completion was lost
+    r.zrem(keys.UNANNOUNCED, res.batch_id)
+    r.delete(keys.WEBHOOK_QUEUE)
+    assert complete_batches(r, settings, [res.batch_id], logs.get("test"), app=make_app(settings)) == 1
+    assert r.hget(keys.batch(res.batch_id), "completed_by") == "housekeeping"
+    assert r.zscore(keys.UNANNOUNCED, res.batch_id) is not None
+
+
+def test_a_manifest_the_store_refused_leaves_the_completion_unannounced(redis_url, tmp_path):
+    from sdfleet.errors import StorageError
+
+    r, store, settings, res = _setup(redis_url, tmp_path, ["a"])
+    app = make_app(settings)
+    (a,) = store.batch_job_ids(res.batch_id)
+    store.transition_many([(a, {"error": "x"})], "failed", ("queued",))
+
+    class Refusing(StorageFactory):
+        def get(self, url):
+            inner = super().get(url)
+
+            class Put:
+                def put(self, *a, **k):
+                    raise StorageError("store down")
+
+            return Put() if url.startswith("file://") else inner
+
+    complete_batch(settings, r, app, Refusing(), res.batch_id)
+    assert "announced_for" not in store.batch(res.batch_id) and r.zscore(keys.UNANNOUNCED, res.batch_id) is not None
+    complete_batch(settings, r, app, StorageFactory(), res.batch_id)  # the store is back: a later report
+    assert (tmp_path / res.batch_id / "manifest.jsonl").exists()
+    assert store.batch(res.batch_id)["announced_for"] == store.batch(res.batch_id)["completed_at"]
+
+
+def test_an_old_completions_task_does_not_mark_the_new_completion(redis_url, tmp_path):
+    # the batch reopens and ends again while a task of its first completion builds the manifest
+    r, store, settings, res = _setup(redis_url, tmp_path, ["a"])
+    app = make_app(settings)
+    (a,) = store.batch_job_ids(res.batch_id)
+    store.transition_many([(a, {"error": "x"})], "failed", ("queued",))
+    store2 = JobStore(r)
+    real = JobStore.iter_batch_jobs
+
+    def reopen_midway(self, batch_id, *args, **kw):
+        yield from real(self, batch_id, *args, **kw)
+        if not getattr(reopen_midway, "done", False):
+            reopen_midway.done = True
+            assert _resubmit(store2, settings, tmp_path, ["a"]).enqueued == 1
+            store2.transition_many([(a, {"error": "y"})], "failed", ("queued",))
+
+    JobStore.iter_batch_jobs = reopen_midway
+    try:
+        complete_batch(settings, r, app, StorageFactory(), res.batch_id)
+    finally:
+        JobStore.iter_batch_jobs = real
+    meta = store.batch(res.batch_id)
+    assert "announced_for" not in meta and not (tmp_path / res.batch_id / "manifest.jsonl").exists()
+    assert r.zscore(keys.UNANNOUNCED, res.batch_id) == float(meta["completed_at"])
+    complete_batch(settings, r, app, StorageFactory(), res.batch_id)  # the new completion's own task
+    assert store.batch(res.batch_id)["announced_for"] == meta["completed_at"]
+
+
+def test_a_completion_another_worker_is_announcing_is_skipped(redis_url, tmp_path):
+    r, store, settings, res = _setup(redis_url, tmp_path, ["a"])
+    app = make_app(settings)
+    (a,) = store.batch_job_ids(res.batch_id)
+    store.transition_many([(a, {"error": "x"})], "failed", ("queued",))
+    completed_at = store.batch(res.batch_id)["completed_at"]
+    r.set(keys.batch_announcing(res.batch_id), completed_at, ex=60)
+    complete_batch(settings, r, app, StorageFactory(), res.batch_id)
+    assert not (tmp_path / res.batch_id / "manifest.jsonl").exists()
+    r.delete(keys.batch_announcing(res.batch_id))  # it died: its claim expired
+    complete_batch(settings, r, app, StorageFactory(), res.batch_id)
+    assert (tmp_path / res.batch_id / "manifest.jsonl").exists() and not r.exists(keys.batch_announcing(res.batch_id))
+
+
+def test_a_retried_cancel_that_ended_the_batch_announces_it(redis_url, tmp_path):
+    from sdfleet.cancel import cancel_jobs
+
+    r, store, settings, res = _setup(redis_url, tmp_path, ["a", "b"])
+    ids = store.batch_job_ids(res.batch_id)
+    store.transition_many([(j, {"error": "x"}) for j in ids], "cancelled", ("queued",))  # reply lost
+    seen = []
+    assert cancel_jobs(store, lambda d, status, tr: seen.append((d.job_id, tr.batch_completed)), ids, "again") == []
+    assert seen == [(ids[1], True)]  # only the job whose cancel ended the batch (its batch mate is not re-announced)
+
+
+def test_the_scripts_name_the_unannounced_set_as_keys_does():
+    from sdfleet import state
+
+    assert f"'{keys.UNANNOUNCED}'" in state._TRANSITION and f"'{keys.UNANNOUNCED}'" in state._COMMIT
