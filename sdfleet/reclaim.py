@@ -117,7 +117,7 @@ class Sweeper:
         totals["purged_cancelled"] += lost["cancelled"]
         try:
             totals["announced"] = self.announce_lost_completions()
-        except redis.RedisError as exc:  # the rest of the sweep (and housekeeping after it) still runs
+        except Exception as exc:  # Redis or the broker: the rest of the sweep (and housekeeping after it) runs
             self.log.warning("could not look for unannounced batches", error=repr(exc))
         if any(totals.values()):
             self.log.info("sweep", **totals)
@@ -127,7 +127,8 @@ class Sweeper:
         """Completed batches whose manifest and batch.completed have not come ANNOUNCE_GRACE_S after their
         completion (``keys.UNANNOUNCED``: the report of their end was lost, or its task failed): ask the
         webhook worker again, at most ANNOUNCE_TRIES times, ANNOUNCE_RETRY_S apart, so that a fleet whose
-        webhook worker is down does not fill its queue. Returns how many were asked for now."""
+        webhook worker is down does not fill its queue; then it gives up on that completion (an error in the
+        log). Returns how many were asked for now."""
         from sdfleet.events import Notifier
 
         now = time.time() if now is None else now
@@ -146,7 +147,10 @@ class Sweeper:
             # announce_asked: "<completed_at> <times asked> <last asked at>", for this completion only
             parts = (asked or "").split()
             tries, last = (int(parts[1]), float(parts[2])) if len(parts) == 3 and parts[0] == completed_at else (0, 0.0)
-            if tries >= ANNOUNCE_TRIES or now - last < ANNOUNCE_RETRY_S:
+            if tries >= ANNOUNCE_TRIES:
+                self.r.zrem(keys.UNANNOUNCED, batch_id)  # given up (logged as an error at the last ask)
+                continue
+            if now - last < ANNOUNCE_RETRY_S:
                 continue
             notifier = notifier or Notifier(self.settings, self.r, self.log, app=self.app)
             notifier.announce_batch(batch_id)

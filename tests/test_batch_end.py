@@ -192,6 +192,7 @@ def test_the_sweep_asks_again_for_a_completion_never_announced(redis_url, tmp_pa
             asked.append(sweeper.announce_lost_completions(now=t + 1))  # too soon after the last
             t += ANNOUNCE_RETRY_S + 1
         assert asked == [1, 0] * ANNOUNCE_TRIES + [0, 0] * 2 and _batch_tasks(r) == ANNOUNCE_TRIES
+        assert r.zscore(keys.UNANNOUNCED, res.batch_id) is None  # given up: not read by every sweep from now on
         # a new completion (the batch reopened and ended again) starts afresh; once announced, no more asking
         assert _resubmit(store, settings, tmp_path, ["a"]).enqueued == 1
         assert r.zscore(keys.UNANNOUNCED, res.batch_id) is None  # reopened
