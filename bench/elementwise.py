@@ -37,15 +37,10 @@ SETS = 3  # copies of each input, used in turn: 3 x 60-240 MB is well over the L
 
 
 def timed(fn, sets: int = 1) -> float:
-    """ms a call of ``fn(i)``, i cycling over ``sets`` copies of the inputs (so that a call's inputs are
-    not left in the L2 by the call before it)."""
-    from bench.gputime import graph_replay_ms
+    """ms a call of ``fn(i)``, i cycling over ``sets`` copies of the inputs."""
+    from bench.gputime import per_call_ms
 
-    def many():
-        for i in range(CALLS):
-            fn(i % sets)
-
-    return graph_replay_ms(many, warm=2, warm_replays=5, replays=10) / CALLS
+    return per_call_ms(fn, calls=CALLS, sets=sets)
 
 
 def copy_gbps(nbytes: int) -> float:

@@ -47,7 +47,7 @@ def run_model(name: str, batch: int, text_rows: list[int]) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from bench.gputime import graph_replay_ms
+    from bench.gputime import per_call_ms
     from worker.engine.fp8.options import Fp8Options
     from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER
 
@@ -79,10 +79,7 @@ def run_model(name: str, batch: int, text_rows: list[int]) -> dict:
         }
         rec = {"m": m, "n": n, "k": k, "calls_a_block": calls}
         for label, fn in fns.items():
-            def many(fn=fn):
-                for _ in range(CALLS):
-                    fn()
-            ms = graph_replay_ms(many, warm=2, warm_replays=5, replays=10) / CALLS
+            ms = per_call_ms(lambda _, fn=fn: fn(), calls=CALLS)
             rec[label] = {"ms": round(ms, 4), "tflops": round(2 * m * n * k / ms / 1e9, 1)}
             step[label] += ms * calls * cfg["num_layers"]
         if key.startswith("text_"):  # the same GEMM at other row counts: is 666 a poor shape for cuBLASLt?
@@ -91,11 +88,7 @@ def run_model(name: str, batch: int, text_rows: list[int]) -> dict:
                 a2 = torch.randn(mm_rows, k, device="cuda", generator=g).to(e4m3)
                 sa2 = torch.rand(mm_rows, 1, device="cuda", generator=g) + 0.5
                 fn = functools.partial(mm, a2, w, sa2, sw, bias)
-
-                def many(fn=fn):
-                    for _ in range(CALLS):
-                        fn()
-                ms = graph_replay_ms(many, warm=2, warm_replays=5, replays=10) / CALLS
+                ms = per_call_ms(lambda _, fn=fn: fn(), calls=CALLS)
                 rec["rows"][mm_rows] = {"ms": round(ms, 4), "tflops": round(2 * mm_rows * n * k / ms / 1e9, 1)}
         out["gemms"][key] = rec
         print(name, key, json.dumps(rec), flush=True)

@@ -86,8 +86,8 @@ def complete_batches(r: redis.Redis, settings: Any, batch_ids: Iterable[str], lo
         if not r.hsetnx(keys.batch(bid), "completed_at", f"{now:.6f}"):
             continue  # completed meanwhile by the transition that ended it
         # as the transition script does: who completed it, and that its announcement is still to come
-        r.hset(keys.batch(bid), "completed_by", "housekeeping")
-        r.zadd(keys.UNANNOUNCED, {bid: now})
+        r.pipeline(transaction=False).hset(keys.batch(bid), "completed_by", "housekeeping").zadd(
+            keys.UNANNOUNCED, {bid: now}).execute()
         if app is None:
             from sdfleet.queue import make_app
 

@@ -26,6 +26,7 @@ from sdfleet import keys
 from sdfleet import logs as logs_mod
 from sdfleet.errors import StorageError
 from sdfleet.queue import make_app
+from sdfleet.redisconn import release_owned
 from sdfleet.settings import Settings
 from sdfleet.state import JobStore
 from sdfleet.storage import StorageFactory
@@ -223,9 +224,7 @@ def complete_batch(settings: Settings, r: redis.Redis, app: Celery, storage: Sto
     try:
         return _announce(r, app, storage, store, batch_id, meta, completed_at, log)
     finally:
-        # only our own claim: compare and delete in one step
-        r.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-               1, claim, completed_at)
+        release_owned(r, claim, completed_at)  # only our own claim
 
 
 def _announce(r: redis.Redis, app: Celery, storage: StorageFactory, store: JobStore, batch_id: str,

@@ -24,6 +24,7 @@ import redis
 
 from sdfleet import broker, keys
 from sdfleet.jobs import parse_job
+from sdfleet.redisconn import release_owned
 from sdfleet.state import QUEUED, RUNNING, STORING, JobStore
 
 
@@ -97,9 +98,7 @@ class Sweeper:
                     self.log.warning("housekeeping failed", error=repr(exc))
             return totals
         finally:
-            # Only our own lock: compare and delete in one step.
-            self.r.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
-                        "return 0", 1, keys.SWEEP_LOCK, self.holder)
+            release_owned(self.r, keys.SWEEP_LOCK, self.holder)  # only our own lock
 
     def sweep(self) -> dict[str, int]:
         totals = {"dead_workers": 0, "restored": 0, "reenqueued": 0, "purged_cancelled": 0}

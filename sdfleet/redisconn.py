@@ -73,6 +73,15 @@ def _short(text: str) -> str:
     return " ".join(text.split())[:200]
 
 
+_DELETE_IF_OURS = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def release_owned(r: redis.Redis, key: str, token: str) -> bool:
+    """Delete a lock or claim ``key`` only if it still holds ``token`` (compare and delete in one step: one
+    that expired and was taken by another process stays theirs)."""
+    return bool(r.eval(_DELETE_IF_OURS, 1, key, token))
+
+
 def ping(url: str, timeout: float = 1.0) -> bool:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)

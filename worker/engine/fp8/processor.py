@@ -57,6 +57,11 @@ def _load_fp8():
     return _fp8_fn
 
 
+def _index(device: torch.device) -> int:
+    """A CUDA device's index (``cuda`` alone: the current device's)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def fp8_attention_allowed(device: torch.device) -> bool:
     """Whether this GPU's compute capability allows the FP8 attention kernel (:func:`fp8_path`); the first
     refusal per device is logged with its reason."""
@@ -65,7 +70,7 @@ def fp8_attention_allowed(device: torch.device) -> bool:
     name, path = device_fp8_path(device)
     if path.fp8_attention:
         return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     if index not in _device_error:
         _device_error[index] = f"FP8 attention kernel not used on {name}: {path.reason}"
         log.warning(_device_error[index])
@@ -96,7 +101,7 @@ def _gluon_usable(device: torch.device, shape: tuple[int, int, int, int]) -> boo
     for that shape before)."""
     from .attention import DEFAULT_OPTIONS
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     key = (index, *shape)
     if index in _gluon_error or key in _gluon_error:
         return False
@@ -108,9 +113,9 @@ def _gluon_usable(device: torch.device, shape: tuple[int, int, int, int]) -> boo
     except Exception as exc:  # pragma: no cover - a broken Triton install
         dev_ok, ok, why = False, False, f"Gluon is not importable ({exc!r})"
     if not ok:
-        where = f"on cuda:{index}" if not dev_ok else f"for {shape}"
-        _gluon_error[index if not dev_ok else key] = f"Gluon attention not used {where}: {why}; using the Triton kernel"
-        log.warning(_gluon_error[index if not dev_ok else key])
+        where, at = (f"on cuda:{index}", index) if not dev_ok else (f"for {shape}", key)
+        _gluon_error[at] = f"Gluon attention not used {where}: {why}; using the Triton kernel"
+        log.warning(_gluon_error[at])
     return ok
 
 
@@ -161,8 +166,7 @@ def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Ten
                 with text.side(q, kv["q_scale"], kv["kq"], kv["ks"], kv["vq"], kv["vs"], *o, wait=prepared):
                     attention(q, kv, fp8_rows=rows, rows=(length, length + ctx_rows), out=o)
             if use_gluon:
-                _gluon_served.add((img.device.index if img.device.index is not None else torch.cuda.current_device(),
-                                   *shape))
+                _gluon_served.add((_index(img.device), *shape))
             return o
     except Exception as exc:
         # Triton's kernel errors are _KERNEL_ERRORS; Gluon's host API is experimental, so any error of it
@@ -170,8 +174,7 @@ def attend_fp8_io(img: torch.Tensor, ctx: torch.Tensor | None, norm_w: torch.Ten
         if not use_gluon and not isinstance(exc, _KERNEL_ERRORS):
             raise
         if use_gluon:
-            index = img.device.index if img.device.index is not None else torch.cuda.current_device()
-            _gluon_error[(index, *shape)] = _give_up(
+            _gluon_error[(_index(img.device), *shape)] = _give_up(
                 exc, f"Gluon attention failed for {shape} ({exc!r}); using the Triton kernel")
             return attend_fp8_io(img, ctx, norm_w, ctx_norm_w, batch=batch, heads=heads, eps=eps, rows=rows,
                                  text=text, kernel="triton")
