@@ -45,7 +45,7 @@ ALL_VARIANTS = ("bf16", "bf16-graph", "bf16-compile", "fp8-unfused", "fp8-fused"
                 "fp8-attn-chunk4096-graph", "fp8-attn-plan-chunk1024-graph", "fp8-attn-plan-chunk2048-graph",
                 "fp8-attn-plan-nochunk-graph",
                 "fp8-attn-graph", "fp8-attn-plan-graph", "fp8-adaln-bf16-graph",
-                "fp8-attn-gluon-graph", "fp8-attn-gluon-plan-graph")
+                "fp8-attn-gluon-graph", "fp8-attn-gluon-plan-graph", "fp8-attn-plan-tunable-graph")
 QUICK_VARIANTS = ("bf16", "bf16-compile", "fp8-unfused", "fp8-fused", "fp8-fused-graph", "fp8-attn-graph")
 GIB = 2**30
 RESULTS: dict = {}
@@ -57,6 +57,28 @@ def _chunk_rows(variant: str) -> int:
         return 0
     m = re.search(r"-chunk(\d+)", variant)
     return int(m.group(1)) if m else Fp8Options().ff_chunk_rows
+
+
+def tunable_capture(runner, res: int) -> dict:
+    """Capture with torch.cuda.tunable on for the eager warm-up (each GEMM shape timed over all the algorithms
+    cuBLASLt offers; the graph keeps the winners), then off again. Returns what it tuned: per op signature,
+    the chosen solution and its time, so a run shows whether _scaled_mm was tuned at all."""
+    tun = torch.cuda.tunable
+    tun.enable(True)
+    tun.tuning_enable(True)
+    tun.set_max_tuning_duration(20)  # ms a candidate, so the warm-up stays in seconds
+    tun.set_max_tuning_iterations(30)
+    if hasattr(tun, "write_file_on_exit"):  # not in every torch: then the results file is written at exit
+        tun.write_file_on_exit(False)
+    t = time.time()
+    try:
+        runner.capture(latent_hw=(res // 8, res // 8), text_len=TEXT_TOKENS)
+    finally:
+        results = tun.get_results()
+        tun.tuning_enable(False)
+        tun.enable(False)
+    return {"tune_and_capture_s": round(time.time() - t, 1),
+            "results": [[str(x) for x in r] for r in results][:80]}
 
 
 def log(msg: str) -> None:
@@ -350,7 +372,8 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 # before a loop of --steps steps (AdaLNPlan; its "ms" is a graph replay fed by the runner,
                 # its loop_ms_per_step the figure to compare with fp8-attn-graph's); the others compute them
                 # per step inside the graph, as earlier rounds did; -gluon-: the joint attention on the
-                # Gluon kernel (Fp8Options.attention_kernel)
+                # Gluon kernel (Fp8Options.attention_kernel); -tunable-: torch's TunableOp picks each GEMM's
+                # cuBLASLt algorithm by timing them all during the capture's eager warm-up (tunable_capture)
                 set_runtime_options(model, Fp8Options(fused_quant=v != "fp8-unfused",
                                                       attention_kernel="gluon" if "-gluon-" in v else "triton",
                                                       adaln_all_steps="plan" in v,
@@ -368,14 +391,18 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 from worker.engine.graphs import CudaGraphRunner
 
                 runner = CudaGraphRunner(model, batch_buckets=(batch,))
-                runner.capture(latent_hw=(res // 8, res // 8), text_len=TEXT_TOKENS)
+                if "-tunable-" in v:
+                    rec["tunable"] = tunable_capture(runner, res)
+                else:
+                    runner.capture(latent_hw=(res // 8, res // 8), text_len=TEXT_TOKENS)
                 fn = runner
             with torch.no_grad():
                 y = fn(**x)[0].float()
                 torch.cuda.synchronize()
                 rec["first_call_s"] = round(time.time() - t, 1)
                 rec.update(time_ms(lambda fn=fn: fn(**x), iters=iters))
-                if v.replace("-gluon", "") in ("fp8-attn-graph", "fp8-attn-plan-graph"):  # loops against loops
+                if v.replace("-gluon", "").replace("-tunable", "") in ("fp8-attn-graph", "fp8-attn-plan-graph"):
+                    # loops against loops
                     rec.update(loop_ms(model, fn, x, steps, iters, plan="plan" in v))
                 y = fn(**x)[0].float()
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)  # includes the BF16 reference

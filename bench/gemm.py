@@ -36,6 +36,37 @@ ROOT = Path(__file__).resolve().parents[1]
 CALLS = 10
 
 
+def block_shapes(name: str, batch: int) -> dict[str, tuple[int, int, int, int]]:
+    """A block's GEMMs as the engine calls them: name -> (rows, N, K, calls a block); the feed-forward's image
+    rows in chunks of ``Fp8Options.ff_chunk_rows``."""
+    from worker.engine.fp8.options import Fp8Options
+    from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER
+
+    cfg = TRANSFORMER[name]
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    img, txt = batch * 4096, batch * TEXT_TOKENS
+    ff_rows = min(Fp8Options().ff_chunk_rows or img, img)
+    return {
+        "qkv": (img, 3 * d, d, 1), "out": (img, d, d, 1),
+        "up": (ff_rows, 4 * d, d, img // ff_rows), "down": (ff_rows, d, 4 * d, img // ff_rows),
+        "text_qkv": (txt, 3 * d, d, 1), "text_out": (txt, d, d, 1),
+        "text_up": (txt, 4 * d, d, 1), "text_down": (txt, d, 4 * d, 1),
+    }
+
+
+def operands(m: int, n: int, k: int, g):
+    """Random E4M3 activation (m, k) and weight (n, k), their row and column scales, a bf16 bias."""
+    import torch
+
+    e4m3 = torch.float8_e4m3fn
+    a = torch.randn(m, k, device="cuda", generator=g).to(e4m3)
+    w = torch.randn(n, k, device="cuda", generator=g).to(e4m3)
+    sa = torch.rand(m, 1, device="cuda", generator=g) + 0.5
+    sw = torch.rand(1, n, device="cuda", generator=g) + 0.5
+    bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+    return a, w, sa, sw, bias
+
+
 def mm(a, w, sa, sw, bias):
     import torch
 
@@ -48,29 +79,15 @@ def run_model(name: str, batch: int, text_rows: list[int]) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from bench.gputime import per_call_ms
-    from worker.engine.fp8.options import Fp8Options
-    from worker.engine.sd35_configs import TEXT_TOKENS, TRANSFORMER
+    from worker.engine.sd35_configs import TRANSFORMER
 
     cfg = TRANSFORMER[name]
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    img, txt = batch * 4096, batch * TEXT_TOKENS
-    ff_rows = min(Fp8Options().ff_chunk_rows or img, img)
-    shapes = {  # name: (rows, N, K, calls a step)
-        "qkv": (img, 3 * d, d, 1), "out": (img, d, d, 1),
-        "up": (ff_rows, 4 * d, d, img // ff_rows), "down": (ff_rows, d, 4 * d, img // ff_rows),
-        "text_qkv": (txt, 3 * d, d, 1), "text_out": (txt, d, d, 1),
-        "text_up": (txt, 4 * d, d, 1), "text_down": (txt, d, 4 * d, 1),
-    }
     g = torch.Generator(device="cuda").manual_seed(0)
     e4m3 = torch.float8_e4m3fn
     out: dict = {"gemms": {}}
     step = {"engine": 0.0, "nobias": 0.0, "tensor": 0.0}
-    for key, (m, n, k, calls) in shapes.items():
-        a = torch.randn(m, k, device="cuda", generator=g).to(e4m3)
-        w = torch.randn(n, k, device="cuda", generator=g).to(e4m3)
-        sa = torch.rand(m, 1, device="cuda", generator=g) + 0.5
-        sw = torch.rand(1, n, device="cuda", generator=g) + 0.5
-        bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+    for key, (m, n, k, calls) in block_shapes(name, batch).items():
+        a, w, sa, sw, bias = operands(m, n, k, g)
         one = torch.ones((), device="cuda")
         fns = {
             "engine": functools.partial(mm, a, w, sa, sw, bias),
