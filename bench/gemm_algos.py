@@ -1,0 +1,103 @@
+"""Is ``torch._scaled_mm`` at what cuBLASLt can give for the engine's GEMMs? Every algorithm its heuristic offers.
+
+    python bench/gemm_algos.py --out results.json [--models large] [--batch 2] [--count 64]
+
+``torch._scaled_mm`` takes the first algorithm of cuBLASLt's heuristic. For each GEMM of a block at SD3.5's
+shapes (``bench/gemm.py``'s list), this asks the heuristic for up to ``--count`` algorithms with the same
+description (E4M3 operands, outer-vector scales, bf16 output and bias, fast accumulation: ``bench/cublaslt.py``,
+ctypes over cuBLASLt's C API), checks each one's output against ``torch._scaled_mm``'s, and times it as
+``bench/gemm.py`` does (10 calls in a CUDA graph, median of 10 replays). Baselines in the same process:
+``torch._scaled_mm`` itself, and the heuristic's first algorithm through this path (which should equal it).
+JSON: per model, per GEMM, every algorithm's ms and configuration; ``step_ms``: one step's GEMM time with
+torch's choice and with the fastest algorithm per shape.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # bench/queue.py would shadow the standard library's queue module
+
+import argparse
+import functools
+import json
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLS = 10
+
+
+def sweep(name: str, batch: int, count: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from bench.cublaslt import ScaledMM
+    from bench.gemm import block_shapes, mm, operands
+    from bench.gputime import per_call_ms
+    from worker.engine.sd35_configs import TRANSFORMER
+
+    layers = TRANSFORMER[name]["num_layers"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    workspace = torch.empty(32 * 2**20, device="cuda", dtype=torch.uint8)  # torch's own size on Hopper
+    out: dict = {"gemms": {}}
+    step = {"torch": 0.0, "best": 0.0}
+    for key, (m, n, k, calls) in block_shapes(name, batch).items():
+        a, w, sa, sw, bias = operands(m, n, k, g)
+        ref = mm(a, w, sa, sw, bias)
+        call = functools.partial(mm, a, w, sa, sw, bias)
+        t_torch = per_call_ms(lambda _, call=call: call(), calls=CALLS)
+        op = ScaledMM(a, w, sa.reshape(-1), sw.reshape(-1), bias, workspace)
+        rec: dict = {"m": m, "n": n, "k": k, "calls_a_block": calls, "torch_ms": round(t_torch, 4), "algos": []}
+        for i, h in enumerate(op.heuristics(count)):
+            entry = {"rank": i, "workspace": h.workspaceSize, "waves": round(h.wavesCount, 3), **op.describe(h.algo)}
+            try:
+                op(h.algo)
+                torch.cuda.synchronize()
+                err = ((op.out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                entry["max_rel_diff"] = round(err, 5)
+                if err > 0.02:  # not the same GEMM: do not time it
+                    entry["wrong"] = True
+                else:
+                    entry["ms"] = round(per_call_ms(lambda _, op=op, h=h: op(h.algo), calls=CALLS), 4)
+            except Exception as exc:  # an algorithm the heuristic offers may still fail: record it
+                entry["error"] = repr(exc)[:200]
+            rec["algos"].append(entry)
+        op.close()
+        timed = [e for e in rec["algos"] if "ms" in e]
+        if timed:
+            best = min(timed, key=lambda e: e["ms"])
+            rec["first_ms"] = timed[0]["ms"] if timed[0]["rank"] == 0 else None
+            rec["best_ms"], rec["best_rank"] = best["ms"], best["rank"]
+            rec["best_vs_torch"] = round(t_torch / best["ms"], 3)
+            step["best"] += min(best["ms"], t_torch) * calls * layers
+        else:
+            step["best"] += t_torch * calls * layers
+        step["torch"] += t_torch * calls * layers
+        out["gemms"][key] = rec
+        print(name, key, json.dumps({x: v for x, v in rec.items() if x != "algos"}), f"{len(timed)} timed", flush=True)
+    out["step_ms"] = {x: round(v, 2) for x, v in step.items()}
+    print(name, "step_ms", out["step_ms"], flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="large")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--count", type=int, default=64, help="algorithms to ask cuBLASLt's heuristic for")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from bench.cublaslt import versions
+    from bench.gputime import run_env
+
+    result = {"env": run_env("bench/gemm_algos.py", sys.argv[1:], **versions()), "models": {}}
+    for name in args.models.split(","):
+        result["models"][name] = sweep(name, args.batch, args.count)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
