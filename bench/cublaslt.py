@@ -20,34 +20,38 @@ from pathlib import Path
 
 
 def _header_dirs() -> list[Path]:
-    # the nvidia wheels' first: they come with the cuBLAS that torch loads; a CUDA toolkit may be older
+    """Include folders, in the order their headers are read: the nvidia wheels' first (they come with the
+    cuBLAS that torch loads; a CUDA toolkit may be older), then ``$CUDA_HOME``, then the toolkits."""
     dirs: list[Path] = []
     for site in sys.path:
-        dirs += [Path(p) for p in glob.glob(os.path.join(site, "nvidia", "*", "include"))]
-        dirs += [Path(p) for p in glob.glob(os.path.join(site, "nvidia", "*", "*", "include"))]
+        dirs += [Path(p) for p in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))]
+        dirs += [Path(p) for p in sorted(glob.glob(os.path.join(site, "nvidia", "*", "*", "include")))]
     dirs += [Path(os.environ["CUDA_HOME"]) / "include"] if os.environ.get("CUDA_HOME") else []
     dirs += [Path(p) for p in sorted(glob.glob("/usr/local/cuda*/include"), reverse=True)]
-    return [d for d in dirs if (d / "cublasLt.h").exists()]
+    return [d for d in dirs if d.is_dir()]
+
+
+HEADERS = ("cublasLt.h", "library_types.h", "cublas_api.h")
 
 
 def enums() -> tuple[dict[str, int], str]:
-    """NAME -> value for every ``NAME = <int>`` in the headers (and each ``#define NAME <int>``), and the
-    include dir they came from."""
+    """NAME -> value for every ``NAME = <int>`` in the headers (and each ``#define CUBLAS_VER_* <int>``), and
+    the include folder cublasLt.h came from. Each header is read from the first folder that has it: the
+    wheels split them (cublasLt.h with cuBLAS, library_types.h with the CUDA runtime)."""
     dirs = _header_dirs()
-    if not dirs:
-        raise RuntimeError("cublasLt.h not found (CUDA_HOME, /usr/local/cuda*/include, nvidia wheels)")
+    found = {name: next((d / name for d in dirs if (d / name).exists()), None) for name in HEADERS}
+    if found["cublasLt.h"] is None:
+        raise RuntimeError("cublasLt.h not found (nvidia wheels, CUDA_HOME, /usr/local/cuda*/include)")
     out: dict[str, int] = {}
-    for name in ("cublasLt.h", "library_types.h", "cublas_api.h"):
-        for d in dirs[:1] + [x for x in dirs[1:] if not (dirs[0] / name).exists()]:
-            f = d / name
-            if f.exists():
-                text = f.read_text(errors="replace")
-                for k, v in re.findall(r"\b((?:CUBLASLT|CUBLAS|CUDA)_[A-Z0-9_x]+)\s*=\s*(-?\d+)\b", text):
-                    out.setdefault(k, int(v))
-                for k, v in re.findall(r"#define\s+(CUBLAS_VER_[A-Z]+)\s+(\d+)", text):
-                    out.setdefault(k, int(v))
-                break
-    return out, str(dirs[0])
+    for f in found.values():
+        if f is None:
+            continue
+        text = f.read_text(errors="replace")
+        for k, v in re.findall(r"\b((?:CUBLASLT|CUBLAS|CUDA)_[A-Z0-9_x]+)\s*=\s*(-?\d+)\b", text):
+            out.setdefault(k, int(v))
+        for k, v in re.findall(r"#define\s+(CUBLAS_VER_[A-Z]+)\s+(\d+)", text):
+            out.setdefault(k, int(v))
+    return out, str(found["cublasLt.h"].parent)
 
 
 USED = ("CUBLAS_COMPUTE_32F", "CUDA_R_32F", "CUDA_R_16BF", "CUDA_R_8F_E4M3", "CUBLAS_OP_N", "CUBLAS_OP_T",
@@ -84,23 +88,27 @@ _SIGNATURES = {  # every argument typed: a size_t or 64-bit count must not trave
 }
 
 
+def _loaded_path() -> str | None:
+    """The libcublasLt this process has already mapped (torch's), from /proc/self/maps."""
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.split()[-1]
+            if "/libcublasLt.so" in path:
+                return path
+    except OSError:
+        pass
+    return None
+
+
 @functools.cache
 def _lib():
-    import torch  # noqa: F401  (loads the cuBLASLt that torch uses, so the soname below is that one)
+    import torch
 
-    lib = None
-    for name in ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    for site in sys.path if lib is None else ():
-        for p in glob.glob(os.path.join(site, "nvidia", "**", "libcublasLt.so*"), recursive=True):
-            lib = ctypes.CDLL(p)
-            break
-    if lib is None:
-        raise RuntimeError("libcublasLt not found")
+    torch.zeros(1, device="cuda") @ torch.zeros(1, 1, device="cuda")  # torch maps its cuBLAS(Lt) on first use
+    path = _loaded_path()
+    if path is None:
+        raise RuntimeError("torch has not loaded libcublasLt: no CUDA build of torch?")
+    lib = ctypes.CDLL(path)  # the same mapping as torch's: one cuBLASLt in the process
     for fn, args in _SIGNATURES.items():
         getattr(lib, fn).argtypes = args
         getattr(lib, fn).restype = _I
@@ -136,6 +144,8 @@ class ScaledMM:
         self.a, self.w, self.sa, self.sw, self.bias, self.ws = a, w, sa, sw, bias, workspace
         m, k = a.shape
         n = w.shape[0]
+        if a.stride(1) != 1 or w.stride(1) != 1 or w.shape[1] != k:
+            raise ValueError("ScaledMM: a (m, k) and w (n, k) must be row-major with the same k")
         self.out = torch.empty((m, n), device=a.device, dtype=torch.bfloat16)
         self.handle = ctypes.c_void_p()
         self._ok(lib.cublasLtCreate(_addr(self.handle)), "cublasLtCreate")
@@ -182,12 +192,14 @@ class ScaledMM:
         return lay
 
     def heuristics(self, count: int) -> list[Heuristic]:
+        """Every result the heuristic returns (up to ``count``), in its order; ``state`` non-zero marks one
+        whose other fields are not valid."""
         res = (Heuristic * count)()
         got = ctypes.c_int()
         self._ok(self.lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.la, self.lb, self.ld, self.ld,
                                                          self.pref, count, res, _addr(got)),
                  "cublasLtMatmulAlgoGetHeuristic")
-        return [res[i] for i in range(got.value) if res[i].state == 0]
+        return [res[i] for i in range(got.value)]
 
     def describe(self, algo: Algo) -> dict:
         """The algorithm's configuration attributes that the header names (tile, stages, split-k, ...)."""

@@ -60,23 +60,30 @@ def _chunk_rows(variant: str) -> int:
 
 
 def tunable_capture(runner, res: int) -> dict:
-    """Capture with torch.cuda.tunable on for the eager warm-up (each GEMM shape timed over all the algorithms
-    cuBLASLt offers; the graph keeps the winners), then off again. Returns what it tuned: per op signature,
-    the chosen solution and its time, so a run shows whether _scaled_mm was tuned at all."""
+    """Capture with torch.cuda.tunable on for the eager warm-up (each GEMM timed over TunableOp's candidates;
+    the graph keeps the winners), then put every TunableOp setting back as it was, so later variants run
+    untouched. Returns what it tuned: per op signature, the chosen solution and its time, so a run shows
+    which GEMMs TunableOp saw at all. Its results file goes to a temporary folder, not the working one."""
+    import tempfile
+
     tun = torch.cuda.tunable
+    saved = (tun.is_enabled(), tun.tuning_is_enabled(), tun.get_max_tuning_duration(),
+             tun.get_max_tuning_iterations(), tun.get_filename())
+    tun.set_filename(str(Path(tempfile.mkdtemp(prefix="tunableop-")) / "results%d.csv"))
     tun.enable(True)
     tun.tuning_enable(True)
     tun.set_max_tuning_duration(20)  # ms a candidate, so the warm-up stays in seconds
     tun.set_max_tuning_iterations(30)
-    if hasattr(tun, "write_file_on_exit"):  # not in every torch: then the results file is written at exit
-        tun.write_file_on_exit(False)
     t = time.time()
     try:
         runner.capture(latent_hw=(res // 8, res // 8), text_len=TEXT_TOKENS)
     finally:
         results = tun.get_results()
-        tun.tuning_enable(False)
-        tun.enable(False)
+        tun.tuning_enable(saved[1])
+        tun.enable(saved[0])
+        tun.set_max_tuning_duration(saved[2])
+        tun.set_max_tuning_iterations(saved[3])
+        tun.set_filename(saved[4])
     return {"tune_and_capture_s": round(time.time() - t, 1),
             "results": [[str(x) for x in r] for r in results][:80]}
 
@@ -372,8 +379,8 @@ def run_model(name: str, variants: list[str], batch: int, res: int, iters: int, 
                 # before a loop of --steps steps (AdaLNPlan; its "ms" is a graph replay fed by the runner,
                 # its loop_ms_per_step the figure to compare with fp8-attn-graph's); the others compute them
                 # per step inside the graph, as earlier rounds did; -gluon-: the joint attention on the
-                # Gluon kernel (Fp8Options.attention_kernel); -tunable-: torch's TunableOp picks each GEMM's
-                # cuBLASLt algorithm by timing them all during the capture's eager warm-up (tunable_capture)
+                # Gluon kernel (Fp8Options.attention_kernel); -tunable-: torch's TunableOp on during the
+                # capture's eager warm-up (tunable_capture; on CUDA its only candidate is cuBLAS's default)
                 set_runtime_options(model, Fp8Options(fused_quant=v != "fp8-unfused",
                                                       attention_kernel="gluon" if "-gluon-" in v else "triton",
                                                       adaln_all_steps="plan" in v,

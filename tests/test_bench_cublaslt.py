@@ -4,6 +4,8 @@ the outer-vector scales the engine's GEMM uses. The GEMMs themselves need a GPU 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from bench import cublaslt
@@ -27,7 +29,6 @@ def headers(tmp_path, monkeypatch):
     (inc / "cublasLt.h").write_text(HEADER)
     (inc / "library_types.h").write_text(LIBRARY_TYPES)
     (inc / "cublas_api.h").write_text(CUBLAS_API)
-    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     monkeypatch.setattr(cublaslt, "_header_dirs", lambda: [inc])
     return inc
 
@@ -42,9 +43,40 @@ def test_enums_read_from_the_headers(headers):
     assert (values["CUDA_R_8F_E4M3"], values["CUBLAS_OP_T"], values["CUBLAS_VER_MAJOR"]) == (28, 1, 13)
 
 
-def test_headers_without_outer_vector_scales_are_refused(headers):
-    with pytest.raises(RuntimeError, match="CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F"):
+def test_headers_split_across_folders_are_all_read(tmp_path, monkeypatch):
+    # the nvidia wheels put cublasLt.h with cuBLAS and library_types.h with the CUDA runtime
+    blas, runtime = tmp_path / "cublas" / "include", tmp_path / "cuda_runtime" / "include"
+    blas.mkdir(parents=True)
+    runtime.mkdir(parents=True)
+    (blas / "cublasLt.h").write_text(HEADER)
+    (blas / "cublas_api.h").write_text(CUBLAS_API)
+    (runtime / "library_types.h").write_text(LIBRARY_TYPES)
+    monkeypatch.setattr(cublaslt, "_header_dirs", lambda: [runtime, blas])
+    values, where = cublaslt.enums()
+    assert where == str(blas)  # the folder cublasLt.h came from
+    assert values["CUDA_R_16BF"] == 14 and values["CUBLASLT_MATMUL_DESC_TRANSB"] == 4
+
+
+def test_wheels_come_before_cuda_home(tmp_path, monkeypatch):
+    site, home = tmp_path / "site", tmp_path / "cuda"
+    (site / "nvidia" / "cublas" / "include").mkdir(parents=True)
+    (home / "include").mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [str(site)])
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    dirs = cublaslt._header_dirs()
+    assert dirs.index(site / "nvidia" / "cublas" / "include") < dirs.index(home / "include")
+
+
+def test_headers_without_outer_vector_scales_are_refused(tmp_path, monkeypatch):
+    # everything the GEMM uses but the outer-vector scale mode (cuBLAS before 12.9): that name, and only it
+    inc = tmp_path / "include"
+    inc.mkdir()
+    lines = [f"  {name} = {i}," for i, name in enumerate(cublaslt.USED) if name != "CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F"]
+    (inc / "cublasLt.h").write_text("typedef enum {\n" + "\n".join(lines) + "\n} all_but_one;\n")
+    monkeypatch.setattr(cublaslt, "_header_dirs", lambda: [inc])
+    with pytest.raises(RuntimeError) as err:
         cublaslt.versions()
+    assert "['CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F']" in str(err.value)
 
 
 def test_no_headers_is_a_clear_error(monkeypatch):
