@@ -67,11 +67,13 @@ def operands(m: int, n: int, k: int, g):
     return a, w, sa, sw, bias
 
 
-def mm(a, w, sa, sw, bias):
+def mm(a, w, sa, sw, bias, out=None):
+    """The engine's call (``Fp8Linear``); ``out``: write there instead of a new tensor."""
     import torch
 
+    kw = {"out": out} if out is not None else {}
     return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sw, bias=bias, out_dtype=torch.bfloat16,
-                            use_fast_accum=True)
+                            use_fast_accum=True, **kw)
 
 
 def run_model(name: str, batch: int, text_rows: list[int]) -> dict:

@@ -7,7 +7,9 @@ shapes (``bench/gemm.py``'s list), this asks the heuristic for up to ``--count``
 description (E4M3 operands, outer-vector scales, bf16 output and bias, fast accumulation: ``bench/cublaslt.py``,
 ctypes over cuBLASLt's C API), checks each one's output against ``torch._scaled_mm``'s, and times it as
 ``bench/gemm.py`` does (10 calls in a CUDA graph, median of 10 replays). Baselines in the same process:
-``torch._scaled_mm`` itself, and the heuristic's first algorithm through this path (which should equal it).
+``torch._scaled_mm`` itself (into one output tensor, as the direct calls write, and with a new output each
+call, as the engine's graphs call it), and the heuristic's first algorithm through this path (which should
+equal the first).
 JSON: per model, per GEMM, how many results the heuristic returned and every algorithm's ms, configuration
 and whether its output has torch's bits; ``step_ms``: one step's GEMM time with ``torch._scaled_mm``, with the
 heuristic's first algorithm called directly, and with the faster of torch and the fastest algorithm per shape.
@@ -46,10 +48,17 @@ def sweep(name: str, batch: int, count: int) -> dict:
     for key, (m, n, k, calls) in block_shapes(name, batch).items():
         a, w, sa, sw, bias = operands(m, n, k, g)
         ref = mm(a, w, sa, sw, bias)
-        call = functools.partial(mm, a, w, sa, sw, bias)
+        # torch writing into one output tensor, as the direct calls below do, so the two compare like with
+        # like; and with a new output each call (the other timing), as the engine calls it. Where the output
+        # lands can matter for a 20-40 MB output beside a 50 MB L2
+        fixed = torch.empty_like(ref)
+        call = functools.partial(mm, a, w, sa, sw, bias, fixed)
         t_torch = per_call_ms(lambda _, call=call: call(), calls=CALLS)
+        new_out = functools.partial(mm, a, w, sa, sw, bias)
+        t_new_out = per_call_ms(lambda _, call=new_out: call(), calls=CALLS)
         op = ScaledMM(a, w, sa.reshape(-1), sw.reshape(-1), bias, workspace)
-        rec: dict = {"m": m, "n": n, "k": k, "calls_a_block": calls, "torch_ms": round(t_torch, 4), "algos": []}
+        rec: dict = {"m": m, "n": n, "k": k, "calls_a_block": calls, "torch_ms": round(t_torch, 4),
+                     "torch_new_output_ms": round(t_new_out, 4), "algos": []}
         try:
             results = op.heuristics(count)
             rec["returned"] = len(results)
