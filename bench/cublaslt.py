@@ -54,6 +54,11 @@ def enums() -> tuple[dict[str, int], str]:
     return out, str(found["cublasLt.h"].parent)
 
 
+# ScaledMM's: one read of the headers a process, not one a GEMM shape (enums() itself stays uncached: it
+# answers for whatever headers the folders hold now)
+_enums_once = functools.cache(enums)
+
+
 USED = ("CUBLAS_COMPUTE_32F", "CUDA_R_32F", "CUDA_R_16BF", "CUDA_R_8F_E4M3", "CUBLAS_OP_N", "CUBLAS_OP_T",
         "CUBLASLT_MATMUL_DESC_TRANSA", "CUBLASLT_MATMUL_DESC_TRANSB", "CUBLASLT_MATMUL_DESC_FAST_ACCUM",
         "CUBLASLT_MATMUL_DESC_A_SCALE_POINTER", "CUBLASLT_MATMUL_DESC_B_SCALE_POINTER",
@@ -138,9 +143,10 @@ class ScaledMM:
     def __init__(self, a, w, sa, sw, bias, workspace):
         import torch
 
-        self.E, self.include = enums()
+        self.E, _ = _enums_once()
         self.lib = _lib()
         E, lib = self.E, self.lib
+        # kept: the descriptor holds their addresses (scales, bias) and every call passes them
         self.a, self.w, self.sa, self.sw, self.bias, self.ws = a, w, sa, sw, bias, workspace
         m, k = a.shape
         n = w.shape[0]

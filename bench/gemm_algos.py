@@ -88,9 +88,7 @@ def sweep(name: str, batch: int, count: int) -> dict:
             best = min(timed, key=lambda e: e["ms"])
             rec["best_ms"], rec["best_rank"] = best["ms"], best["rank"]
             rec["best_vs_torch"] = round(t_torch / best["ms"], 3)
-            step["best"] += min(best["ms"], t_torch) * calls * layers
-        else:
-            step["best"] += t_torch * calls * layers
+        step["best"] += min(rec.get("best_ms", t_torch), t_torch) * calls * layers
         step["torch"] += t_torch * calls * layers
         out["gemms"][key] = rec
         print(name, key, json.dumps({x: v for x, v in rec.items() if x != "algos"}), f"{len(timed)} timed", flush=True)
